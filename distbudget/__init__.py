@@ -1,0 +1,35 @@
+"""distbudget: token, cost and rate budgets for LLM calls, enforced across a whole agent fleet."""
+
+from distbudget._core.scope import BudgetScope, Limit
+from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
+from distbudget._exceptions import (
+    BackendError,
+    BudgetExceededError,
+    BudgetWarning,
+    DistBudgetError,
+    InvalidInputError,
+    UnknownModelError,
+)
+from distbudget.budget import Budget, Reservation
+from distbudget.manager import BudgetManager
+from distbudget.pricing import ModelRates
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlertLevel",
+    "BackendError",
+    "Budget",
+    "BudgetAlert",
+    "BudgetExceededError",
+    "BudgetManager",
+    "BudgetScope",
+    "BudgetWarning",
+    "DistBudgetError",
+    "InvalidInputError",
+    "Limit",
+    "ModelRates",
+    "Reservation",
+    "UnknownModelError",
+    "UsageRecord",
+]

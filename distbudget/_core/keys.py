@@ -1,0 +1,82 @@
+"""Every Redis key distbudget uses is built here, and only here.
+
+Layout (``<p>`` the prefix, ``<tag>`` the percent-encoded name of the scope tree's root, names
+percent-encoded so no user string can contain ``:``, ``{`` or ``}``):
+
+    <p>:{<tag>}:t:<scope>                  hash   cumulative totals (all models + per model); owned
+    <p>:{<tag>}:s:<scope>:<session>        hash   one session's counters; idle TTL
+    <p>:{<tag>}:w:<scope>:<secs>:<model|*> hash   a rolling window: bucket amounts + running totals
+    <p>:{<tag>}:z:<scope>:<secs>:<model|*> zset   that window's bucket ids; TTL = window + 1 h
+    <p>:{<tag>}:holds                      hash   live reservations and held amounts per counter
+    <p>:{<tag>}:leases                     zset   reservation id -> expiry (µs)
+    <p>:{<tag>}:rq:<request id>            string an idempotency marker; TTL
+
+All keys of one tree share the ``{<tag>}`` hash tag, so a tree lives on one Cluster shard and every
+script's keys are in one slot.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote, unquote
+
+from distbudget._exceptions import InvalidInputError
+
+
+def encode(name: str) -> str:
+    """Percent-encode a user name: the result has no ``:``, ``{``, ``}``, ``*``, ``|`` or spaces."""
+    return quote(name, safe="-_.~")
+
+
+def check_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str):
+        raise TypeError("prefix must be a str")
+    if not prefix or len(prefix) > 64 or any(c in prefix for c in "{}\n\r\t |") or prefix.isspace():
+        raise InvalidInputError(f"prefix must be 1-64 characters without braces, spaces or '|': {prefix!r}")
+    return prefix
+
+
+class KeySpace:
+    """Key builder for one scope tree (``root`` is the topmost scope's name)."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, prefix: str, root: str) -> None:
+        self.base = f"{check_prefix(prefix)}:{{{encode(root)}}}:"
+
+    def totals(self, scope: str) -> str:
+        return f"{self.base}t:{encode(scope)}"
+
+    def session(self, scope: str, session_id: str) -> str:
+        return f"{self.base}s:{encode(scope)}:{encode(session_id)}"
+
+    def window(self, scope: str, seconds: int, model: str | None) -> tuple[str, str]:
+        """(hash key, sorted-set key) of a rolling window."""
+        tail = f"{encode(scope)}:{seconds}:{'*' if model is None else encode(model)}"
+        return f"{self.base}w:{tail}", f"{self.base}z:{tail}"
+
+    @property
+    def holds(self) -> str:
+        return f"{self.base}holds"
+
+    @property
+    def leases(self) -> str:
+        return f"{self.base}leases"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.base}rq:{encode(request_id)}"
+
+
+def model_prefix(model: str | None) -> str:
+    """Hash-field prefix of a per-model counter inside a totals or session hash."""
+    return "" if model is None else f"m:{encode(model)}:"
+
+
+def decode_model_field(field: str) -> tuple[str, str] | None:
+    """``m:<model>:<metric>`` -> (model, metric); anything else -> None."""
+    if not field.startswith("m:"):
+        return None
+    body, _, metric = field[2:].rpartition(":")
+    if not body or metric not in ("t", "c", "r"):
+        return None
+    return unquote(body), metric
+

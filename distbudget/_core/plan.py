@@ -1,0 +1,252 @@
+"""The accounting core: turn a scope, a session and a model into one engine operation, and read
+what the engine answers. Pure: no I/O, no clocks.
+
+A :class:`Plan` lists the *counters* a call touches (each a hash, a field prefix and, for a rolling
+window, a sorted set of buckets) and the *limits* checked against them (counter, metric, value, alert
+thresholds). Both engines apply exactly this plan: the Redis engine flattens it into ``KEYS``/``ARGV``
+for the scripts in ``lua/``, the memory engine walks it in Python. Every counter tracks three metrics:
+tokens, cost (nano-USD) and requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+from distbudget._core.keys import KeySpace, model_prefix
+from distbudget._core.scope import BudgetScope, Limit, bucket_seconds
+
+TOKENS, COST, REQUESTS = 0, 1, 2
+METRIC_INDEX = {"tokens": TOKENS, "cost": COST, "requests": REQUESTS}
+DAY = 86400
+WARNING, CRITICAL = 1, 2  # alert levels as the engines report them (bits of the alert state)
+# A fired alert re-arms only once usage is back below 90 % of its threshold (or on reset),
+# so usage hovering around a threshold in a rolling window does not fire it again and again.
+REARM = Fraction(9, 10)
+US = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Counter:
+    hash_key: str
+    prefix: str
+    zset_key: str | None  # set for a rolling window
+    bucket_us: int
+    window_us: int
+    ttl_ms: int  # 0: the key is owned (never expires)
+
+    @property
+    def id(self) -> str:
+        """Identity of the counter inside the holds hash (the Lua scripts derive the same)."""
+        return f"{self.hash_key}|{self.prefix}"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    scope: str
+    limit_type: str
+    counter: int
+    metric: int
+    value: int
+    warn_at: int  # -1: no WARNING for this limit
+    warn_rearm: int
+    crit_at: int
+    crit_rearm: int
+    window: str | int
+    model: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    scope: str
+    session_id: str
+    model: str | None
+    keys: tuple[str, ...]  # KEYS[1] holds, KEYS[2] leases, then the counters' keys
+    counters: tuple[Counter, ...]
+    limits: tuple[LimitSpec, ...]
+    argv: tuple[str | int, ...]  # the static tail of ARGV for the scripts
+    totals_key_index: int  # 1-based KEYS index of the own scope's totals hash
+    session_counter: int
+    day_counter: int
+    totals_counter: int
+    keyspace: KeySpace
+
+
+def thresholds(value: int, warn_pct: Fraction | None) -> tuple[int, int, int, int]:
+    """(warn_at, warn_rearm, crit_at, crit_rearm) in engine units; thresholds are at least 1."""
+    crit_at = max(value, 1)
+    crit_rearm = int(crit_at * REARM)
+    if warn_pct is None:
+        return -1, -1, crit_at, crit_rearm
+    raw = value * warn_pct
+    warn_at = max(-(-raw.numerator // raw.denominator), 1)
+    return warn_at, int(warn_at * REARM), crit_at, crit_rearm
+
+
+def build_plan(
+    scope: BudgetScope,
+    session_id: str,
+    model: str | None,
+    keyspace: KeySpace,
+    session_ttl_ms: int,
+) -> Plan:
+    """The plan for a call on ``model`` (``None``: every limit, for summaries) in ``session_id``."""
+    keys: list[str] = [keyspace.holds, keyspace.leases]
+    key_index: dict[str, int] = {k: i + 1 for i, k in enumerate(keys)}
+    counters: list[Counter] = []
+    counter_index: dict[tuple[str, str], int] = {}
+
+    def key(k: str) -> int:
+        if k not in key_index:
+            keys.append(k)
+            key_index[k] = len(keys)
+        return key_index[k]
+
+    def counter(hash_key: str, prefix: str, zset_key: str | None = None, window_s: int = 0,
+                ttl_ms: int = 0) -> int:
+        ident = (hash_key, prefix)
+        if ident not in counter_index:
+            bucket_s = bucket_seconds(window_s) if zset_key else 0
+            if zset_key:
+                ttl_ms = (window_s + bucket_s + 3600) * 1000
+            counters.append(Counter(hash_key, prefix, zset_key, bucket_s * US, window_s * US, ttl_ms))
+            counter_index[ident] = len(counters) - 1
+            key(hash_key)
+            if zset_key:
+                key(zset_key)
+        return counter_index[ident]
+
+    def limit_counter(sc: BudgetScope, lim: Limit) -> int:
+        if lim.window == "session":
+            return counter(keyspace.session(sc.name, session_id), model_prefix(lim.model), ttl_ms=session_ttl_ms)
+        if lim.window == "total":
+            return counter(keyspace.totals(sc.name), model_prefix(lim.model))
+        assert isinstance(lim.window, int)
+        return counter(*keyspace.window(sc.name, lim.window, lim.model), window_s=lim.window)
+
+    limits: list[LimitSpec] = []
+    chain = [scope, *scope.ancestors()]
+    own = {"session": 0, "day": 0, "totals": 0}
+    for depth, sc in enumerate(chain):
+        totals = counter(keyspace.totals(sc.name), "")
+        day = counter(*keyspace.window(sc.name, DAY, None), window_s=DAY)
+        if model is not None:
+            counter(keyspace.totals(sc.name), model_prefix(model))
+        if depth == 0:
+            own = {
+                "session": counter(keyspace.session(sc.name, session_id), "", ttl_ms=session_ttl_ms),
+                "day": day,
+                "totals": totals,
+            }
+        warn = sc.warn_threshold()
+        for lim in sc.all_limits():
+            if model is not None and lim.model is not None and lim.model != model:
+                continue
+            value = lim.amount
+            limits.append(LimitSpec(
+                sc.name, lim.limit_type, limit_counter(sc, lim), METRIC_INDEX[lim.metric], value,
+                *thresholds(value, warn), lim.window, lim.model,
+            ))
+
+    argv: list[str | int] = [len(counters)]
+    for c in counters:
+        argv += [key_index[c.hash_key], c.prefix, key_index[c.zset_key] if c.zset_key else 0,
+                 c.bucket_us, c.window_us, c.ttl_ms]
+    argv.append(len(limits))
+    for lim_spec in limits:
+        argv += [lim_spec.counter + 1, lim_spec.metric + 1, lim_spec.value, lim_spec.warn_at,
+                 lim_spec.warn_rearm, lim_spec.crit_at, lim_spec.crit_rearm, lim_spec.limit_type]
+    return Plan(
+        scope=scope.name, session_id=session_id, model=model, keys=tuple(keys), counters=tuple(counters),
+        limits=tuple(limits), argv=tuple(argv), totals_key_index=key_index[keyspace.totals(scope.name)],
+        session_counter=own["session"], day_counter=own["day"], totals_counter=own["totals"],
+        keyspace=keyspace,
+    )
+
+
+# ---- what the engines answer (both engines return exactly these shapes) -------------------------
+
+@dataclass(frozen=True, slots=True)
+class ChargeResult:
+    """record / commit. ``totals``: 3 values (tokens, cost, requests) per counter after the charge.
+    ``alerts``: (limit index, level) crossings decided in the atomic step. ``original``: for a
+    duplicate request id, the (timestamp µs, tokens, cost) first charged. ``hold_found``: commit only.
+    """
+
+    now_us: int
+    totals: tuple[int, ...]
+    alerts: tuple[tuple[int, int], ...]
+    original: tuple[int, int, int] | None
+    hold_found: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitResult:
+    """check / reserve. ``refused``: index of the first limit that refused (-1 none);
+    ``retry_us``: when a rolling window will have freed enough (-1 if it never will by itself)."""
+
+    now_us: int
+    totals: tuple[int, ...]
+    held: tuple[int, ...]
+    refused: int
+    retry_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryResult:
+    now_us: int
+    totals: tuple[int, ...]
+    held: tuple[int, ...]
+    scope_totals: dict[str, int]  # the own totals hash: "t"/"c"/"r" and "m:<model>:<metric>"
+
+
+def used(plan: Plan, totals: tuple[int, ...], i: int) -> int:
+    lim = plan.limits[i]
+    return totals[3 * lim.counter + lim.metric]
+
+
+def exceeded(plan: Plan, totals: tuple[int, ...]) -> list[int]:
+    """Indices of limits whose usage is now over their value."""
+    return [i for i, lim in enumerate(plan.limits) if totals[3 * lim.counter + lim.metric] > lim.value]
+
+
+# ---- the Redis scripts' wire format (see lua/_common.lua) ---------------------------------------
+
+def script_args(plan: Plan, now_us: int | None, amounts: tuple[int, int, int],
+                a5: str | int = "", a6: str = "", a7: str | int = "") -> list[str | int]:
+    return ["" if now_us is None else now_us, *amounts, a5, a6, a7, *plan.argv]
+
+
+def _ints(values: list[object]) -> tuple[int, ...]:
+    return tuple(int(v) for v in values)  # type: ignore[call-overload]
+
+
+def _original(raw: object) -> tuple[int, int, int]:
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    ts, tok, cost = text.split()
+    return int(ts), int(tok), int(cost)
+
+
+def parse_charge(raw: list[object]) -> ChargeResult:
+    status, now, totals, fired, original = raw[:5]
+    found = bool(raw[5]) if len(raw) > 5 else False
+    if status == 1:
+        return ChargeResult(int(now), (), (), _original(original), found)  # type: ignore[call-overload]
+    flat = _ints(fired)  # type: ignore[arg-type]
+    pairs = tuple((flat[k] - 1, flat[k + 1]) for k in range(0, len(flat), 2))
+    return ChargeResult(int(now), _ints(totals), pairs, None, found)  # type: ignore[arg-type, call-overload]
+
+
+def parse_admit(raw: list[object]) -> AdmitResult:
+    _status, now, totals, held, refused, retry = raw
+    return AdmitResult(int(now), _ints(totals), _ints(held), int(refused) - 1, int(retry))  # type: ignore[arg-type, call-overload]
+
+
+def parse_summary(raw: list[object]) -> SummaryResult:
+    now, totals, held, flat = raw
+    pairs: dict[str, int] = {}
+    items = list(flat)  # type: ignore[call-overload]
+    for k in range(0, len(items), 2):
+        f = items[k].decode() if isinstance(items[k], bytes) else str(items[k])
+        pairs[f] = int(items[k + 1])
+    return SummaryResult(int(now), _ints(totals), _ints(held), pairs)  # type: ignore[arg-type, call-overload]

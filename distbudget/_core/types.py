@@ -1,0 +1,59 @@
+"""Values handed to users: usage records and alerts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class AlertLevel(str, Enum):
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """One charged call. ``cost_usd`` is a float view of the exact ``cost_nano_usd``.
+
+    ``over_hold`` is True when a reservation's actual usage exceeded what it held (it is charged
+    anyway); ``duplicate`` when the ``request_id`` had already been charged (nothing was charged
+    again; the fields repeat the original charge).
+    """
+
+    session_id: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    timestamp: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+    scope: str = ""
+    cost_nano_usd: int = 0
+    request_id: str | None = None
+    over_hold: bool = False
+    duplicate: bool = False
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class BudgetAlert:
+    """A threshold crossing. ``used`` and ``limit`` are tokens, requests, or USD for cost limits."""
+
+    scope: str
+    level: AlertLevel
+    message: str
+    used: float
+    limit: float
+    timestamp: float
+    limit_type: str
+    session_id: str | None = None
+    model: str | None = None
+
+    @property
+    def pct(self) -> float:
+        return self.used / self.limit if self.limit else float("inf")

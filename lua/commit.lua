@@ -1,0 +1,25 @@
+-- commit.lua: settle a reservation: free its hold and charge the actual usage, in one step.
+-- Actual usage above the hold is charged all the same. A hold that already expired (or was
+-- released) does not stop the charge: the money was spent.
+-- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys,
+--       [#KEYS] the request key when ARGV[5] is set
+-- ARGV: [1] clock µs or '', [2] tokens, [3] nano-USD, [4] requests, [5] request-id TTL ms or '',
+--       [6] hold id, [7] unused, [8..] the plan (see _common.lua)
+-- Returns: {0, now µs, totals, alerts, '', hold found 1/0}
+--       or {1, now µs, {}, {}, "<µs> <tokens> <cost>", 0} when the request id was already charged
+local now = now_us()
+local prev = seen_request()
+if prev then
+  drop_hold(ARGV[6])
+  return {1, now, {}, {}, prev, 0}
+end
+local found = drop_hold(ARGV[6]) and 1 or 0
+local counters, limits = parse_plan()
+local amt = {ARGV[2], ARGV[3], ARGV[4]}
+for _, c in ipairs(counters) do
+  expire(c, now)
+  charge(c, now, amt)
+end
+local fired = alerts(limits, amt)
+remember_request(now, amt)
+return {0, now, totals(counters), fired, '', found}

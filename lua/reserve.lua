@@ -1,0 +1,34 @@
+-- reserve.lua: admit a call iff, for every limit, used + held + this <= value; if admitted, hold
+-- `this` on every counter of the plan under a lease that expires by itself (a worker that dies
+-- while holding loses its hold after the TTL; expired leases are reaped here, amortised O(1)).
+-- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys
+-- ARGV: [1] clock µs or '', [2] tokens, [3] nano-USD, [4] requests (the worst case to hold),
+--       [5] '', [6] hold id, [7] lease TTL µs, [8..] the plan (see _common.lua)
+-- Returns: {0 admitted | 1 refused, now µs, used per counter, held per counter (before this hold),
+--           refusing limit index (0 none), µs until a rolling window frees enough (-1: never)}
+local now = now_us()
+reap(now)
+local counters, limits = parse_plan()
+local amt = {ARGV[2], ARGV[3], ARGV[4]}
+for _, c in ipairs(counters) do
+  expire(c, now)
+  read(c)
+end
+local held = read_held(counters)
+local refused, retry = admit(limits, amt, now)
+if refused > 0 then return {1, now, totals(counters), held, refused, retry} end
+local lines = {amt[1] .. ' ' .. amt[2] .. ' ' .. amt[3]}
+for _, c in ipairs(counters) do
+  lines[#lines + 1] = c.id
+  for m = 1, 3 do
+    if amt[m] ~= '0' then redis.call('HINCRBY', KEYS[1], c.id .. '|' .. M[m], amt[m]) end
+  end
+end
+local ttl_us = tonumber(ARGV[7])
+redis.call('HSET', KEYS[1], ARGV[6], table.concat(lines, '\n'))
+redis.call('ZADD', KEYS[2], fmt(now + ttl_us), ARGV[6])
+local ttl_ms = math.ceil(ttl_us / 1000) + 1000
+for k = 1, 2 do
+  if redis.call('PTTL', KEYS[k]) < ttl_ms then redis.call('PEXPIRE', KEYS[k], fmt(ttl_ms)) end
+end
+return {0, now, totals(counters), held, 0, -1}

@@ -1,0 +1,15 @@
+-- summary.lua: read every counter of a plan (used and held) and the scope's totals hash.
+-- Ages out expired buckets and leases first, which changes no live total.
+-- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys
+-- ARGV: [1] clock µs or '', [2..4] unused, [5] KEYS index of the scope's totals hash,
+--       [6..7] unused, [8..] the plan (see _common.lua)
+-- Returns: {now µs, used per counter, held per counter, the totals hash as field, value, ...}
+local now = now_us()
+reap(now)
+local counters = parse_plan()
+for _, c in ipairs(counters) do
+  expire(c, now)
+  read(c)
+end
+local held = read_held(counters)
+return {now, totals(counters), held, redis.call('HGETALL', KEYS[tonumber(ARGV[5])])}
