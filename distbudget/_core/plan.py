@@ -116,20 +116,24 @@ def build_plan(
                 key(zset_key)
         return counter_index[ident]
 
+    def window(scope_name: str, seconds: int, model_filter: str | None) -> int:
+        hash_key, zset_key = keyspace.window(scope_name, seconds, model_filter)
+        return counter(hash_key, "", zset_key, seconds)
+
     def limit_counter(sc: BudgetScope, lim: Limit) -> int:
         if lim.window == "session":
             return counter(keyspace.session(sc.name, session_id), model_prefix(lim.model), ttl_ms=session_ttl_ms)
         if lim.window == "total":
             return counter(keyspace.totals(sc.name), model_prefix(lim.model))
         assert isinstance(lim.window, int)
-        return counter(*keyspace.window(sc.name, lim.window, lim.model), window_s=lim.window)
+        return window(sc.name, lim.window, lim.model)
 
     limits: list[LimitSpec] = []
     chain = [scope, *scope.ancestors()]
     own = {"session": 0, "day": 0, "totals": 0}
     for depth, sc in enumerate(chain):
         totals = counter(keyspace.totals(sc.name), "")
-        day = counter(*keyspace.window(sc.name, DAY, None), window_s=DAY)
+        day = window(sc.name, DAY, None)
         if model is not None:
             counter(keyspace.totals(sc.name), model_prefix(model))
         if depth == 0:
