@@ -52,59 +52,124 @@ local function parse_plan()
   return counters, limits
 end
 
--- Subtract the buckets that have wholly left a window. A bucket b covers [b*bs, (b+1)*bs) and
--- counts while (b+1)*bs > now - w, so the oldest live bucket is floor((now - w) / bs).
-local function expire(c, now)
-  if not c.z then return end
-  local lo = fmt(math.floor((now - c.w) / c.bs))
-  local old = redis.call('ZRANGEBYSCORE', c.z, '-inf', '(' .. lo)
-  if #old == 0 then return end
-  local fields = {}
-  for _, b in ipairs(old) do
-    for m = 1, 3 do fields[#fields + 1] = b .. M[m] end
+-- Fields are read and written in bulk: one HMGET and at most one HSET per hash, whatever the
+-- number of counters, buckets and alert states in it (each redis.call costs more than the Lua).
+-- load() registers the fields every counter and limit needs and reads them:
+--   c.e        the hash entry {f = field names, v = values, set = pending writes}
+--   c.fi[m]    index of the counter's running total for metric m
+--   c.bi[m]    (windows) index of the current bucket's amount, c.b the bucket id
+--   c.oi       (windows) index of field 'o', the oldest bucket id present
+--   l.ai       index of the limit's alert state (bit 1 WARNING, bit 2 CRITICAL)
+local function load(counters, limits, now)
+  local hashes, order = {}, {}
+  local function want(e, f)
+    local i = e.idx[f]
+    if not i then
+      i = #e.f + 1
+      e.f[i] = f
+      e.idx[f] = i
+    end
+    return i
   end
-  local vals = redis.call('HMGET', c.h, unpack(fields))
-  local gone = {0, 0, 0}
-  for k = 1, #fields do
-    local m = (k - 1) % 3 + 1
-    gone[m] = gone[m] + (tonumber(vals[k]) or 0)
-  end
-  redis.call('HDEL', c.h, unpack(fields))
-  redis.call('ZREMRANGEBYSCORE', c.z, '-inf', '(' .. lo)
-  for m = 1, 3 do
-    if gone[m] ~= 0 then redis.call('HINCRBY', c.h, M[m], fmt(-gone[m])) end
-  end
-end
-
--- Current totals of a counter (after expire).
-local function read(c)
-  local p = c.p
-  local v = redis.call('HMGET', c.h, p .. 't', p .. 'c', p .. 'r')
-  c.u = {tonumber(v[1]) or 0, tonumber(v[2]) or 0, tonumber(v[3]) or 0}
-end
-
--- Add amounts (strings of integers) to a counter; c.u receives the new totals.
-local function charge(c, now, amt)
-  local p = c.p
-  local u = {0, 0, 0}
-  local b = nil
-  if c.z then
-    b = fmt(math.floor(now / c.bs))
-    redis.call('ZADD', c.z, b, b)
-  end
-  for m = 1, 3 do
-    if amt[m] ~= '0' then
-      u[m] = redis.call('HINCRBY', c.h, p .. M[m], amt[m])
-      if b then redis.call('HINCRBY', c.h, b .. M[m], amt[m]) end
-    else
-      u[m] = tonumber(redis.call('HGET', c.h, p .. M[m]) or '0')
+  for _, c in ipairs(counters) do
+    local e = hashes[c.h]
+    if not e then
+      e = {h = c.h, f = {}, idx = {}, set = {}, ttl = 0}
+      hashes[c.h] = e
+      order[#order + 1] = e
+    end
+    if c.ttl > e.ttl then e.ttl = c.ttl end
+    c.e = e
+    local p = c.p
+    c.fi = {want(e, p .. 't'), want(e, p .. 'c'), want(e, p .. 'r')}
+    if c.z then
+      c.b = fmt(math.floor(now / c.bs))
+      c.bi = {want(e, c.b .. 't'), want(e, c.b .. 'c'), want(e, c.b .. 'r')}
+      c.oi = want(e, 'o')
     end
   end
-  if c.ttl > 0 then
-    redis.call('PEXPIRE', c.h, c.ttl)
-    if c.z then redis.call('PEXPIRE', c.z, c.ttl) end
+  for _, l in ipairs(limits) do
+    l.ai = want(l.c.e, l.c.p .. 'a:' .. l.name)
   end
-  c.u = u
+  for _, e in ipairs(order) do
+    local raw = redis.call('HMGET', e.h, unpack(e.f))
+    local v = {}
+    for k = 1, #e.f do v[k] = raw[k] and tonumber(raw[k]) end
+    e.v = v
+  end
+  return order
+end
+
+local function put(e, i, value)
+  e.v[i] = value
+  e.set[#e.set + 1] = e.f[i]
+  e.set[#e.set + 1] = fmt(value)
+end
+
+-- Subtract the buckets that have wholly left a window. A bucket b covers [b*bs, (b+1)*bs) and
+-- counts while (b+1)*bs > now - w, so the oldest live bucket is floor((now - w) / bs). Field 'o'
+-- (the oldest bucket present) makes the common case, nothing to expire, cost no call at all.
+local function expire(c, now)
+  if not c.z then return end
+  local e = c.e
+  local oldest = e.v[c.oi]
+  local lo = math.floor((now - c.w) / c.bs)
+  if not oldest or oldest >= lo then return end
+  local old = redis.call('ZRANGEBYSCORE', c.z, '-inf', '(' .. fmt(lo))
+  if #old > 0 then
+    local fields = {}
+    for _, b in ipairs(old) do
+      for m = 1, 3 do fields[#fields + 1] = b .. M[m] end
+    end
+    local vals = redis.call('HMGET', c.h, unpack(fields))
+    for k = 1, #fields do
+      local m = (k - 1) % 3 + 1
+      e.v[c.fi[m]] = (e.v[c.fi[m]] or 0) - (tonumber(vals[k]) or 0)
+    end
+    redis.call('HDEL', c.h, unpack(fields))
+    redis.call('ZREMRANGEBYSCORE', c.z, '-inf', '(' .. fmt(lo))
+    for m = 1, 3 do put(e, c.fi[m], e.v[c.fi[m]]) end
+  end
+  local first = redis.call('ZRANGE', c.z, 0, 0)
+  if first[1] then
+    put(e, c.oi, tonumber(first[1]))
+  else
+    redis.call('HDEL', c.h, 'o')
+    e.v[c.oi] = nil
+  end
+end
+
+-- Current totals of a counter (after expire) into c.u.
+local function read(c)
+  local v = c.e.v
+  c.u = {v[c.fi[1]] or 0, v[c.fi[2]] or 0, v[c.fi[3]] or 0}
+end
+
+-- Add amounts (numbers) to a counter; c.u receives the new totals.
+local function charge(c, amt)
+  local e = c.e
+  for m = 1, 3 do
+    if amt[m] ~= 0 then put(e, c.fi[m], (e.v[c.fi[m]] or 0) + amt[m]) end
+  end
+  if c.z then
+    if not e.v[c.bi[1]] then
+      redis.call('ZADD', c.z, c.b, c.b)
+      local oldest = e.v[c.oi]
+      if not oldest or tonumber(c.b) < oldest then put(e, c.oi, tonumber(c.b)) end
+    end
+    for m = 1, 3 do
+      if amt[m] ~= 0 or not e.v[c.bi[m]] then put(e, c.bi[m], (e.v[c.bi[m]] or 0) + amt[m]) end
+    end
+  end
+  read(c)
+end
+
+-- One HSET per hash with everything that changed, and the idle TTL where the hash has one.
+local function flush(order)
+  for _, e in ipairs(order) do
+    if #e.set > 0 then redis.call('HSET', e.h, unpack(e.set)) end
+    if e.ttl > 0 then redis.call('PEXPIRE', e.h, e.ttl) end
+  end
 end
 
 local function totals(counters)
@@ -116,15 +181,14 @@ local function totals(counters)
 end
 
 -- Decide threshold crossings for a charge of amt: re-arm on the usage before it, fire on the usage
--- after it. Alert state (bit 1 WARNING, bit 2 CRITICAL) lives beside the counter, so every window
--- instance (each session, each rolling window) has its own. Returns {limit index, level, ...}.
+-- after it. The state lives beside the counter, so every window instance (each session, each
+-- rolling window) has its own. Returns {limit index, level, ...}.
 local function alerts(limits, amt)
   local out = {}
   for i, l in ipairs(limits) do
     local after = l.c.u[l.m]
-    local before = after - tonumber(amt[l.m])
-    local f = l.c.p .. 'a:' .. l.name
-    local st = tonumber(redis.call('HGET', l.c.h, f) or '0')
+    local before = after - amt[l.m]
+    local st = l.c.e.v[l.ai] or 0
     local ns = st
     if ns % 2 == 1 and before < l.warn_re then ns = ns - 1 end
     if ns >= 2 and before < l.crit_re then ns = ns - 2 end
@@ -134,11 +198,20 @@ local function alerts(limits, amt)
     if ns < 2 and after >= l.crit then
       ns = ns + 2; out[#out + 1] = i; out[#out + 1] = 2
     end
-    if ns ~= st then
-      if ns == 0 then redis.call('HDEL', l.c.h, f) else redis.call('HSET', l.c.h, f, ns) end
-    end
+    if ns ~= st then put(l.c.e, l.ai, ns) end
   end
   return out
+end
+
+-- Every counter of the plan, loaded and aged (the common start of every operation).
+local function prepare(now)
+  local counters, limits = parse_plan()
+  local order = load(counters, limits, now)
+  for _, c in ipairs(counters) do
+    expire(c, now)
+    read(c)
+  end
+  return counters, limits, order
 end
 
 -- Holds: KEYS[1] maps a hold id to "tokens cost requests\n<counter id>\n..." and each
@@ -189,7 +262,7 @@ end
 -- enough room (-1 if the window alone never frees enough).
 local function admit(limits, amt, now)
   for i, l in ipairs(limits) do
-    local this = tonumber(amt[l.m])
+    local this = amt[l.m]
     local need = l.c.u[l.m] + l.c.held[l.m] + this - l.v
     if need > 0 then
       local retry = -1
@@ -218,5 +291,9 @@ end
 
 local function remember_request(now, amt)
   if ARGV[5] == '' then return end
-  redis.call('SET', KEYS[#KEYS], fmt(now) .. ' ' .. amt[1] .. ' ' .. amt[2], 'PX', ARGV[5])
+  redis.call('SET', KEYS[#KEYS], fmt(now) .. ' ' .. fmt(amt[1]) .. ' ' .. fmt(amt[2]), 'PX', ARGV[5])
+end
+
+local function amounts()
+  return {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
 end

@@ -6,12 +6,9 @@
 --           refusing limit index (0 none), µs until a rolling window frees enough (-1: never)}
 local now = now_us()
 reap(now)
-local counters, limits = parse_plan()
-local amt = {ARGV[2], ARGV[3], ARGV[4]}
-for _, c in ipairs(counters) do
-  expire(c, now)
-  read(c)
-end
+local amt = amounts()
+local counters, limits, order = prepare(now)
+flush(order)
 local held = read_held(counters)
 local refused, retry = admit(limits, amt, now)
 if refused > 0 then return {1, now, totals(counters), held, refused, retry} end

@@ -14,12 +14,10 @@ if prev then
   return {1, now, {}, {}, prev, 0}
 end
 local found = drop_hold(ARGV[6]) and 1 or 0
-local counters, limits = parse_plan()
-local amt = {ARGV[2], ARGV[3], ARGV[4]}
-for _, c in ipairs(counters) do
-  expire(c, now)
-  charge(c, now, amt)
-end
+local amt = amounts()
+local counters, limits, order = prepare(now)
+for _, c in ipairs(counters) do charge(c, amt) end
 local fired = alerts(limits, amt)
+flush(order)
 remember_request(now, amt)
 return {0, now, totals(counters), fired, '', found}

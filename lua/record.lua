@@ -10,12 +10,10 @@
 local now = now_us()
 local prev = seen_request()
 if prev then return {1, now, {}, {}, prev} end
-local counters, limits = parse_plan()
-local amt = {ARGV[2], ARGV[3], ARGV[4]}
-for _, c in ipairs(counters) do
-  expire(c, now)
-  charge(c, now, amt)
-end
+local amt = amounts()
+local counters, limits, order = prepare(now)
+for _, c in ipairs(counters) do charge(c, amt) end
 local fired = alerts(limits, amt)
+flush(order)
 remember_request(now, amt)
 return {0, now, totals(counters), fired, ''}

@@ -8,20 +8,17 @@
 --           refusing limit index (0 none), µs until a rolling window frees enough (-1: never)}
 local now = now_us()
 reap(now)
-local counters, limits = parse_plan()
-local amt = {ARGV[2], ARGV[3], ARGV[4]}
-for _, c in ipairs(counters) do
-  expire(c, now)
-  read(c)
-end
+local amt = amounts()
+local counters, limits, order = prepare(now)
+flush(order)
 local held = read_held(counters)
 local refused, retry = admit(limits, amt, now)
 if refused > 0 then return {1, now, totals(counters), held, refused, retry} end
-local lines = {amt[1] .. ' ' .. amt[2] .. ' ' .. amt[3]}
+local lines = {fmt(amt[1]) .. ' ' .. fmt(amt[2]) .. ' ' .. fmt(amt[3])}
 for _, c in ipairs(counters) do
   lines[#lines + 1] = c.id
   for m = 1, 3 do
-    if amt[m] ~= '0' then redis.call('HINCRBY', KEYS[1], c.id .. '|' .. M[m], amt[m]) end
+    if amt[m] ~= 0 then redis.call('HINCRBY', KEYS[1], c.id .. '|' .. M[m], fmt(amt[m])) end
   end
 end
 local ttl_us = tonumber(ARGV[7])

@@ -6,10 +6,7 @@
 -- Returns: {now µs, used per counter, held per counter, the totals hash as field, value, ...}
 local now = now_us()
 reap(now)
-local counters = parse_plan()
-for _, c in ipairs(counters) do
-  expire(c, now)
-  read(c)
-end
+local counters, limits, order = prepare(now)
+flush(order)
 local held = read_held(counters)
 return {now, totals(counters), held, redis.call('HGETALL', KEYS[tonumber(ARGV[5])])}

@@ -1,0 +1,131 @@
+"""Real concurrency: threads on both engines, processes on a real Redis; and exact money."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import random
+import threading
+from typing import Any
+
+import pytest
+
+from distbudget import Budget, BudgetScope, ModelRates
+from distbudget._core.money import NANO
+from tests.conftest import Backend, RedisServer
+
+# 123,000 nano-USD per input token: one token costs exactly $0.000123
+RATES = {"m": ModelRates(input_per_1k=0.123, output_per_1k=0.2), "k": ModelRates(0.0001, 0.0003)}
+
+
+def plan_for_worker(seed: int, n: int) -> list[tuple[str, int, int]]:
+    rnd = random.Random(seed)
+    return [(rnd.choice("mk"), rnd.randint(0, 500), rnd.randint(0, 300)) for _ in range(n)]
+
+
+def expected_totals(calls: list[tuple[str, int, int]]) -> tuple[int, int]:
+    tokens = sum(i + o for _, i, o in calls)
+    cost = sum(RATES[m].cost_nano(i, o) for m, i, o in calls)
+    return tokens, cost
+
+
+def test_100_threads_recording_at_once_totals_exact(backend: Backend) -> None:
+    if backend.kind == "fakeredis":
+        pytest.skip("fakeredis serialises commands itself; the real server is the interesting case")
+    scope = BudgetScope("fleet", max_tokens_per_day=10**12, max_tokens_per_model={"m": 10**12})
+    budgets = [backend.budget(scope, RATES, session_id="shared") for _ in range(4)]
+    work = [plan_for_worker(seed, 40) for seed in range(100)]
+    barrier = threading.Barrier(100)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            barrier.wait()
+            for model, inp, out in work[i]:
+                budgets[i % 4].record(None, model, inp, out)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    calls = [c for w in work for c in w]
+    tokens, cost = expected_totals(calls)
+    s = budgets[0].summary()
+    assert s["session"]["tokens"] == tokens
+    assert s["session"]["requests"] == 4000
+    assert round(s["session"]["cost_usd"] * NANO) == cost
+    assert s["day"]["tokens"] == tokens and s["total"]["tokens"] == tokens
+    m_tokens = sum(i + o for m, i, o in calls if m == "m")
+    assert s["per_model"]["m"]["tokens"] == m_tokens
+    assert s["limits"]["model_m_tokens"]["used"] == m_tokens
+    assert sum(len(b.records) for b in budgets) == 4000
+
+
+def _process_worker(url: str, seed: int, n: int, queue: Any) -> None:
+    budget = Budget(BudgetScope("fleet", max_tokens_per_day=10**12), RATES, redis=url, session_id="shared")
+    total = 0
+    for model, inp, out in plan_for_worker(seed, n):
+        total += budget.record(None, model, inp, out).cost_nano_usd
+    queue.put(total)
+
+
+def test_8_processes_recording_on_real_redis_totals_exact(redis_server: RedisServer) -> None:
+    redis_server.client().flushall()
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_process_worker, args=(redis_server.url, seed, 300, queue)) for seed in range(8)]
+    for p in procs:
+        p.start()
+    charged = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    tokens, cost = expected_totals([c for seed in range(8) for c in plan_for_worker(seed, 300)])
+    assert sum(charged) == cost
+    s = Budget(BudgetScope("fleet", max_tokens_per_day=10**12), RATES, redis=redis_server.url).summary("shared")
+    assert s["session"]["tokens"] == tokens
+    assert s["session"]["requests"] == 2400
+    assert round(s["total"]["cost_usd"] * NANO) == cost
+    assert s["limits"]["day_tokens"]["used"] == tokens
+
+
+def test_a_million_charges_of_0_000123_sum_to_exactly_123() -> None:
+    budget = Budget(BudgetScope("money", max_cost_per_session_usd=1000), RATES, session_id="s")
+    plan = budget.plan("s", "m")
+    usage = budget.usage("m", 1, 0)
+    assert usage[1] == 123_000  # nano-USD
+    engine = budget.engine
+    for _ in range(1_000_000):
+        engine.record(plan, None, usage)
+    s = budget.summary()
+    assert s["session"]["requests"] == 1_000_000
+    assert round(s["session"]["cost_usd"] * NANO) == 123 * NANO
+    assert s["session"]["cost_usd"] == 123.0
+    floats = 0.0
+    for _ in range(1_000_000):
+        floats += 0.000123
+    assert floats != 123.0  # what float accounting would have reported
+
+
+def test_100k_charges_on_redis_are_exact(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    client.flushall()
+    budget = Budget(BudgetScope("money", max_cost_per_session_usd=1000), RATES, redis=client, session_id="s")
+    plan = budget.plan("s", "m")
+    usage = budget.usage("m", 1, 0)
+    from distbudget._core.plan import script_args
+
+    script = budget.engine._scripts["record"]
+    args = script_args(plan, None, usage)
+    for _ in range(20):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(5000):
+            script(keys=plan.keys, args=args, client=pipe)
+        pipe.execute()
+    s = budget.summary()
+    assert s["session"]["requests"] == 100_000
+    assert round(s["session"]["cost_usd"] * NANO) == 12_300_000_000
+    assert s["day"]["cost_usd"] == 12.3
