@@ -75,10 +75,11 @@ class MemoryEngine:
             del self._requests[key]
 
     def _counter(self, c: Counter, now: int) -> tuple[dict[Any, Any], list[int]]:
+        """The counter's running totals, aged (created empty if absent, as HMGET sees them)."""
         h = self._hash(c.hash_key, now)
         tot = h.get(c.prefix)
         if tot is None:
-            tot = h[c.prefix] = [0, 0, 0]
+            return h, [0, 0, 0]
         if c.zset_key is not None:
             w = self._windows.get(c.zset_key)
             if w is not None and w.buckets:
@@ -94,6 +95,8 @@ class MemoryEngine:
 
     def _charge(self, c: Counter, now: int, amt: tuple[int, int, int]) -> list[int]:
         h, tot = self._counter(c, now)
+        if c.prefix not in h:
+            tot = h[c.prefix] = tot
         tot[0] += amt[0]
         tot[1] += amt[1]
         tot[2] += amt[2]

@@ -1,0 +1,115 @@
+"""Differential test: random operation sequences (records, checks, reservations, resets, clock jumps
+across window and bucket edges) give identical results, alerts and summaries on the embedded
+engine and on a real Redis running the Lua scripts."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from distbudget import Budget, BudgetExceededError, BudgetScope, Limit, ModelRates, Reservation
+from tests.conftest import Clock, RedisServer
+
+RATES = {"m": ModelRates(0.001, 0.002), "n": ModelRates(0.0035, 0.0111, reasoning_per_1k=0.02)}
+SESSIONS = st.sampled_from(["a", "b", "{odd}:*"])
+MODELS = st.sampled_from(["m", "n"])
+TOKENS = st.integers(0, 400)
+JUMPS = st.sampled_from([0, 0.5, 1, 9, 10, 11, 59, 60, 61, 899, 900, 901, 3600, 86399, 86400, 86401])
+
+OPS = st.one_of(
+    st.tuples(st.just("record"), SESSIONS, MODELS, TOKENS, TOKENS, st.sampled_from([None, "r1", "r2", "r3"])),
+    st.tuples(st.just("check"), SESSIONS, MODELS, TOKENS, TOKENS),
+    st.tuples(st.just("reserve"), SESSIONS, MODELS, TOKENS, TOKENS),
+    st.tuples(st.just("commit"), st.integers(0, 5), TOKENS, TOKENS),
+    st.tuples(st.just("release"), st.integers(0, 5)),
+    st.tuples(st.just("reset"), SESSIONS),
+    st.tuples(st.just("advance"), JUMPS),
+    st.tuples(st.just("summary"), SESSIONS),
+)
+
+
+def make_scope() -> BudgetScope:
+    org = BudgetScope("org", max_tokens_per_day=6000, limits=[Limit("requests", 12, "1m")])
+    return BudgetScope(
+        "team", parent=org, alert_at_pct=0.75,
+        max_tokens_per_session=2000, max_cost_per_session_usd=0.004, max_tokens_per_day=5000,
+        max_tokens_per_model={"m": 3000},
+        limits=[Limit("requests", 5, "1m"), Limit("tokens", 1500, "10s", model="n"), Limit("cost", 0.005, "1h")],
+    )
+
+
+def outcome(fn: Any) -> Any:
+    try:
+        value = fn()
+    except BudgetExceededError as err:
+        rec = err.record
+        return ("exceeded", err.scope, err.limit_type, err.used, err.limit, err.retry_after,
+                None if rec is None else (rec.cost_nano_usd, rec.total_tokens))
+    if isinstance(value, Reservation):
+        return ("reserved", value.admitted, value.held_tokens, value.held_nano_usd)
+    if hasattr(value, "cost_nano_usd"):
+        return ("record", value.cost_nano_usd, value.total_tokens, value.duplicate, value.over_hold,
+                value.session_id)
+    return value
+
+
+def run(budget: Budget, clock: Clock, ops: list[tuple[Any, ...]]) -> list[Any]:
+    out: list[Any] = []
+    holds: list[Reservation] = []
+    for op in ops:
+        kind = op[0]
+        if kind == "record":
+            _, sid, model, i, o, rid = op
+            out.append(outcome(lambda: budget.record(sid, model, i, o, request_id=rid)))
+        elif kind == "check":
+            _, sid, model, i, o = op
+            out.append(outcome(lambda: budget.check(model, i, o, session_id=sid)))
+        elif kind == "reserve":
+            _, sid, model, i, o = op
+            res = outcome(lambda: budget.reserve(model, i, o, session_id=sid))
+            out.append(res)
+            if res[0] == "reserved":
+                holds.append(budget._last_reservation)  # type: ignore[attr-defined]
+        elif kind in ("commit", "release"):
+            if not holds:
+                continue
+            res = holds[op[1] % len(holds)]
+            if kind == "commit" and res.record is None:
+                out.append(outcome(lambda: res.commit(op[2], op[3])))
+            else:
+                out.append(("released", res.release()))
+        elif kind == "reset":
+            budget.reset_session(op[1])
+        elif kind == "advance":
+            clock.advance(op[1])
+        else:
+            out.append(budget.summary(op[1]))
+        out.append([(a.level, a.limit_type, a.used, a.session_id) for a in budget.alerts])
+    out.append(budget.summary("a"))
+    out.append(budget.summary("b"))
+    return out
+
+
+class Tracking(Budget):
+    """Keeps the last reservation so the driver can commit/release it (reserve may raise)."""
+
+    def reserve(self, *args: Any, **kwargs: Any) -> Reservation:
+        res = super().reserve(*args, **kwargs)
+        self._last_reservation = res
+        return res
+
+
+@settings(max_examples=int(os.environ.get("DIFF_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(OPS, min_size=1, max_size=45))
+def test_embedded_and_redis_agree(redis_server: RedisServer, ops: list[tuple[Any, ...]]) -> None:
+    client = redis_server.client()
+    client.flushall()
+    options = {"hold_ttl": 120, "request_ttl": 30 * 86400}
+    clocks = Clock(1_800_000_123.25), Clock(1_800_000_123.25)
+    embedded = Tracking(make_scope(), RATES, clock=clocks[0], **options)  # type: ignore[arg-type]
+    on_redis = Tracking(make_scope(), RATES, clock=clocks[1], redis=client, **options)  # type: ignore[arg-type]
+    assert run(embedded, clocks[0], ops) == run(on_redis, clocks[1], ops)
+    client.close()
