@@ -28,6 +28,7 @@ log = logging.getLogger("distbudget")
 DEFAULT_SESSION = "default"
 MAX_LOCAL_RECORDS = 10_000
 _PLAN_CACHE_SIZE = 4096
+HOLD_RETRY_US = 50_000
 
 
 def make_engine(redis: Any) -> Any:
@@ -64,6 +65,7 @@ class BudgetCore:
         session_ttl: float = 7 * 86400,
         hold_ttl: float = 600,
         request_ttl: float | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
     ) -> None:
         if not isinstance(scope, BudgetScope):
             raise TypeError("scope must be a BudgetScope")
@@ -76,6 +78,7 @@ class BudgetCore:
         chain = [scope, *scope.ancestors()]
         self.keyspace = KeySpace(check_prefix(prefix), chain[-1].name)
         self.clock = clock
+        self.sleep = sleep
         self.session_ttl_ms = int(_seconds(session_ttl, "session_ttl") * 1000)
         self.hold_ttl_us = int(_seconds(hold_ttl, "hold_ttl") * P.US)
         longest = max([lim.window for s in chain for lim in s.all_limits() if isinstance(lim.window, int)],
@@ -108,6 +111,10 @@ class BudgetCore:
         if remember:
             self._last_session = session_id
         return session_id
+
+    def monotonic(self) -> float:
+        """Seconds for timeouts: the injected clock when there is one."""
+        return time.monotonic() if self.clock is None else self.clock()
 
     def now_us(self) -> int | None:
         """The injected clock in µs, or None: the engine uses the server's time."""
@@ -222,7 +229,10 @@ class BudgetCore:
         lim = plan.limits[result.refused]
         k = 3 * lim.counter + lim.metric
         projected = result.totals[k] + result.held[k] + usage[lim.metric]
-        err = self._exceeded_error(plan, result.refused, projected, result.retry_us)
+        retry_us = result.retry_us
+        if retry_us < 0 and result.held[k] and result.totals[k] + usage[lim.metric] <= lim.value:
+            retry_us = HOLD_RETRY_US  # only in-flight holds block: they settle soon, look again then
+        err = self._exceeded_error(plan, result.refused, projected, retry_us)
         if self.scope.hard_stop:
             raise err
         warnings.warn(err.message, BudgetWarning, stacklevel=3)
@@ -347,15 +357,15 @@ class Budget(BudgetCore):
 
         Raises at once when no window will free room by itself (the budget itself is exhausted).
         """
-        deadline = time.monotonic() + _seconds(timeout, "timeout")
+        deadline = self.monotonic() + _seconds(timeout, "timeout")
         while True:
             try:
                 return self.reserve(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
             except BudgetExceededError as err:
                 wait = err.retry_after
-                if wait is None or time.monotonic() + wait > deadline:
+                if wait is None or self.monotonic() + wait > deadline:
                     raise
-                time.sleep(wait)
+                self.sleep(wait)
 
     def summary(self, session_id: str | None = None) -> dict[str, Any]:
         """Usage of the current (or given) session, the rolling day, totals, per model, per limit."""
