@@ -5,7 +5,7 @@ percent-encoded so no user string can contain ``:``, ``{`` or ``}``):
 
     <p>:{<tag>}:t:<scope>                  hash   cumulative totals (all models + per model); owned
     <p>:{<tag>}:s:<scope>:<session>        hash   one session's counters; idle TTL
-    <p>:{<tag>}:w:<scope>:<secs>:<model|*> hash   a rolling window: bucket amounts + running totals
+    <p>:{<tag>}:w:<scope>:<secs>:<model|*> hash   a rolling window: bucket amounts + running totals; TTL
     <p>:{<tag>}:z:<scope>:<secs>:<model|*> zset   that window's bucket ids; TTL = window + 1 h
     <p>:{<tag>}:holds                      hash   live reservations and held amounts per counter
     <p>:{<tag>}:leases                     zset   reservation id -> expiry (µs)

@@ -1,0 +1,308 @@
+"""The ``distbudget`` command: the fleet demo (embedded threads and Redis processes), ``prices``,
+``--version``. Everything runs for real; the printed numbers are checked against the store."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+import distbudget
+from distbudget import BudgetExceededError, BudgetManager, BudgetScope, ModelRates, cli
+from distbudget.pricing import price_table
+
+REDIS_URL = "redis://127.0.0.1:6379/15"
+SCOPES = ("team-a", "team-b", "team-c")
+
+ROW = re.compile(r"^\s+(team-[a-z])\s+(\S+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)\s+\$([\d.,]+)$")
+LIMIT = re.compile(r"^\s+(team-[a-z])\s+(\w+)\s+(\$?[\d.,]+)\s+(\$?[\d.,]+)\s+([\d.]+)%\s+(.+)$")
+ALERT = re.compile(r"^\s+(WARNING|CRITICAL|INFO)\s+(team-[a-z])\s+(\w+) at ([\d.]+)%\s+\(worker (\d+)\)$")
+
+
+def _num(text: str) -> float:
+    return float(text.replace("$", "").replace(",", ""))
+
+
+def parse(out: str) -> dict[str, Any]:
+    """The demo's printout as data: scope rows, limit rows, alerts, header and last line."""
+    rows: dict[str, dict[str, Any]] = {}
+    limits: list[dict[str, Any]] = []
+    alerts: list[tuple[str, str, str, float, int]] = []
+    for line in out.splitlines():
+        if m := ROW.match(line):
+            rows[m[1]] = {
+                "model": m[2],
+                "committed": int(_num(m[3])),
+                "refused": int(_num(m[4])),
+                "skipped": int(_num(m[5])),
+                "tokens": int(_num(m[6])),
+                "cost": _num(m[7]),
+            }
+        elif m := LIMIT.match(line):
+            limits.append(
+                {
+                    "scope": m[1],
+                    "limit_type": m[2],
+                    "used": _num(m[3]),
+                    "cap": _num(m[4]),
+                    "pct": float(m[5]),
+                    "outcome": m[6],
+                }
+            )
+        elif m := ALERT.match(line):
+            alerts.append((m[2], m[1], m[3], float(m[4]), int(m[5])))
+    lines = out.strip().splitlines()
+    prefix = re.search(r"key prefix (\S+)$", lines[0])
+    return {
+        "rows": rows,
+        "limits": limits,
+        "alerts": alerts,
+        "header": lines[0],
+        "last": lines[-1],
+        "prefix": prefix[1] if prefix else None,
+    }
+
+
+def assert_demo_story(out: str, workers: int, calls: int) -> dict[str, Any]:
+    """What every demo run must show, whatever the race between workers decided."""
+    got = parse(out)
+    assert set(got["rows"]) == set(SCOPES), out
+    for name, row in got["rows"].items():
+        assert row["committed"] + row["refused"] + row["skipped"] == workers * calls, (name, out)
+        assert row["refused"] <= workers  # a worker stops a scope at its first refusal
+    # team-a and team-b are sized to hit their hard cap; team-c to stay under its cap.
+    for name in ("team-a", "team-b"):
+        assert got["rows"][name]["refused"] >= 1, out
+    assert got["rows"]["team-c"] == {**got["rows"]["team-c"], "committed": workers * calls, "refused": 0, "skipped": 0}
+    assert {lim["scope"] for lim in got["limits"]} == set(SCOPES)
+    for lim in got["limits"]:
+        assert lim["used"] <= lim["cap"], lim
+        assert lim["pct"] <= 100.0, lim
+    reached = {lim["scope"] for lim in got["limits"] if lim["outcome"].startswith("cap reached")}
+    assert reached == {"team-a", "team-b"}, out
+    warnings = [a for a in got["alerts"] if a[1] == "WARNING"]
+    assert {a[0] for a in warnings} >= {"team-a", "team-b"}, out
+    assert all(80.0 <= a[3] <= 100.0 for a in warnings), out
+    assert all(0 <= a[4] < workers for a in got["alerts"])
+    # Each threshold fires exactly once across the fleet.
+    assert len({(a[0], a[1], a[2]) for a in got["alerts"]}) == len(got["alerts"]), out
+    assert "ledger: the workers' own records match the store" in out
+    assert got["last"].startswith("hard caps held: spend <= cap for every scope"), out
+    assert "VIOLATED" not in out and "MISMATCH" not in out
+    return got
+
+
+def test_demo_embedded_shows_warnings_refusals_and_caps_holding(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["demo", "--workers", "3", "--calls", "30"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    got = assert_demo_story(out, workers=3, calls=30)
+    assert "engine embedded (in-process), 3 worker threads x 30 calls x 3 scopes" in got["header"]
+
+
+def test_demo_numbers_are_the_store_summaries() -> None:
+    cfg, planned = cli.build_config(
+        redis=None, prefix="distbudget-test", workers=4, calls=25, n_scopes=3, seed=11, latency_ms=0.5
+    )
+    report = cli.run_demo(cfg, planned)
+    lines, code = cli.render(report)
+    assert code == 0, lines
+    got = parse("\n".join(lines))
+    mgr = report.manager
+    for spec in cfg.scopes:
+        s = mgr.summary(spec.name, cli.SESSION_ID)
+        row = got["rows"][spec.name]
+        # The printed table is the store's session summary ...
+        assert row["committed"] == s["session"]["requests"] == s["total"]["requests"] == s["day"]["requests"]
+        assert row["tokens"] == s["session"]["tokens"]
+        assert row["cost"] == round(s["session"]["cost_usd"], 6)
+        assert row["model"] == spec.model and list(s["per_model"]) == [spec.model]
+        # ... and the workers' own records, summed, are exactly what the store holds.
+        o = report.outcomes[spec.name]
+        assert (o.committed, o.tokens, o.cost_nano / 1e9) == (
+            s["session"]["requests"],
+            s["session"]["tokens"],
+            s["session"]["cost_usd"],
+        )
+        assert o.committed + o.refused + o.skipped == cfg.workers * cfg.calls
+        for lt, lim in s["limits"].items():
+            assert lim["held"] == 0
+            assert lim["used"] <= lim["limit"], (spec.name, lt, lim)
+        plan = planned[spec.name]
+        if spec.capped:
+            # Refused only because the cap was (almost) full: at the refusal used + holds in flight
+            # + that call's worst case exceeded the cap, with at most one hold per worker in flight.
+            binding = s["limits"]["session_cost_usd" if spec.role == cli.ROLE_COST_CAP else "session_tokens"]
+            worst = (
+                plan.max_call_worst_cost_nano / 1e9 if spec.role == cli.ROLE_COST_CAP else plan.max_call_worst_tokens
+            )
+            assert o.refused >= 1
+            assert binding["used"] > binding["limit"] - cfg.workers * worst
+            assert sum(o.refused_by.values()) == o.refused
+            assert set(o.refused_by) == {"session_cost_usd" if spec.role == cli.ROLE_COST_CAP else "session_tokens"}
+        else:
+            # Every planned call ran: the totals are exactly the seeded plan's.
+            assert (o.committed, o.refused) == (cfg.workers * cfg.calls, 0)
+            assert s["session"]["tokens"] == plan.tokens
+            assert s["session"]["cost_usd"] == plan.cost_nano / 1e9
+    # Alerts came from the callbacks, one per crossing, and agree with the limits they name.
+    seen = [(scope, level, lt) for _w, (scope, level, lt, _pct) in report.alerts]
+    assert len(seen) == len(set(seen))
+    for _w, (scope, level, lt, pct) in report.alerts:
+        # (CRITICAL fires only if a commit lands exactly on the cap: possible, and still within it.)
+        assert (level == "warning" and 0.8 <= pct <= 1.0) or (level == "critical" and pct == 1.0)
+        assert lt in mgr.summary(scope, cli.SESSION_ID)["limits"]
+    assert {(scope, lt) for scope, _level, lt in seen} >= {("team-a", "session_cost_usd"), ("team-b", "session_tokens")}
+
+
+def test_demo_plan_and_caps_are_seeded() -> None:
+    def caps(seed: int) -> tuple[tuple[cli.ScopeSpec, ...], dict[str, cli.Planned]]:
+        cfg, planned = cli.build_config(
+            redis=None, prefix="p", workers=3, calls=10, n_scopes=5, seed=seed, latency_ms=0
+        )
+        return cfg.scopes, planned
+
+    assert caps(5) == caps(5)
+    assert caps(5)[0] != caps(6)[0]
+    scopes, planned = caps(5)
+    assert [s.name for s in scopes] == ["team-a", "team-b", "team-c", "team-d", "team-e"]
+    assert [s.role for s in scopes] == [
+        cli.ROLE_COST_CAP,
+        cli.ROLE_TOKEN_CAP,
+        cli.ROLE_UNDER_CAP,
+        cli.ROLE_COST_CAP,
+        cli.ROLE_TOKEN_CAP,
+    ]
+    for spec in scopes:
+        p = planned[spec.name]
+        assert p.calls == 30
+        if spec.role == cli.ROLE_COST_CAP:
+            assert spec.max_cost_per_session_usd is not None
+            assert spec.max_cost_per_session_usd < p.cost_nano / 1e9  # the fleet must hit it
+        elif spec.role == cli.ROLE_TOKEN_CAP:
+            assert spec.max_tokens_per_session is not None and spec.max_cost_per_day_usd is not None
+            assert spec.max_tokens_per_session < p.tokens
+            assert spec.max_cost_per_day_usd >= p.worst_cost_nano / 1e9  # can never refuse
+        else:
+            assert spec.max_cost_per_day_usd is not None
+            assert spec.max_cost_per_day_usd >= (p.cost_nano + 3 * p.max_call_worst_cost_nano) / 1e9
+    # Two runs of the same seed: the uncapped scope's totals are identical.
+    totals = []
+    for _ in range(2):
+        cfg, planned = cli.build_config(redis=None, prefix="p", workers=3, calls=10, n_scopes=3, seed=5, latency_ms=0)
+        report = cli.run_demo(cfg, planned)
+        totals.append(report.outcomes["team-c"].summary["session"])
+    assert totals[0] == totals[1]
+
+
+def _summary_over_cap() -> dict[str, Any]:
+    """A real summary of a hard-stopped scope whose recorded usage went over its cap."""
+    mgr = BudgetManager()
+    mgr.register(BudgetScope("team-a", max_tokens_per_session=1000))
+    mgr.record("team-a", cli.SESSION_ID, "gpt-4o-mini", 600, 0)
+    with pytest.raises(BudgetExceededError):
+        mgr.record("team-a", cli.SESSION_ID, "gpt-4o-mini", 600, 0)  # persisted, then raises
+    return mgr.summary("team-a", cli.SESSION_ID)
+
+
+def _report(summary: dict[str, Any], committed: int, tokens: int) -> cli.DemoReport:
+    spec = cli.ScopeSpec("team-a", cli.ROLE_TOKEN_CAP, "gpt-4o-mini", max_tokens_per_session=1000)
+    cfg = cli.DemoConfig(None, "p-00000000", 1, 2, 0, 0.0, (spec,))
+    cost_nano = round(summary["session"]["cost_usd"] * 1e9)
+    outcome = cli.ScopeOutcome(committed=committed, tokens=tokens, cost_nano=cost_nano, summary=summary)
+    return cli.DemoReport(cfg, {"team-a": cli.Planned()}, {"team-a": outcome}, [], 0.0, BudgetManager())
+
+
+def test_render_reports_a_broken_cap_and_exits_1() -> None:
+    summary = _summary_over_cap()
+    assert summary["limits"]["session_tokens"]["used"] == 1200
+    lines, code = cli.render(_report(summary, committed=2, tokens=1200))
+    assert code == 1
+    assert lines[-1] == "hard caps VIOLATED: team-a session_tokens: used 1,200 > cap 1,000"
+    assert not any(line.startswith("hard caps held") for line in lines)
+
+
+def test_render_reports_a_ledger_mismatch_and_exits_1() -> None:
+    summary = _summary_over_cap()
+    lines, code = cli.render(_report(summary, committed=1, tokens=600))
+    assert code == 1
+    mismatch = next(line for line in lines if line.startswith("ledger MISMATCH"))
+    assert "workers committed 1 calls, store has 2" in mismatch
+    assert "workers used 600 tokens, store has 1200" in mismatch
+
+
+def test_version_via_module_subprocess() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "distbudget.cli", "--version"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"distbudget {distbudget.__version__}"
+
+
+def test_installed_console_script() -> None:
+    script = Path(sys.executable).parent / "distbudget"
+    if not script.exists():
+        pytest.skip("console script not installed next to this interpreter")
+    proc = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=60, check=False)
+    assert (proc.returncode, proc.stdout.strip()) == (0, f"distbudget {distbudget.__version__}")
+
+
+def test_prices_lists_the_builtin_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["prices"]) == 0
+    out = capsys.readouterr().out
+    table = price_table()
+    assert f"as of {table['as_of']}" in out.splitlines()[0]
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert set(rows) == set(table["models"])
+    for model, entry in table["models"].items():
+        _name, provider, inp, outp, cached = rows[model]
+        assert provider == entry["provider"]
+        assert (float(inp), float(outp)) == (entry["input"], entry["output"])
+        assert cached == ("-" if entry.get("cached_input") is None else f"{entry['cached_input']:g}")
+        # The same prices the budgets charge: USD per 1M tokens is 1000 x the per-1K rate.
+        assert ModelRates.for_model(model).estimate_cost(1_000_000, 0) == pytest.approx(entry["input"])
+
+
+def test_usage_errors_return_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--workers", "0"]) == 2
+    assert cli.main(["demo", "--prefix", "has space"]) == 2
+    assert cli.main([]) == 2
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"distbudget {distbudget.__version__}"
+
+
+def test_unreachable_redis_is_an_error_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["demo", "--redis", "redis://127.0.0.1:1/0", "--calls", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distbudget demo: error: Redis") and "Traceback" not in err
+
+
+def _redis_up() -> bool:
+    try:
+        return bool(redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _redis_up(), reason=f"no Redis at {REDIS_URL}")
+def test_demo_redis_processes_share_the_caps(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["demo", "--redis", REDIS_URL, "--workers", "2", "--calls", "20"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    got = assert_demo_story(out, workers=2, calls=20)
+    assert f"engine redis {REDIS_URL}, 2 worker processes x 20 calls x 3 scopes" in got["header"]
+    prefix = got["prefix"]
+    assert prefix is not None and re.fullmatch(r"distbudget-demo-[0-9a-f]{8}", prefix)
+    # Read the run's keys back with a manager of our own: the printout is what Redis holds.
+    mgr = BudgetManager(redis=REDIS_URL, prefix=prefix)
+    for name in SCOPES:
+        mgr.register(BudgetScope(name))
+        s = mgr.summary(name, cli.SESSION_ID)["session"]
+        row = got["rows"][name]
+        assert (row["committed"], row["tokens"], row["cost"]) == (s["requests"], s["tokens"], round(s["cost_usd"], 6))
