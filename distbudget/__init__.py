@@ -10,14 +10,17 @@ from distbudget._exceptions import (
     InvalidInputError,
     UnknownModelError,
 )
-from distbudget.budget import Budget, Reservation
-from distbudget.manager import BudgetManager
+from distbudget.budget import AsyncBudget, AsyncReservation, Budget, Reservation
+from distbudget.manager import AsyncBudgetManager, BudgetManager
 from distbudget.pricing import ModelRates
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlertLevel",
+    "AsyncBudget",
+    "AsyncBudgetManager",
+    "AsyncReservation",
     "BackendError",
     "Budget",
     "BudgetAlert",

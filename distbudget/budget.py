@@ -1,34 +1,23 @@
-"""``Budget``: the thin shell users call. Each method validates, builds a plan (pure core), makes one
-engine call, and reads the result. All of that except the engine call lives in
-:class:`BudgetCore`, which the asyncio shell shares.
+"""``Budget`` and ``AsyncBudget``: thin shells over the flows of :class:`BudgetCore`.
+
+A shell only drives a flow: it hands each engine call the flow yields to its engine (a plain call,
+or an ``await``) and sends the answer back. Validation, plans, pricing, alerts and errors all live
+in ``_budget_base.py``, once.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
+import asyncio
+import inspect
 import time
-import uuid
-import warnings
-from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
-from distbudget._core import plan as P
-from distbudget._core.keys import KeySpace, check_prefix
-from distbudget._core.money import check_tokens, nano_to_usd
-from distbudget._core.scope import BudgetScope, check_name, window_label
-from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
-from distbudget._exceptions import BudgetExceededError, BudgetWarning, InvalidInputError
-from distbudget.engines.memory import MemoryEngine
-from distbudget.pricing import ModelRates, PriceBook
-
-log = logging.getLogger("distbudget")
-
-DEFAULT_SESSION = "default"
-MAX_LOCAL_RECORDS = 10_000
-_PLAN_CACHE_SIZE = 4096
-HOLD_RETRY_US = 50_000
+from distbudget._budget_base import BudgetCore, Flow, Hold, ReservationBase, T
+from distbudget._core.scope import BudgetScope
+from distbudget._core.types import UsageRecord
+from distbudget.engines.memory import AsyncMemoryEngine, MemoryEngine
+from distbudget.pricing import ModelRates
 
 
 def make_engine(redis: Any) -> Any:
@@ -39,267 +28,22 @@ def make_engine(redis: Any) -> Any:
 
     if isinstance(redis, str):
         return RedisEngine(connect(redis))
-    if hasattr(redis, "register_script"):
+    if hasattr(redis, "register_script") and not inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
         return RedisEngine(redis)
-    raise TypeError("redis must be None, a redis:// URL or a redis-py client")
+    raise TypeError("redis must be None, a redis:// URL or a (sync) redis-py client")
 
 
-def _seconds(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise InvalidInputError(f"{what} must be a positive number of seconds, got {value!r}")
-    return float(value)
+def make_async_engine(redis: Any) -> Any:
+    """``None`` -> embedded; a URL or a ``redis.asyncio`` client -> Redis."""
+    if redis is None:
+        return AsyncMemoryEngine()
+    from distbudget.engines.redis import AsyncRedisEngine, connect_async
 
-
-class BudgetCore:
-    """Everything a budget does except talking to its engine (shared by sync and async shells)."""
-
-    def __init__(
-        self,
-        scope: BudgetScope,
-        rates: Mapping[str, ModelRates] | None = None,
-        *,
-        session_id: str | None = None,
-        prefix: str = "distbudget",
-        clock: Callable[[], float] | None = None,
-        default_rates: ModelRates | None = None,
-        session_ttl: float = 7 * 86400,
-        hold_ttl: float = 600,
-        request_ttl: float | None = None,
-        sleep: Callable[[float], Any] = time.sleep,
-    ) -> None:
-        if not isinstance(scope, BudgetScope):
-            raise TypeError("scope must be a BudgetScope")
-        if session_id is not None:
-            check_name(session_id, "session_id")
-        if clock is not None and not callable(clock):
-            raise TypeError("clock must be a callable returning seconds")
-        self.scope = scope
-        self.prices = PriceBook(rates, default_rates)
-        chain = [scope, *scope.ancestors()]
-        self.keyspace = KeySpace(check_prefix(prefix), chain[-1].name)
-        self.clock = clock
-        self.sleep = sleep
-        self.session_ttl_ms = int(_seconds(session_ttl, "session_ttl") * 1000)
-        self.hold_ttl_us = int(_seconds(hold_ttl, "hold_ttl") * P.US)
-        longest = max([lim.window for s in chain for lim in s.all_limits() if isinstance(lim.window, int)],
-                      default=0)
-        self.request_ttl_ms = int(_seconds(request_ttl, "request_ttl") * 1000) if request_ttl else \
-            max(longest, 86400) * 1000
-        self._fixed_session = session_id
-        self._last_session: str | None = None
-        self._plans: dict[tuple[str, str | None], P.Plan] = {}
-        self._callbacks: list[Callable[[BudgetAlert], Any]] = []
-        self._records: deque[UsageRecord] = deque(maxlen=MAX_LOCAL_RECORDS)
-        self._alerts: deque[BudgetAlert] = deque(maxlen=MAX_LOCAL_RECORDS)
-        self._local_lock = threading.Lock()
-
-    # ---- inputs ---------------------------------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self.scope.name
-
-    @property
-    def session_id(self) -> str:
-        """The current session: the constructor's, else the latest record/reserve's."""
-        return self._fixed_session or self._last_session or DEFAULT_SESSION
-
-    def _session(self, session_id: str | None, remember: bool) -> str:
-        if session_id is None:
-            return self.session_id
-        check_name(session_id, "session_id")
-        if remember:
-            self._last_session = session_id
-        return session_id
-
-    def monotonic(self) -> float:
-        """Seconds for timeouts: the injected clock when there is one."""
-        return time.monotonic() if self.clock is None else self.clock()
-
-    def now_us(self) -> int | None:
-        """The injected clock in µs, or None: the engine uses the server's time."""
-        return None if self.clock is None else int(round(self.clock() * P.US))
-
-    def plan(self, session_id: str, model: str | None) -> P.Plan:
-        key = (session_id, model)
-        plan = self._plans.get(key)
-        if plan is None:
-            if len(self._plans) >= _PLAN_CACHE_SIZE:
-                self._plans.clear()
-            plan = self._plans[key] = P.build_plan(self.scope, session_id, model, self.keyspace,
-                                                   self.session_ttl_ms)
-        return plan
-
-    def usage(self, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0,
-              cache_write_tokens: int = 0, reasoning_tokens: int = 0) -> tuple[int, int, int]:
-        """Validated (tokens, nano-USD, requests) of one call."""
-        check_name(model, "model")
-        check_tokens(input_tokens, "input_tokens")
-        check_tokens(output_tokens, "output_tokens")
-        check_tokens(cached_input_tokens, "cached_input_tokens")
-        check_tokens(cache_write_tokens, "cache_write_tokens")
-        check_tokens(reasoning_tokens, "reasoning_tokens")
-        cost = self.prices.rates_for(model).cost_nano(
-            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
-        return input_tokens + output_tokens, cost, 1
-
-    def worst_case(self, model: str, input_tokens: int, max_output_tokens: int) -> tuple[int, int, int]:
-        check_name(model, "model")
-        check_tokens(input_tokens, "input_tokens")
-        check_tokens(max_output_tokens, "max_output_tokens")
-        cost = self.prices.rates_for(model).worst_case_nano(input_tokens, max_output_tokens)
-        return input_tokens + max_output_tokens, cost, 1
-
-    def request_key(self, request_id: str | None) -> str | None:
-        if request_id is None:
-            return None
-        return self.keyspace.request(check_name(request_id, "request_id"))
-
-    def estimate(self, model: str, input_tokens: int, output_tokens: int = 0) -> float:
-        """Cost in USD of a call; records nothing."""
-        return nano_to_usd(self.usage(model, input_tokens, output_tokens)[1])
-
-    # ---- reading results ------------------------------------------------------------------------
-
-    @staticmethod
-    def _display(lim: P.LimitSpec, amount: int) -> float:
-        return nano_to_usd(amount) if lim.metric == P.COST else amount
-
-    def _exceeded_error(self, plan: P.Plan, i: int, amount: int, retry_us: int = -1,
-                        record: UsageRecord | None = None) -> BudgetExceededError:
-        lim = plan.limits[i]
-        used, limit = self._display(lim, amount), self._display(lim, lim.value)
-        verb = "is over" if record is not None else "would exceed"
-        where = "" if lim.scope == self.name else f" (ancestor scope {lim.scope!r})"
-        msg = f"Budget {verb} {lim.limit_type} for scope {lim.scope!r}{where}: {used} > {limit}"
-        retry = retry_us / P.US if retry_us >= 0 else None
-        return BudgetExceededError(msg, lim.scope, lim.limit_type, used, limit, retry_after=retry, record=record)
-
-    def _make_alerts(self, plan: P.Plan, result: P.ChargeResult, model: str) -> list[BudgetAlert]:
-        out = []
-        for i, level in result.alerts:
-            lim = plan.limits[i]
-            amount = P.used(plan, result.totals, i)
-            used, limit = self._display(lim, amount), self._display(lim, lim.value)
-            lvl = AlertLevel.WARNING if level == P.WARNING else AlertLevel.CRITICAL
-            pct = amount / lim.value if lim.value else float("inf")
-            msg = f"Budget {lvl.value} for scope {lim.scope!r}: {lim.limit_type} at {pct:.0%} ({used} of {limit})"
-            out.append(BudgetAlert(lim.scope, lvl, msg, used, limit, result.now_us / P.US, lim.limit_type,
-                                   session_id=plan.session_id, model=model))
-        return out
-
-    def _dispatch(self, alerts: list[BudgetAlert]) -> None:
-        for alert in alerts:
-            with self._local_lock:
-                self._alerts.append(alert)
-            for cb in list(self._callbacks):
-                try:
-                    cb(alert)
-                except Exception:  # a broken callback must never break accounting
-                    log.exception("distbudget alert callback %r failed", cb)
-
-    def finish_charge(self, plan: P.Plan, result: P.ChargeResult, model: str, usage: tuple[int, int, int],
-                      input_tokens: int, output_tokens: int, metadata: dict[str, Any] | None,
-                      request_id: str | None, over_hold: bool = False) -> UsageRecord:
-        """Turn an engine's charge answer into the record; fire alerts; raise/warn if over a limit."""
-        if result.original is not None:
-            ts, _tok, cost = result.original
-            return UsageRecord(plan.session_id, model, input_tokens, output_tokens, nano_to_usd(cost),
-                               ts / P.US, dict(metadata or {}), self.name, cost, request_id, over_hold, True)
-        record = UsageRecord(plan.session_id, model, input_tokens, output_tokens, nano_to_usd(usage[1]),
-                             result.now_us / P.US, dict(metadata or {}), self.name, usage[1], request_id,
-                             over_hold)
-        with self._local_lock:
-            self._records.append(record)
-        if result.alerts:
-            self._dispatch(self._make_alerts(plan, result, model))
-        over = P.exceeded(plan, result.totals)
-        if over:
-            i = over[0]
-            err = self._exceeded_error(plan, i, P.used(plan, result.totals, i), record=record)
-            if self.scope.hard_stop:
-                raise err
-            warnings.warn(err.message, BudgetWarning, stacklevel=3)
-        return record
-
-    def finish_admit(self, plan: P.Plan, result: P.AdmitResult, usage: tuple[int, int, int]) -> bool:
-        """Raise (hard stop) or warn and return False when refused; True when admitted."""
-        if result.refused < 0:
-            return True
-        lim = plan.limits[result.refused]
-        k = 3 * lim.counter + lim.metric
-        projected = result.totals[k] + result.held[k] + usage[lim.metric]
-        retry_us = result.retry_us
-        if retry_us < 0 and result.held[k] and result.totals[k] + usage[lim.metric] <= lim.value:
-            retry_us = HOLD_RETRY_US  # only in-flight holds block: they settle soon, look again then
-        err = self._exceeded_error(plan, result.refused, projected, retry_us)
-        if self.scope.hard_stop:
-            raise err
-        warnings.warn(err.message, BudgetWarning, stacklevel=3)
-        return False
-
-    def make_summary(self, plan: P.Plan, result: P.SummaryResult) -> dict[str, Any]:
-        def view(counter: int) -> dict[str, Any]:
-            t = result.totals[3 * counter: 3 * counter + 3]
-            return {"tokens": t[0], "cost_usd": nano_to_usd(t[1]), "requests": t[2]}
-
-        per_model: dict[str, dict[str, Any]] = {}
-        from distbudget._core.keys import decode_model_field
-
-        names = {"t": "tokens", "c": "cost_usd", "r": "requests"}
-        for field, value in result.scope_totals.items():
-            decoded = decode_model_field(field)
-            if decoded is None:
-                continue
-            model, metric = decoded
-            row = per_model.setdefault(model, {"tokens": 0, "cost_usd": 0.0, "requests": 0})
-            row[names[metric]] = nano_to_usd(value) if metric == "c" else value
-        limits: dict[str, Any] = {}
-        for lim in plan.limits:
-            k = 3 * lim.counter + lim.metric
-            used, held = result.totals[k], result.held[k]
-            key = lim.limit_type if lim.scope == self.name else f"{lim.scope}:{lim.limit_type}"
-            limits[key] = {
-                "scope": lim.scope,
-                "metric": ("tokens", "cost", "requests")[lim.metric],
-                "window": window_label(lim.window),
-                "model": lim.model,
-                "limit": self._display(lim, lim.value),
-                "used": self._display(lim, used),
-                "held": self._display(lim, held),
-                "remaining": self._display(lim, max(lim.value - used - held, 0)),
-                "pct": (used / lim.value) if lim.value else (0.0 if not used else float("inf")),
-            }
-        return {
-            "scope": self.name,
-            "session_id": plan.session_id,
-            "session": view(plan.session_counter),
-            "day": view(plan.day_counter),
-            "total": view(plan.totals_counter),
-            "per_model": per_model,
-            "limits": limits,
-            "hard_stop": self.scope.hard_stop,
-        }
-
-    # ---- local state ----------------------------------------------------------------------------
-
-    def on_alert(self, callback: Callable[[BudgetAlert], Any]) -> None:
-        """Call ``callback(alert)`` for each threshold crossing this object's calls cause."""
-        if not callable(callback):
-            raise TypeError("callback must be callable")
-        self._callbacks.append(callback)
-
-    @property
-    def records(self) -> list[UsageRecord]:
-        """Records charged through this object (the latest 10,000)."""
-        with self._local_lock:
-            return list(self._records)
-
-    @property
-    def alerts(self) -> list[BudgetAlert]:
-        """Alerts fired by this object's calls (the latest 10,000)."""
-        with self._local_lock:
-            return list(self._alerts)
+    if isinstance(redis, str):
+        return AsyncRedisEngine(connect_async(redis))
+    if hasattr(redis, "register_script") and inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
+        return AsyncRedisEngine(redis)
+    raise TypeError("redis must be None, a redis:// URL or a redis.asyncio client")
 
 
 class Budget(BudgetCore):
@@ -314,124 +58,186 @@ class Budget(BudgetCore):
         super().__init__(scope, rates, **options)
         self.engine = _engine if _engine is not None else make_engine(redis)
 
-    def check(self, model: str, input_tokens: int, output_tokens: int = 0,
-              session_id: str | None = None) -> bool:
+    def _drive(self, flow: Flow[T]) -> T:
+        try:
+            name, args = next(flow)
+            while True:
+                if name == "sleep":
+                    (self.sleep or time.sleep)(*args)
+                    answer = None
+                else:
+                    answer = self.engine.apply(name, args)
+                name, args = flow.send(answer)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def check(self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None) -> bool:
         """Would this call fit now? Records nothing. Advisory under concurrency: use ``reserve``."""
-        usage = self.usage(model, input_tokens, output_tokens)
-        plan = self.plan(self._session(session_id, False), model)
-        return self.finish_admit(plan, self.engine.check(plan, self.now_us(), usage), usage)
+        return self._drive(self.check_flow(model, input_tokens, output_tokens, session_id))
 
     def record(self, session_id: str | None, model: str, input_tokens: int, output_tokens: int,
                metadata: dict[str, Any] | None = None, request_id: str | None = None, *,
-               cached_input_tokens: int = 0, cache_write_tokens: int = 0,
-               reasoning_tokens: int = 0) -> UsageRecord:
+               cached_input_tokens: int = 0, cache_write_tokens: int = 0, reasoning_tokens: int = 0) -> UsageRecord:
         """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit."""
-        usage = self.usage(model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,
-                           reasoning_tokens)
-        if metadata is not None and not isinstance(metadata, dict):
-            raise TypeError("metadata must be a dict")
-        rkey = self.request_key(request_id)
-        plan = self.plan(self._session(session_id, True), model)
-        result = self.engine.record(plan, self.now_us(), usage, rkey, self.request_ttl_ms)
-        return self.finish_charge(plan, result, model, usage, input_tokens, output_tokens, metadata,
-                                  request_id)
+        return self._drive(self.record_flow(session_id, model, input_tokens, output_tokens, metadata, request_id,
+                                            cached_input_tokens, cache_write_tokens, reasoning_tokens))
 
-    def reserve(self, model: str, input_tokens: int, max_output_tokens: int,
-                session_id: str | None = None, request_id: str | None = None,
-                ttl: float | None = None) -> Reservation:
+    def reserve(self, model: str, input_tokens: int, max_output_tokens: int, session_id: str | None = None,
+                request_id: str | None = None, ttl: float | None = None) -> Reservation:
         """Hold the worst case against every limit atomically, or raise having held nothing."""
-        usage = self.worst_case(model, input_tokens, max_output_tokens)
-        ttl_us = self.hold_ttl_us if ttl is None else int(_seconds(ttl, "ttl") * P.US)
-        self.request_key(request_id)
-        plan = self.plan(self._session(session_id, True), model)
-        hold_id = uuid.uuid4().hex
-        result = self.engine.reserve(plan, self.now_us(), usage, hold_id, ttl_us)
-        if not self.finish_admit(plan, result, usage):
-            return Reservation(self, plan, model, usage, hold_id, request_id, admitted=False)
-        return Reservation(self, plan, model, usage, hold_id, request_id, admitted=True)
+        hold = self._drive(self.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl))
+        return Reservation(self, hold)
 
     def acquire(self, model: str, input_tokens: int, max_output_tokens: int, *, timeout: float = 60.0,
-                session_id: str | None = None, request_id: str | None = None,
-                ttl: float | None = None) -> Reservation:
-        """``reserve``, waiting on rolling windows (sleeping ``retry_after``) for up to ``timeout`` s.
-
-        Raises at once when no window will free room by itself (the budget itself is exhausted).
-        """
-        deadline = self.monotonic() + _seconds(timeout, "timeout")
-        while True:
-            try:
-                return self.reserve(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
-            except BudgetExceededError as err:
-                wait = err.retry_after
-                if wait is None or self.monotonic() + wait > deadline:
-                    raise
-                self.sleep(wait)
+                session_id: str | None = None, request_id: str | None = None, ttl: float | None = None) -> Reservation:
+        """``reserve``, waiting on rolling windows (sleeping ``retry_after``) for up to ``timeout``
+        seconds. Raises at once when no window will free room by itself (the budget is spent)."""
+        hold = self._drive(self.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id,
+                                             request_id, ttl))
+        return Reservation(self, hold)
 
     def summary(self, session_id: str | None = None) -> dict[str, Any]:
         """Usage of the current (or given) session, the rolling day, totals, per model, per limit."""
-        plan = self.plan(self._session(session_id, False), None)
-        return self.make_summary(plan, self.engine.summary(plan, self.now_us()))
+        return self._drive(self.summary_flow(session_id))
 
     def reset_session(self, session_id: str | None = None) -> None:
-        """Clear the session counters (of this scope) for the current or given session."""
-        sid = self._session(session_id, False)
-        self.engine.delete([self.keyspace.session(self.name, sid)])
+        """Clear this scope's counters of the current (or given) session."""
+        self._drive(self.reset_session_flow(session_id))
 
 
-class Reservation:
-    """A hold from :meth:`Budget.reserve`. Commit the actual usage, or release; as a context manager
-    an exception inside the block releases it, and a block left without commit releases too."""
+class Reservation(ReservationBase):
+    """A hold from :meth:`Budget.reserve`. ``commit`` the actual usage or ``release``; as a context
+    manager, leaving the block without a commit (an exception, a return) releases it."""
 
-    def __init__(self, budget: Budget, plan: P.Plan, model: str, held: tuple[int, int, int], hold_id: str,
-                 request_id: str | None, admitted: bool) -> None:
-        self.budget = budget
-        self.plan = plan
-        self.model = model
-        self.held_tokens, self.held_nano_usd = held[0], held[1]
-        self.hold_id = hold_id
-        self.request_id = request_id
-        self.admitted = admitted
-        self.record: UsageRecord | None = None
-        self._open = admitted
-
-    @property
-    def held_cost_usd(self) -> float:
-        return nano_to_usd(self.held_nano_usd)
-
-    @property
-    def session_id(self) -> str:
-        return self.plan.session_id
+    budget: Budget
 
     def commit(self, input_tokens: int, output_tokens: int, metadata: dict[str, Any] | None = None, *,
-               cached_input_tokens: int = 0, cache_write_tokens: int = 0,
-               reasoning_tokens: int = 0) -> UsageRecord:
+               cached_input_tokens: int = 0, cache_write_tokens: int = 0, reasoning_tokens: int = 0) -> UsageRecord:
         """Free the hold and charge the actual usage in one step (charged even above the hold)."""
-        b = self.budget
-        usage = b.usage(self.model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,
-                        reasoning_tokens)
-        if self.record is not None:
-            raise InvalidInputError("reservation already committed")
-        rkey = b.request_key(self.request_id)
-        result = b.engine.commit(self.plan, b.now_us(), usage, self.hold_id, rkey, b.request_ttl_ms)
-        self._open = False
-        over = usage[0] > self.held_tokens or usage[1] > self.held_nano_usd
-        try:
-            self.record = b.finish_charge(self.plan, result, self.model, usage, input_tokens, output_tokens,
-                                          metadata, self.request_id, over_hold=over)
-        except BudgetExceededError as err:
-            self.record = err.record
-            raise
-        return self.record
+        return self.budget._drive(self.budget.commit_flow(self.hold, input_tokens, output_tokens, metadata,
+                                                          cached_input_tokens, cache_write_tokens, reasoning_tokens))
 
     def release(self) -> bool:
         """Free the hold; True if it was still live."""
-        if not self._open:
-            return False
-        self._open = False
-        return bool(self.budget.engine.release(self.plan, self.hold_id))
+        return self.budget._drive(self.budget.release_flow(self.hold))
 
     def __enter__(self) -> Reservation:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class AsyncBudget(BudgetCore):
+    """The asyncio twin of :class:`Budget`: the same methods as coroutines (``estimate`` stays
+    sync: it does no I/O). ``redis``: ``None``, a URL, or a ``redis.asyncio`` client."""
+
+    def __init__(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None = None, *,
+                 redis: Any = None, _engine: Any = None, **options: Any) -> None:
+        super().__init__(scope, rates, **options)
+        self.engine = _engine if _engine is not None else make_async_engine(redis)
+
+    async def _drive(self, flow: Flow[T]) -> T:
+        try:
+            name, args = next(flow)
+            while True:
+                if name == "sleep":
+                    slept = (self.sleep or asyncio.sleep)(*args)
+                    if inspect.isawaitable(slept):
+                        await slept
+                    answer = None
+                else:
+                    answer = await self.engine.apply(name, args)
+                name, args = flow.send(answer)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    async def check(self, model: str, input_tokens: int, output_tokens: int = 0,
+                    session_id: str | None = None) -> bool:
+        return await self._drive(self.check_flow(model, input_tokens, output_tokens, session_id))
+
+    async def record(self, session_id: str | None, model: str, input_tokens: int, output_tokens: int,
+                     metadata: dict[str, Any] | None = None, request_id: str | None = None, *,
+                     cached_input_tokens: int = 0, cache_write_tokens: int = 0,
+                     reasoning_tokens: int = 0) -> UsageRecord:
+        return await self._drive(self.record_flow(session_id, model, input_tokens, output_tokens, metadata,
+                                                  request_id, cached_input_tokens, cache_write_tokens,
+                                                  reasoning_tokens))
+
+    def reserve(self, model: str, input_tokens: int, max_output_tokens: int, session_id: str | None = None,
+                request_id: str | None = None, ttl: float | None = None) -> PendingReservation:
+        """``r = await budget.reserve(...)`` or ``async with budget.reserve(...) as r:``."""
+        return PendingReservation(self, self.reserve_flow(model, input_tokens, max_output_tokens, session_id,
+                                                          request_id, ttl))
+
+    def acquire(self, model: str, input_tokens: int, max_output_tokens: int, *, timeout: float = 60.0,
+                session_id: str | None = None, request_id: str | None = None,
+                ttl: float | None = None) -> PendingReservation:
+        """``reserve``, waiting on rolling windows; awaitable and an async context manager."""
+        return PendingReservation(self, self.acquire_flow(model, input_tokens, max_output_tokens, timeout,
+                                                          session_id, request_id, ttl))
+
+    async def summary(self, session_id: str | None = None) -> dict[str, Any]:
+        return await self._drive(self.summary_flow(session_id))
+
+    async def reset_session(self, session_id: str | None = None) -> None:
+        await self._drive(self.reset_session_flow(session_id))
+
+
+class AsyncReservation(ReservationBase):
+    """A hold from :meth:`AsyncBudget.reserve`; ``await r.commit(...)`` or ``await r.release()``."""
+
+    budget: AsyncBudget
+
+    async def commit(self, input_tokens: int, output_tokens: int, metadata: dict[str, Any] | None = None, *,
+                     cached_input_tokens: int = 0, cache_write_tokens: int = 0,
+                     reasoning_tokens: int = 0) -> UsageRecord:
+        return await self.budget._drive(self.budget.commit_flow(
+            self.hold, input_tokens, output_tokens, metadata, cached_input_tokens, cache_write_tokens,
+            reasoning_tokens))
+
+    async def release(self) -> bool:
+        """Free the hold; runs to completion even if the calling task is cancelled meanwhile."""
+        if not self.hold.open:
+            return False
+        task = asyncio.ensure_future(self.budget._drive(self.budget.release_flow(self.hold)))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])  # finish freeing the hold, then let the cancellation through
+            raise
+
+    async def __aenter__(self) -> AsyncReservation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
+
+class PendingReservation:
+    """What ``AsyncBudget.reserve`` returns: await it for an :class:`AsyncReservation`, or use it
+    as ``async with``, which releases the hold on leaving the block uncommitted (even when the task
+    is cancelled inside it)."""
+
+    def __init__(self, budget: AsyncBudget, flow: Flow[Hold]) -> None:
+        self._budget = budget
+        self._flow: Flow[Hold] | None = flow
+        self._reservation: AsyncReservation | None = None
+
+    async def _get(self) -> AsyncReservation:
+        if self._reservation is None:
+            if self._flow is None:
+                raise RuntimeError("this reservation was already awaited")
+            flow, self._flow = self._flow, None
+            self._reservation = AsyncReservation(self._budget, await self._budget._drive(flow))
+        return self._reservation
+
+    def __await__(self) -> Generator[Any, None, AsyncReservation]:
+        return self._get().__await__()
+
+    async def __aenter__(self) -> AsyncReservation:
+        return await self._get()
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reservation is not None:
+            await self._reservation.release()

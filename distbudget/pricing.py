@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any
 
 from distbudget._core.money import check_tokens, cost_nano, nano_to_usd, rate_to_nano_per_million
 from distbudget._exceptions import BudgetWarning, InvalidInputError, UnknownModelError
@@ -109,8 +110,8 @@ def _lookup(model: str) -> ModelRates | None:
         stripped = _SUFFIX.sub("", name)
         if stripped != name:
             candidates.append(stripped)
-    for name in candidates:
-        name = aliases.get(name, name)
+    for candidate in candidates:
+        name = aliases.get(candidate, candidate)
         if name in models:
             return _from_entry(models[name])
     return None

@@ -4,9 +4,12 @@ lupa) and real Redis."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,8 +18,9 @@ from typing import Any
 import pytest
 import redis
 
-from distbudget import Budget, BudgetManager, BudgetScope
-from distbudget.engines.memory import MemoryEngine
+from distbudget import AsyncBudget, AsyncBudgetManager, Budget, BudgetManager, BudgetScope
+from distbudget.budget import PendingReservation
+from distbudget.engines.memory import AsyncMemoryEngine, MemoryEngine
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -98,45 +102,127 @@ class Clock:
         self.t += seconds
 
 
-class Backend:
-    """Makes budgets and managers on one engine; ``store`` is the Redis client (None embedded)."""
+class LoopThread:
+    """An event loop in a thread, so one synchronous test body can drive the asyncio API."""
 
-    def __init__(self, kind: str, store: Any) -> None:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, awaitable: Any) -> Any:
+        async def wrapper() -> Any:
+            return await awaitable
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self.loop).result(timeout=120)
+
+    def wrap(self, value: Any) -> Any:
+        if isinstance(value, PendingReservation) or inspect.isawaitable(value):
+            value = self.run(value)
+        if type(value).__module__.startswith("distbudget") and type(value).__name__.startswith("Async"):
+            return SyncView(value, self)
+        return value
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+class SyncView:
+    """Presents an async distbudget object (budget, manager, reservation) with the sync API: every
+    coroutine it returns is run to completion on the LoopThread."""
+
+    def __init__(self, target: Any, runner: LoopThread) -> None:
+        object.__setattr__(self, "_target", target)
+        object.__setattr__(self, "_runner", runner)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+        return lambda *a, **kw: self._runner.wrap(attr(*a, **kw))
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._target, name, value)
+
+    def __enter__(self) -> SyncView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._runner.run(self._target.__aexit__(*exc))
+
+
+class Backend:
+    """Makes budgets and managers on one engine through one API (sync, or async driven from a
+    loop thread); ``store`` is the Redis client (None embedded)."""
+
+    def __init__(self, kind: str, store: Any, api: str = "sync", runner: LoopThread | None = None) -> None:
         self.kind = kind
         self.store = store
+        self.api = api
+        self.runner = runner
         # embedded budgets of one test share one in-process store, as a manager's do
         self.memory = MemoryEngine() if store is None else None
+        self.async_store: Any = None
+        self.fake_server: Any = None
 
-    def budget(self, scope: BudgetScope, rates: Any = None, **kw: Any) -> Budget:
+    def _async_client(self) -> Any:
+        if self.async_store is None and self.store is not None:
+            if self.kind == "fakeredis":
+                import fakeredis
+
+                self.async_store = fakeredis.FakeAsyncRedis(server=self.fake_server)
+            else:
+                kw = self.store.connection_pool.connection_kwargs
+                self.async_store = redis.asyncio.Redis(host=kw["host"], port=kw["port"])
+        return self.async_store
+
+    def budget(self, scope: BudgetScope, rates: Any = None, **kw: Any) -> Any:
+        if self.api == "async":
+            assert self.runner is not None
+            if self.memory is not None:
+                return SyncView(AsyncBudget(scope, rates, _engine=AsyncMemoryEngine(self.memory), **kw), self.runner)
+            return SyncView(AsyncBudget(scope, rates, redis=self._async_client(), **kw), self.runner)
         if self.memory is not None:
             return Budget(scope, rates, _engine=self.memory, **kw)
         return Budget(scope, rates, redis=self.store, **kw)
 
-    def manager(self, **kw: Any) -> BudgetManager:
+    def manager(self, **kw: Any) -> Any:
+        if self.api == "async":
+            assert self.runner is not None
+            return SyncView(AsyncBudgetManager(redis=self._async_client(), **kw), self.runner)
         return BudgetManager(redis=self.store, **kw)
 
     def key_count(self) -> int:
         return 0 if self.store is None else int(self.store.dbsize())
 
 
-BACKENDS = ["embedded", "fakeredis", "redis"]
+BACKENDS = ["embedded", "fakeredis", "redis", "embedded-async", "fakeredis-async", "redis-async"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
-    if request.param == "embedded":
-        yield Backend("embedded", None)
-    elif request.param == "fakeredis":
+    kind, _, api = request.param.partition("-")
+    runner = LoopThread() if api == "async" else None
+    if kind == "embedded":
+        b = Backend("embedded", None, api or "sync", runner)
+    elif kind == "fakeredis":
         fakeredis = pytest.importorskip("fakeredis")
-        client = fakeredis.FakeRedis()
-        yield Backend("fakeredis", client)
-        client.close()
+        server = fakeredis.FakeServer()
+        b = Backend("fakeredis", fakeredis.FakeRedis(server=server), api or "sync", runner)
+        b.fake_server = server
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         client = server.client()
         client.flushall()
-        yield Backend("redis", client)
-        client.close()
+        b = Backend("redis", client, api or "sync", runner)
+    yield b
+    if runner is not None:
+        if b.async_store is not None:
+            runner.run(b.async_store.aclose())
+        runner.close()
+    if b.store is not None:
+        b.store.close()
 
 
 @pytest.fixture

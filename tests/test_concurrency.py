@@ -116,14 +116,14 @@ def test_100k_charges_on_redis_are_exact(redis_server: RedisServer) -> None:
     budget = Budget(BudgetScope("money", max_cost_per_session_usd=1000), RATES, redis=client, session_id="s")
     plan = budget.plan("s", "m")
     usage = budget.usage("m", 1, 0)
-    from distbudget._core.plan import script_args
+    from distbudget.engines.redis import wire
 
-    script = budget.engine._scripts["record"]
-    args = script_args(plan, None, usage)
+    op, keys, args, _parse = wire("record", (plan, None, usage, None, 0))
+    script = budget.engine.scripts[op]
     for _ in range(20):
         pipe = client.pipeline(transaction=False)
         for _ in range(5000):
-            script(keys=plan.keys, args=args, client=pipe)
+            script(keys=keys, args=args, client=pipe)
         pipe.execute()
     s = budget.summary()
     assert s["session"]["requests"] == 100_000

@@ -102,7 +102,8 @@ class Tracking(Budget):
         return res
 
 
-@settings(max_examples=int(os.environ.get("DIFF_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("DIFF_EXAMPLES", "150")), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(OPS, min_size=1, max_size=45))
 def test_embedded_and_redis_agree(redis_server: RedisServer, ops: list[tuple[Any, ...]]) -> None:
     client = redis_server.client()

@@ -18,6 +18,7 @@ def snapshot(backend: Backend, budget: object) -> object:
     if backend.store is not None:
         return sorted(backend.store.keys("*")), [backend.store.dump(k) for k in sorted(backend.store.keys("*"))]
     engine = budget.engine  # type: ignore[attr-defined]
+    engine = getattr(engine, "engine", engine)  # the async wrapper holds the memory engine
     return repr(engine._hashes), repr({k: w.buckets for k, w in engine._windows.items()})
 
 

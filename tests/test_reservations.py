@@ -123,7 +123,7 @@ def test_rate_limit_60_per_minute_over_3_simulated_minutes(backend: Backend, clo
 # ---- the fleet: real processes on a real Redis ------------------------------------------------
 
 CAP_USD = 0.5
-FLEET_SCOPE = dict(name="fleet", max_cost_per_session_usd=CAP_USD)
+FLEET_SCOPE = {"name": "fleet", "max_cost_per_session_usd": CAP_USD}
 
 
 def _reserving_worker(url: str, seed: int, out: Any) -> None:
@@ -200,10 +200,7 @@ def _duplicate_worker(url: str, go: Any, out: Any, via_commit: bool) -> None:
     budget = Budget(BudgetScope("idem"), RATES, redis=url, session_id="s")
     res = budget.reserve("m", 100, 100, request_id="req-42") if via_commit else None
     go.wait()
-    if res is not None:
-        record = res.commit(100, 50)
-    else:
-        record = budget.record(None, "m", 100, 50, request_id="rec-42")
+    record = res.commit(100, 50) if res is not None else budget.record(None, "m", 100, 50, request_id="rec-42")
     out.put(record.duplicate)
 
 

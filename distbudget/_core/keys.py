@@ -76,7 +76,7 @@ def decode_model_field(field: str) -> tuple[str, str] | None:
     if not field.startswith("m:"):
         return None
     body, _, metric = field[2:].rpartition(":")
-    if not body or ":" in body or metric not in ("t", "c", "r"):  # encoded names hold no ':' 
+    if not body or ":" in body or metric not in ("t", "c", "r"):  # encoded names hold no ':'
         return None
     return unquote(body), metric
 

@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Literal, Union
+from typing import Literal
 
 from distbudget._core.money import MAX_AMOUNT, usd_to_nano
 from distbudget._exceptions import InvalidInputError
@@ -161,7 +161,7 @@ class BudgetScope:
     alert_at_pct: float | None = 0.8
     hard_stop: bool = True
     limits: list[Limit] = field(default_factory=list)
-    parent: Union[BudgetScope, str, None] = None
+    parent: BudgetScope | str | None = None
 
     def __post_init__(self) -> None:
         check_name(self.name, "scope name")

@@ -27,7 +27,7 @@ class _Window:
 
 
 class _Tree:
-    __slots__ = ("holds", "held", "leases")
+    __slots__ = ("held", "holds", "leases")
 
     def __init__(self) -> None:
         self.holds: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {}
@@ -96,7 +96,7 @@ class MemoryEngine:
     def _charge(self, c: Counter, now: int, amt: tuple[int, int, int]) -> list[int]:
         h, tot = self._counter(c, now)
         if c.prefix not in h:
-            tot = h[c.prefix] = tot
+            h[c.prefix] = tot
         tot[0] += amt[0]
         tot[1] += amt[1]
         tot[2] += amt[2]
@@ -292,3 +292,18 @@ class MemoryEngine:
                 self._hashes.pop(key, None)
                 self._expires.pop(key, None)
                 self._windows.pop(key, None)
+
+    def apply(self, name: str, args: tuple[Any, ...]) -> Any:
+        """Run one operation by name (what the budget shells call)."""
+        return getattr(self, name)(*args)
+
+
+class AsyncMemoryEngine:
+    """The embedded engine for asyncio budgets: each operation is a short in-process step under a
+    lock held for microseconds, so it runs inline on the event loop."""
+
+    def __init__(self, engine: MemoryEngine | None = None) -> None:
+        self.engine = engine or MemoryEngine()
+
+    async def apply(self, name: str, args: tuple[Any, ...]) -> Any:
+        return self.engine.apply(name, args)

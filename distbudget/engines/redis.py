@@ -1,33 +1,31 @@
-"""The Redis engine: applies a plan with exactly one ``EVALSHA`` of a script from ``lua/``.
+"""The Redis engines: apply a plan with exactly one ``EVALSHA`` of a script from ``lua/``.
 
-Scripts are registered once per client (``register_script`` reloads a script by itself after
-``SCRIPT FLUSH``, a restart or a failover: ``NOSCRIPT`` never reaches the caller). Time is the
-server's ``TIME`` unless a test injects a clock.
+:func:`wire` turns an operation into (script, KEYS, ARGV, parser) — the one place that knows the
+scripts' calling convention; :class:`RedisEngine` (redis-py) and :class:`AsyncRedisEngine`
+(``redis.asyncio``) only send it. Scripts are registered once per client (``register_script``
+reloads a script by itself after ``SCRIPT FLUSH``, a restart or a failover: ``NOSCRIPT`` never
+reaches the caller). Time is the server's ``TIME`` unless a test injects a clock.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+from collections.abc import Callable
+from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis
+import redis.asyncio
 
-from distbudget._core.plan import (
-    AdmitResult,
-    ChargeResult,
-    Plan,
-    SummaryResult,
-    parse_admit,
-    parse_charge,
-    parse_summary,
-    script_args,
-)
+from distbudget._core.plan import Plan, parse_admit, parse_charge, parse_summary, script_args
 from distbudget._exceptions import BackendError
 
 OPERATIONS = ("record", "commit", "check", "reserve", "release", "summary")
+_TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+
+Wire = tuple[str, "tuple[str, ...] | list[str]", list[Any], Callable[[Any], Any]]
 
 
 def _lua_dir() -> Path:
@@ -38,66 +36,90 @@ def _lua_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "lua"
 
 
-@lru_cache(maxsize=None)
+@cache
 def script_source(name: str) -> str:
     """A script with ``_common.lua`` prepended (Redis scripts cannot include each other)."""
     base = _lua_dir()
     return (base / "_common.lua").read_text("utf-8") + "\n" + (base / f"{name}.lua").read_text("utf-8")
 
 
-def connect(url: str, **options: Any) -> Any:
-    """A redis-py client for a ``redis://``, ``rediss://`` or ``unix://`` URL."""
+def _check_url(url: str) -> None:
     scheme = urlsplit(url).scheme
-    if scheme in ("redis", "rediss", "unix"):
-        options.setdefault("socket_timeout", 5.0)
-        options.setdefault("socket_connect_timeout", 5.0)
-        return redis.Redis.from_url(url, **options)
-    raise ValueError(f"unsupported Redis URL scheme {scheme!r} (use redis://, rediss:// or unix://)")
+    if scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"unsupported Redis URL scheme {scheme!r} (use redis://, rediss:// or unix://)")
+
+
+def connect(url: str, **options: Any) -> Any:
+    """A redis-py client for a ``redis://``, ``rediss://`` or ``unix://`` URL, with timeouts."""
+    _check_url(url)
+    return redis.Redis.from_url(url, **{**_TIMEOUTS, **options})
+
+
+def connect_async(url: str, **options: Any) -> Any:
+    _check_url(url)
+    return redis.asyncio.Redis.from_url(url, **{**_TIMEOUTS, **options})
+
+
+def _with_request(plan: Plan, request_key: str | None, ttl_ms: int) -> tuple[tuple[str, ...], str | int]:
+    if request_key is None:
+        return plan.keys, ""
+    return (*plan.keys, request_key), ttl_ms
+
+
+def wire(name: str, args: tuple[Any, ...]) -> Wire:
+    """The script call for an engine operation (the same arguments the memory engine takes)."""
+    if name == "record":
+        plan, now, amt, rkey, ttl_ms = args
+        keys, ttl = _with_request(plan, rkey, ttl_ms)
+        return "record", keys, script_args(plan, now, amt, ttl), parse_charge
+    if name == "commit":
+        plan, now, amt, hold_id, rkey, ttl_ms = args
+        keys, ttl = _with_request(plan, rkey, ttl_ms)
+        return "commit", keys, script_args(plan, now, amt, ttl, hold_id), parse_charge
+    if name == "check":
+        plan, now, amt = args
+        return "check", plan.keys, script_args(plan, now, amt), parse_admit
+    if name == "reserve":
+        plan, now, amt, hold_id, ttl_us = args
+        return "reserve", plan.keys, script_args(plan, now, amt, "", hold_id, ttl_us), parse_admit
+    if name == "release":
+        plan, hold_id = args
+        return "release", plan.keys[:2], ["", 0, 0, 0, "", hold_id, ""], bool
+    if name == "summary":
+        plan, now = args
+        return "summary", plan.keys, script_args(plan, now, (0, 0, 0), plan.totals_key_index), parse_summary
+    raise ValueError(f"unknown engine operation {name!r}")
 
 
 class RedisEngine:
-    """Applies plans on one redis-py client (``Redis`` or anything with ``register_script``)."""
+    """Applies plans on one redis-py client (``Redis``, ``RedisCluster``)."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
-        self._scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
+        self.scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
 
-    def _run(self, op: str, keys: tuple[str, ...] | list[str], args: list[Any]) -> Any:
+    def apply(self, name: str, args: tuple[Any, ...]) -> Any:
         try:
-            return self._scripts[op](keys=keys, args=args)
+            if name == "delete":
+                return self.client.delete(*args[0])
+            op, keys, argv, parse = wire(name, args)
+            return parse(self.scripts[op](keys=keys, args=argv))
         except redis.RedisError as exc:
-            raise BackendError(f"Redis {op} failed: {exc}") from exc
+            raise BackendError(f"Redis {name} failed: {exc}") from exc
 
-    def record(self, plan: Plan, now_us: int | None, amt: tuple[int, int, int],
-               request_key: str | None = None, request_ttl_ms: int = 0) -> ChargeResult:
-        keys = plan.keys if request_key is None else (*plan.keys, request_key)
-        ttl = "" if request_key is None else request_ttl_ms
-        return parse_charge(self._run("record", keys, script_args(plan, now_us, amt, ttl)))
 
-    def commit(self, plan: Plan, now_us: int | None, amt: tuple[int, int, int], hold_id: str,
-               request_key: str | None = None, request_ttl_ms: int = 0) -> ChargeResult:
-        keys = plan.keys if request_key is None else (*plan.keys, request_key)
-        ttl = "" if request_key is None else request_ttl_ms
-        return parse_charge(self._run("commit", keys, script_args(plan, now_us, amt, ttl, hold_id)))
+class AsyncRedisEngine:
+    """The same on a ``redis.asyncio`` client: never blocks the event loop."""
 
-    def check(self, plan: Plan, now_us: int | None, amt: tuple[int, int, int]) -> AdmitResult:
-        return parse_admit(self._run("check", plan.keys, script_args(plan, now_us, amt)))
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
 
-    def reserve(self, plan: Plan, now_us: int | None, amt: tuple[int, int, int], hold_id: str,
-                ttl_us: int) -> AdmitResult:
-        args = script_args(plan, now_us, amt, "", hold_id, ttl_us)
-        return parse_admit(self._run("reserve", plan.keys, args))
-
-    def release(self, plan: Plan, hold_id: str) -> bool:
-        args = ["", 0, 0, 0, "", hold_id, ""]
-        return bool(self._run("release", plan.keys[:2], args))
-
-    def summary(self, plan: Plan, now_us: int | None) -> SummaryResult:
-        args = script_args(plan, now_us, (0, 0, 0), plan.totals_key_index)
-        return parse_summary(self._run("summary", plan.keys, args))
-
-    def delete(self, keys: list[str]) -> None:
+    async def apply(self, name: str, args: tuple[Any, ...]) -> Any:
         try:
-            self.client.delete(*keys)
+            if name == "delete":
+                return await self.client.delete(*args[0])
+            op, keys, argv, parse = wire(name, args)
+            return parse(await self.scripts[op](keys=keys, args=argv))
         except redis.RedisError as exc:
-            raise BackendError(f"Redis delete failed: {exc}") from exc
+            raise BackendError(f"Redis {name} failed: {exc}") from exc
