@@ -55,9 +55,13 @@ def connect(url: str, **options: Any) -> Any:
     return redis.Redis.from_url(url, **{**_TIMEOUTS, **options})
 
 
-def connect_async(url: str, **options: Any) -> Any:
+def connect_async(url: str, max_connections: int = 64, **options: Any) -> Any:
+    """A ``redis.asyncio`` client whose pool makes tasks wait for a free connection (rather than
+    fail with "Too many connections") when hundreds of tasks call at once."""
     _check_url(url)
-    return redis.asyncio.Redis.from_url(url, **{**_TIMEOUTS, **options})
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=_TIMEOUTS["socket_timeout"], **{**_TIMEOUTS, **options})
+    return redis.asyncio.Redis(connection_pool=pool)
 
 
 def _with_request(plan: Plan, request_key: str | None, ttl_ms: int) -> tuple[tuple[str, ...], str | int]:
