@@ -1,21 +1,39 @@
 -- _common.lua: helpers prepended to every distbudget script (this file is never run alone).
 --
--- The plan (see distbudget/_core/plan.py) arrives in ARGV from index 8:
---   nc, then per counter: hash KEYS index, field prefix, zset KEYS index (0: not a window),
---                         bucket µs, window µs, TTL ms (0: owned key, no TTL)
---   nl, then per limit:   counter index, metric (1 tokens, 2 cost, 3 requests), value,
---                         warn_at (-1: none), warn_rearm, crit_at, crit_rearm, limit name
+-- The plan (see distbudget/_core/plan.py) arrives grouped by hash, so that each hash is read with
+-- one HMGET and written with at most one HSET. Every ARGV element costs the server more than a
+-- tonumber(), so the plan's numbers travel packed in ONE binary string, ARGV[8] (the shape);
+-- ARGV[9..] carry only the strings Redis takes as arguments.
+-- Shape, big-endian ("small": 2 bytes; "big": 7 bytes, an integer below 2^53):
+--   hot part, read on every call:
+--     small H (length of the hot part), small ng (hashes), small N (counters), then per hash:
+--       byte kind (0 plain, 1 plain whose first counter has no field prefix, 2 rolling window),
+--       byte ttl (1: the hash has an idle TTL), small nc (its counters), small nl (their limits),
+--       [window only: 3 bytes bucket seconds, 4 bytes window seconds]  (one unprefixed counter)
+--       per counter: small result position (3 * plan counter index + 1), small nlc (its limits),
+--         nlc times: small limit index, byte metric (1 tokens, 2 cost, 3 requests),
+--                    big first threshold (warn_at, or crit_at = max(value, 1) without a WARNING)
+--   cold part, from byte H + 1, read only when needed, 28 bytes per limit in plan order:
+--     big value, big warn_at + 1 (0: no WARNING), big warn_rearm + 1, big crit_rearm
+--   padding: the shape is at least 3 * N bytes long (the totals table is sized from it)
+-- ARGV[9..], per hash: [its TTL in ms if ttl], the field names of its counters (prefix .. 't',
+-- 'c', 'r'; none for an unprefixed first counter, which uses the literals), then its limits' alert
+-- state fields (prefix .. 'a:' .. limit name) in the order of the hot part. KEYS[3..] are the
+-- hashes in the same order, each window's sorted set right after its hash.
 -- ARGV[1] is the injected clock in µs ('' = the server's TIME), ARGV[2..4] the amounts
 -- (tokens, nano-USD, requests), ARGV[5..7] operation-specific.
 -- KEYS[1] is the tree's holds hash, KEYS[2] its leases sorted set.
 --
 -- Numbers are Lua doubles: exact for integers below 2^53. Every number sent back to Redis goes
--- through fmt() because tostring() would print large integers in exponent form.
+-- through fmt() (string.format '%d'; scan() inlines the same call) because tostring() would print
+-- large integers in exponent form. Values read from Redis stay strings until arithmetic converts
+-- them (`s + 0`), and the totals go back to the client as decimal strings.
 
 local M = {'t', 'c', 'r'}
+local sformat = string.format
 
 local function fmt(n)
-  return string.format('%d', n)
+  return sformat('%d', n)
 end
 
 local function now_us()
@@ -26,261 +44,260 @@ local function now_us()
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
-local function parse_plan()
-  local i = 8
-  local counters, limits = {}, {}
-  for c = 1, tonumber(ARGV[i]) do
-    local h = KEYS[tonumber(ARGV[i + 1])]
-    local p = ARGV[i + 2]
-    local zi = tonumber(ARGV[i + 3])
-    counters[c] = {
-      h = h, p = p, z = (zi > 0) and KEYS[zi] or nil,
-      bs = tonumber(ARGV[i + 4]), w = tonumber(ARGV[i + 5]), ttl = tonumber(ARGV[i + 6]),
-      id = h .. '|' .. p,
-    }
-    i = i + 6
-  end
-  i = i + 1
-  for l = 1, tonumber(ARGV[i]) do
-    limits[l] = {
-      c = counters[tonumber(ARGV[i + 1])], m = tonumber(ARGV[i + 2]), v = tonumber(ARGV[i + 3]),
-      warn = tonumber(ARGV[i + 4]), warn_re = tonumber(ARGV[i + 5]),
-      crit = tonumber(ARGV[i + 6]), crit_re = tonumber(ARGV[i + 7]), name = ARGV[i + 8],
-    }
-    i = i + 8
-  end
-  return counters, limits
+-- The big number at byte k of the shape's cold part.
+local function big(k)
+  local b1, b2, b3, b4, b5, b6, b7 = string.byte(ARGV[8], k, k + 6)
+  return (((((b1 * 256 + b2) * 256 + b3) * 256 + b4) * 256 + b5) * 256 + b6) * 256 + b7
 end
 
--- Fields are read and written in bulk: one HMGET and at most one HSET per hash, whatever the
--- number of counters, buckets and alert states in it (each redis.call costs more than the Lua).
--- load() registers the fields every counter and limit needs and reads them:
---   c.e        the hash entry {f = field names, v = values, set = pending writes}
---   c.fi[m]    index of the counter's running total for metric m
---   c.bi[m]    (windows) index of the current bucket's amount, c.b the bucket id
---   c.oi       (windows) index of field 'o', the oldest bucket id present
---   l.ai       index of the limit's alert state (bit 1 WARNING, bit 2 CRITICAL)
-local function load(counters, limits, now)
-  local hashes, order = {}, {}
-  local function want(e, f)
-    local i = e.idx[f]
-    if not i then
-      i = #e.f + 1
-      e.f[i] = f
-      e.idx[f] = i
+-- One pass over the plan, hash by hash: HMGET its fields, age out the buckets that have wholly left
+-- a window, charge amt when `charging` (record, commit) and decide the alert crossings, then HSET
+-- what changed and refresh the idle TTL. Returns the totals (3 per counter, plan order, as decimal
+-- strings), the alerts fired ({limit index, level, ...}, in any order) and, when not charging, the
+-- counter ids and the limits as tables (for read_held and admit).
+--
+-- A bucket b covers [b*bs, (b+1)*bs) and counts while (b+1)*bs > now - w, so the oldest live bucket
+-- is floor((now - w) / bs). Field 'o' (the oldest bucket present) makes the common case, nothing to
+-- expire, cost no call at all. Alert states: bit 1 WARNING, bit 2 CRITICAL; a crossing re-arms on the
+-- usage before the charge and fires on the usage after it.
+local function scan(now, amt, charging)
+  local A, call, floor, sbyte = ARGV, redis.call, math.floor, string.byte
+  local shape = A[8]
+  local h1, h2, g1, g2, n1, n2 = sbyte(shape, 1, 6)
+  local cold = h1 * 256 + h2 - 27        -- cold(li) = cold + 28 * li
+  local nt = 3 * (n1 * 256 + n2)        -- totals returned; their table is sized up front
+  local out = nt < 7000 and {sbyte(shape, 1, nt)} or {}
+  local fired, nfired = {}, 0
+  local ids, lims
+  if not charging then ids, lims = {}, {} end
+  local S = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}  -- pending HSET field, value, ...
+  local a1, a2, a3 = 0, 0, 0    -- the amounts charged (none when only reading)
+  if charging then a1, a2, a3 = amt[1], amt[2], amt[3] end
+  local k, x, ki = 7, 9, 3      -- next shape byte, next ARGV string, next KEYS index
+  for _ = 1, g1 * 256 + g2 do
+    local kind, tt, c1, c2, l1, l2 = sbyte(shape, k, k + 5)
+    k = k + 6
+    local nc, nl = c1 * 256 + c2, l1 * 256 + l2
+    local ttl = tt == 1 and A[x]
+    if ttl then x = x + 1 end
+    local h = KEYS[ki]
+    local lit = kind > 0 and 3 or 0   -- field names of the first counter given as literals
+    local nn = 3 * nc - lit + nl      -- field names in ARGV, from A[x]
+    local n = 0                       -- S[1..n] pending
+    -- V[j] is the value of field A[fb + j] (or of a literal field); counter totals from V[d + 1],
+    -- alert states from V[ai + 1]
+    local V, d, fb, ai, z, bs, w, b, bk, b1, b2, b3
+    if kind == 2 then
+      z = KEYS[ki + 1]
+      ki = ki + 2
+      local s1, s2, s3, w1, w2, w3, w4 = sbyte(shape, k, k + 6)
+      k = k + 7
+      bs = ((s1 * 256 + s2) * 256 + s3) * 1000000
+      w = (((w1 * 256 + w2) * 256 + w3) * 256 + w4) * 1000000
+      b = floor(now / bs)
+      bk = sformat('%d', b)
+      b1, b2, b3 = bk .. 't', bk .. 'c', bk .. 'r'
+      -- the current bucket in V[1..3], the totals in V[4..6], the oldest bucket in V[7]
+      V = call('HMGET', h, b1, b2, b3, 't', 'c', 'r', 'o', unpack(A, x, x + nn - 1))
+      d, fb, ai = 3, x - 8, 7
+      local oldest = V[7]
+      local lo = floor((now - w) / bs)
+      if oldest and oldest + 0 < lo then
+        local old = call('ZRANGEBYSCORE', z, '-inf', '(' .. fmt(lo))
+        if #old > 0 then
+          local fields = {}
+          for _, ob in ipairs(old) do
+            for m = 1, 3 do fields[#fields + 1] = ob .. M[m] end
+          end
+          local vals = call('HMGET', h, unpack(fields))
+          local t = {V[4] or 0, V[5] or 0, V[6] or 0}
+          for j = 1, #fields do
+            local m = (j - 1) % 3 + 1
+            t[m] = t[m] - (tonumber(vals[j]) or 0)
+          end
+          call('HDEL', h, unpack(fields))
+          call('ZREMRANGEBYSCORE', z, '-inf', '(' .. fmt(lo))
+          for m = 1, 3 do
+            V[3 + m] = fmt(t[m])
+            S[n + 1] = M[m]; S[n + 2] = V[3 + m]; n = n + 2
+          end
+        end
+        local first = call('ZRANGE', z, 0, 0)
+        if first[1] then
+          V[7] = fmt(tonumber(first[1]))
+          S[n + 1] = 'o'; S[n + 2] = V[7]; n = n + 2
+        else
+          call('HDEL', h, 'o')
+          V[7] = false
+        end
+      end
+    else
+      ki = ki + 1
+      if lit > 0 then
+        V = call('HMGET', h, 't', 'c', 'r', unpack(A, x, x + nn - 1))
+      else
+        V = call('HMGET', h, unpack(A, x, x + nn - 1))
+      end
+      d, fb, ai = 0, x - 1 - lit, 3 * nc
     end
-    return i
-  end
-  for _, c in ipairs(counters) do
-    local e = hashes[c.h]
-    if not e then
-      e = {h = c.h, f = {}, idx = {}, set = {}, ttl = 0}
-      hashes[c.h] = e
-      order[#order + 1] = e
+    x = x + nn
+    for c = d, d + 3 * nc - 3, 3 do
+      local o1, o2, m1, m2 = sbyte(shape, k, k + 3)
+      k = k + 4
+      local o, nlc = o1 * 256 + o2, m1 * 256 + m2   -- result position, limits on this counter
+      if charging then
+        local f1, f2, f3 = 't', 'c', 'r'
+        if c - d >= lit then f1, f2, f3 = A[fb + c + 1], A[fb + c + 2], A[fb + c + 3] end
+        -- new totals: written (and formatted, fmt() inlined) only where the amount is not 0
+        local v1, v2, v3 = (V[c + 1] or 0) + a1, (V[c + 2] or 0) + a2, (V[c + 3] or 0) + a3
+        local s
+        if a1 ~= 0 then s = sformat('%d', v1); S[n + 1] = f1; S[n + 2] = s; n = n + 2
+        else s = V[c + 1] or '0' end
+        out[o] = s
+        if a2 ~= 0 then s = sformat('%d', v2); S[n + 1] = f2; S[n + 2] = s; n = n + 2
+        else s = V[c + 2] or '0' end
+        out[o + 1] = s
+        if a3 ~= 0 then s = sformat('%d', v3); S[n + 1] = f3; S[n + 2] = s; n = n + 2
+        else s = V[c + 3] or '0' end
+        out[o + 2] = s
+        if z then                     -- the window's counter: its current bucket
+          if not V[1] then
+            call('ZADD', z, bk, bk)
+            local oldest = V[7]
+            if not oldest or b < oldest + 0 then S[n + 1] = 'o'; S[n + 2] = bk; n = n + 2 end
+          end
+          if a1 ~= 0 or not V[1] then
+            S[n + 1] = b1; S[n + 2] = sformat('%d', (V[1] or 0) + a1); n = n + 2
+          end
+          if a2 ~= 0 or not V[2] then
+            S[n + 1] = b2; S[n + 2] = sformat('%d', (V[2] or 0) + a2); n = n + 2
+          end
+          if a3 ~= 0 or not V[3] then
+            S[n + 1] = b3; S[n + 2] = sformat('%d', (V[3] or 0) + a3); n = n + 2
+          end
+        end
+        for _ = 1, nlc do
+          ai = ai + 1
+          local i1, i2, m, t1, t2, t3, t4, t5, t6, t7 = sbyte(shape, k, k + 9)
+          k = k + 10
+          local after, st = v1, V[ai]
+          if m == 2 then after = v2 elseif m == 3 then after = v3 end
+          local first = ((((t1 * 256 + t2) * 256 + t3) * 256 + t4) * 256 + t5) * 65536 + t6 * 256 + t7
+          -- No state set and below the first threshold: nothing re-arms, nothing fires.
+          if (st and st ~= '0') or after >= first then
+            local li = i1 * 256 + i2
+            local c0 = cold + 28 * li
+            local crit, warn = big(c0), big(c0 + 7) - 1
+            if crit < 1 then crit = 1 end
+            local s0 = st and st + 0 or 0
+            local ns = s0
+            local before = after - amt[m]
+            if ns % 2 == 1 and before < big(c0 + 14) - 1 then ns = ns - 1 end
+            if ns >= 2 and before < big(c0 + 21) then ns = ns - 2 end
+            if warn >= 0 and ns % 2 == 0 and after >= warn then
+              ns = ns + 1; fired[nfired + 1] = li; fired[nfired + 2] = 1; nfired = nfired + 2
+            end
+            if ns < 2 and after >= crit then
+              ns = ns + 2; fired[nfired + 1] = li; fired[nfired + 2] = 2; nfired = nfired + 2
+            end
+            if ns ~= s0 then
+              V[ai] = ns
+              S[n + 1] = A[fb + ai]; S[n + 2] = fmt(ns); n = n + 2
+            end
+          end
+        end
+      else
+        out[o], out[o + 1], out[o + 2] = V[c + 1] or '0', V[c + 2] or '0', V[c + 3] or '0'
+        ids[(o + 2) / 3] = h .. '|' .. (c - d >= lit and string.sub(A[fb + c + 1], 1, -2) or '')
+        for _ = 1, nlc do
+          local i1, i2, m = sbyte(shape, k, k + 2)
+          k = k + 10
+          local li = i1 * 256 + i2
+          lims[li] = {p = o + m - 1, v = big(cold + 28 * li), z = z, h = h, bs = bs, w = w}
+        end
+      end
     end
-    if c.ttl > e.ttl then e.ttl = c.ttl end
-    c.e = e
-    local p = c.p
-    c.fi = {want(e, p .. 't'), want(e, p .. 'c'), want(e, p .. 'r')}
-    if c.z then
-      c.b = fmt(math.floor(now / c.bs))
-      c.bi = {want(e, c.b .. 't'), want(e, c.b .. 'c'), want(e, c.b .. 'r')}
-      c.oi = want(e, 'o')
-    end
+    if n > 0 then call('HSET', h, unpack(S, 1, n)) end
+    if ttl then call('PEXPIRE', h, ttl) end
   end
-  for _, l in ipairs(limits) do
-    l.ai = want(l.c.e, l.c.p .. 'a:' .. l.name)
-  end
-  for _, e in ipairs(order) do
-    local raw = redis.call('HMGET', e.h, unpack(e.f))
-    local v = {}
-    for k = 1, #e.f do v[k] = raw[k] and tonumber(raw[k]) end
-    e.v = v
-  end
-  return order
-end
-
-local function put(e, i, value)
-  e.v[i] = value
-  e.set[#e.set + 1] = e.f[i]
-  e.set[#e.set + 1] = fmt(value)
-end
-
--- Subtract the buckets that have wholly left a window. A bucket b covers [b*bs, (b+1)*bs) and
--- counts while (b+1)*bs > now - w, so the oldest live bucket is floor((now - w) / bs). Field 'o'
--- (the oldest bucket present) makes the common case, nothing to expire, cost no call at all.
-local function expire(c, now)
-  if not c.z then return end
-  local e = c.e
-  local oldest = e.v[c.oi]
-  local lo = math.floor((now - c.w) / c.bs)
-  if not oldest or oldest >= lo then return end
-  local old = redis.call('ZRANGEBYSCORE', c.z, '-inf', '(' .. fmt(lo))
-  if #old > 0 then
-    local fields = {}
-    for _, b in ipairs(old) do
-      for m = 1, 3 do fields[#fields + 1] = b .. M[m] end
-    end
-    local vals = redis.call('HMGET', c.h, unpack(fields))
-    for k = 1, #fields do
-      local m = (k - 1) % 3 + 1
-      e.v[c.fi[m]] = (e.v[c.fi[m]] or 0) - (tonumber(vals[k]) or 0)
-    end
-    redis.call('HDEL', c.h, unpack(fields))
-    redis.call('ZREMRANGEBYSCORE', c.z, '-inf', '(' .. fmt(lo))
-    for m = 1, 3 do put(e, c.fi[m], e.v[c.fi[m]]) end
-  end
-  local first = redis.call('ZRANGE', c.z, 0, 0)
-  if first[1] then
-    put(e, c.oi, tonumber(first[1]))
-  else
-    redis.call('HDEL', c.h, 'o')
-    e.v[c.oi] = nil
-  end
-end
-
--- Current totals of a counter (after expire) into c.u.
-local function read(c)
-  local v = c.e.v
-  c.u = {v[c.fi[1]] or 0, v[c.fi[2]] or 0, v[c.fi[3]] or 0}
-end
-
--- Add amounts (numbers) to a counter; c.u receives the new totals.
-local function charge(c, amt)
-  local e = c.e
-  for m = 1, 3 do
-    if amt[m] ~= 0 then put(e, c.fi[m], (e.v[c.fi[m]] or 0) + amt[m]) end
-  end
-  if c.z then
-    if not e.v[c.bi[1]] then
-      redis.call('ZADD', c.z, c.b, c.b)
-      local oldest = e.v[c.oi]
-      if not oldest or tonumber(c.b) < oldest then put(e, c.oi, tonumber(c.b)) end
-    end
-    for m = 1, 3 do
-      if amt[m] ~= 0 or not e.v[c.bi[m]] then put(e, c.bi[m], (e.v[c.bi[m]] or 0) + amt[m]) end
-    end
-  end
-  read(c)
-end
-
--- One HSET per hash with everything that changed, and the idle TTL where the hash has one.
-local function flush(order)
-  for _, e in ipairs(order) do
-    if #e.set > 0 then redis.call('HSET', e.h, unpack(e.set)) end
-    if e.ttl > 0 then redis.call('PEXPIRE', e.h, e.ttl) end
-  end
-end
-
-local function totals(counters)
-  local out = {}
-  for _, c in ipairs(counters) do
-    out[#out + 1] = c.u[1]; out[#out + 1] = c.u[2]; out[#out + 1] = c.u[3]
-  end
-  return out
-end
-
--- Decide threshold crossings for a charge of amt: re-arm on the usage before it, fire on the usage
--- after it. The state lives beside the counter, so every window instance (each session, each
--- rolling window) has its own. Returns {limit index, level, ...}.
-local function alerts(limits, amt)
-  local out = {}
-  for i, l in ipairs(limits) do
-    local after = l.c.u[l.m]
-    local before = after - amt[l.m]
-    local st = l.c.e.v[l.ai] or 0
-    local ns = st
-    if ns % 2 == 1 and before < l.warn_re then ns = ns - 1 end
-    if ns >= 2 and before < l.crit_re then ns = ns - 2 end
-    if l.warn >= 0 and ns % 2 == 0 and after >= l.warn then
-      ns = ns + 1; out[#out + 1] = i; out[#out + 1] = 1
-    end
-    if ns < 2 and after >= l.crit then
-      ns = ns + 2; out[#out + 1] = i; out[#out + 1] = 2
-    end
-    if ns ~= st then put(l.c.e, l.ai, ns) end
-  end
-  return out
-end
-
--- Every counter of the plan, loaded and aged (the common start of every operation).
-local function prepare(now)
-  local counters, limits = parse_plan()
-  local order = load(counters, limits, now)
-  for _, c in ipairs(counters) do
-    expire(c, now)
-    read(c)
-  end
-  return counters, limits, order
+  return out, fired, ids, lims
 end
 
 -- Holds: KEYS[1] maps a hold id to "tokens cost requests\n<counter id>\n..." and each
 -- "<counter id>|<metric>" to the amount held on that counter; KEYS[2] orders hold ids by expiry.
-local function drop_hold(id)
-  local v = redis.call('HGET', KEYS[1], id)
-  if not v then return false end
-  local amt = nil
-  for line in string.gmatch(v, '[^\n]+') do
-    if not amt then
-      amt = {}
-      for n in string.gmatch(line, '%d+') do amt[#amt + 1] = tonumber(n) end
-    else
-      for m = 1, 3 do
-        if amt[m] ~= 0 then
-          local f = line .. '|' .. M[m]
-          if redis.call('HINCRBY', KEYS[1], f, fmt(-amt[m])) <= 0 then redis.call('HDEL', KEYS[1], f) end
-        end
-      end
-    end
-  end
-  redis.call('HDEL', KEYS[1], id)
-  redis.call('ZREM', KEYS[2], id)
-  return true
-end
-
--- Reap every lease that expired (each hold is reaped once: amortised O(1) per reservation).
-local function reap(now)
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', fmt(now))
-  for _, id in ipairs(ids) do drop_hold(id) end
-end
-
-local function read_held(counters)
-  local fields = {}
-  for _, c in ipairs(counters) do
-    for m = 1, 3 do fields[#fields + 1] = c.id .. '|' .. M[m] end
-  end
-  local v = redis.call('HMGET', KEYS[1], unpack(fields))
-  local out = {}
-  for k = 1, #fields do out[k] = tonumber(v[k]) or 0 end
-  for ci, c in ipairs(counters) do
-    c.held = {out[3 * ci - 2], out[3 * ci - 1], out[3 * ci]}
-  end
-  return out
-end
-
--- First limit that refuses used + held + this (-1 if none), and µs until rolling buckets free
--- enough room (-1 if the window alone never frees enough).
-local function admit(limits, amt, now)
-  for i, l in ipairs(limits) do
-    local this = amt[l.m]
-    local need = l.c.u[l.m] + l.c.held[l.m] + this - l.v
-    if need > 0 then
-      local retry = -1
-      if l.c.z and l.c.held[l.m] + this <= l.v then
-        local buckets = redis.call('ZRANGE', l.c.z, 0, -1)
-        local freed = 0
-        for _, b in ipairs(buckets) do
-          freed = freed + (tonumber(redis.call('HGET', l.c.h, b .. M[l.m])) or 0)
-          if freed >= need then
-            retry = (tonumber(b) + 1) * l.c.bs + l.c.w - now
-            break
+-- A counter id is "<hash key>|<field prefix>".
+-- The hold helpers are built by holds() in the scripts that use them: record never pays for the
+-- closures. Returns drop_hold, reap, read_held, admit.
+local function holds()
+  local function drop_hold(id)
+    local v = redis.call('HGET', KEYS[1], id)
+    if not v then return false end
+    local amt = nil
+    for line in string.gmatch(v, '[^\n]+') do
+      if not amt then
+        amt = {}
+        for n in string.gmatch(line, '%d+') do amt[#amt + 1] = tonumber(n) end
+      else
+        for m = 1, 3 do
+          if amt[m] ~= 0 then
+            local f = line .. '|' .. M[m]
+            if redis.call('HINCRBY', KEYS[1], f, fmt(-amt[m])) <= 0 then
+              redis.call('HDEL', KEYS[1], f)
+            end
           end
         end
       end
-      return i, retry
     end
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('ZREM', KEYS[2], id)
+    return true
   end
-  return -1, -1
+
+  -- Reap every lease that expired (each hold is reaped once: amortised O(1) per reservation).
+  local function reap(now)
+    local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', fmt(now))
+    for _, id in ipairs(ids) do drop_hold(id) end
+  end
+
+  -- Amounts held per counter (3 per counter, plan order, like the totals).
+  local function read_held(ids)
+    local fields = {}
+    for _, id in ipairs(ids) do
+      for m = 1, 3 do fields[#fields + 1] = id .. '|' .. M[m] end
+    end
+    local v = redis.call('HMGET', KEYS[1], unpack(fields))
+    local out = {}
+    for k = 1, #fields do out[k] = tonumber(v[k]) or 0 end
+    return out
+  end
+
+  -- First limit that refuses used + held + this (-1 if none), and µs until rolling buckets free
+  -- enough room (-1 if the window alone never frees enough).
+  local function admit(lims, used, held, amt, now)
+    for i, l in ipairs(lims) do
+      local m = (l.p - 1) % 3 + 1
+      local this = amt[m]
+      local need = used[l.p] + held[l.p] + this - l.v
+      if need > 0 then
+        local retry = -1
+        if l.z and held[l.p] + this <= l.v then
+          local buckets = redis.call('ZRANGE', l.z, 0, -1)
+          local freed = 0
+          for _, b in ipairs(buckets) do
+            freed = freed + (tonumber(redis.call('HGET', l.h, b .. M[m])) or 0)
+            if freed >= need then
+              retry = (tonumber(b) + 1) * l.bs + l.w - now
+              break
+            end
+          end
+        end
+        return i, retry
+      end
+    end
+    return -1, -1
+  end
+
+  return drop_hold, reap, read_held, admit
 end
 
 -- Idempotency: KEYS[#KEYS] is the request key when ARGV[5] (its TTL in ms) is set.
@@ -295,5 +312,5 @@ local function remember_request(now, amt)
 end
 
 local function amounts()
-  return {tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])}
+  return {ARGV[2] + 0, ARGV[3] + 0, ARGV[4] + 0}
 end

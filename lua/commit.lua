@@ -5,19 +5,19 @@
 --       [#KEYS] the request key when ARGV[5] is set
 -- ARGV: [1] clock µs or '', [2] tokens, [3] nano-USD, [4] requests, [5] request-id TTL ms or '',
 --       [6] hold id, [7] unused, [8..] the plan (see _common.lua)
--- Returns: {0, now µs, totals, alerts, '', hold found 1/0}
---       or {1, now µs, {}, {}, "<µs> <tokens> <cost>", 0} when the request id was already charged
+-- Returns one string, like record.lua's with the hold's fate appended:
+--   "0|<now µs>|<tokens cost requests per counter>|<limit index, level, ...>||<hold found 1/0>"
+--   or "1|<now µs>|||<µs> <tokens> <cost>|0" when the request id was already charged
+local drop_hold = holds()
 local now = now_us()
 local prev = seen_request()
 if prev then
   drop_hold(ARGV[6])
-  return {1, now, {}, {}, prev, 0}
+  return '1|' .. fmt(now) .. '|||' .. prev .. '|0'
 end
-local found = drop_hold(ARGV[6]) and 1 or 0
+local found = drop_hold(ARGV[6]) and '1' or '0'
 local amt = amounts()
-local counters, limits, order = prepare(now)
-for _, c in ipairs(counters) do charge(c, amt) end
-local fired = alerts(limits, amt)
-flush(order)
+local totals, fired = scan(now, amt, true)
 remember_request(now, amt)
-return {0, now, totals(counters), fired, '', found}
+return '0|' .. fmt(now) .. '|' .. table.concat(totals, ' ') .. '|' .. table.concat(fired, ' ') .. '||'
+  .. found

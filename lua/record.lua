@@ -5,15 +5,14 @@
 --       [#KEYS] the request key when ARGV[5] is set
 -- ARGV: [1] clock µs or '' (server TIME), [2] tokens, [3] nano-USD, [4] requests,
 --       [5] request-id TTL ms or '', [6], [7] unused, [8..] the plan (see _common.lua)
--- Returns: {0, now µs, {tokens, cost, requests per counter}, {limit index, level, ...}, ''}
---       or {1, now µs, {}, {}, "<µs> <tokens> <cost>"} when the request id was already charged
+-- Returns one string (a reply of one bulk string is the cheapest to build):
+--   "0|<now µs>|<tokens cost requests per counter, space-separated>|<limit index, level, ...>|"
+--   or "1|<now µs>|||<µs> <tokens> <cost>" when the request id was already charged
+--   (alerts in any order: parse_charge sorts them by limit, then level)
 local now = now_us()
 local prev = seen_request()
-if prev then return {1, now, {}, {}, prev} end
+if prev then return '1|' .. fmt(now) .. '|||' .. prev end
 local amt = amounts()
-local counters, limits, order = prepare(now)
-for _, c in ipairs(counters) do charge(c, amt) end
-local fired = alerts(limits, amt)
-flush(order)
+local totals, fired = scan(now, amt, true)
 remember_request(now, amt)
-return {0, now, totals(counters), fired, ''}
+return '0|' .. fmt(now) .. '|' .. table.concat(totals, ' ') .. '|' .. table.concat(fired, ' ') .. '|'

@@ -4,21 +4,22 @@
 -- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys
 -- ARGV: [1] clock µs or '', [2] tokens, [3] nano-USD, [4] requests (the worst case to hold),
 --       [5] '', [6] hold id, [7] lease TTL µs, [8..] the plan (see _common.lua)
--- Returns: {0 admitted | 1 refused, now µs, used per counter, held per counter (before this hold),
---           refusing limit index (0 none), µs until a rolling window frees enough (-1: never)}
+-- Returns: {0 admitted | 1 refused, now µs, used: "tokens cost requests ..." (3 per counter),
+--           {held, 3 per counter, before this hold}, refusing limit index (0 none),
+--           µs until a rolling window frees enough (-1: never)}
+local _, reap, read_held, admit = holds()
 local now = now_us()
 reap(now)
 local amt = amounts()
-local counters, limits, order = prepare(now)
-flush(order)
-local held = read_held(counters)
-local refused, retry = admit(limits, amt, now)
-if refused > 0 then return {1, now, totals(counters), held, refused, retry} end
+local totals, _, ids, lims = scan(now, amt, false)
+local held = read_held(ids)
+local refused, retry = admit(lims, totals, held, amt, now)
+if refused > 0 then return {1, now, table.concat(totals, ' '), held, refused, retry} end
 local lines = {fmt(amt[1]) .. ' ' .. fmt(amt[2]) .. ' ' .. fmt(amt[3])}
-for _, c in ipairs(counters) do
-  lines[#lines + 1] = c.id
+for _, id in ipairs(ids) do
+  lines[#lines + 1] = id
   for m = 1, 3 do
-    if amt[m] ~= 0 then redis.call('HINCRBY', KEYS[1], c.id .. '|' .. M[m], fmt(amt[m])) end
+    if amt[m] ~= 0 then redis.call('HINCRBY', KEYS[1], id .. '|' .. M[m], fmt(amt[m])) end
   end
 end
 local ttl_us = tonumber(ARGV[7])
@@ -28,4 +29,4 @@ local ttl_ms = math.ceil(ttl_us / 1000) + 1000
 for k = 1, 2 do
   if redis.call('PTTL', KEYS[k]) < ttl_ms then redis.call('PEXPIRE', KEYS[k], fmt(ttl_ms)) end
 end
-return {0, now, totals(counters), held, 0, -1}
+return {0, now, table.concat(totals, ' '), held, 0, -1}

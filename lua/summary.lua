@@ -3,10 +3,11 @@
 -- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys
 -- ARGV: [1] clock µs or '', [2..4] unused, [5] KEYS index of the scope's totals hash,
 --       [6..7] unused, [8..] the plan (see _common.lua)
--- Returns: {now µs, used per counter, held per counter, the totals hash as field, value, ...}
+-- Returns: {now µs, used: "tokens cost requests ..." (3 per counter), {held, 3 per counter},
+--           the totals hash as field, value, ...}
+local _, reap, read_held = holds()
 local now = now_us()
 reap(now)
-local counters, limits, order = prepare(now)
-flush(order)
-local held = read_held(counters)
-return {now, totals(counters), held, redis.call('HGETALL', KEYS[tonumber(ARGV[5])])}
+local totals, _, ids = scan(now, {0, 0, 0}, false)
+local held = read_held(ids)
+return {now, table.concat(totals, ' '), held, redis.call('HGETALL', KEYS[tonumber(ARGV[5])])}

@@ -64,7 +64,7 @@ class Plan:
     keys: tuple[str, ...]  # KEYS[1] holds, KEYS[2] leases, then the counters' keys
     counters: tuple[Counter, ...]
     limits: tuple[LimitSpec, ...]
-    argv: tuple[str | int, ...]  # the static tail of ARGV for the scripts
+    argv: tuple[str | int | bytes, ...]  # the static tail of ARGV for the scripts (lua/_common.lua)
     totals_key_index: int  # 1-based KEYS index of the own scope's totals hash
     session_counter: int
     day_counter: int
@@ -152,17 +152,64 @@ def build_plan(
                 *thresholds(value, warn), lim.window, lim.model,
             ))
 
-    argv: list[str | int] = [len(counters)]
-    for c in counters:
-        argv += [key_index[c.hash_key], c.prefix, key_index[c.zset_key] if c.zset_key else 0,
-                 c.bucket_us, c.window_us, c.ttl_ms]
-    argv.append(len(limits))
+    # The wire format (see lua/_common.lua): counters and limits grouped by hash, hashes in KEYS order;
+    # every number packed in one binary shape, then only the strings Redis takes as arguments.
+    by_hash: dict[str, tuple[list[int], list[int]]] = {}
+    for ci, c in enumerate(counters):
+        by_hash.setdefault(c.hash_key, ([], []))[0].append(ci)
+    for li, lim_spec in enumerate(limits):
+        by_hash[counters[lim_spec.counter].hash_key][1].append(li)
+
+    def num(v: int, size: int) -> bytes:
+        if not 0 <= v < 1 << 8 * size:
+            raise AssertionError(f"{v} does not fit the scripts' wire format")
+        return v.to_bytes(size, "big")
+
+    hot = bytearray(num(len(by_hash), 2) + num(len(counters), 2))
+    cold = bytearray()
+    strings: list[str | int] = []
+    wire_keys: list[str] = [keyspace.holds, keyspace.leases]
+    for hash_key, (cis, lis) in by_hash.items():
+        first = counters[cis[0]]
+        kind = 2 if first.zset_key else 1 if first.prefix == "" else 0
+        if kind == 2 and (len(cis) != 1 or first.prefix):
+            raise AssertionError(f"window hash {hash_key!r} must hold one unprefixed counter")
+        ttl = max(counters[ci].ttl_ms for ci in cis)
+        hot += num(kind, 1) + num(1 if ttl else 0, 1) + num(len(cis), 2) + num(len(lis), 2)
+        if ttl:
+            strings.append(ttl)
+        wire_keys.append(hash_key)
+        if first.zset_key:
+            wire_keys.append(first.zset_key)
+            if first.bucket_us % US or first.window_us % US:
+                raise AssertionError("rolling windows are whole seconds")
+            hot += num(first.bucket_us // US, 3) + num(first.window_us // US, 4)
+        on: dict[int, list[int]] = {ci: [] for ci in cis}  # the limits on each counter of the hash
+        for li in lis:
+            on[limits[li].counter].append(li)
+        names = [counters[ci].prefix + m for ci in cis for m in "tcr"]
+        alerts = [counters[ci].prefix + "a:" + limits[li].limit_type for ci in cis for li in on[ci]]
+        if len({*names, *alerts, *(["o"] if kind == 2 else [])}) != len(names) + len(alerts) + (kind == 2):
+            raise AssertionError(f"duplicate fields in {hash_key!r}")
+        strings += names[3 if kind else 0:] + alerts  # an unprefixed first counter: the scripts' literals
+        for ci in cis:
+            hot += num(3 * ci + 1, 2) + num(len(on[ci]), 2)
+            for li in on[ci]:
+                lim_spec = limits[li]
+                if lim_spec.crit_at != max(lim_spec.value, 1) or lim_spec.warn_at > lim_spec.crit_at:
+                    raise AssertionError(f"thresholds of {lim_spec.limit_type!r} out of line")
+                first_at = lim_spec.warn_at if lim_spec.warn_at >= 0 else lim_spec.crit_at
+                hot += num(li + 1, 2) + num(lim_spec.metric + 1, 1) + num(first_at, 7)
     for lim_spec in limits:
-        argv += [lim_spec.counter + 1, lim_spec.metric + 1, lim_spec.value, lim_spec.warn_at,
-                 lim_spec.warn_rearm, lim_spec.crit_at, lim_spec.crit_rearm, lim_spec.limit_type]
+        cold += b"".join(num(v, 7) for v in (lim_spec.value, lim_spec.warn_at + 1, lim_spec.warn_rearm + 1,
+                                             lim_spec.crit_rearm))
+    if wire_keys != keys:
+        raise AssertionError("plan keys out of the wire order")
+    shape = num(len(hot) + 2, 2) + hot + cold
+    argv: tuple[str | int | bytes, ...] = (shape.ljust(3 * len(counters), b"\0"), *strings)
     return Plan(
         scope=scope.name, session_id=session_id, model=model, keys=tuple(keys), counters=tuple(counters),
-        limits=tuple(limits), argv=tuple(argv), totals_key_index=key_index[keyspace.totals(scope.name)],
+        limits=tuple(limits), argv=argv, totals_key_index=key_index[keyspace.totals(scope.name)],
         session_counter=own["session"], day_counter=own["day"], totals_counter=own["totals"],
         keyspace=keyspace,
     )
@@ -217,12 +264,15 @@ def exceeded(plan: Plan, totals: tuple[int, ...]) -> list[int]:
 # ---- the Redis scripts' wire format (see lua/_common.lua) ---------------------------------------
 
 def script_args(plan: Plan, now_us: int | None, amounts: tuple[int, int, int],
-                a5: str | int = "", a6: str = "", a7: str | int = "") -> list[str | int]:
+                a5: str | int = "", a6: str = "", a7: str | int = "") -> list[str | int | bytes]:
     return ["" if now_us is None else now_us, *amounts, a5, a6, a7, *plan.argv]
 
 
-def _ints(values: list[object]) -> tuple[int, ...]:
-    return tuple(int(v) for v in values)  # type: ignore[call-overload]
+def _ints(values: object) -> tuple[int, ...]:
+    """A list of integers, or one string of space-separated decimal integers (the scripts' totals)."""
+    if isinstance(values, (bytes, str)):
+        values = values.split()
+    return tuple(int(v) for v in values)  # type: ignore[attr-defined]
 
 
 def _original(raw: object) -> tuple[int, int, int]:
@@ -231,19 +281,21 @@ def _original(raw: object) -> tuple[int, int, int]:
     return int(ts), int(tok), int(cost)
 
 
-def parse_charge(raw: list[object]) -> ChargeResult:
-    status, now, totals, fired, original = raw[:5]
-    found = bool(raw[5]) if len(raw) > 5 else False
-    if status == 1:
-        return ChargeResult(int(now), (), (), _original(original), found)  # type: ignore[call-overload]
-    flat = _ints(fired)  # type: ignore[arg-type]
-    pairs = tuple((flat[k] - 1, flat[k + 1]) for k in range(0, len(flat), 2))
-    return ChargeResult(int(now), _ints(totals), pairs, None, found)  # type: ignore[arg-type, call-overload]
+def parse_charge(raw: object) -> ChargeResult:
+    """record / commit answer one string: ``status|now|totals|alerts|original[|hold found]``."""
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    status, now, totals, fired, original, *rest = text.split("|")
+    found = rest == ["1"]
+    if status == "1":
+        return ChargeResult(int(now), (), (), _original(original), found)
+    flat = _ints(fired)
+    pairs = tuple(sorted((flat[k] - 1, flat[k + 1]) for k in range(0, len(flat), 2)))  # by limit, then level
+    return ChargeResult(int(now), _ints(totals), pairs, None, found)
 
 
 def parse_admit(raw: list[object]) -> AdmitResult:
     _status, now, totals, held, refused, retry = raw
-    return AdmitResult(int(now), _ints(totals), _ints(held), int(refused) - 1, int(retry))  # type: ignore[arg-type, call-overload]
+    return AdmitResult(int(now), _ints(totals), _ints(held), int(refused) - 1, int(retry))  # type: ignore[call-overload]
 
 
 def parse_summary(raw: list[object]) -> SummaryResult:
@@ -253,4 +305,4 @@ def parse_summary(raw: list[object]) -> SummaryResult:
     for k in range(0, len(items), 2):
         f = items[k].decode() if isinstance(items[k], bytes) else str(items[k])
         pairs[f] = int(items[k + 1])
-    return SummaryResult(int(now), _ints(totals), _ints(held), pairs)  # type: ignore[arg-type, call-overload]
+    return SummaryResult(int(now), _ints(totals), _ints(held), pairs)  # type: ignore[call-overload]
