@@ -173,6 +173,8 @@ class CannedEngine:
         self.raw = raw
 
     def apply(self, name: str, args: tuple[Any, ...]) -> Any:
+        if name == "announce":
+            return None
         if self.raw is None:
             return self.answer
         _op, _keys, _argv, parse = wire(name, args)

@@ -18,10 +18,10 @@ from collections.abc import Callable, Generator, Mapping
 from typing import Any, TypeVar
 
 from distbudget._core import plan as P
-from distbudget._core.keys import KeySpace, check_prefix
+from distbudget._core.keys import KeySpace, alert_index_key, check_prefix
 from distbudget._core.money import check_tokens, nano_to_usd
 from distbudget._core.scope import BudgetScope, check_name, window_label
-from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
+from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
 from distbudget._exceptions import BudgetExceededError, BudgetWarning, InvalidInputError
 from distbudget.pricing import ModelRates, PriceBook
 
@@ -86,6 +86,7 @@ class BudgetCore:
         self._records: deque[UsageRecord] = deque(maxlen=MAX_LOCAL_RECORDS)
         self._alerts: deque[BudgetAlert] = deque(maxlen=MAX_LOCAL_RECORDS)
         self._local_lock = threading.Lock()
+        self._announced = False
 
     # ---- inputs ---------------------------------------------------------------------------------
 
@@ -171,15 +172,15 @@ class BudgetCore:
 
     def _make_alerts(self, plan: P.Plan, result: P.ChargeResult, model: str) -> list[BudgetAlert]:
         out = []
-        for i, level in result.alerts:
+        ids: list[str | None] = list(result.alert_ids) or [None] * len(result.alerts)
+        for (i, level), alert_id in zip(result.alerts, ids, strict=True):
             lim = plan.limits[i]
-            amount = P.used(plan, result.totals, i)
-            used, limit = self._display(lim, amount), self._display(lim, lim.value)
+            used = self._display(lim, P.used(plan, result.totals, i))
+            limit = self._display(lim, lim.value)
             lvl = AlertLevel.WARNING if level == P.WARNING else AlertLevel.CRITICAL
-            pct = amount / lim.value if lim.value else float("inf")
-            msg = f"Budget {lvl.value} for scope {lim.scope!r}: {lim.limit_type} at {pct:.0%} ({used} of {limit})"
+            msg = alert_message(lvl, lim.scope, lim.limit_type, used, limit)
             out.append(BudgetAlert(lim.scope, lvl, msg, used, limit, result.now_us / P.US, lim.limit_type,
-                                   session_id=plan.session_id, model=model))
+                                   session_id=plan.session_id, model=model, alert_id=alert_id))
         return out
 
     def _dispatch(self, alerts: list[BudgetAlert]) -> None:
@@ -276,6 +277,15 @@ class BudgetCore:
         }
 
     # ---- flows: one per operation, driven by the sync or the async shell ------------------------
+
+    def announcement(self) -> Call | None:
+        """Once per budget, before its first operation: register the tree's alert stream under each
+        scope's name (``<prefix>:alert-streams``), which is how listeners find it."""
+        if self._announced:
+            return None
+        self._announced = True
+        streams = {s.name: self.keyspace.alerts for s in [self.scope, *self.scope.ancestors()]}
+        return "announce", (alert_index_key(self.keyspace.prefix), streams)
 
     def check_flow(self, model: str, input_tokens: int, output_tokens: int, session_id: str | None) -> Flow[bool]:
         usage = self.usage(model, input_tokens, output_tokens)

@@ -59,6 +59,9 @@ class Budget(BudgetCore):
         self.engine = _engine if _engine is not None else make_engine(redis)
 
     def _drive(self, flow: Flow[T]) -> T:
+        first = self.announcement()
+        if first is not None:
+            self.engine.apply(*first)
         try:
             name, args = next(flow)
             while True:
@@ -138,6 +141,9 @@ class AsyncBudget(BudgetCore):
         self.engine = _engine if _engine is not None else make_async_engine(redis)
 
     async def _drive(self, flow: Flow[T]) -> T:
+        first = self.announcement()
+        if first is not None:
+            await self.engine.apply(*first)
         try:
             name, args = next(flow)
             while True:

@@ -616,7 +616,7 @@ def _latency(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distbudget", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"distbudget {distbudget.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prices}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prices,watch}")
     demo = sub.add_parser(
         "demo",
         help="a simulated agent fleet spending against hard caps",
@@ -661,7 +661,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the built-in model price table",
         description="List the built-in model prices (USD per 1M tokens).",
     )
+    watch = sub.add_parser(
+        "watch",
+        help="print (or post to a webhook) every alert of the fleet, once",
+        description="Listen to the fleet's alert streams; replays what was missed since --from-ids.",
+    )
+    watch.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/0")
+    watch.add_argument("--prefix", default="distbudget")
+    watch.add_argument("--scope", action="append", dest="scopes", help="only this scope (repeatable)")
+    watch.add_argument("--webhook", metavar="URL", help="POST each alert as JSON to URL")
+    watch.add_argument("--slack", action="store_true", help="post Slack-compatible {'text': ...} bodies")
+    watch.add_argument("--from-start", action="store_true", help="replay every alert still in the streams")
+    watch.add_argument("--count", type=int, default=0, help="stop after N alerts (default: run until Ctrl-C)")
     return parser
+
+
+def watch_alerts(args: argparse.Namespace) -> int:
+    """Print every alert once (and post it to --webhook); new-only unless --from-start."""
+    from distbudget.alerts import AlertListener, WebhookSink
+
+    listener = AlertListener(redis=args.redis, prefix=args.prefix, scopes=args.scopes,
+                             from_start=args.from_start)
+    sink = WebhookSink(args.webhook, slack=args.slack) if args.webhook else None
+    seen = 0
+    try:
+        for alert in listener:
+            print(f"{alert.alert_id} [{alert.level.value}] {alert.message}", flush=True)
+            if sink is not None:
+                sink(alert)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    except KeyboardInterrupt:
+        pass
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -672,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if args.command == "prices":
         return print_prices()
+    if args.command == "watch":
+        return watch_alerts(args)
     try:
         cfg, planned = build_config(
             redis=args.redis,

@@ -300,6 +300,31 @@ local function holds()
   return drop_hold, reap, read_held, admit
 end
 
+-- Alert fan-out, in the same atomic step as the crossing (and only when something fired): append
+-- each alert to the tree's capped stream and PUBLISH it on the all-scopes and the scope channel.
+-- ARGV[7] is the plan's alert metadata (JSON, see plan.py alert_meta); the stream key follows the
+-- plan's keys (KEYS[#KEYS], or KEYS[#KEYS - 1] when a request key is last). Returns the stream ids.
+local function fan_out(now, totals, fired)
+  if #fired == 0 or ARGV[7] == '' then return '' end
+  local meta = cjson.decode(ARGV[7])
+  local stream = KEYS[ARGV[5] ~= '' and #KEYS - 1 or #KEYS]
+  local ids = {}
+  for k = 1, #fired, 2 do
+    local l = meta.l[fired[k]]
+    local alert = {scope = l[1], limit_type = l[2], metric = l[3], limit = l[4], used = totals[l[5]],
+                   level = fired[k + 1] == 1 and 'warning' or 'critical', session_id = meta.s,
+                   model = meta.m, ts_us = fmt(now)}
+    local id = redis.call('XADD', stream, 'MAXLEN', '~', '10000', '*', 'alert', cjson.encode(alert))
+    alert.id = id
+    alert.stream = stream
+    local msg = cjson.encode(alert)
+    redis.call('PUBLISH', meta.all, msg)
+    redis.call('PUBLISH', l[6], msg)
+    ids[#ids + 1] = id
+  end
+  return table.concat(ids, ' ')
+end
+
 -- Idempotency: KEYS[#KEYS] is the request key when ARGV[5] (its TTL in ms) is set.
 local function seen_request()
   if ARGV[5] == '' then return nil end

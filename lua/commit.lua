@@ -1,12 +1,12 @@
 -- commit.lua: settle a reservation: free its hold and charge the actual usage, in one step.
 -- Actual usage above the hold is charged all the same. A hold that already expired (or was
 -- released) does not stop the charge: the money was spent.
--- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys,
---       [#KEYS] the request key when ARGV[5] is set
+-- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys, then the tree's alert
+--       stream, then the request key when ARGV[5] is set
 -- ARGV: [1] clock µs or '', [2] tokens, [3] nano-USD, [4] requests, [5] request-id TTL ms or '',
---       [6] hold id, [7] unused, [8..] the plan (see _common.lua)
--- Returns one string, like record.lua's with the hold's fate appended:
---   "0|<now µs>|<tokens cost requests per counter>|<limit index, level, ...>||<hold found 1/0>"
+--       [6] hold id, [7] alert metadata JSON, [8..] the plan (see _common.lua)
+-- Returns one string, like record.lua's with the hold's fate:
+--   "0|<now µs>|<tokens cost requests per counter>|<limit index, level, ...>||<hold found 1/0>|<alert ids>"
 --   or "1|<now µs>|||<µs> <tokens> <cost>|0" when the request id was already charged
 local drop_hold = holds()
 local now = now_us()
@@ -20,4 +20,4 @@ local amt = amounts()
 local totals, fired = scan(now, amt, true)
 remember_request(now, amt)
 return '0|' .. fmt(now) .. '|' .. table.concat(totals, ' ') .. '|' .. table.concat(fired, ' ') .. '||'
-  .. found
+  .. found .. '|' .. fan_out(now, totals, fired)

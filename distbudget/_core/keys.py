@@ -10,6 +10,10 @@ percent-encoded so no user string can contain ``:``, ``{`` or ``}``):
     <p>:{<tag>}:holds                      hash   live reservations and held amounts per counter
     <p>:{<tag>}:leases                     zset   reservation id -> expiry (µs)
     <p>:{<tag>}:rq:<request id>            string an idempotency marker; TTL
+    <p>:{<tag>}:alerts                     stream the tree's alerts, capped (MAXLEN ~ 10,000); owned
+    <p>:alert-streams                      hash   scope -> its tree's alert stream (for listeners); owned
+
+Pub/sub channels (not keys): ``<p>:alerts`` (every scope) and ``<p>:alerts:<scope>``.
 
 All keys of one tree share the ``{<tag>}`` hash tag, so a tree lives on one Cluster shard and every
 script's keys are in one slot.
@@ -38,10 +42,11 @@ def check_prefix(prefix: object) -> str:
 class KeySpace:
     """Key builder for one scope tree (``root`` is the topmost scope's name)."""
 
-    __slots__ = ("base",)
+    __slots__ = ("base", "prefix")
 
     def __init__(self, prefix: str, root: str) -> None:
-        self.base = f"{check_prefix(prefix)}:{{{encode(root)}}}:"
+        self.prefix = check_prefix(prefix)
+        self.base = f"{prefix}:{{{encode(root)}}}:"
 
     def totals(self, scope: str) -> str:
         return f"{self.base}t:{encode(scope)}"
@@ -64,6 +69,19 @@ class KeySpace:
 
     def request(self, request_id: str) -> str:
         return f"{self.base}rq:{encode(request_id)}"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.base}alerts"
+
+
+def alert_index_key(prefix: str) -> str:
+    return f"{check_prefix(prefix)}:alert-streams"
+
+
+def alert_channels(prefix: str, scope: str) -> tuple[str, str]:
+    """(the channel for every scope, the channel for this scope)."""
+    return f"{prefix}:alerts", f"{prefix}:alerts:{encode(scope)}"
 
 
 def model_prefix(model: str | None) -> str:

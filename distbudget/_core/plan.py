@@ -10,10 +10,11 @@ tokens, cost (nano-USD) and requests.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from fractions import Fraction
 
-from distbudget._core.keys import KeySpace, model_prefix
+from distbudget._core.keys import KeySpace, alert_channels, model_prefix
 from distbudget._core.scope import BudgetScope, Limit, bucket_seconds
 
 TOKENS, COST, REQUESTS = 0, 1, 2
@@ -70,6 +71,7 @@ class Plan:
     day_counter: int
     totals_counter: int
     keyspace: KeySpace
+    alert_meta: str = ""  # JSON the scripts decode only when an alert fires (see lua/_common.lua fan_out)
 
 
 def thresholds(value: int, warn_pct: Fraction | None) -> tuple[int, int, int, int]:
@@ -211,8 +213,18 @@ def build_plan(
         scope=scope.name, session_id=session_id, model=model, keys=tuple(keys), counters=tuple(counters),
         limits=tuple(limits), argv=argv, totals_key_index=key_index[keyspace.totals(scope.name)],
         session_counter=own["session"], day_counter=own["day"], totals_counter=own["totals"],
-        keyspace=keyspace,
+        keyspace=keyspace, alert_meta=alert_meta(keyspace, session_id, model, limits),
     )
+
+
+def alert_meta(keyspace: KeySpace, session_id: str, model: str | None, limits: list[LimitSpec]) -> str:
+    """What the scripts need to publish an alert: per limit (scope, limit type, metric, value,
+    position of its usage in the totals, the scope's channel), the session, the model, the
+    all-scopes channel. Values are strings: Lua's JSON would print big integers in exponent form."""
+    everyone = alert_channels(keyspace.prefix, "")[0]
+    rows = [[lim.scope, lim.limit_type, ("tokens", "cost", "requests")[lim.metric], str(lim.value),
+             3 * lim.counter + lim.metric + 1, alert_channels(keyspace.prefix, lim.scope)[1]] for lim in limits]
+    return json.dumps({"l": rows, "s": session_id, "m": model, "all": everyone}, separators=(",", ":"))
 
 
 # ---- what the engines answer (both engines return exactly these shapes) -------------------------
@@ -229,6 +241,7 @@ class ChargeResult:
     alerts: tuple[tuple[int, int], ...]
     original: tuple[int, int, int] | None
     hold_found: bool
+    alert_ids: tuple[str, ...] = ()  # the alert stream ids of ``alerts`` (Redis only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,15 +295,16 @@ def _original(raw: object) -> tuple[int, int, int]:
 
 
 def parse_charge(raw: object) -> ChargeResult:
-    """record / commit answer one string: ``status|now|totals|alerts|original[|hold found]``."""
+    """record / commit answer one string: ``status|now|totals|alerts|original|hold found|alert ids``."""
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    status, now, totals, fired, original, *rest = text.split("|")
-    found = rest == ["1"]
+    status, now, totals, fired, original, found, ids = [*text.split("|"), "", ""][:7]
     if status == "1":
-        return ChargeResult(int(now), (), (), _original(original), found)
+        return ChargeResult(int(now), (), (), _original(original), found == "1")
     flat = _ints(fired)
-    pairs = tuple(sorted((flat[k] - 1, flat[k + 1]) for k in range(0, len(flat), 2)))  # by limit, then level
-    return ChargeResult(int(now), _ints(totals), pairs, None, found)
+    stream_ids = ids.split() or [""] * (len(flat) // 2)
+    rows = sorted(((flat[k] - 1, flat[k + 1]), stream_ids[k // 2]) for k in range(0, len(flat), 2))  # by limit, level
+    return ChargeResult(int(now), _ints(totals), tuple(r[0] for r in rows), None, found == "1",
+                        tuple(r[1] for r in rows if r[1]))
 
 
 def parse_admit(raw: list[object]) -> AdmitResult:

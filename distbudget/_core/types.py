@@ -40,6 +40,11 @@ class UsageRecord:
         return self.input_tokens + self.output_tokens
 
 
+def alert_message(level: AlertLevel, scope: str, limit_type: str, used: float, limit: float) -> str:
+    pct = used / limit if limit else float("inf")
+    return f"Budget {level.value} for scope {scope!r}: {limit_type} at {pct:.0%} ({used} of {limit})"
+
+
 @dataclass(frozen=True)
 class BudgetAlert:
     """A threshold crossing. ``used`` and ``limit`` are tokens, requests, or USD for cost limits."""
@@ -53,6 +58,7 @@ class BudgetAlert:
     limit_type: str
     session_id: str | None = None
     model: str | None = None
+    alert_id: str | None = None  # the alert stream entry id (fleet-wide identity)
 
     @property
     def pct(self) -> float:

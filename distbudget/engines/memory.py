@@ -293,6 +293,9 @@ class MemoryEngine:
                 self._expires.pop(key, None)
                 self._windows.pop(key, None)
 
+    def announce(self, index_key: str, streams: dict[str, str]) -> None:
+        """Alert streams are a Redis feature: nothing to register in-process."""
+
     def apply(self, name: str, args: tuple[Any, ...]) -> Any:
         """Run one operation by name (what the budget shells call)."""
         return getattr(self, name)(*args)

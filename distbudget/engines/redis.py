@@ -64,22 +64,23 @@ def connect_async(url: str, max_connections: int = 64, **options: Any) -> Any:
     return redis.asyncio.Redis(connection_pool=pool)
 
 
-def _with_request(plan: Plan, request_key: str | None, ttl_ms: int) -> tuple[tuple[str, ...], str | int]:
+def _charge_keys(plan: Plan, request_key: str | None, ttl_ms: int) -> tuple[tuple[str, ...], str | int]:
+    """A charge's KEYS: the plan's, the tree's alert stream, then the request key if any."""
     if request_key is None:
-        return plan.keys, ""
-    return (*plan.keys, request_key), ttl_ms
+        return (*plan.keys, plan.keyspace.alerts), ""
+    return (*plan.keys, plan.keyspace.alerts, request_key), ttl_ms
 
 
 def wire(name: str, args: tuple[Any, ...]) -> Wire:
     """The script call for an engine operation (the same arguments the memory engine takes)."""
     if name == "record":
         plan, now, amt, rkey, ttl_ms = args
-        keys, ttl = _with_request(plan, rkey, ttl_ms)
-        return "record", keys, script_args(plan, now, amt, ttl), parse_charge
+        keys, ttl = _charge_keys(plan, rkey, ttl_ms)
+        return "record", keys, script_args(plan, now, amt, ttl, "", plan.alert_meta), parse_charge
     if name == "commit":
         plan, now, amt, hold_id, rkey, ttl_ms = args
-        keys, ttl = _with_request(plan, rkey, ttl_ms)
-        return "commit", keys, script_args(plan, now, amt, ttl, hold_id), parse_charge
+        keys, ttl = _charge_keys(plan, rkey, ttl_ms)
+        return "commit", keys, script_args(plan, now, amt, ttl, hold_id, plan.alert_meta), parse_charge
     if name == "check":
         plan, now, amt = args
         return "check", plan.keys, script_args(plan, now, amt), parse_admit
@@ -106,6 +107,8 @@ class RedisEngine:
         try:
             if name == "delete":
                 return self.client.delete(*args[0])
+            if name == "announce":
+                return self.client.hset(args[0], mapping=args[1])
             op, keys, argv, parse = wire(name, args)
             return parse(self.scripts[op](keys=keys, args=argv))
         except redis.RedisError as exc:
@@ -123,6 +126,8 @@ class AsyncRedisEngine:
         try:
             if name == "delete":
                 return await self.client.delete(*args[0])
+            if name == "announce":
+                return await self.client.hset(args[0], mapping=args[1])
             op, keys, argv, parse = wire(name, args)
             return parse(await self.scripts[op](keys=keys, args=argv))
         except redis.RedisError as exc:

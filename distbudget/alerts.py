@@ -1,0 +1,241 @@
+"""Fleet-wide alerts: listeners that hear every threshold crossing exactly once, and a webhook sink.
+
+The atomic step that decides a crossing also appends it to the scope tree's capped alert stream
+(``<prefix>:{<root>}:alerts``) and ``PUBLISH``es it on ``<prefix>:alerts`` (every scope) and
+``<prefix>:alerts:<scope>`` (one scope). Listeners read the streams (``XREAD BLOCK``), so one that
+was down, or lost its connection, resumes from the last id it saw: each alert is delivered once.
+Budgets register their tree's stream in the ``<prefix>:alert-streams`` hash, which is how a listener
+finds every stream without scanning the keyspace.
+
+Payload (JSON; the stream entry's field ``alert`` and each pub/sub message)::
+
+    {"id": "1764345600000-0", "stream": "<key>", "scope": "team-a", "level": "warning",
+     "limit_type": "day_cost_usd", "metric": "cost", "used": "4000000000", "limit": "5000000000",
+     "session_id": "user-1", "model": "gpt-4o", "ts_us": "1764345600000000"}
+
+``used``/``limit`` are integer strings in engine units (nano-USD for ``metric == "cost"``);
+:func:`alert_from_payload` turns a payload into a :class:`BudgetAlert` in USD / tokens / requests.
+The pub/sub messages carry ``id``; the stream entries get it from the entry id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import redis
+import redis.asyncio
+
+from distbudget._core.keys import alert_index_key
+from distbudget._core.money import nano_to_usd
+from distbudget._core.types import AlertLevel, BudgetAlert, alert_message
+
+log = logging.getLogger("distbudget.alerts")
+
+
+def alert_from_payload(data: dict[str, Any], alert_id: str | None = None) -> BudgetAlert:
+    used, limit = int(data["used"]), int(data["limit"])
+    level = AlertLevel(data["level"])
+    display_used: float = nano_to_usd(used) if data["metric"] == "cost" else used
+    display_limit: float = nano_to_usd(limit) if data["metric"] == "cost" else limit
+    msg = alert_message(level, data["scope"], data["limit_type"], display_used, display_limit)
+    return BudgetAlert(
+        scope=data["scope"], level=level, message=msg, used=display_used, limit=display_limit,
+        timestamp=int(data["ts_us"]) / 1e6, limit_type=data["limit_type"],
+        session_id=data.get("session_id"), model=data.get("model"),
+        alert_id=alert_id or data.get("id"),
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class _ListenerBase:
+    """Which streams to read and where each one is (shared by the sync and async listeners)."""
+
+    def __init__(self, prefix: str, scopes: list[str] | None, last_ids: dict[str, str] | None,
+                 block_ms: int, from_start: bool) -> None:
+        self.index_key = alert_index_key(prefix)
+        self.scopes = None if scopes is None else set(scopes)
+        self.last_ids: dict[str, str] = dict(last_ids or {})
+        self.block_ms = block_ms
+        self.stopped = False
+        self.skip_existing = not from_start and not last_ids
+
+    def _skip_to(self, streams: dict[str, str], latest: list[Any]) -> None:
+        """Start after each stream's current last entry (``from_start=False``)."""
+        self.skip_existing = False
+        for stream, entries in zip(streams, latest, strict=True):
+            if entries:
+                self.last_ids[stream] = _text(entries[0][0])
+
+    def _streams(self, index: dict[Any, Any]) -> dict[str, str]:
+        """{stream key: last id} for every stream of interest (new streams read from the start)."""
+        out = {}
+        for raw_scope, raw_stream in index.items():
+            scope, stream = _text(raw_scope), _text(raw_stream)
+            if self.scopes is None or scope in self.scopes:
+                out[stream] = self.last_ids.get(stream, "0-0")
+        return out
+
+    def _accept(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> BudgetAlert | None:
+        self.last_ids[stream] = entry_id
+        data = json.loads(_text(fields.get(b"alert", fields.get("alert", "{}"))))
+        if self.scopes is not None and data.get("scope") not in self.scopes:
+            return None
+        return alert_from_payload(data, entry_id)
+
+
+class AlertListener(_ListenerBase):
+    """Hears every alert of the fleet (or of ``scopes``) once, from the durable streams.
+
+    ``for alert in listener`` blocks and yields alerts; ``start(callback)`` runs that loop in a
+    background thread (callback errors are logged, never stop it); ``stop()`` ends it. Pass
+    ``last_ids`` (``listener.last_ids`` from a previous run) to resume exactly where it stopped.
+    ``from_start=False`` skips what the streams already hold. Connection loss is retried with
+    backoff; nothing is skipped, nothing delivered twice.
+    """
+
+    def __init__(self, redis: Any = "redis://127.0.0.1:6379/0", prefix: str = "distbudget",
+                 scopes: list[str] | None = None, last_ids: dict[str, str] | None = None,
+                 block_ms: int = 1000, from_start: bool = True) -> None:
+        super().__init__(prefix, scopes, last_ids, block_ms, from_start)
+        self.client = _sync_client(redis)
+        self._thread: threading.Thread | None = None
+
+    def __iter__(self) -> Iterator[BudgetAlert]:
+        backoff = 0.1
+        while not self.stopped:
+            try:
+                streams = self._streams(self.client.hgetall(self.index_key))
+                if self.skip_existing:
+                    self._skip_to(streams, [self.client.xrevrange(s, count=1) for s in streams])
+                    continue
+                if not streams:
+                    time.sleep(self.block_ms / 1000)
+                    continue
+                reply = self.client.xread(streams, count=500, block=self.block_ms)
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("alert listener lost Redis (%s); retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            for stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    alert = self._accept(_text(stream), _text(entry_id), fields)
+                    if alert is not None:
+                        yield alert
+
+    def start(self, callback: Callable[[BudgetAlert], Any]) -> AlertListener:
+        def run() -> None:
+            for alert in self:
+                try:
+                    callback(alert)
+                except Exception:
+                    log.exception("alert callback %r failed", callback)
+
+        self._thread = threading.Thread(target=run, name="distbudget-alerts", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopped = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+class AsyncAlertListener(_ListenerBase):
+    """``async for alert in AsyncAlertListener(redis=...)``; cancel the task (or ``stop()``) to end."""
+
+    def __init__(self, redis: Any = "redis://127.0.0.1:6379/0", prefix: str = "distbudget",
+                 scopes: list[str] | None = None, last_ids: dict[str, str] | None = None,
+                 block_ms: int = 1000, from_start: bool = True) -> None:
+        super().__init__(prefix, scopes, last_ids, block_ms, from_start)
+        self.client = redis if not isinstance(redis, str) else _async_client(redis)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    async def __aiter__(self) -> AsyncIterator[BudgetAlert]:
+        backoff = 0.1
+        while not self.stopped:
+            try:
+                streams = self._streams(await self.client.hgetall(self.index_key))
+                if self.skip_existing:
+                    self._skip_to(streams, [await self.client.xrevrange(s, count=1) for s in streams])
+                    continue
+                if not streams:
+                    await asyncio.sleep(self.block_ms / 1000)
+                    continue
+                reply = await self.client.xread(streams, count=500, block=self.block_ms)
+                backoff = 0.1
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("alert listener lost Redis (%s); retrying in %.1fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            for stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    alert = self._accept(_text(stream), _text(entry_id), fields)
+                    if alert is not None:
+                        yield alert
+
+
+def _sync_client(value: Any) -> Any:
+    if isinstance(value, str):
+        from distbudget.engines.redis import connect
+
+        return connect(value, socket_timeout=None, health_check_interval=30)
+    return value
+
+
+def _async_client(url: str) -> Any:
+    from distbudget.engines.redis import connect_async
+
+    return connect_async(url, socket_timeout=None)
+
+
+class WebhookSink:
+    """POST each alert as JSON to ``url`` (``slack=True``: a Slack-compatible ``{"text": ...}``),
+    with a timeout and retries with backoff. Use as a callback: ``listener.start(WebhookSink(url))``."""
+
+    def __init__(self, url: str, *, slack: bool = False, timeout: float = 5.0, retries: int = 3,
+                 backoff: float = 0.5) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError("webhook url must be http:// or https://")
+        self.url, self.slack, self.timeout, self.retries, self.backoff = url, slack, timeout, retries, backoff
+
+    def body(self, alert: BudgetAlert) -> dict[str, Any]:
+        if self.slack:
+            return {"text": f"[{alert.level.value.upper()}] {alert.message}"}
+        return {
+            "id": alert.alert_id, "scope": alert.scope, "level": alert.level.value, "limit_type": alert.limit_type,
+            "used": alert.used, "limit": alert.limit, "pct": alert.pct, "session_id": alert.session_id,
+            "model": alert.model, "timestamp": alert.timestamp, "message": alert.message,
+        }
+
+    def __call__(self, alert: BudgetAlert) -> bool:
+        data = json.dumps(self.body(alert)).encode()
+        for attempt in range(self.retries + 1):
+            request = urllib.request.Request(self.url, data=data, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    if 200 <= response.status < 300:
+                        return True
+            except OSError as exc:
+                log.warning("webhook %s failed (attempt %d): %s", self.url, attempt + 1, exc)
+            time.sleep(self.backoff * 2**attempt)
+        log.error("webhook %s gave up on alert %s", self.url, alert.alert_id)
+        return False
+
+
+__all__ = ["AlertListener", "AsyncAlertListener", "WebhookSink", "alert_from_payload"]
