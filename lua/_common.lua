@@ -163,6 +163,7 @@ local function scan(now, amt, charging)
         if z then                     -- the window's counter: its current bucket
           if not V[1] then
             call('ZADD', z, bk, bk)
+            if ttl then call('PEXPIRE', z, ttl) end  -- once per bucket: outlives the hash's last refresh
             local oldest = V[7]
             if not oldest or b < oldest + 0 then S[n + 1] = 'o'; S[n + 2] = bk; n = n + 2 end
           end

@@ -294,3 +294,18 @@ def test_manager_registry(backend: Backend) -> None:
     mgr.remove("user-bob")
     with pytest.raises(KeyError):
         mgr.summary("user-bob")
+
+
+def test_every_key_has_a_ttl_or_is_owned(backend: Backend) -> None:
+    if backend.store is None:
+        pytest.skip("TTLs are a Redis matter")
+    scope = BudgetScope("ttl", max_tokens_per_session=100, max_tokens_per_day=1000,
+                        limits=[Limit("requests", 5, "1m")])
+    budget = backend.budget(scope, RATES, session_id="a")
+    budget.record(None, "m", 90, 0, request_id="r")  # WARNING: the alert stream too
+    budget.reserve("m", 1, 1)
+    owned = {"distbudget:{ttl}:t:ttl", "distbudget:{ttl}:alerts", "distbudget:alert-streams"}
+    for key in backend.store.scan_iter(count=1000):
+        name = key.decode()
+        ttl = backend.store.pttl(key)
+        assert (name in owned) == (ttl == -1), (name, ttl)
