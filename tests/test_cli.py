@@ -306,3 +306,31 @@ def test_demo_redis_processes_share_the_caps(capsys: pytest.CaptureFixture[str])
         s = mgr.summary(name, cli.SESSION_ID)["session"]
         row = got["rows"][name]
         assert (row["committed"], row["tokens"], row["cost"]) == (s["requests"], s["tokens"], round(s["cost_usd"], 6))
+
+
+def test_watch_prints_fleet_alerts_once(tmp_path: Any) -> None:
+    """``distbudget watch --from-start --count 2`` prints the two crossings another budget caused."""
+    from distbudget import Budget
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path)
+    try:
+        budget = Budget(BudgetScope("watched", max_tokens_per_session=100), {"m": ModelRates(0.001, 0.001)},
+                        redis=server.url, session_id="s")
+        budget.record(None, "m", 85, 0)
+        with pytest.raises(BudgetExceededError):
+            budget.record(None, "m", 30, 0)
+        done = subprocess.run(
+            [sys.executable, "-m", "distbudget.cli", "watch", "--redis", server.url, "--from-start", "--count", "2"],
+            check=False, capture_output=True, text=True, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert len(lines) == 2
+        assert "[warning]" in lines[0] and "[critical]" in lines[1]
+        assert all("'watched'" in line and "session_tokens" in line for line in lines)
+        ids = [line.split()[0] for line in lines]
+        stream = redis.Redis(port=server.port).hget("distbudget:alert-streams", "watched")
+        assert ids == [i.decode() for i, _ in redis.Redis(port=server.port).xrange(stream)]
+    finally:
+        server.stop()
