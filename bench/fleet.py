@@ -21,8 +21,9 @@ CALL_SECONDS = 0.005  # the simulated LLM call between admission and charge
 
 
 def worker(mode: str, url: str, prefix: str, cap: float, seed: int, out: Any) -> None:
-    budget = Budget(BudgetScope("fleet", max_cost_per_session_usd=cap), RATES, redis=url, prefix=prefix,
-                    session_id="shared")
+    budget = Budget(
+        BudgetScope("fleet", max_cost_per_session_usd=cap), RATES, redis=url, prefix=prefix, session_id="shared"
+    )
     rnd = random.Random(seed)
     calls = 0
     while True:

@@ -50,12 +50,20 @@ class SeedAlert:
 class SeedTracker:
     """A dict-and-lock in-process tracker with session, day and per-model limits."""
 
-    def __init__(self, name: str, rates: dict[str, tuple[float, float]], *,
-                 max_tokens_per_session: int | None = None, max_cost_per_session_usd: float | None = None,
-                 max_tokens_per_day: int | None = None, max_cost_per_day_usd: float | None = None,
-                 max_tokens_per_model: dict[str, int] | None = None,
-                 max_cost_per_model_usd: dict[str, float] | None = None,
-                 alert_at_pct: float = 0.8, hard_stop: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        rates: dict[str, tuple[float, float]],
+        *,
+        max_tokens_per_session: int | None = None,
+        max_cost_per_session_usd: float | None = None,
+        max_tokens_per_day: int | None = None,
+        max_cost_per_day_usd: float | None = None,
+        max_tokens_per_model: dict[str, int] | None = None,
+        max_cost_per_model_usd: dict[str, float] | None = None,
+        alert_at_pct: float = 0.8,
+        hard_stop: bool = True,
+    ) -> None:
         self.name = name
         self.rates = rates  # model -> (USD per 1k input tokens, USD per 1k output tokens)
         self.max_tokens_per_session = max_tokens_per_session
@@ -77,8 +85,9 @@ class SeedTracker:
         self._records: list[SeedRecord] = []
         self._alerts: list[SeedAlert] = []
 
-    def record(self, session_id: str, model: str, input_tokens: int, output_tokens: int,
-               metadata: dict[str, Any] | None = None) -> SeedRecord:
+    def record(
+        self, session_id: str, model: str, input_tokens: int, output_tokens: int, metadata: dict[str, Any] | None = None
+    ) -> SeedRecord:
         per_in, per_out = self.rates[model]
         cost = (input_tokens * per_in + output_tokens * per_out) / 1000.0
         tokens = input_tokens + output_tokens
@@ -107,11 +116,11 @@ class SeedTracker:
         if self.max_cost_per_day_usd is not None:
             checks.append((self.max_cost_per_day_usd, self._day_cost, "day_cost_usd"))
         if model in self.max_tokens_per_model:
-            checks.append((self.max_tokens_per_model[model], self._model_tokens.get(model, 0),
-                           f"model_{model}_tokens"))
+            checks.append((self.max_tokens_per_model[model], self._model_tokens.get(model, 0), f"model_{model}_tokens"))
         if model in self.max_cost_per_model_usd:
-            checks.append((self.max_cost_per_model_usd[model], self._model_cost.get(model, 0.0),
-                           f"model_{model}_cost_usd"))
+            checks.append(
+                (self.max_cost_per_model_usd[model], self._model_cost.get(model, 0.0), f"model_{model}_cost_usd")
+            )
         for limit, used, limit_type in checks:
             pct = used / limit if limit else 0.0
             if pct >= 1.0:

@@ -63,14 +63,24 @@ MEMORY_TARGET = 64 * 1024
 
 def bench_scope() -> BudgetScope:
     """Session + day + per-model limits: what every Redis figure here charges against."""
-    return BudgetScope("bench", max_tokens_per_session=10**12, max_cost_per_session_usd=10**6,
-                       max_cost_per_day_usd=10**6, max_tokens_per_model={"m": 10**12})
+    return BudgetScope(
+        "bench",
+        max_tokens_per_session=10**12,
+        max_cost_per_session_usd=10**6,
+        max_cost_per_day_usd=10**6,
+        max_tokens_per_model={"m": 10**12},
+    )
 
 
 def seed_tracker() -> SeedTracker:
-    return SeedTracker("bench", {"m": (0.001, 0.002)}, max_tokens_per_session=10**12,
-                       max_cost_per_session_usd=10**6, max_cost_per_day_usd=10**6,
-                       max_tokens_per_model={"m": 10**12})
+    return SeedTracker(
+        "bench",
+        {"m": (0.001, 0.002)},
+        max_tokens_per_session=10**12,
+        max_cost_per_session_usd=10**6,
+        max_cost_per_day_usd=10**6,
+        max_tokens_per_model={"m": 10**12},
+    )
 
 
 @dataclass(frozen=True)
@@ -85,13 +95,30 @@ class Sizes:
     fleet_lead: float  # seconds between sending a fleet command and its start
 
 
-FULL = Sizes(rounds=5, calls=3000, embedded_calls=20_000, fill=1_000_000, batch=5000,
-             fleet_rounds=3, fleet_seconds=1.5, fleet_lead=0.2)
-QUICK = Sizes(rounds=3, calls=300, embedded_calls=2000, fill=20_000, batch=5000,
-              fleet_rounds=2, fleet_seconds=0.25, fleet_lead=0.1)
+FULL = Sizes(
+    rounds=5,
+    calls=3000,
+    embedded_calls=20_000,
+    fill=1_000_000,
+    batch=5000,
+    fleet_rounds=3,
+    fleet_seconds=1.5,
+    fleet_lead=0.2,
+)
+QUICK = Sizes(
+    rounds=3,
+    calls=300,
+    embedded_calls=2000,
+    fill=20_000,
+    batch=5000,
+    fleet_rounds=2,
+    fleet_seconds=0.25,
+    fleet_lead=0.1,
+)
 
 
 # ---- measuring ------------------------------------------------------------------------------------
+
 
 def timed(fn: Callable[[], Any], n: int) -> dict[str, float]:
     """Calls/s (wall) and this process's CPU µs per call (user + system) over n calls."""
@@ -114,8 +141,11 @@ def timed_server(client: Any, fn: Callable[[], Any], n: int, ops_per_call: int =
     out = timed(fn, n)
     calls, usec = evalsha_stats(client)
     if calls != n * ops_per_call:
-        print(f"  !! expected {n * ops_per_call} EVALSHA, the server counted {calls}: another client's traffic "
-              "is in the server figures", file=sys.stderr)
+        print(
+            f"  !! expected {n * ops_per_call} EVALSHA, the server counted {calls}: another client's traffic "
+            "is in the server figures",
+            file=sys.stderr,
+        )
     out["server_us"] = usec / n
     return out
 
@@ -160,8 +190,10 @@ def latencies(fn: Callable[[], Any], n: int, after: Callable[[Any], Any] | None 
 
 def memory_of(client: Any, match: str) -> dict[str, int]:
     """``MEMORY USAGE`` (exact: SAMPLES 0) of every key matching ``match``: bench keys only."""
-    return {k.decode(): int(client.memory_usage(k, samples=0) or 0)
-            for k in sorted(client.scan_iter(match=match, count=1000))}
+    return {
+        k.decode(): int(client.memory_usage(k, samples=0) or 0)
+        for k in sorted(client.scan_iter(match=match, count=1000))
+    }
 
 
 class CannedEngine:
@@ -183,6 +215,7 @@ class CannedEngine:
 
 # ---- a redis-server of our own --------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -196,8 +229,11 @@ def own_redis() -> Iterator[str]:
         sys.exit("redis-server not found: install it (apt-get install redis-server) or pass --redis URL")
     tmp = tempfile.mkdtemp(prefix="distbudget-bench-")
     port = free_port()
-    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", tmp], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", tmp],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"redis://127.0.0.1:{port}/0"
     try:
         client = connect(url)
@@ -224,6 +260,7 @@ def own_redis() -> Iterator[str]:
 
 
 # ---- the fleet: worker processes that record (or run the trivial script) for a fixed time ---------
+
 
 def fleet_worker(idx: int, url: str, prefix: str, commands: Any, results: Any) -> None:
     try:
@@ -257,8 +294,9 @@ def fleet(url: str, prefix: str, sizes: Sizes) -> dict[int, dict[str, list[float
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     queues = [ctx.Queue() for _ in range(max(FLEET_SIZES))]
-    procs = [ctx.Process(target=fleet_worker, args=(i, url, prefix, q, results), daemon=True)
-             for i, q in enumerate(queues)]
+    procs = [
+        ctx.Process(target=fleet_worker, args=(i, url, prefix, q, results), daemon=True) for i, q in enumerate(queues)
+    ]
     for p in procs:
         p.start()
     try:
@@ -286,6 +324,7 @@ def fleet(url: str, prefix: str, sizes: Sizes) -> dict[int, dict[str, list[float
 
 # ---- the peers' simulated day (a separate process: the fill is client-bound) ----------------------
 
+
 def naive_key(run_id: str) -> str:
     return f"{run_id}-naive:day"
 
@@ -298,9 +337,13 @@ def limits_setup(url: str, run_id: str) -> tuple[Any, Any, dict[str, list[str]]]
     storage = RedisStorage(url, key_prefix=f"{run_id}-limits")
     item = RateLimitItemPerDay(LIMITS_LIMIT_UNITS)
     swc = item.key_for("swc")
-    keys = {"limits_moving": [storage.prefixed_key(item.key_for("mw"))],
-            "limits_sliding": [storage.prefixed_key(storage._previous_window_key(swc)),
-                               storage.prefixed_key(storage._current_window_key(swc))]}
+    keys = {
+        "limits_moving": [storage.prefixed_key(item.key_for("mw"))],
+        "limits_sliding": [
+            storage.prefixed_key(storage._previous_window_key(swc)),
+            storage.prefixed_key(storage._current_window_key(swc)),
+        ],
+    }
     return storage, item, keys
 
 
@@ -318,10 +361,18 @@ def fill_peers(url: str, run_id: str, times: list[float], batch: int) -> dict[st
     # counter reads the server's clock (its two counters hold the same bytes whatever the day was).
     plans: list[tuple[str, Any, Any, Callable[[float], list[Any]]]] = [
         ("naive", client, naive.script, lambda t: [naive.key, *naive.args(int(t * 1000), tokens, nano)]),
-        ("limits_moving", conn, storage.lua_acquire_moving_window,
-         lambda t: [*keys["limits_moving"], t, limit, expiry, cost]),
-        ("limits_sliding", conn, storage.lua_acquire_sliding_window,
-         lambda _t: [*keys["limits_sliding"], limit, expiry, cost]),
+        (
+            "limits_moving",
+            conn,
+            storage.lua_acquire_moving_window,
+            lambda t: [*keys["limits_moving"], t, limit, expiry, cost],
+        ),
+        (
+            "limits_sliding",
+            conn,
+            storage.lua_acquire_sliding_window,
+            lambda _t: [*keys["limits_sliding"], limit, expiry, cost],
+        ),
     ]
     out: dict[str, Any] = {"seconds": {}}
     for name, redis_client, script, argv in plans:
@@ -330,7 +381,7 @@ def fill_peers(url: str, run_id: str, times: list[float], batch: int) -> dict[st
         nkeys = len(keys.get(name, [naive.key]))
         for lo in range(0, len(times), batch):
             pipe = redis_client.pipeline(transaction=False)
-            for t in times[lo:lo + batch]:
+            for t in times[lo : lo + batch]:
                 pipe.execute_command("EVALSHA", script.sha, nkeys, *argv(t))
             if not all(pipe.execute()):
                 raise RuntimeError(f"{name} refused a charge: the bench limit is too low")
@@ -345,6 +396,7 @@ def fill_peers(url: str, run_id: str, times: list[float], batch: int) -> dict[st
 
 # ---- the benchmark --------------------------------------------------------------------------------
 
+
 class Bench:
     def __init__(self, url: str, sizes: Sizes, own_server: bool) -> None:
         self.url = url
@@ -357,8 +409,9 @@ class Bench:
         self.started = time.perf_counter()
 
     def budget(self, name: str, **options: Any) -> Budget:
-        return Budget(bench_scope(), RATES, redis=self.client, prefix=f"{self.run_id}-{name}", session_id=SESSION,
-                      **options)
+        return Budget(
+            bench_scope(), RATES, redis=self.client, prefix=f"{self.run_id}-{name}", session_id=SESSION, **options
+        )
 
     def say(self, what: str) -> None:
         print(f"  {time.perf_counter() - self.started:5.0f} s  {what}", file=sys.stderr, flush=True)
@@ -383,16 +436,19 @@ class Bench:
         self.raw["record_command_args"] = len(record_cmd)
         conn = self.client.connection_pool.get_connection()
         try:
-            self.raw["round_trips"] = interleave(self.sizes.rounds, {
-                "record": lambda: timed_server(self.client, record, n),
-                "trivial": lambda: timed_server(self.client, self.trivial, n),
-                "reserve_commit": lambda: timed_server(self.client, pair, n, ops_per_call=2),
-                # the same script call record() makes, sent straight through redis-py (no distbudget Python)
-                "raw_record": lambda: timed_server(self.client, lambda: script(keys=keys, args=argv), n),
-                "redis_flow": lambda: timed(lambda: canned.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n),
-                "pack_record": lambda: timed(lambda: conn.pack_command(*record_cmd), n),
-                "pack_trivial": lambda: timed(lambda: conn.pack_command(*trivial_cmd), n),
-            })
+            self.raw["round_trips"] = interleave(
+                self.sizes.rounds,
+                {
+                    "record": lambda: timed_server(self.client, record, n),
+                    "trivial": lambda: timed_server(self.client, self.trivial, n),
+                    "reserve_commit": lambda: timed_server(self.client, pair, n, ops_per_call=2),
+                    # the same script call record() makes, sent straight through redis-py (no distbudget Python)
+                    "raw_record": lambda: timed_server(self.client, lambda: script(keys=keys, args=argv), n),
+                    "redis_flow": lambda: timed(lambda: canned.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n),
+                    "pack_record": lambda: timed(lambda: conn.pack_command(*record_cmd), n),
+                    "pack_trivial": lambda: timed(lambda: conn.pack_command(*trivial_cmd), n),
+                },
+            )
         finally:
             self.client.connection_pool.release(conn)
 
@@ -401,11 +457,17 @@ class Bench:
         self.say("latency of record() and reserve()")
         b, n = self.budget("lat"), self.sizes.calls
         b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS)
-        self.raw["latency"] = interleave(self.sizes.rounds, {
-            "record": lambda: latencies(lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n),
-            "reserve": lambda: latencies(lambda: b.reserve("m", IN_TOKENS, OUT_TOKENS), n,
-                                         after=lambda hold: hold.commit(IN_TOKENS, OUT_TOKENS)),
-        })
+        self.raw["latency"] = interleave(
+            self.sizes.rounds,
+            {
+                "record": lambda: latencies(lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n),
+                "reserve": lambda: latencies(
+                    lambda: b.reserve("m", IN_TOKENS, OUT_TOKENS),
+                    n,
+                    after=lambda hold: hold.commit(IN_TOKENS, OUT_TOKENS),
+                ),
+            },
+        )
 
     # row 5: embedded engine vs the seed's architecture ------------------------------------------------
     def embedded(self) -> None:
@@ -427,8 +489,9 @@ class Bench:
             t = seed_tracker()
             return timed(lambda: t.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n)
 
-        self.raw["embedded"] = interleave(self.sizes.rounds, {
-            "distbudget": run_embedded, "seed": run_seed, "flow_only": run_flow})
+        self.raw["embedded"] = interleave(
+            self.sizes.rounds, {"distbudget": run_embedded, "seed": run_seed, "flow_only": run_flow}
+        )
 
     # rows 3, 4, 6: a simulated day of traffic ------------------------------------------------------
     def fill(self) -> None:
@@ -459,7 +522,7 @@ class Bench:
             b = self.budget("full", clock=lambda: clock[0])  # the injected clock walks the simulated day
             plan, usage = b.plan(SESSION, "m"), b.usage("m", IN_TOKENS, OUT_TOKENS)
             pipe = self.client.pipeline(transaction=False)
-            for t in times[lo:lo + batch]:
+            for t in times[lo : lo + batch]:
                 clock[0] = t
                 op, keys, args, _parse = wire("record", (plan, b.now_us(), usage, None, 0))
                 b.engine.scripts[op](keys=keys, args=args, client=pipe)
@@ -471,8 +534,9 @@ class Bench:
         zkeys = [k for k in self.raw["memory_distbudget"] if ":z:" in k]
         wkeys = [k for k in self.raw["memory_distbudget"] if ":w:" in k]
         self.raw["day_buckets"] = sum(self.client.zcard(k) for k in zkeys)
-        self.raw["window_hash"] = {k: {"fields": self.client.hlen(k),
-                                       "encoding": self.client.object("encoding", k).decode()} for k in wkeys}
+        self.raw["window_hash"] = {
+            k: {"fields": self.client.hlen(k), "encoding": self.client.object("encoding", k).decode()} for k in wkeys
+        }
 
     def peers(self) -> None:
         from limits.strategies import MovingWindowRateLimiter, SlidingWindowCounterRateLimiter
@@ -484,12 +548,15 @@ class Bench:
         naive = NaiveZsetBudget(self.client, naive_key(self.run_id))
         cost = (IN_TOKENS + OUT_TOKENS) // LIMITS_UNIT_TOKENS
         nano = full.usage("m", IN_TOKENS, OUT_TOKENS)[1]
-        self.raw["peers"] = interleave(self.sizes.rounds, {
-            "distbudget": lambda: timed(lambda: full.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n),
-            "limits_moving": lambda: timed(lambda: moving.hit(item, "mw", cost=cost), n),
-            "limits_sliding": lambda: timed(lambda: sliding.hit(item, "swc", cost=cost), n),
-            "naive": lambda: timed(lambda: naive.hit(IN_TOKENS + OUT_TOKENS, nano), n),
-        })
+        self.raw["peers"] = interleave(
+            self.sizes.rounds,
+            {
+                "distbudget": lambda: timed(lambda: full.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n),
+                "limits_moving": lambda: timed(lambda: moving.hit(item, "mw", cost=cost), n),
+                "limits_sliding": lambda: timed(lambda: sliding.hit(item, "swc", cost=cost), n),
+                "naive": lambda: timed(lambda: naive.hit(IN_TOKENS + OUT_TOKENS, nano), n),
+            },
+        )
         storage.get_connection().close()
         # the peers' big keys go now: the server figures and the fleet meet the server the others did
         for match in (f"{self.run_id}-naive:*", f"{self.run_id}-limits:*"):
@@ -505,10 +572,13 @@ class Bench:
             b = self.budget(f"empty{next(rnd)}")
             return timed_server(self.client, lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n)
 
-        self.raw["server_time"] = interleave(self.sizes.rounds, {
-            "empty": empty,
-            "full": lambda: timed_server(self.client, lambda: full.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n),
-        })
+        self.raw["server_time"] = interleave(
+            self.sizes.rounds,
+            {
+                "empty": empty,
+                "full": lambda: timed_server(self.client, lambda: full.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n),
+            },
+        )
 
     def fleet(self) -> None:
         self.say(f"fleet of {', '.join(map(str, FLEET_SIZES))} processes")
@@ -523,6 +593,7 @@ class Bench:
 
 
 # ---- the report -----------------------------------------------------------------------------------
+
 
 @dataclass
 class Row:
@@ -556,81 +627,200 @@ def build_rows(raw: dict[str, Any], sizes: Sizes) -> tuple[list[Row], list[str]]
     us = {k: 1e6 / med(v, "rate") for k, v in (("record", rec), ("trivial", triv))}
     cpu = {k: med(v, "cpu_us") for k, v in (("record", rec), ("trivial", triv))}
     srv = {k: med(v, "server_us") for k, v in (("record", rec), ("trivial", triv))}
-    rows.append(Row("1", "`record()` on Redis ÷ trivial `EVALSHA` (`return 1`), same client",
-                    [r1], f"{r1:.2f}×", "≥ 0.85", verdict(r1 >= 0.85),
-                    f"{n0(med(rec, 'rate'))} vs {n0(med(triv, 'rate'))} calls/s; "
-                    f"{us['record']:.1f} vs {us['trivial']:.1f} µs per call"))
+    rows.append(
+        Row(
+            "1",
+            "`record()` on Redis ÷ trivial `EVALSHA` (`return 1`), same client",
+            [r1],
+            f"{r1:.2f}×",
+            "≥ 0.85",
+            verdict(r1 >= 0.85),
+            f"{n0(med(rec, 'rate'))} vs {n0(med(triv, 'rate'))} calls/s; "
+            f"{us['record']:.1f} vs {us['trivial']:.1f} µs per call",
+        )
+    )
     r2 = med_ratio(pair, rec)
-    rows.append(Row("2", "`reserve()`+`commit()` pairs/s ÷ `record()`/s", [r2], f"{r2:.2f}×",
-                    "≈ 0.5 (2 round trips vs 1)", "as expected" if 0.4 <= r2 <= 0.6 else "note",
-                    f"{n0(med(pair, 'rate'))} pairs/s; server {med(pair, 'server_us'):.1f} µs per pair"))
+    rows.append(
+        Row(
+            "2",
+            "`reserve()`+`commit()` pairs/s ÷ `record()`/s",
+            [r2],
+            f"{r2:.2f}×",
+            "≈ 0.5 (2 round trips vs 1)",
+            "as expected" if 0.4 <= r2 <= 0.6 else "note",
+            f"{n0(med(pair, 'rate'))} pairs/s; server {med(pair, 'server_us'):.1f} µs per pair",
+        )
+    )
 
     st = raw["server_time"]
     empty, full = med(st["empty"], "server_us"), med(st["full"], "server_us")
     flat = med_ratio(st["full"], st["empty"], "server_us")
-    rows.append(Row("3a", "server µs per charge (`cmdstat_evalsha`), empty window", [empty], f"{empty:.1f} µs",
-                    "≤ 25 µs", verdict(empty <= 25), "session + day + per-model limits, fresh scope"))
-    rows.append(Row("3b", f"server µs per charge, {sizes.fill:,} charges in the day window", [full],
-                    f"{full:.1f} µs", "≤ 25 µs", verdict(full <= 25),
-                    f"{raw['day_buckets']} buckets in the day window; its hash: "
-                    + ", ".join(f"{h['fields']} fields, {h['encoding']}" for h in raw["window_hash"].values())))
-    rows.append(Row("3c", "server time, full ÷ empty window", [flat], f"{flat:.2f}×", "0.90–1.10 (flat ±10 %)",
-                    verdict(0.9 <= flat <= 1.1), "median of per-round ratios"))
-    rows.append(Row("3d", "server µs per trivial `EVALSHA` (reference)", [srv["trivial"]],
-                    f"{srv['trivial']:.1f} µs", "—", "—", "the floor of any script call"))
+    rows.append(
+        Row(
+            "3a",
+            "server µs per charge (`cmdstat_evalsha`), empty window",
+            [empty],
+            f"{empty:.1f} µs",
+            "≤ 25 µs",
+            verdict(empty <= 25),
+            "session + day + per-model limits, fresh scope",
+        )
+    )
+    rows.append(
+        Row(
+            "3b",
+            f"server µs per charge, {sizes.fill:,} charges in the day window",
+            [full],
+            f"{full:.1f} µs",
+            "≤ 25 µs",
+            verdict(full <= 25),
+            f"{raw['day_buckets']} buckets in the day window; its hash: "
+            + ", ".join(f"{h['fields']} fields, {h['encoding']}" for h in raw["window_hash"].values()),
+        )
+    )
+    rows.append(
+        Row(
+            "3c",
+            "server time, full ÷ empty window",
+            [flat],
+            f"{flat:.2f}×",
+            "0.90–1.10 (flat ±10 %)",
+            verdict(0.9 <= flat <= 1.1),
+            "median of per-round ratios",
+        )
+    )
+    rows.append(
+        Row(
+            "3d",
+            "server µs per trivial `EVALSHA` (reference)",
+            [srv["trivial"]],
+            f"{srv['trivial']:.1f} µs",
+            "—",
+            "—",
+            "the floor of any script call",
+        )
+    )
 
     mem = raw["memory_distbudget"]
     total = sum(mem.values())
     parts = ", ".join(f"`{k.split(':', 2)[2]}` {kb(v)}" for k, v in mem.items())
-    rows.append(Row("4", f"memory per scope after {sizes.fill:,} charges over a simulated day", [total], kb(total),
-                    "≤ 64 KB", verdict(total <= MEMORY_TARGET), f"{len(mem)} keys: {parts}"))
+    rows.append(
+        Row(
+            "4",
+            f"memory per scope after {sizes.fill:,} charges over a simulated day",
+            [total],
+            kb(total),
+            "≤ 64 KB",
+            verdict(total <= MEMORY_TARGET),
+            f"{len(mem)} keys: {parts}",
+        )
+    )
 
     emb = raw["embedded"]
     r5 = med_ratio(emb["distbudget"], emb["seed"])
-    rows.append(Row("5", "embedded `record()` ÷ dict-and-lock tracker (agent-budget's design)", [r5], f"{r5:.2f}×",
-                    "≥ 1.0", verdict(r5 >= 1.0),
-                    f"{n0(med(emb['distbudget'], 'rate'))} vs {n0(med(emb['seed'], 'rate'))} calls/s"))
+    rows.append(
+        Row(
+            "5",
+            "embedded `record()` ÷ dict-and-lock tracker (agent-budget's design)",
+            [r5],
+            f"{r5:.2f}×",
+            "≥ 1.0",
+            verdict(r5 >= 1.0),
+            f"{n0(med(emb['distbudget'], 'rate'))} vs {n0(med(emb['seed'], 'rate'))} calls/s",
+        )
+    )
 
     pe = raw["peers"]
     ref = med(pe["distbudget"], "rate")
     n = sizes.fill
     for rid, key, name, mem_key, how in (
-        ("6a", "distbudget", "distbudget `record()` (4 limits, one script)", "memory_distbudget",
-         f"bounded: {raw['day_buckets']} buckets in the day window, whatever the traffic"),
-        ("6b", "limits_moving", "`limits` MovingWindowRateLimiter, `hit(cost=5)`", "memory_limits_moving",
-         f"one list entry per unit ({LIMITS_UNIT_TOKENS} tokens): grows with traffic × cost until the limit "
-         "(trimmed by count, not time)"),
-        ("6c", "limits_sliding", "`limits` SlidingWindowCounterRateLimiter, `hit(cost=5)`",
-         "memory_limits_sliding", "fixed: 2 counters; the window is approximated (previous window weighted)"),
-        ("6d", "naive", "naive sorted set, one member per call (ZADD/ZREMRANGEBYSCORE/ZCARD/PEXPIRE)",
-         "memory_naive", "one member per call: grows with traffic"),
+        (
+            "6a",
+            "distbudget",
+            "distbudget `record()` (4 limits, one script)",
+            "memory_distbudget",
+            f"bounded: {raw['day_buckets']} buckets in the day window, whatever the traffic",
+        ),
+        (
+            "6b",
+            "limits_moving",
+            "`limits` MovingWindowRateLimiter, `hit(cost=5)`",
+            "memory_limits_moving",
+            f"one list entry per unit ({LIMITS_UNIT_TOKENS} tokens): grows with traffic × cost until the limit "
+            "(trimmed by count, not time)",
+        ),
+        (
+            "6c",
+            "limits_sliding",
+            "`limits` SlidingWindowCounterRateLimiter, `hit(cost=5)`",
+            "memory_limits_sliding",
+            "fixed: 2 counters; the window is approximated (previous window weighted)",
+        ),
+        (
+            "6d",
+            "naive",
+            "naive sorted set, one member per call (ZADD/ZREMRANGEBYSCORE/ZCARD/PEXPIRE)",
+            "memory_naive",
+            "one member per call: grows with traffic",
+        ),
     ):
         rate = med(pe[key], "rate")
         size = sum(raw[mem_key].values())
-        speed = (f"{med_ratio(pe[key], pe['distbudget']):.2f}× distbudget's calls/s" if key != "distbudget"
-                 else "the reference for the ratios below")
-        rows.append(Row(rid, name, [rate, size], f"{n0(rate)} calls/s · {kb(size)}", "—", "—",
-                        f"{speed}; {size / n:,.1f} B per charge after {n:,}; {how}"))
-    notes.append(f"Row 6: every contender charges the same {n:,} calls (500 tokens each) spread over a simulated "
-                 f"24 h ending when the fill starts (each contender's own script, pipelined), then is timed "
-                 f"calling its own API on those keys (distbudget: {n0(ref)} calls/s). One `limits` call enforces "
-                 "one limit; distbudget's record() charges and checks session tokens, session cost, day cost and "
-                 "model tokens in its one round trip. The naive script only counts calls (ZCARD): summing tokens "
-                 "or cost would read every member on every call.")
+        speed = (
+            f"{med_ratio(pe[key], pe['distbudget']):.2f}× distbudget's calls/s"
+            if key != "distbudget"
+            else "the reference for the ratios below"
+        )
+        rows.append(
+            Row(
+                rid,
+                name,
+                [rate, size],
+                f"{n0(rate)} calls/s · {kb(size)}",
+                "—",
+                "—",
+                f"{speed}; {size / n:,.1f} B per charge after {n:,}; {how}",
+            )
+        )
+    notes.append(
+        f"Row 6: every contender charges the same {n:,} calls (500 tokens each) spread over a simulated "
+        f"24 h ending when the fill starts (each contender's own script, pipelined), then is timed "
+        f"calling its own API on those keys (distbudget: {n0(ref)} calls/s). One `limits` call enforces "
+        "one limit; distbudget's record() charges and checks session tokens, session cost, day cost and "
+        "model tokens in its one round trip. The naive script only counts calls (ZCARD): summing tokens "
+        "or cost would read every member on every call."
+    )
 
     fl = raw["fleet"]
     for size in FLEET_SIZES:
         recs, trivs = fl[size]["record"], fl[size]["trivial"]
         ratio = statistics.median(a / b for a, b in zip(recs, trivs, strict=True))
-        rows.append(Row(f"7.{size}", f"fleet, {size} process{'es' if size > 1 else ''}: charges/s ÷ trivial "
-                        "`EVALSHA`/s", [ratio], f"{ratio:.2f}×", "—", "—",
-                        f"{n0(statistics.median(recs))} vs {n0(statistics.median(trivs))} calls/s aggregate"))
+        rows.append(
+            Row(
+                f"7.{size}",
+                f"fleet, {size} process{'es' if size > 1 else ''}: charges/s ÷ trivial `EVALSHA`/s",
+                [ratio],
+                f"{ratio:.2f}×",
+                "—",
+                "—",
+                f"{n0(statistics.median(recs))} vs {n0(statistics.median(trivs))} calls/s aggregate",
+            )
+        )
 
     lat = raw["latency"]
     for rid, key in (("8a", "record"), ("8b", "reserve")):
         p50, p99 = med(lat[key], "p50"), med(lat[key], "p99")
-        rows.append(Row(rid, f"latency of `{key}()`, single client: p50 / p99", [p50, p99],
-                        f"{p50:.0f} / {p99:.0f} µs", "—", "—", f"{sizes.calls:,} calls per round"))
+        rows.append(
+            Row(
+                rid,
+                f"latency of `{key}()`, single client: p50 / p99",
+                [p50, p99],
+                f"{p50:.0f} / {p99:.0f} µs",
+                "—",
+                "—",
+                f"{sizes.calls:,} calls per round",
+            )
+        )
 
     raw_call = rt["raw_record"]
     gap = us["record"] - us["trivial"]
@@ -678,7 +868,7 @@ def environment(client: Any, url: str, own_server: bool) -> dict[str, str]:
         "python": platform.python_version(),
         "cpu": f"{cpu} × {os.cpu_count()} logical cores",
         "redis": client.info("server")["redis_version"],
-        "server": "own redis-server on loopback (--save \"\" --appendonly no)" if own_server else url,
+        "server": 'own redis-server on loopback (--save "" --appendonly no)' if own_server else url,
         "redis-py": version("redis"),
         "limits": version("limits"),
         "distbudget": version("distbudget"),
@@ -722,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     started = time.perf_counter()
 
-    with (own_redis() if args.redis is None else _given(args.redis)) as url:
+    with own_redis() if args.redis is None else _given(args.redis) as url:
         bench = Bench(url, sizes, own_server=args.redis is None)
         try:
             env = environment(bench.client, url, bench.own_server)
@@ -742,9 +932,14 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print(f"(written to {args.out}; {time.perf_counter() - started:.0f} s)", file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "sizes": asdict(sizes), "raw": bench.raw,
-                                         "rows": [asdict(r) for r in rows]}, indent=1, default=str),
-                             encoding="utf-8")
+        args.json.write_text(
+            json.dumps(
+                {"environment": env, "sizes": asdict(sizes), "raw": bench.raw, "rows": [asdict(r) for r in rows]},
+                indent=1,
+                default=str,
+            ),
+            encoding="utf-8",
+        )
     return 0
 
 

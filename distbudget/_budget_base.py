@@ -75,10 +75,10 @@ class BudgetCore:
         self.sleep = sleep
         self.session_ttl_ms = int(_seconds(session_ttl, "session_ttl") * 1000)
         self.hold_ttl_us = int(_seconds(hold_ttl, "hold_ttl") * P.US)
-        longest = max([lim.window for s in chain for lim in s.all_limits() if isinstance(lim.window, int)],
-                      default=0)
-        self.request_ttl_ms = int(_seconds(request_ttl, "request_ttl") * 1000) if request_ttl else \
-            max(longest, 86400) * 1000
+        longest = max([lim.window for s in chain for lim in s.all_limits() if isinstance(lim.window, int)], default=0)
+        self.request_ttl_ms = (
+            int(_seconds(request_ttl, "request_ttl") * 1000) if request_ttl else max(longest, 86400) * 1000
+        )
         self._fixed_session = session_id
         self._last_session: str | None = None
         self._plans: dict[tuple[str, str | None], P.Plan] = {}
@@ -121,12 +121,18 @@ class BudgetCore:
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.clear()
-            plan = self._plans[key] = P.build_plan(self.scope, session_id, model, self.keyspace,
-                                                   self.session_ttl_ms)
+            plan = self._plans[key] = P.build_plan(self.scope, session_id, model, self.keyspace, self.session_ttl_ms)
         return plan
 
-    def usage(self, model: str, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0,
-              cache_write_tokens: int = 0, reasoning_tokens: int = 0) -> tuple[int, int, int]:
+    def usage(
+        self,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> tuple[int, int, int]:
         """Validated (tokens, nano-USD, requests) of one call."""
         check_name(model, "model")
         check_tokens(input_tokens, "input_tokens")
@@ -135,7 +141,8 @@ class BudgetCore:
         check_tokens(cache_write_tokens, "cache_write_tokens")
         check_tokens(reasoning_tokens, "reasoning_tokens")
         cost = self.prices.rates_for(model).cost_nano(
-            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
+            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+        )
         return input_tokens + output_tokens, cost, 1
 
     def worst_case(self, model: str, input_tokens: int, max_output_tokens: int) -> tuple[int, int, int]:
@@ -160,8 +167,9 @@ class BudgetCore:
     def _display(lim: P.LimitSpec, amount: int) -> float:
         return nano_to_usd(amount) if lim.metric == P.COST else amount
 
-    def _exceeded_error(self, plan: P.Plan, i: int, amount: int, retry_us: int = -1,
-                        record: UsageRecord | None = None) -> BudgetExceededError:
+    def _exceeded_error(
+        self, plan: P.Plan, i: int, amount: int, retry_us: int = -1, record: UsageRecord | None = None
+    ) -> BudgetExceededError:
         lim = plan.limits[i]
         used, limit = self._display(lim, amount), self._display(lim, lim.value)
         verb = "is over" if record is not None else "would exceed"
@@ -179,8 +187,20 @@ class BudgetCore:
             limit = self._display(lim, lim.value)
             lvl = AlertLevel.WARNING if level == P.WARNING else AlertLevel.CRITICAL
             msg = alert_message(lvl, lim.scope, lim.limit_type, used, limit)
-            out.append(BudgetAlert(lim.scope, lvl, msg, used, limit, result.now_us / P.US, lim.limit_type,
-                                   session_id=plan.session_id, model=model, alert_id=alert_id))
+            out.append(
+                BudgetAlert(
+                    lim.scope,
+                    lvl,
+                    msg,
+                    used,
+                    limit,
+                    result.now_us / P.US,
+                    lim.limit_type,
+                    session_id=plan.session_id,
+                    model=model,
+                    alert_id=alert_id,
+                )
+            )
         return out
 
     def _dispatch(self, alerts: list[BudgetAlert]) -> None:
@@ -193,17 +213,48 @@ class BudgetCore:
                 except Exception:  # a broken callback must never break accounting
                     log.exception("distbudget alert callback %r failed", cb)
 
-    def finish_charge(self, plan: P.Plan, result: P.ChargeResult, model: str, usage: tuple[int, int, int],
-                      input_tokens: int, output_tokens: int, metadata: dict[str, Any] | None,
-                      request_id: str | None, over_hold: bool = False) -> UsageRecord:
+    def finish_charge(
+        self,
+        plan: P.Plan,
+        result: P.ChargeResult,
+        model: str,
+        usage: tuple[int, int, int],
+        input_tokens: int,
+        output_tokens: int,
+        metadata: dict[str, Any] | None,
+        request_id: str | None,
+        over_hold: bool = False,
+    ) -> UsageRecord:
         """Turn an engine's charge answer into the record; fire alerts; raise/warn if over a limit."""
         if result.original is not None:
             ts, _tok, cost = result.original
-            return UsageRecord(plan.session_id, model, input_tokens, output_tokens, nano_to_usd(cost),
-                               ts / P.US, dict(metadata or {}), self.name, cost, request_id, over_hold, True)
-        record = UsageRecord(plan.session_id, model, input_tokens, output_tokens, nano_to_usd(usage[1]),
-                             result.now_us / P.US, dict(metadata or {}), self.name, usage[1], request_id,
-                             over_hold)
+            return UsageRecord(
+                plan.session_id,
+                model,
+                input_tokens,
+                output_tokens,
+                nano_to_usd(cost),
+                ts / P.US,
+                dict(metadata or {}),
+                self.name,
+                cost,
+                request_id,
+                over_hold,
+                True,
+            )
+        record = UsageRecord(
+            plan.session_id,
+            model,
+            input_tokens,
+            output_tokens,
+            nano_to_usd(usage[1]),
+            result.now_us / P.US,
+            dict(metadata or {}),
+            self.name,
+            usage[1],
+            request_id,
+            over_hold,
+        )
         with self._local_lock:
             self._records.append(record)
         if result.alerts:
@@ -235,7 +286,7 @@ class BudgetCore:
 
     def make_summary(self, plan: P.Plan, result: P.SummaryResult) -> dict[str, Any]:
         def view(counter: int) -> dict[str, Any]:
-            t = result.totals[3 * counter: 3 * counter + 3]
+            t = result.totals[3 * counter : 3 * counter + 3]
             return {"tokens": t[0], "cost_usd": nano_to_usd(t[1]), "requests": t[2]}
 
         per_model: dict[str, dict[str, Any]] = {}
@@ -293,11 +344,21 @@ class BudgetCore:
         result = yield "check", (plan, self.now_us(), usage)
         return self.finish_admit(plan, result, usage)
 
-    def record_flow(self, session_id: str | None, model: str, input_tokens: int, output_tokens: int,
-                    metadata: dict[str, Any] | None, request_id: str | None, cached_input_tokens: int,
-                    cache_write_tokens: int, reasoning_tokens: int) -> Flow[UsageRecord]:
-        usage = self.usage(model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,
-                           reasoning_tokens)
+    def record_flow(
+        self,
+        session_id: str | None,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        metadata: dict[str, Any] | None,
+        request_id: str | None,
+        cached_input_tokens: int,
+        cache_write_tokens: int,
+        reasoning_tokens: int,
+    ) -> Flow[UsageRecord]:
+        usage = self.usage(
+            model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+        )
         if metadata is not None and not isinstance(metadata, dict):
             raise TypeError("metadata must be a dict")
         rkey = self.request_key(request_id)
@@ -305,8 +366,15 @@ class BudgetCore:
         result = yield "record", (plan, self.now_us(), usage, rkey, self.request_ttl_ms)
         return self.finish_charge(plan, result, model, usage, input_tokens, output_tokens, metadata, request_id)
 
-    def reserve_flow(self, model: str, input_tokens: int, max_output_tokens: int, session_id: str | None,
-                     request_id: str | None, ttl: float | None) -> Flow[Hold]:
+    def reserve_flow(
+        self,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        session_id: str | None,
+        request_id: str | None,
+        ttl: float | None,
+    ) -> Flow[Hold]:
         usage = self.worst_case(model, input_tokens, max_output_tokens)
         ttl_us = self.hold_ttl_us if ttl is None else int(_seconds(ttl, "ttl") * P.US)
         self.request_key(request_id)
@@ -316,23 +384,41 @@ class BudgetCore:
         admitted = self.finish_admit(plan, result, usage)
         return Hold(plan, model, usage, hold_id, request_id, admitted)
 
-    def acquire_flow(self, model: str, input_tokens: int, max_output_tokens: int, timeout: float,
-                     session_id: str | None, request_id: str | None, ttl: float | None) -> Flow[Hold]:
+    def acquire_flow(
+        self,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        timeout: float,
+        session_id: str | None,
+        request_id: str | None,
+        ttl: float | None,
+    ) -> Flow[Hold]:
         deadline = self.monotonic() + _seconds(timeout, "timeout")
         while True:
             try:
-                return (yield from self.reserve_flow(model, input_tokens, max_output_tokens, session_id,
-                                                     request_id, ttl))
+                return (
+                    yield from self.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
+                )
             except BudgetExceededError as err:
                 wait = err.retry_after
                 if wait is None or self.monotonic() + wait > deadline:
                     raise
                 yield "sleep", (wait,)
 
-    def commit_flow(self, hold: Hold, input_tokens: int, output_tokens: int, metadata: dict[str, Any] | None,
-                    cached_input_tokens: int, cache_write_tokens: int, reasoning_tokens: int) -> Flow[UsageRecord]:
-        usage = self.usage(hold.model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,
-                           reasoning_tokens)
+    def commit_flow(
+        self,
+        hold: Hold,
+        input_tokens: int,
+        output_tokens: int,
+        metadata: dict[str, Any] | None,
+        cached_input_tokens: int,
+        cache_write_tokens: int,
+        reasoning_tokens: int,
+    ) -> Flow[UsageRecord]:
+        usage = self.usage(
+            hold.model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+        )
         if hold.record is not None:
             raise InvalidInputError("reservation already committed")
         rkey = self.request_key(hold.request_id)
@@ -340,8 +426,17 @@ class BudgetCore:
         hold.open = False
         over = usage[0] > hold.held[0] or usage[1] > hold.held[1]
         try:
-            hold.record = self.finish_charge(hold.plan, result, hold.model, usage, input_tokens, output_tokens,
-                                             metadata, hold.request_id, over_hold=over)
+            hold.record = self.finish_charge(
+                hold.plan,
+                result,
+                hold.model,
+                usage,
+                input_tokens,
+                output_tokens,
+                metadata,
+                hold.request_id,
+                over_hold=over,
+            )
         except BudgetExceededError as err:
             hold.record = err.record
             raise
@@ -361,7 +456,6 @@ class BudgetCore:
     def reset_session_flow(self, session_id: str | None) -> Flow[None]:
         sid = self._session(session_id, False)
         yield "delete", ([self.keyspace.session(self.name, sid)],)
-
 
     # ---- local state ----------------------------------------------------------------------------
 
@@ -389,8 +483,9 @@ class Hold:
 
     __slots__ = ("admitted", "held", "hold_id", "model", "open", "plan", "record", "request_id")
 
-    def __init__(self, plan: P.Plan, model: str, held: tuple[int, int, int], hold_id: str,
-                 request_id: str | None, admitted: bool) -> None:
+    def __init__(
+        self, plan: P.Plan, model: str, held: tuple[int, int, int], hold_id: str, request_id: str | None, admitted: bool
+    ) -> None:
         self.plan = plan
         self.model = model
         self.held = held

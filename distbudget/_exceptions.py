@@ -1,12 +1,12 @@
 """The exception tree of distbudget.
 
-    DistBudgetError                      root: catch this to catch everything below
-    ├── BudgetExceededError              a call was refused or usage went over a limit
-    ├── UnknownModelError (+ KeyError)   no price for a model and no fallback rates given
-    ├── InvalidInputError (+ ValueError) bad tokens, names, limits; raised before anything is written
-    └── BackendError                     Redis failed (connection, timeout, script error); wraps the cause
+DistBudgetError                      root: catch this to catch everything below
+├── BudgetExceededError              a call was refused or usage went over a limit
+├── UnknownModelError (+ KeyError)   no price for a model and no fallback rates given
+├── InvalidInputError (+ ValueError) bad tokens, names, limits; raised before anything is written
+└── BackendError                     Redis failed (connection, timeout, script error); wraps the cause
 
-    BudgetWarning (UserWarning)          emitted with ``warnings.warn`` when ``hard_stop=False``
+BudgetWarning (UserWarning)          emitted with ``warnings.warn`` when ``hard_stop=False``
 """
 
 from __future__ import annotations
@@ -50,16 +50,22 @@ class BudgetExceededError(DistBudgetError):
         self.record = record
 
     def __reduce__(self) -> tuple[object, ...]:  # picklable across processes
-        return (_rebuild_exceeded, (self.message, self.scope, self.limit_type, self.used, self.limit,
-                                    self.retry_after, self.record))
+        return (
+            _rebuild_exceeded,
+            (self.message, self.scope, self.limit_type, self.used, self.limit, self.retry_after, self.record),
+        )
 
 
-def _rebuild_exceeded(*args: object) -> BudgetExceededError:
-    message, scope, limit_type, used, limit, retry_after, record = args
-    return BudgetExceededError(
-        message, scope, limit_type, used, limit,  # type: ignore[arg-type]
-        retry_after=retry_after, record=record,  # type: ignore[arg-type]
-    )
+def _rebuild_exceeded(
+    message: str,
+    scope: str,
+    limit_type: str,
+    used: float,
+    limit: float,
+    retry_after: float | None,
+    record: UsageRecord | None,
+) -> BudgetExceededError:
+    return BudgetExceededError(message, scope, limit_type, used, limit, retry_after=retry_after, record=record)
 
 
 class UnknownModelError(DistBudgetError, KeyError):

@@ -46,9 +46,15 @@ def alert_from_payload(data: dict[str, Any], alert_id: str | None = None) -> Bud
     display_limit: float = nano_to_usd(limit) if data["metric"] == "cost" else limit
     msg = alert_message(level, data["scope"], data["limit_type"], display_used, display_limit)
     return BudgetAlert(
-        scope=data["scope"], level=level, message=msg, used=display_used, limit=display_limit,
-        timestamp=int(data["ts_us"]) / 1e6, limit_type=data["limit_type"],
-        session_id=data.get("session_id"), model=data.get("model"),
+        scope=data["scope"],
+        level=level,
+        message=msg,
+        used=display_used,
+        limit=display_limit,
+        timestamp=int(data["ts_us"]) / 1e6,
+        limit_type=data["limit_type"],
+        session_id=data.get("session_id"),
+        model=data.get("model"),
         alert_id=alert_id or data.get("id"),
     )
 
@@ -60,8 +66,9 @@ def _text(value: Any) -> str:
 class _ListenerBase:
     """Which streams to read and where each one is (shared by the sync and async listeners)."""
 
-    def __init__(self, prefix: str, scopes: list[str] | None, last_ids: dict[str, str] | None,
-                 block_ms: int, from_start: bool) -> None:
+    def __init__(
+        self, prefix: str, scopes: list[str] | None, last_ids: dict[str, str] | None, block_ms: int, from_start: bool
+    ) -> None:
         self.index_key = alert_index_key(prefix)
         self.scopes = None if scopes is None else set(scopes)
         self.last_ids: dict[str, str] = dict(last_ids or {})
@@ -103,9 +110,15 @@ class AlertListener(_ListenerBase):
     backoff; nothing is skipped, nothing delivered twice.
     """
 
-    def __init__(self, redis: Any = "redis://127.0.0.1:6379/0", prefix: str = "distbudget",
-                 scopes: list[str] | None = None, last_ids: dict[str, str] | None = None,
-                 block_ms: int = 1000, from_start: bool = True) -> None:
+    def __init__(
+        self,
+        redis: Any = "redis://127.0.0.1:6379/0",
+        prefix: str = "distbudget",
+        scopes: list[str] | None = None,
+        last_ids: dict[str, str] | None = None,
+        block_ms: int = 1000,
+        from_start: bool = True,
+    ) -> None:
         super().__init__(prefix, scopes, last_ids, block_ms, from_start)
         self.client = _sync_client(redis)
         self._thread: threading.Thread | None = None
@@ -155,9 +168,15 @@ class AlertListener(_ListenerBase):
 class AsyncAlertListener(_ListenerBase):
     """``async for alert in AsyncAlertListener(redis=...)``; cancel the task (or ``stop()``) to end."""
 
-    def __init__(self, redis: Any = "redis://127.0.0.1:6379/0", prefix: str = "distbudget",
-                 scopes: list[str] | None = None, last_ids: dict[str, str] | None = None,
-                 block_ms: int = 1000, from_start: bool = True) -> None:
+    def __init__(
+        self,
+        redis: Any = "redis://127.0.0.1:6379/0",
+        prefix: str = "distbudget",
+        scopes: list[str] | None = None,
+        last_ids: dict[str, str] | None = None,
+        block_ms: int = 1000,
+        from_start: bool = True,
+    ) -> None:
         super().__init__(prefix, scopes, last_ids, block_ms, from_start)
         self.client = redis if not isinstance(redis, str) else _async_client(redis)
 
@@ -207,8 +226,9 @@ class WebhookSink:
     """POST each alert as JSON to ``url`` (``slack=True``: a Slack-compatible ``{"text": ...}``),
     with a timeout and retries with backoff. Use as a callback: ``listener.start(WebhookSink(url))``."""
 
-    def __init__(self, url: str, *, slack: bool = False, timeout: float = 5.0, retries: int = 3,
-                 backoff: float = 0.5) -> None:
+    def __init__(
+        self, url: str, *, slack: bool = False, timeout: float = 5.0, retries: int = 3, backoff: float = 0.5
+    ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError("webhook url must be http:// or https://")
         self.url, self.slack, self.timeout, self.retries, self.backoff = url, slack, timeout, retries, backoff
@@ -217,16 +237,25 @@ class WebhookSink:
         if self.slack:
             return {"text": f"[{alert.level.value.upper()}] {alert.message}"}
         return {
-            "id": alert.alert_id, "scope": alert.scope, "level": alert.level.value, "limit_type": alert.limit_type,
-            "used": alert.used, "limit": alert.limit, "pct": alert.pct, "session_id": alert.session_id,
-            "model": alert.model, "timestamp": alert.timestamp, "message": alert.message,
+            "id": alert.alert_id,
+            "scope": alert.scope,
+            "level": alert.level.value,
+            "limit_type": alert.limit_type,
+            "used": alert.used,
+            "limit": alert.limit,
+            "pct": alert.pct,
+            "session_id": alert.session_id,
+            "model": alert.model,
+            "timestamp": alert.timestamp,
+            "message": alert.message,
         }
 
     def __call__(self, alert: BudgetAlert) -> bool:
         data = json.dumps(self.body(alert)).encode()
         for attempt in range(self.retries + 1):
-            request = urllib.request.Request(self.url, data=data, method="POST",
-                                             headers={"Content-Type": "application/json"})
+            request = urllib.request.Request(
+                self.url, data=data, method="POST", headers={"Content-Type": "application/json"}
+            )
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout) as response:
                     if 200 <= response.status < 300:

@@ -53,8 +53,15 @@ class Budget(BudgetCore):
     client. ``clock``: a testing hook returning seconds; ``None`` uses the server's time.
     """
 
-    def __init__(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None = None, *,
-                 redis: Any = None, _engine: Any = None, **options: Any) -> None:
+    def __init__(
+        self,
+        scope: BudgetScope,
+        rates: Mapping[str, ModelRates] | None = None,
+        *,
+        redis: Any = None,
+        _engine: Any = None,
+        **options: Any,
+    ) -> None:
         super().__init__(scope, rates, **options)
         self.engine = _engine if _engine is not None else make_engine(redis)
 
@@ -78,25 +85,63 @@ class Budget(BudgetCore):
         """Would this call fit now? Records nothing. Advisory under concurrency: use ``reserve``."""
         return self._drive(self.check_flow(model, input_tokens, output_tokens, session_id))
 
-    def record(self, session_id: str | None, model: str, input_tokens: int, output_tokens: int,
-               metadata: dict[str, Any] | None = None, request_id: str | None = None, *,
-               cached_input_tokens: int = 0, cache_write_tokens: int = 0, reasoning_tokens: int = 0) -> UsageRecord:
+    def record(
+        self,
+        session_id: str | None,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        metadata: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        *,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> UsageRecord:
         """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit."""
-        return self._drive(self.record_flow(session_id, model, input_tokens, output_tokens, metadata, request_id,
-                                            cached_input_tokens, cache_write_tokens, reasoning_tokens))
+        return self._drive(
+            self.record_flow(
+                session_id,
+                model,
+                input_tokens,
+                output_tokens,
+                metadata,
+                request_id,
+                cached_input_tokens,
+                cache_write_tokens,
+                reasoning_tokens,
+            )
+        )
 
-    def reserve(self, model: str, input_tokens: int, max_output_tokens: int, session_id: str | None = None,
-                request_id: str | None = None, ttl: float | None = None) -> Reservation:
+    def reserve(
+        self,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        ttl: float | None = None,
+    ) -> Reservation:
         """Hold the worst case against every limit atomically, or raise having held nothing."""
         hold = self._drive(self.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl))
         return Reservation(self, hold)
 
-    def acquire(self, model: str, input_tokens: int, max_output_tokens: int, *, timeout: float = 60.0,
-                session_id: str | None = None, request_id: str | None = None, ttl: float | None = None) -> Reservation:
+    def acquire(
+        self,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        *,
+        timeout: float = 60.0,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        ttl: float | None = None,
+    ) -> Reservation:
         """``reserve``, waiting on rolling windows (sleeping ``retry_after``) for up to ``timeout``
         seconds. Raises at once when no window will free room by itself (the budget is spent)."""
-        hold = self._drive(self.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id,
-                                             request_id, ttl))
+        hold = self._drive(
+            self.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id, request_id, ttl)
+        )
         return Reservation(self, hold)
 
     def summary(self, session_id: str | None = None) -> dict[str, Any]:
@@ -114,11 +159,28 @@ class Reservation(ReservationBase):
 
     budget: Budget
 
-    def commit(self, input_tokens: int, output_tokens: int, metadata: dict[str, Any] | None = None, *,
-               cached_input_tokens: int = 0, cache_write_tokens: int = 0, reasoning_tokens: int = 0) -> UsageRecord:
+    def commit(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        metadata: dict[str, Any] | None = None,
+        *,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> UsageRecord:
         """Free the hold and charge the actual usage in one step (charged even above the hold)."""
-        return self.budget._drive(self.budget.commit_flow(self.hold, input_tokens, output_tokens, metadata,
-                                                          cached_input_tokens, cache_write_tokens, reasoning_tokens))
+        return self.budget._drive(
+            self.budget.commit_flow(
+                self.hold,
+                input_tokens,
+                output_tokens,
+                metadata,
+                cached_input_tokens,
+                cache_write_tokens,
+                reasoning_tokens,
+            )
+        )
 
     def release(self) -> bool:
         """Free the hold; True if it was still live."""
@@ -135,8 +197,15 @@ class AsyncBudget(BudgetCore):
     """The asyncio twin of :class:`Budget`: the same methods as coroutines (``estimate`` stays
     sync: it does no I/O). ``redis``: ``None``, a URL, or a ``redis.asyncio`` client."""
 
-    def __init__(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None = None, *,
-                 redis: Any = None, _engine: Any = None, **options: Any) -> None:
+    def __init__(
+        self,
+        scope: BudgetScope,
+        rates: Mapping[str, ModelRates] | None = None,
+        *,
+        redis: Any = None,
+        _engine: Any = None,
+        **options: Any,
+    ) -> None:
         super().__init__(scope, rates, **options)
         self.engine = _engine if _engine is not None else make_async_engine(redis)
 
@@ -158,30 +227,65 @@ class AsyncBudget(BudgetCore):
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
 
-    async def check(self, model: str, input_tokens: int, output_tokens: int = 0,
-                    session_id: str | None = None) -> bool:
+    async def check(self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None) -> bool:
         return await self._drive(self.check_flow(model, input_tokens, output_tokens, session_id))
 
-    async def record(self, session_id: str | None, model: str, input_tokens: int, output_tokens: int,
-                     metadata: dict[str, Any] | None = None, request_id: str | None = None, *,
-                     cached_input_tokens: int = 0, cache_write_tokens: int = 0,
-                     reasoning_tokens: int = 0) -> UsageRecord:
-        return await self._drive(self.record_flow(session_id, model, input_tokens, output_tokens, metadata,
-                                                  request_id, cached_input_tokens, cache_write_tokens,
-                                                  reasoning_tokens))
+    async def record(
+        self,
+        session_id: str | None,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        metadata: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        *,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> UsageRecord:
+        return await self._drive(
+            self.record_flow(
+                session_id,
+                model,
+                input_tokens,
+                output_tokens,
+                metadata,
+                request_id,
+                cached_input_tokens,
+                cache_write_tokens,
+                reasoning_tokens,
+            )
+        )
 
-    def reserve(self, model: str, input_tokens: int, max_output_tokens: int, session_id: str | None = None,
-                request_id: str | None = None, ttl: float | None = None) -> PendingReservation:
+    def reserve(
+        self,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        ttl: float | None = None,
+    ) -> PendingReservation:
         """``r = await budget.reserve(...)`` or ``async with budget.reserve(...) as r:``."""
-        return PendingReservation(self, self.reserve_flow(model, input_tokens, max_output_tokens, session_id,
-                                                          request_id, ttl))
+        return PendingReservation(
+            self, self.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
+        )
 
-    def acquire(self, model: str, input_tokens: int, max_output_tokens: int, *, timeout: float = 60.0,
-                session_id: str | None = None, request_id: str | None = None,
-                ttl: float | None = None) -> PendingReservation:
+    def acquire(
+        self,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        *,
+        timeout: float = 60.0,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        ttl: float | None = None,
+    ) -> PendingReservation:
         """``reserve``, waiting on rolling windows; awaitable and an async context manager."""
-        return PendingReservation(self, self.acquire_flow(model, input_tokens, max_output_tokens, timeout,
-                                                          session_id, request_id, ttl))
+        return PendingReservation(
+            self, self.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id, request_id, ttl)
+        )
 
     async def summary(self, session_id: str | None = None) -> dict[str, Any]:
         return await self._drive(self.summary_flow(session_id))
@@ -195,12 +299,27 @@ class AsyncReservation(ReservationBase):
 
     budget: AsyncBudget
 
-    async def commit(self, input_tokens: int, output_tokens: int, metadata: dict[str, Any] | None = None, *,
-                     cached_input_tokens: int = 0, cache_write_tokens: int = 0,
-                     reasoning_tokens: int = 0) -> UsageRecord:
-        return await self.budget._drive(self.budget.commit_flow(
-            self.hold, input_tokens, output_tokens, metadata, cached_input_tokens, cache_write_tokens,
-            reasoning_tokens))
+    async def commit(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        metadata: dict[str, Any] | None = None,
+        *,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> UsageRecord:
+        return await self.budget._drive(
+            self.budget.commit_flow(
+                self.hold,
+                input_tokens,
+                output_tokens,
+                metadata,
+                cached_input_tokens,
+                cache_write_tokens,
+                reasoning_tokens,
+            )
+        )
 
     async def release(self) -> bool:
         """Free the hold; runs to completion even if the calling task is cancelled meanwhile."""

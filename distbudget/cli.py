@@ -680,8 +680,7 @@ def watch_alerts(args: argparse.Namespace) -> int:
     """Print every alert once (and post it to --webhook); new-only unless --from-start."""
     from distbudget.alerts import AlertListener, WebhookSink
 
-    listener = AlertListener(redis=args.redis, prefix=args.prefix, scopes=args.scopes,
-                             from_start=args.from_start)
+    listener = AlertListener(redis=args.redis, prefix=args.prefix, scopes=args.scopes, from_start=args.from_start)
     sink = WebhookSink(args.webhook, slack=args.slack) if args.webhook else None
     seen = 0
     try:

@@ -78,22 +78,34 @@ class BudgetManager(ManagerBase[Budget]):
     def __init__(self, *, redis: Any = None, **options: Any) -> None:
         super().__init__(make_engine(redis), options)
 
-    def check(self, scope_name: str, model: str, input_tokens: int, output_tokens: int = 0,
-              session_id: str | None = None) -> bool:
+    def check(
+        self, scope_name: str, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
+    ) -> bool:
         return self.get(scope_name).check(model, input_tokens, output_tokens, session_id)
 
-    def record(self, scope_name: str, session_id: str | None, model: str, input_tokens: int,
-               output_tokens: int, metadata: dict[str, Any] | None = None, request_id: str | None = None,
-               **kwargs: Any) -> UsageRecord:
-        return self.get(scope_name).record(session_id, model, input_tokens, output_tokens, metadata,
-                                           request_id, **kwargs)
+    def record(
+        self,
+        scope_name: str,
+        session_id: str | None,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        metadata: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> UsageRecord:
+        return self.get(scope_name).record(
+            session_id, model, input_tokens, output_tokens, metadata, request_id, **kwargs
+        )
 
-    def reserve(self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int,
-                **kwargs: Any) -> Reservation:
+    def reserve(
+        self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int, **kwargs: Any
+    ) -> Reservation:
         return self.get(scope_name).reserve(model, input_tokens, max_output_tokens, **kwargs)
 
-    def acquire(self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int,
-                **kwargs: Any) -> Reservation:
+    def acquire(
+        self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int, **kwargs: Any
+    ) -> Reservation:
         return self.get(scope_name).acquire(model, input_tokens, max_output_tokens, **kwargs)
 
     def summary(self, name: str, session_id: str | None = None) -> dict[str, Any]:
@@ -112,22 +124,34 @@ class AsyncBudgetManager(ManagerBase[AsyncBudget]):
     def __init__(self, *, redis: Any = None, **options: Any) -> None:
         super().__init__(make_async_engine(redis), options)
 
-    async def check(self, scope_name: str, model: str, input_tokens: int, output_tokens: int = 0,
-                    session_id: str | None = None) -> bool:
+    async def check(
+        self, scope_name: str, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
+    ) -> bool:
         return await self.get(scope_name).check(model, input_tokens, output_tokens, session_id)
 
-    async def record(self, scope_name: str, session_id: str | None, model: str, input_tokens: int,
-                     output_tokens: int, metadata: dict[str, Any] | None = None, request_id: str | None = None,
-                     **kwargs: Any) -> UsageRecord:
-        return await self.get(scope_name).record(session_id, model, input_tokens, output_tokens, metadata,
-                                                 request_id, **kwargs)
+    async def record(
+        self,
+        scope_name: str,
+        session_id: str | None,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        metadata: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> UsageRecord:
+        return await self.get(scope_name).record(
+            session_id, model, input_tokens, output_tokens, metadata, request_id, **kwargs
+        )
 
-    def reserve(self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int,
-                **kwargs: Any) -> PendingReservation:
+    def reserve(
+        self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int, **kwargs: Any
+    ) -> PendingReservation:
         return self.get(scope_name).reserve(model, input_tokens, max_output_tokens, **kwargs)
 
-    def acquire(self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int,
-                **kwargs: Any) -> PendingReservation:
+    def acquire(
+        self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int, **kwargs: Any
+    ) -> PendingReservation:
         return self.get(scope_name).acquire(model, input_tokens, max_output_tokens, **kwargs)
 
     async def summary(self, name: str, session_id: str | None = None) -> dict[str, Any]:

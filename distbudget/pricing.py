@@ -40,11 +40,17 @@ class ModelRates:
 
         inp = n(self.input_per_1k, 0, "input_per_1k")
         out = n(self.output_per_1k, 0, "output_per_1k")
-        object.__setattr__(self, "_nano", (
-            inp, out, n(self.cached_input_per_1k, inp, "cached_input_per_1k"),
-            n(self.cache_write_per_1k, inp, "cache_write_per_1k"),
-            n(self.reasoning_per_1k, out, "reasoning_per_1k"),
-        ))
+        object.__setattr__(
+            self,
+            "_nano",
+            (
+                inp,
+                out,
+                n(self.cached_input_per_1k, inp, "cached_input_per_1k"),
+                n(self.cache_write_per_1k, inp, "cache_write_per_1k"),
+                n(self.reasoning_per_1k, out, "reasoning_per_1k"),
+            ),
+        )
 
     @classmethod
     def for_model(cls, model: str) -> ModelRates:
@@ -54,8 +60,14 @@ class ModelRates:
             raise UnknownModelError(f"no built-in price for model {model!r}; pass rates= or default_rates=")
         return rates
 
-    def cost_nano(self, input_tokens: int, output_tokens: int, cached_input_tokens: int = 0,
-                  cache_write_tokens: int = 0, reasoning_tokens: int = 0) -> int:
+    def cost_nano(
+        self,
+        input_tokens: int,
+        output_tokens: int,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> int:
         """Exact cost in nano-USD. Cached/cache-write tokens are part of ``input_tokens``,
         reasoning tokens part of ``output_tokens`` (as OpenAI reports usage)."""
         if cached_input_tokens + cache_write_tokens > input_tokens:
@@ -64,8 +76,13 @@ class ModelRates:
             raise InvalidInputError("reasoning_tokens exceed output_tokens")
         inp, out, cached, write, reasoning = self._nano
         plain_in = input_tokens - cached_input_tokens - cache_write_tokens
-        per_million = (plain_in * inp + cached_input_tokens * cached + cache_write_tokens * write
-                       + (output_tokens - reasoning_tokens) * out + reasoning_tokens * reasoning)
+        per_million = (
+            plain_in * inp
+            + cached_input_tokens * cached
+            + cache_write_tokens * write
+            + (output_tokens - reasoning_tokens) * out
+            + reasoning_tokens * reasoning
+        )
         return cost_nano(1, per_million)
 
     def worst_case_nano(self, input_tokens: int, max_output_tokens: int) -> int:
@@ -93,8 +110,10 @@ def _from_entry(entry: Mapping[str, Any]) -> ModelRates:
         return None if v is None else float(v) / 1000
 
     return ModelRates(
-        input_per_1k=float(entry["input"]) / 1000, output_per_1k=float(entry["output"]) / 1000,
-        cached_input_per_1k=per_1k("cached_input"), cache_write_per_1k=per_1k("cache_write"),
+        input_per_1k=float(entry["input"]) / 1000,
+        output_per_1k=float(entry["output"]) / 1000,
+        cached_input_per_1k=per_1k("cached_input"),
+        cache_write_per_1k=per_1k("cache_write"),
         reasoning_per_1k=per_1k("reasoning"),
     )
 
@@ -121,8 +140,7 @@ class PriceBook:
     """How one budget prices a model: custom ``rates`` first, then the built-in table, then
     ``default_rates`` (with a warning), else :class:`UnknownModelError`."""
 
-    def __init__(self, rates: Mapping[str, ModelRates] | None = None,
-                 default_rates: ModelRates | None = None) -> None:
+    def __init__(self, rates: Mapping[str, ModelRates] | None = None, default_rates: ModelRates | None = None) -> None:
         if rates is not None and not isinstance(rates, Mapping):
             raise TypeError("rates must be a dict of model name -> ModelRates")
         for name, r in (rates or {}).items():
@@ -145,6 +163,5 @@ class PriceBook:
             )
         if model not in self._warned:
             self._warned.add(model)
-            warnings.warn(f"model {model!r} has no known price; using default_rates", BudgetWarning,
-                          stacklevel=4)
+            warnings.warn(f"model {model!r} has no known price; using default_rates", BudgetWarning, stacklevel=4)
         return self.default_rates

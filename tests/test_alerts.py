@@ -43,6 +43,7 @@ def stream_ids(client: Any, prefix: str) -> set[str]:
 
 # ---- the atomic step fans out ------------------------------------------------------------------
 
+
 def test_crossing_is_streamed_and_published_in_the_same_step(redis_server: RedisServer) -> None:
     client = redis_server.client()
     client.flushall()
@@ -59,13 +60,14 @@ def test_crossing_is_streamed_and_published_in_the_same_step(redis_server: Redis
     assert {m["channel"] for m in messages if m} == {b"distbudget:alerts", b"distbudget:alerts:team%20%7Ba%7D"}
     assert all(p["level"] == "warning" and p["scope"] == "team {a}" for p in payloads)
     assert all(p["limit_type"] == "session_tokens" and p["used"] == "85" and p["limit"] == "100" for p in payloads)
-    (entry_id, fields), = client.xrange(client.hget("distbudget:alert-streams", "team {a}"))
+    ((entry_id, fields),) = client.xrange(client.hget("distbudget:alert-streams", "team {a}"))
     assert payloads[0]["id"] == entry_id.decode() == local[0].alert_id
     assert json.loads(fields[b"alert"])["session_id"] == "s"
     pubsub.close()
 
 
 # ---- 8 workers cross together; two listeners each hear each crossing once -----------------------
+
 
 def _listener_proc(url: str, out: Any, ready: Any) -> None:
     listener = AlertListener(redis=url, scopes=["shared"], block_ms=200)
@@ -75,8 +77,9 @@ def _listener_proc(url: str, out: Any, ready: Any) -> None:
 
 
 def _crossing_worker(url: str, go: Any) -> None:
-    budget = Budget(BudgetScope("shared", max_tokens_per_session=8000, alert_at_pct=0.8), RATES, redis=url,
-                    session_id="s")
+    budget = Budget(
+        BudgetScope("shared", max_tokens_per_session=8000, alert_at_pct=0.8), RATES, redis=url, session_id="s"
+    )
     go.wait()
     for _ in range(30):
         try:
@@ -122,6 +125,7 @@ def test_eight_workers_cross_together_two_listeners_hear_each_crossing_once(redi
 
 # ---- a listener killed mid-run resumes from its last id ----------------------------------------
 
+
 def _recording_listener(url: str, path: str, last: dict[str, str]) -> None:
     listener = AlertListener(redis=url, last_ids=last, block_ms=200)
     with open(path, "a") as f:
@@ -138,8 +142,9 @@ def _cross(url: str, names: list[str]) -> None:
             b.record(None, "m", 30, 0)  # CRITICAL
 
 
-def test_killed_listener_restarts_from_last_id_without_gaps_or_duplicates(redis_server: RedisServer,
-                                                                         tmp_path: Path) -> None:
+def test_killed_listener_restarts_from_last_id_without_gaps_or_duplicates(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
     client = redis_server.client()
     client.flushall()
     path = tmp_path / "ids.txt"
@@ -171,6 +176,7 @@ def test_killed_listener_restarts_from_last_id_without_gaps_or_duplicates(redis_
 
 
 # ---- the Redis server restarts under a listener ------------------------------------------------
+
 
 def test_listener_survives_a_redis_restart(tmp_path: Path) -> None:
     server = RedisServer(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
@@ -214,6 +220,7 @@ def test_async_listener(redis_server: RedisServer) -> None:
 
 
 # ---- webhook sink ------------------------------------------------------------------------------
+
 
 class _Hook(http.server.BaseHTTPRequestHandler):
     bodies: ClassVar[list[dict[str, Any]]] = []

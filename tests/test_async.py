@@ -18,19 +18,22 @@ RATES = {"m": ModelRates(input_per_1k=0.001, output_per_1k=0.002)}
 CAP = 0.2
 
 
-
-
 def run(coro: object) -> object:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
 def test_300_tasks_never_exceed_the_cap(redis_server: RedisServer) -> None:
     for use_redis in (False, True):
+
         async def main(use_redis: bool = use_redis) -> None:
             redis_server.client().flushall()
             # the library's own client for a URL: its pool makes 300 tasks queue for connections
-            budget = AsyncBudget(BudgetScope("cap", max_cost_per_session_usd=CAP), RATES,
-                                 redis=redis_server.url if use_redis else None, session_id="s")
+            budget = AsyncBudget(
+                BudgetScope("cap", max_cost_per_session_usd=CAP),
+                RATES,
+                redis=redis_server.url if use_redis else None,
+                session_id="s",
+            )
             committed: list[int] = []
 
             async def task(seed: int) -> None:
@@ -62,8 +65,12 @@ def test_300_tasks_never_exceed_the_cap(redis_server: RedisServer) -> None:
 def test_cancelled_task_inside_async_with_frees_its_hold(redis_server: RedisServer) -> None:
     async def main() -> None:
         for client in (None, redis.asyncio.Redis(port=redis_server.port)):
-            budget = AsyncBudget(BudgetScope("cancel", max_tokens_per_session=1000), RATES, redis=client,
-                                 session_id=f"s-{client is None}")
+            budget = AsyncBudget(
+                BudgetScope("cancel", max_tokens_per_session=1000),
+                RATES,
+                redis=client,
+                session_id=f"s-{client is None}",
+            )
             entered = asyncio.Event()
 
             async def agent() -> None:

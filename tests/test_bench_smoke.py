@@ -37,9 +37,14 @@ def test_quick_bench_produces_every_row(tmp_path: Path) -> None:
         pytest.skip("redis-server is not installed")
     md, js = tmp_path / "results.md", tmp_path / "results.json"
     # sys.executable: the interpreter running the tests, i.e. the venv's, where distbudget is installed
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(md),
-                           "--json", str(js)], check=False, cwd=REPO, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--out", str(md), "--json", str(js)],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     rows = table_rows(md.read_text(encoding="utf-8"))

@@ -24,8 +24,14 @@ RATES = {"m": ModelRates(input_per_1k=0.001, output_per_1k=0.002), "n": ModelRat
 
 
 def test_seed_quickstart(backend: Backend) -> None:
-    scope = BudgetScope(name="my-session", max_tokens_per_session=50_000, max_cost_per_session_usd=1.00,
-                        max_cost_per_day_usd=5.00, alert_at_pct=0.8, hard_stop=True)
+    scope = BudgetScope(
+        name="my-session",
+        max_tokens_per_session=50_000,
+        max_cost_per_session_usd=1.00,
+        max_cost_per_day_usd=5.00,
+        alert_at_pct=0.8,
+        hard_stop=True,
+    )
     budget = backend.budget(scope)
     seen = []
     budget.on_alert(seen.append)
@@ -148,8 +154,7 @@ def test_request_rate_limit_with_retry_after(backend: Backend, clock: Clock) -> 
 
 
 def test_alerts_fire_once_per_crossing(backend: Backend) -> None:
-    budget = backend.budget(BudgetScope("s", max_tokens_per_session=100, alert_at_pct=0.8), RATES,
-                            session_id="a")
+    budget = backend.budget(BudgetScope("s", max_tokens_per_session=100, alert_at_pct=0.8), RATES, session_id="a")
     alerts = []
     budget.on_alert(alerts.append)
     budget.record(None, "m", 50, 0)
@@ -299,8 +304,7 @@ def test_manager_registry(backend: Backend) -> None:
 def test_every_key_has_a_ttl_or_is_owned(backend: Backend) -> None:
     if backend.store is None:
         pytest.skip("TTLs are a Redis matter")
-    scope = BudgetScope("ttl", max_tokens_per_session=100, max_tokens_per_day=1000,
-                        limits=[Limit("requests", 5, "1m")])
+    scope = BudgetScope("ttl", max_tokens_per_session=100, max_tokens_per_day=1000, limits=[Limit("requests", 5, "1m")])
     budget = backend.budget(scope, RATES, session_id="a")
     budget.record(None, "m", 90, 0, request_id="r")  # WARNING: the alert stream too
     budget.reserve("m", 1, 1)

@@ -315,14 +315,21 @@ def test_watch_prints_fleet_alerts_once(tmp_path: Any) -> None:
 
     server = RedisServer(tmp_path)
     try:
-        budget = Budget(BudgetScope("watched", max_tokens_per_session=100), {"m": ModelRates(0.001, 0.001)},
-                        redis=server.url, session_id="s")
+        budget = Budget(
+            BudgetScope("watched", max_tokens_per_session=100),
+            {"m": ModelRates(0.001, 0.001)},
+            redis=server.url,
+            session_id="s",
+        )
         budget.record(None, "m", 85, 0)
         with pytest.raises(BudgetExceededError):
             budget.record(None, "m", 30, 0)
         done = subprocess.run(
             [sys.executable, "-m", "distbudget.cli", "watch", "--redis", server.url, "--from-start", "--count", "2"],
-            check=False, capture_output=True, text=True, timeout=60,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 0, done.stderr
         lines = done.stdout.splitlines()

@@ -34,8 +34,12 @@ OPS = st.one_of(
 def make_scope() -> BudgetScope:
     org = BudgetScope("org", max_tokens_per_day=6000, limits=[Limit("requests", 12, "1m")])
     return BudgetScope(
-        "team", parent=org, alert_at_pct=0.75,
-        max_tokens_per_session=2000, max_cost_per_session_usd=0.004, max_tokens_per_day=5000,
+        "team",
+        parent=org,
+        alert_at_pct=0.75,
+        max_tokens_per_session=2000,
+        max_cost_per_session_usd=0.004,
+        max_tokens_per_day=5000,
         max_tokens_per_model={"m": 3000},
         limits=[Limit("requests", 5, "1m"), Limit("tokens", 1500, "10s", model="n"), Limit("cost", 0.005, "1h")],
     )
@@ -46,13 +50,19 @@ def outcome(fn: Any) -> Any:
         value = fn()
     except BudgetExceededError as err:
         rec = err.record
-        return ("exceeded", err.scope, err.limit_type, err.used, err.limit, err.retry_after,
-                None if rec is None else (rec.cost_nano_usd, rec.total_tokens))
+        return (
+            "exceeded",
+            err.scope,
+            err.limit_type,
+            err.used,
+            err.limit,
+            err.retry_after,
+            None if rec is None else (rec.cost_nano_usd, rec.total_tokens),
+        )
     if isinstance(value, Reservation):
         return ("reserved", value.admitted, value.held_tokens, value.held_nano_usd)
     if hasattr(value, "cost_nano_usd"):
-        return ("record", value.cost_nano_usd, value.total_tokens, value.duplicate, value.over_hold,
-                value.session_id)
+        return ("record", value.cost_nano_usd, value.total_tokens, value.duplicate, value.over_hold, value.session_id)
     return value
 
 
@@ -102,8 +112,11 @@ class Tracking(Budget):
         return res
 
 
-@settings(max_examples=int(os.environ.get("DIFF_EXAMPLES", "150")), deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("DIFF_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 @given(ops=st.lists(OPS, min_size=1, max_size=45))
 def test_embedded_and_redis_agree(redis_server: RedisServer, ops: list[tuple[Any, ...]]) -> None:
     client = redis_server.client()

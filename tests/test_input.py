@@ -111,8 +111,13 @@ ODD = ["a{b}c", "}{", "x:y:z", "*", "with space", "ünïcødé-模型-🙂", "%7
 @pytest.mark.parametrize("odd", ODD)
 def test_odd_names_are_safe(backend: Backend, odd: str) -> None:
     parent = BudgetScope(odd + "-root", max_tokens_per_day=10_000)
-    scope = BudgetScope(odd, max_tokens_per_session=1000, parent=parent,
-                        max_tokens_per_model={odd: 500}, limits=[Limit("requests", 10, "1m", model=odd)])
+    scope = BudgetScope(
+        odd,
+        max_tokens_per_session=1000,
+        parent=parent,
+        max_tokens_per_model={odd: 500},
+        limits=[Limit("requests", 10, "1m", model=odd)],
+    )
     budget = backend.budget(scope, {odd: ModelRates(0.001, 0.001)}, prefix="pfx")
     budget.record(odd, odd, 10, 10, request_id=odd)
     with budget.reserve(odd, 1, 1, session_id=odd) as res:

@@ -32,8 +32,12 @@ print(lua, b.summary()["session"]["tokens"])
 
 def test_wheel_ships_lua_and_runs_from_site_packages(tmp_path: Path, redis_server: RedisServer) -> None:
     out = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(REPO)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(REPO)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(out.glob("distbudget-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for op in ("_common", "record", "commit", "reserve", "check", "release", "summary"):
@@ -44,11 +48,17 @@ def test_wheel_ships_lua_and_runs_from_site_packages(tmp_path: Path, redis_serve
     venv.EnvBuilder(with_pip=True, system_site_packages=False).create(env_dir)
     py = env_dir / "bin" / "python"
     # redis comes from the index (or pip's cache); distbudget from the wheel, not the source tree
-    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run([str(py), "-m", "pip", "install", "-q", str(wheel)], check=True, timeout=300, capture_output=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    done = subprocess.run([str(py), "-c", SCRIPT, redis_server.url], check=True, capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path, env=env)
+    done = subprocess.run(
+        [str(py), "-c", SCRIPT, redis_server.url],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
     lua_dir, tokens = done.stdout.split()
     assert str(env_dir) in lua_dir
     assert tokens == "42"

@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 
 PRICES_PATH = Path(__file__).resolve().parents[1] / "distbudget" / "data" / "prices.json"
-LITELLM_PATH = (
-    Path(__file__).resolve().parents[2] / "shared" / "data" / "litellm_model_prices.json"
-)
+LITELLM_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "litellm_model_prices.json"
 
 TOP_LEVEL_KEYS = {"as_of", "unit", "note", "models", "aliases"}
 REQUIRED_RATE_KEYS = ("input", "output")
@@ -55,11 +53,7 @@ def _load_prices() -> dict:
 
 
 def _is_number(value: object) -> bool:
-    return (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _resolve(data: dict, name: str) -> str | None:
@@ -96,9 +90,7 @@ def test_model_entries_schema() -> None:
             assert _is_number(value) and value >= 0, f"{name}.{key} = {value!r}"
         for key in OPTIONAL_RATE_KEYS:
             value = entry.get(key)
-            assert value is None or (_is_number(value) and value >= 0), (
-                f"{name}.{key} = {value!r}"
-            )
+            assert value is None or (_is_number(value) and value >= 0), f"{name}.{key} = {value!r}"
 
 
 def test_aliases_point_at_models() -> None:
@@ -144,10 +136,7 @@ def test_rates_match_litellm_table() -> None:
                 ref = litellm.get(key)
                 if not isinstance(ref, dict):
                     continue
-                if not (
-                    _is_number(ref.get("input_cost_per_token"))
-                    and _is_number(ref.get("output_cost_per_token"))
-                ):
+                if not (_is_number(ref.get("input_cost_per_token")) and _is_number(ref.get("output_cost_per_token"))):
                     continue
                 compared += 1
                 for ours_key, ref_field in LITELLM_FIELDS.items():
@@ -157,32 +146,22 @@ def test_rates_match_litellm_table() -> None:
                         # LiteLLM lacks this rate; nothing to compare.
                         continue
                     theirs_per_m = theirs * 1e6
-                    if ours is not None and math.isclose(
-                        ours, theirs_per_m, rel_tol=1e-9, abs_tol=1e-12
-                    ):
+                    if ours is not None and math.isclose(ours, theirs_per_m, rel_tol=1e-9, abs_tol=1e-12):
                         continue
                     if (key, ours_key) in LITELLM_ALLOWED_DIFFERENCES:
                         used_allowances.add((key, ours_key))
                         continue
-                    mismatches.append(
-                        f"{model} via {key!r}: {ours_key} ours={ours!r} "
-                        f"litellm={theirs_per_m!r}"
-                    )
+                    mismatches.append(f"{model} via {key!r}: {ours_key} ours={ours!r} litellm={theirs_per_m!r}")
                 # A distinct reasoning-token rate in LiteLLM must be mirrored.
                 reasoning = ref.get("output_cost_per_reasoning_token")
-                if _is_number(reasoning) and not math.isclose(
-                    reasoning, ref["output_cost_per_token"], rel_tol=1e-9
-                ):
+                if _is_number(reasoning) and not math.isclose(reasoning, ref["output_cost_per_token"], rel_tol=1e-9):
                     ours = entry.get("reasoning")
-                    if ours is None or not math.isclose(
-                        ours, reasoning * 1e6, rel_tol=1e-9
-                    ):
+                    if ours is None or not math.isclose(ours, reasoning * 1e6, rel_tol=1e-9):
                         if (key, "reasoning") in LITELLM_ALLOWED_DIFFERENCES:
                             used_allowances.add((key, "reasoning"))
                         else:
                             mismatches.append(
-                                f"{model} via {key!r}: reasoning ours={ours!r} "
-                                f"litellm={reasoning * 1e6!r}"
+                                f"{model} via {key!r}: reasoning ours={ours!r} litellm={reasoning * 1e6!r}"
                             )
 
     assert compared > 0, "no model of ours was found in the LiteLLM table"

@@ -20,6 +20,7 @@ RATES = {"m": ModelRates(input_per_1k=0.001, output_per_1k=0.002), "r": ModelRat
 
 # ---- single-process behaviour, on every engine ------------------------------------------------
 
+
 def test_reserve_holds_worst_case_at_reasoning_rate(backend: Backend) -> None:
     budget = backend.budget(BudgetScope("s", max_cost_per_session_usd=1), RATES, session_id="a")
     res = budget.reserve("r", 1000, 1000)
@@ -77,8 +78,9 @@ def test_commit_request_id_once(backend: Backend) -> None:
 
 def test_acquire_raises_at_once_when_exhausted(backend: Backend, clock: Clock) -> None:
     slept: list[float] = []
-    budget = backend.budget(BudgetScope("s", max_tokens_per_session=100), RATES, session_id="a", clock=clock,
-                            sleep=slept.append)
+    budget = backend.budget(
+        BudgetScope("s", max_tokens_per_session=100), RATES, session_id="a", clock=clock, sleep=slept.append
+    )
     budget.record(None, "m", 90, 0)
     with pytest.raises(BudgetExceededError) as info:
         budget.acquire("m", 10, 10, timeout=60)
@@ -86,8 +88,9 @@ def test_acquire_raises_at_once_when_exhausted(backend: Backend, clock: Clock) -
 
 
 def test_acquire_times_out(backend: Backend, clock: Clock) -> None:
-    budget = backend.budget(BudgetScope("s", limits=[Limit("requests", 1, "1h")]), RATES, clock=clock,
-                            sleep=clock.advance)
+    budget = backend.budget(
+        BudgetScope("s", limits=[Limit("requests", 1, "1h")]), RATES, clock=clock, sleep=clock.advance
+    )
     budget.acquire("m", 1, 1).commit(1, 1)
     with pytest.raises(BudgetExceededError) as info:
         budget.acquire("m", 1, 1, timeout=600)
@@ -167,8 +170,7 @@ def test_16_processes_reserving_never_exceed_the_cap(redis_server: RedisServer) 
 
 def _holding_worker(url: str, start: float, ready: Any) -> None:
     clock = Clock(start)
-    budget = Budget(BudgetScope("lease", max_tokens_per_session=1000), RATES, redis=url, session_id="s",
-                    clock=clock)
+    budget = Budget(BudgetScope("lease", max_tokens_per_session=1000), RATES, redis=url, session_id="s", clock=clock)
     budget.reserve("m", 400, 400, ttl=30)
     ready.set()
     time.sleep(60)  # killed long before this
@@ -185,8 +187,9 @@ def test_sigkilled_worker_loses_its_hold_after_ttl(redis_server: RedisServer) ->
     os.kill(proc.pid, signal.SIGKILL)  # type: ignore[arg-type]
     proc.join()
     clock = Clock(start + 1)
-    budget = Budget(BudgetScope("lease", max_tokens_per_session=1000), RATES, redis=redis_server.url,
-                    session_id="s", clock=clock)
+    budget = Budget(
+        BudgetScope("lease", max_tokens_per_session=1000), RATES, redis=redis_server.url, session_id="s", clock=clock
+    )
     assert budget.summary()["limits"]["session_tokens"]["held"] == 800
     with pytest.raises(BudgetExceededError):
         budget.reserve("m", 200, 100)

@@ -97,4 +97,3 @@ def decode_model_field(field: str) -> tuple[str, str] | None:
     if not body or ":" in body or metric not in ("t", "c", "r"):  # encoded names hold no ':'
         return None
     return unquote(body), metric
-

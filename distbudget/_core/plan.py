@@ -104,8 +104,7 @@ def build_plan(
             key_index[k] = len(keys)
         return key_index[k]
 
-    def counter(hash_key: str, prefix: str, zset_key: str | None = None, window_s: int = 0,
-                ttl_ms: int = 0) -> int:
+    def counter(hash_key: str, prefix: str, zset_key: str | None = None, window_s: int = 0, ttl_ms: int = 0) -> int:
         ident = (hash_key, prefix)
         if ident not in counter_index:
             bucket_s = bucket_seconds(window_s) if zset_key else 0
@@ -149,10 +148,18 @@ def build_plan(
             if model is not None and lim.model is not None and lim.model != model:
                 continue
             value = lim.amount
-            limits.append(LimitSpec(
-                sc.name, lim.limit_type, limit_counter(sc, lim), METRIC_INDEX[lim.metric], value,
-                *thresholds(value, warn), lim.window, lim.model,
-            ))
+            limits.append(
+                LimitSpec(
+                    sc.name,
+                    lim.limit_type,
+                    limit_counter(sc, lim),
+                    METRIC_INDEX[lim.metric],
+                    value,
+                    *thresholds(value, warn),
+                    lim.window,
+                    lim.model,
+                )
+            )
 
     # The wire format (see lua/_common.lua): counters and limits grouped by hash, hashes in KEYS order;
     # every number packed in one binary shape, then only the strings Redis takes as arguments.
@@ -193,7 +200,7 @@ def build_plan(
         alerts = [counters[ci].prefix + "a:" + limits[li].limit_type for ci in cis for li in on[ci]]
         if len({*names, *alerts, *(["o"] if kind == 2 else [])}) != len(names) + len(alerts) + (kind == 2):
             raise AssertionError(f"duplicate fields in {hash_key!r}")
-        strings += names[3 if kind else 0:] + alerts  # an unprefixed first counter: the scripts' literals
+        strings += names[3 if kind else 0 :] + alerts  # an unprefixed first counter: the scripts' literals
         for ci in cis:
             hot += num(3 * ci + 1, 2) + num(len(on[ci]), 2)
             for li in on[ci]:
@@ -203,17 +210,27 @@ def build_plan(
                 first_at = lim_spec.warn_at if lim_spec.warn_at >= 0 else lim_spec.crit_at
                 hot += num(li + 1, 2) + num(lim_spec.metric + 1, 1) + num(first_at, 7)
     for lim_spec in limits:
-        cold += b"".join(num(v, 7) for v in (lim_spec.value, lim_spec.warn_at + 1, lim_spec.warn_rearm + 1,
-                                             lim_spec.crit_rearm))
+        cold += b"".join(
+            num(v, 7) for v in (lim_spec.value, lim_spec.warn_at + 1, lim_spec.warn_rearm + 1, lim_spec.crit_rearm)
+        )
     if wire_keys != keys:
         raise AssertionError("plan keys out of the wire order")
     shape = num(len(hot) + 2, 2) + hot + cold
     argv: tuple[str | int | bytes, ...] = (shape.ljust(3 * len(counters), b"\0"), *strings)
     return Plan(
-        scope=scope.name, session_id=session_id, model=model, keys=tuple(keys), counters=tuple(counters),
-        limits=tuple(limits), argv=argv, totals_key_index=key_index[keyspace.totals(scope.name)],
-        session_counter=own["session"], day_counter=own["day"], totals_counter=own["totals"],
-        keyspace=keyspace, alert_meta=alert_meta(keyspace, session_id, model, limits),
+        scope=scope.name,
+        session_id=session_id,
+        model=model,
+        keys=tuple(keys),
+        counters=tuple(counters),
+        limits=tuple(limits),
+        argv=argv,
+        totals_key_index=key_index[keyspace.totals(scope.name)],
+        session_counter=own["session"],
+        day_counter=own["day"],
+        totals_counter=own["totals"],
+        keyspace=keyspace,
+        alert_meta=alert_meta(keyspace, session_id, model, limits),
     )
 
 
@@ -222,12 +239,22 @@ def alert_meta(keyspace: KeySpace, session_id: str, model: str | None, limits: l
     position of its usage in the totals, the scope's channel), the session, the model, the
     all-scopes channel. Values are strings: Lua's JSON would print big integers in exponent form."""
     everyone = alert_channels(keyspace.prefix, "")[0]
-    rows = [[lim.scope, lim.limit_type, ("tokens", "cost", "requests")[lim.metric], str(lim.value),
-             3 * lim.counter + lim.metric + 1, alert_channels(keyspace.prefix, lim.scope)[1]] for lim in limits]
+    rows = [
+        [
+            lim.scope,
+            lim.limit_type,
+            ("tokens", "cost", "requests")[lim.metric],
+            str(lim.value),
+            3 * lim.counter + lim.metric + 1,
+            alert_channels(keyspace.prefix, lim.scope)[1],
+        ]
+        for lim in limits
+    ]
     return json.dumps({"l": rows, "s": session_id, "m": model, "all": everyone}, separators=(",", ":"))
 
 
 # ---- what the engines answer (both engines return exactly these shapes) -------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class ChargeResult:
@@ -276,8 +303,10 @@ def exceeded(plan: Plan, totals: tuple[int, ...]) -> list[int]:
 
 # ---- the Redis scripts' wire format (see lua/_common.lua) ---------------------------------------
 
-def script_args(plan: Plan, now_us: int | None, amounts: tuple[int, int, int],
-                a5: str | int = "", a6: str = "", a7: str | int = "") -> list[str | int | bytes]:
+
+def script_args(
+    plan: Plan, now_us: int | None, amounts: tuple[int, int, int], a5: str | int = "", a6: str = "", a7: str | int = ""
+) -> list[str | int | bytes]:
     return ["" if now_us is None else now_us, *amounts, a5, a6, a7, *plan.argv]
 
 
@@ -303,8 +332,9 @@ def parse_charge(raw: object) -> ChargeResult:
     flat = _ints(fired)
     stream_ids = ids.split() or [""] * (len(flat) // 2)
     rows = sorted(((flat[k] - 1, flat[k + 1]), stream_ids[k // 2]) for k in range(0, len(flat), 2))  # by limit, level
-    return ChargeResult(int(now), _ints(totals), tuple(r[0] for r in rows), None, found == "1",
-                        tuple(r[1] for r in rows if r[1]))
+    return ChargeResult(
+        int(now), _ints(totals), tuple(r[0] for r in rows), None, found == "1", tuple(r[1] for r in rows if r[1])
+    )
 
 
 def parse_admit(raw: list[object]) -> AdmitResult:

@@ -117,8 +117,9 @@ class MemoryEngine:
             self._expires[c.hash_key] = now + c.ttl_ms * 1000
         return tot
 
-    def _alerts(self, plan: Plan, totals: list[list[int]], amt: tuple[int, int, int],
-                now: int) -> tuple[tuple[int, int], ...]:
+    def _alerts(
+        self, plan: Plan, totals: list[list[int]], amt: tuple[int, int, int], now: int
+    ) -> tuple[tuple[int, int], ...]:
         out: list[tuple[int, int]] = []
         for i, lim in enumerate(plan.limits):
             after = totals[lim.counter][lim.metric]
@@ -183,8 +184,9 @@ class MemoryEngine:
             held.extend(tree.held.get(c.id, (0, 0, 0)))
         return tuple(totals), tuple(held)
 
-    def _admit(self, plan: Plan, totals: tuple[int, ...], held: tuple[int, ...],
-               amt: tuple[int, int, int], now: int) -> tuple[int, int]:
+    def _admit(
+        self, plan: Plan, totals: tuple[int, ...], held: tuple[int, ...], amt: tuple[int, int, int], now: int
+    ) -> tuple[int, int]:
         for i, lim in enumerate(plan.limits):
             k = 3 * lim.counter + lim.metric
             this = amt[lim.metric]
@@ -205,14 +207,27 @@ class MemoryEngine:
 
     # ---- operations (one lock hold each: the in-process "atomic step") --------------------------
 
-    def record(self, plan: Plan, now_us: int | None, amt: tuple[int, int, int],
-               request_key: str | None = None, request_ttl_ms: int = 0) -> ChargeResult:
+    def record(
+        self,
+        plan: Plan,
+        now_us: int | None,
+        amt: tuple[int, int, int],
+        request_key: str | None = None,
+        request_ttl_ms: int = 0,
+    ) -> ChargeResult:
         with self._lock:
             now = _server_now() if now_us is None else now_us
             return self._charge_plan(plan, now, amt, request_key, request_ttl_ms, False)
 
-    def commit(self, plan: Plan, now_us: int | None, amt: tuple[int, int, int], hold_id: str,
-               request_key: str | None = None, request_ttl_ms: int = 0) -> ChargeResult:
+    def commit(
+        self,
+        plan: Plan,
+        now_us: int | None,
+        amt: tuple[int, int, int],
+        hold_id: str,
+        request_key: str | None = None,
+        request_ttl_ms: int = 0,
+    ) -> ChargeResult:
         with self._lock:
             now = _server_now() if now_us is None else now_us
             tree = self._tree(plan)
@@ -229,8 +244,9 @@ class MemoryEngine:
             return None
         return entry[1]
 
-    def _charge_plan(self, plan: Plan, now: int, amt: tuple[int, int, int], request_key: str | None,
-                     request_ttl_ms: int, found: bool) -> ChargeResult:
+    def _charge_plan(
+        self, plan: Plan, now: int, amt: tuple[int, int, int], request_key: str | None, request_ttl_ms: int, found: bool
+    ) -> ChargeResult:
         self._sweep(now)
         original = self._seen(request_key, now)
         if original is not None:
@@ -249,8 +265,9 @@ class MemoryEngine:
             refused, retry = self._admit(plan, totals, held, amt, now)
             return AdmitResult(now, totals, held, refused, retry)
 
-    def reserve(self, plan: Plan, now_us: int | None, amt: tuple[int, int, int], hold_id: str,
-                ttl_us: int) -> AdmitResult:
+    def reserve(
+        self, plan: Plan, now_us: int | None, amt: tuple[int, int, int], hold_id: str, ttl_us: int
+    ) -> AdmitResult:
         with self._lock:
             now = _server_now() if now_us is None else now_us
             totals, held = self._read(plan, now)

@@ -60,7 +60,8 @@ def connect_async(url: str, max_connections: int = 64, **options: Any) -> Any:
     fail with "Too many connections") when hundreds of tasks call at once."""
     _check_url(url)
     pool = redis.asyncio.BlockingConnectionPool.from_url(
-        url, max_connections=max_connections, timeout=_TIMEOUTS["socket_timeout"], **{**_TIMEOUTS, **options})
+        url, max_connections=max_connections, timeout=_TIMEOUTS["socket_timeout"], **{**_TIMEOUTS, **options}
+    )
     return redis.asyncio.Redis(connection_pool=pool)
 
 
