@@ -95,11 +95,20 @@ local function scan(now, amt, charging)
       bs = ((s1 * 256 + s2) * 256 + s3) * 1000000
       w = (((w1 * 256 + w2) * 256 + w3) * 256 + w4) * 1000000
       b = floor(now / bs)
+      -- The current bucket's amounts live in fields 'kt', 'kc', 'kr' (its id in 'k'), created with
+      -- the totals at the head of the hash, so a charge never looks up fields at the tail of a long
+      -- listpack; a bucket gets fields of its own ('<id>t' ...) once, when the next one starts.
+      -- V[1..3] the current bucket, V[4..6] the totals, V[7] the oldest bucket, V[8] the current id
+      V = call('HMGET', h, 'kt', 'kc', 'kr', 't', 'c', 'r', 'o', 'k', unpack(A, x, x + nn - 1))
+      d, fb, ai = 3, x - 9, 8
+      local k = V[8]
+      if k and k + 0 > b then b = k + 0 end  -- a clock that stepped back charges the newest bucket
       bk = sformat('%d', b)
-      b1, b2, b3 = bk .. 't', bk .. 'c', bk .. 'r'
-      -- the current bucket in V[1..3], the totals in V[4..6], the oldest bucket in V[7]
-      V = call('HMGET', h, b1, b2, b3, 't', 'c', 'r', 'o', unpack(A, x, x + nn - 1))
-      d, fb, ai = 3, x - 8, 7
+      if k and k ~= bk then                   -- the current bucket has ended: settle it
+        call('HSET', h, k .. 't', V[1] or '0', k .. 'c', V[2] or '0', k .. 'r', V[3] or '0')
+        V[1], V[2], V[3], V[8] = false, false, false, false
+        if not charging then call('HDEL', h, 'k', 'kt', 'kc', 'kr') end
+      end
       local oldest = V[7]
       local lo = floor((now - w) / bs)
       if oldest and oldest + 0 < lo then
@@ -161,20 +170,22 @@ local function scan(now, amt, charging)
         else s = V[c + 3] or '0' end
         out[o + 2] = s
         if z then                     -- the window's counter: its current bucket
-          if not V[1] then
+          local new = not V[8]
+          if new then
             call('ZADD', z, bk, bk)
             if ttl then call('PEXPIRE', z, ttl) end  -- once per bucket: outlives the hash's last refresh
             local oldest = V[7]
             if not oldest or b < oldest + 0 then S[n + 1] = 'o'; S[n + 2] = bk; n = n + 2 end
+            S[n + 1] = 'k'; S[n + 2] = bk; n = n + 2
           end
-          if a1 ~= 0 or not V[1] then
-            S[n + 1] = b1; S[n + 2] = sformat('%d', (V[1] or 0) + a1); n = n + 2
+          if a1 ~= 0 or new then
+            S[n + 1] = 'kt'; S[n + 2] = sformat('%d', (V[1] or 0) + a1); n = n + 2
           end
-          if a2 ~= 0 or not V[2] then
-            S[n + 1] = b2; S[n + 2] = sformat('%d', (V[2] or 0) + a2); n = n + 2
+          if a2 ~= 0 or new then
+            S[n + 1] = 'kc'; S[n + 2] = sformat('%d', (V[2] or 0) + a2); n = n + 2
           end
-          if a3 ~= 0 or not V[3] then
-            S[n + 1] = b3; S[n + 2] = sformat('%d', (V[3] or 0) + a3); n = n + 2
+          if a3 ~= 0 or new then
+            S[n + 1] = 'kr'; S[n + 2] = sformat('%d', (V[3] or 0) + a3); n = n + 2
           end
         end
         for _ = 1, nlc do
@@ -283,9 +294,11 @@ local function holds()
         local retry = -1
         if l.z and held[l.p] + this <= l.v then
           local buckets = redis.call('ZRANGE', l.z, 0, -1)
+          local current = redis.call('HGET', l.h, 'k')
           local freed = 0
           for _, b in ipairs(buckets) do
-            freed = freed + (tonumber(redis.call('HGET', l.h, b .. M[m])) or 0)
+            local field = (b == current and 'k' or b) .. M[m]
+            freed = freed + (tonumber(redis.call('HGET', l.h, field)) or 0)
             if freed >= need then
               retry = (tonumber(b) + 1) * l.bs + l.w - now
               break

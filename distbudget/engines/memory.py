@@ -19,11 +19,12 @@ _METRIC_SUFFIX = ("t", "c", "r")
 
 
 class _Window:
-    __slots__ = ("buckets", "oldest")
+    __slots__ = ("buckets", "newest", "oldest")
 
     def __init__(self) -> None:
         self.buckets: dict[int, list[int]] = {}
         self.oldest = 0
+        self.newest = 0
 
 
 class _Tree:
@@ -104,7 +105,8 @@ class MemoryEngine:
             w = self._windows.get(c.zset_key)
             if w is None:
                 w = self._windows[c.zset_key] = _Window()
-            b = now // c.bucket_us
+            b = max(now // c.bucket_us, w.newest)  # a clock that stepped back charges the newest bucket
+            w.newest = b
             bucket = w.buckets.get(b)
             if bucket is None:
                 if not w.buckets or b < w.oldest:
