@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 import redis
@@ -63,8 +63,14 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+Entry = tuple[str, str, dict[Any, Any]]  # stream, entry id, fields
+Step = tuple[str, tuple[Any, ...], dict[str, Any]]  # a client method (or "sleep"), args, kwargs
+
+
 class _ListenerBase:
-    """Which streams to read and where each one is (shared by the sync and async listeners)."""
+    """Everything a listener does except I/O: which streams to read, from which ids, and what an
+    entry means. ``_poll`` is one look at the streams as a sans-I/O flow (like the budgets' flows):
+    the sync listener runs its steps with plain calls, the async one awaits them."""
 
     def __init__(
         self, prefix: str, scopes: list[str] | None, last_ids: dict[str, str] | None, block_ms: int, from_start: bool
@@ -75,13 +81,7 @@ class _ListenerBase:
         self.block_ms = block_ms
         self.stopped = False
         self.skip_existing = not from_start and not last_ids
-
-    def _skip_to(self, streams: dict[str, str], latest: list[Any]) -> None:
-        """Start after each stream's current last entry (``from_start=False``)."""
-        self.skip_existing = False
-        for stream, entries in zip(streams, latest, strict=True):
-            if entries:
-                self.last_ids[stream] = _text(entries[0][0])
+        self.backoff = 0.0
 
     def _streams(self, index: dict[Any, Any]) -> dict[str, str]:
         """{stream key: last id} for every stream of interest (new streams read from the start)."""
@@ -92,7 +92,31 @@ class _ListenerBase:
                 out[stream] = self.last_ids.get(stream, "0-0")
         return out
 
-    def _accept(self, stream: str, entry_id: str, fields: dict[Any, Any]) -> BudgetAlert | None:
+    def _poll(self) -> Generator[Step, Any, list[Entry]]:
+        """Read the index (new scope trees appear in it), then block on every stream of interest."""
+        streams = self._streams((yield "hgetall", (self.index_key,), {}))
+        if self.skip_existing:  # from_start=False: begin after each stream's current last entry
+            for stream in streams:
+                latest = yield "xrevrange", (stream,), {"count": 1}
+                if latest:
+                    self.last_ids[stream] = _text(latest[0][0])
+            self.skip_existing = False
+            return []
+        if not streams:
+            yield "sleep", (self.block_ms / 1000,), {}
+            return []
+        reply = yield "xread", (streams,), {"count": 500, "block": self.block_ms}
+        return [(_text(st), _text(eid), fields) for st, entries in reply or [] for eid, fields in entries]
+
+    def _lost(self, exc: Exception) -> float:
+        """Seconds to wait before retrying after a lost connection (exponential, capped at 5 s)."""
+        self.backoff = min(max(self.backoff * 2, 0.1), 5.0)
+        log.warning("alert listener lost Redis (%s); retrying in %.1fs", exc, self.backoff)
+        return self.backoff
+
+    def _accept(self, entry: Entry) -> BudgetAlert | None:
+        """The alert of a stream entry (advancing ``last_ids`` as it is delivered)."""
+        stream, entry_id, fields = entry
         self.last_ids[stream] = entry_id
         data = json.loads(_text(fields.get(b"alert", fields.get("alert", "{}"))))
         if self.scopes is not None and data.get("scope") not in self.scopes:
@@ -107,7 +131,8 @@ class AlertListener(_ListenerBase):
     background thread (callback errors are logged, never stop it); ``stop()`` ends it. Pass
     ``last_ids`` (``listener.last_ids`` from a previous run) to resume exactly where it stopped.
     ``from_start=False`` skips what the streams already hold. Connection loss is retried with
-    backoff; nothing is skipped, nothing delivered twice.
+    backoff; nothing is skipped, nothing delivered twice. A scope tree that appears while the
+    listener runs is picked up within ``block_ms``.
     """
 
     def __init__(
@@ -116,36 +141,38 @@ class AlertListener(_ListenerBase):
         prefix: str = "distbudget",
         scopes: list[str] | None = None,
         last_ids: dict[str, str] | None = None,
-        block_ms: int = 1000,
+        block_ms: int = 250,
         from_start: bool = True,
     ) -> None:
         super().__init__(prefix, scopes, last_ids, block_ms, from_start)
         self.client = _sync_client(redis)
         self._thread: threading.Thread | None = None
 
+    def _run(self, flow: Generator[Step, Any, list[Entry]]) -> list[Entry]:
+        try:
+            name, args, kwargs = next(flow)
+            while True:
+                if name == "sleep":
+                    time.sleep(*args)
+                    answer = None
+                else:
+                    answer = getattr(self.client, name)(*args, **kwargs)
+                name, args, kwargs = flow.send(answer)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
     def __iter__(self) -> Iterator[BudgetAlert]:
-        backoff = 0.1
         while not self.stopped:
             try:
-                streams = self._streams(self.client.hgetall(self.index_key))
-                if self.skip_existing:
-                    self._skip_to(streams, [self.client.xrevrange(s, count=1) for s in streams])
-                    continue
-                if not streams:
-                    time.sleep(self.block_ms / 1000)
-                    continue
-                reply = self.client.xread(streams, count=500, block=self.block_ms)
-                backoff = 0.1
+                entries = self._run(self._poll())
+                self.backoff = 0.0
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("alert listener lost Redis (%s); retrying in %.1fs", exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                time.sleep(self._lost(exc))
                 continue
-            for stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    alert = self._accept(_text(stream), _text(entry_id), fields)
-                    if alert is not None:
-                        yield alert
+            for entry in entries:
+                alert = self._accept(entry)
+                if alert is not None:
+                    yield alert
 
     def start(self, callback: Callable[[BudgetAlert], Any]) -> AlertListener:
         def run() -> None:
@@ -174,7 +201,7 @@ class AsyncAlertListener(_ListenerBase):
         prefix: str = "distbudget",
         scopes: list[str] | None = None,
         last_ids: dict[str, str] | None = None,
-        block_ms: int = 1000,
+        block_ms: int = 250,
         from_start: bool = True,
     ) -> None:
         super().__init__(prefix, scopes, last_ids, block_ms, from_start)
@@ -183,29 +210,31 @@ class AsyncAlertListener(_ListenerBase):
     def stop(self) -> None:
         self.stopped = True
 
+    async def _run(self, flow: Generator[Step, Any, list[Entry]]) -> list[Entry]:
+        try:
+            name, args, kwargs = next(flow)
+            while True:
+                if name == "sleep":
+                    await asyncio.sleep(*args)
+                    answer = None
+                else:
+                    answer = await getattr(self.client, name)(*args, **kwargs)
+                name, args, kwargs = flow.send(answer)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
     async def __aiter__(self) -> AsyncIterator[BudgetAlert]:
-        backoff = 0.1
         while not self.stopped:
             try:
-                streams = self._streams(await self.client.hgetall(self.index_key))
-                if self.skip_existing:
-                    self._skip_to(streams, [await self.client.xrevrange(s, count=1) for s in streams])
-                    continue
-                if not streams:
-                    await asyncio.sleep(self.block_ms / 1000)
-                    continue
-                reply = await self.client.xread(streams, count=500, block=self.block_ms)
-                backoff = 0.1
+                entries = await self._run(self._poll())
+                self.backoff = 0.0
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("alert listener lost Redis (%s); retrying in %.1fs", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                await asyncio.sleep(self._lost(exc))
                 continue
-            for stream, entries in reply or []:
-                for entry_id, fields in entries:
-                    alert = self._accept(_text(stream), _text(entry_id), fields)
-                    if alert is not None:
-                        yield alert
+            for entry in entries:
+                alert = self._accept(entry)
+                if alert is not None:
+                    yield alert
 
 
 def _sync_client(value: Any) -> Any:
