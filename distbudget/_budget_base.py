@@ -184,9 +184,11 @@ class BudgetCore:
         for (i, level), alert_id in zip(result.alerts, ids, strict=True):
             lim = plan.limits[i]
             used = self._display(lim, P.used(plan, result.totals, i))
-            limit = self._display(lim, lim.value)
-            lvl = AlertLevel.WARNING if level == P.WARNING else AlertLevel.CRITICAL
-            msg = alert_message(lvl, lim.scope, lim.limit_type, used, limit)
+            limit = self._display(lim, lim.shown_value)
+            lvl = (
+                AlertLevel.CRITICAL if level == P.CRITICAL else AlertLevel.INFO if lim.alert_of else AlertLevel.WARNING
+            )
+            msg = alert_message(lvl, lim.scope, lim.shown_type, used, limit)
             out.append(
                 BudgetAlert(
                     lim.scope,
@@ -195,7 +197,7 @@ class BudgetCore:
                     used,
                     limit,
                     result.now_us / P.US,
-                    lim.limit_type,
+                    lim.shown_type,
                     session_id=plan.session_id,
                     model=model,
                     alert_id=alert_id,
@@ -302,6 +304,8 @@ class BudgetCore:
             row[names[metric]] = nano_to_usd(value) if metric == "c" else value
         limits: dict[str, Any] = {}
         for lim in plan.limits:
+            if lim.alert_of:
+                continue  # an extra alert threshold, not a limit
             k = 3 * lim.counter + lim.metric
             used, held = result.totals[k], result.held[k]
             key = lim.limit_type if lim.scope == self.name else f"{lim.scope}:{lim.limit_type}"

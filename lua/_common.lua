@@ -326,7 +326,7 @@ local function fan_out(now, totals, fired)
   for k = 1, #fired, 2 do
     local l = meta.l[fired[k]]
     local alert = {scope = l[1], limit_type = l[2], metric = l[3], limit = l[4], used = totals[l[5]],
-                   level = fired[k + 1] == 1 and 'warning' or 'critical', session_id = meta.s,
+                   level = fired[k + 1] == 1 and l[7] or 'critical', session_id = meta.s,
                    model = meta.m, ts_us = fmt(now)}
     local id = redis.call('XADD', stream, 'MAXLEN', '~', '10000', '*', 'alert', cjson.encode(alert))
     alert.id = id

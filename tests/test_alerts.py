@@ -262,3 +262,18 @@ def test_webhook_receives_alerts_with_retries(redis_server: RedisServer) -> None
     finally:
         listener.stop()
         server.shutdown()
+
+
+def test_extra_threshold_reaches_listeners_as_info(redis_server: RedisServer) -> None:
+    redis_server.client().flushall()
+    budget = Budget(
+        BudgetScope("info", max_cost_per_session_usd=1, alert_thresholds=[0.5]),
+        RATES,
+        redis=redis_server.url,
+        session_id="s",
+    )
+    budget.record(None, "m", 600_000, 0)  # $0.60: INFO at 50 %
+    listener = AlertListener(redis=redis_server.url)
+    alert = next(iter(listener))
+    assert (alert.level, alert.limit_type, alert.limit, alert.used) == (AlertLevel.INFO, "session_cost_usd", 1.0, 0.6)
+    assert alert.alert_id == budget.alerts[0].alert_id

@@ -313,3 +313,20 @@ def test_every_key_has_a_ttl_or_is_owned(backend: Backend) -> None:
         name = key.decode()
         ttl = backend.store.pttl(key)
         assert (name in owned) == (ttl == -1), (name, ttl)
+
+
+def test_extra_alert_thresholds_fire_info_once(backend: Backend) -> None:
+    scope = BudgetScope("s", max_tokens_per_session=100, alert_thresholds=[0.5, 0.8, 0.9])
+    budget = backend.budget(scope, RATES, session_id="a")
+    alerts = []
+    budget.on_alert(alerts.append)
+    budget.record(None, "m", 55, 0)
+    budget.record(None, "m", 1, 0)
+    assert [(a.level, a.limit_type, a.limit) for a in alerts] == [(AlertLevel.INFO, "session_tokens", 100)]
+    budget.record(None, "m", 40, 0)  # 96 %: WARNING at 80 % (alert_at_pct) and INFO at 90 %
+    assert sorted(a.level.value for a in alerts[1:]) == ["info", "warning"]
+    assert [a.pct for a in alerts if a.level is AlertLevel.INFO] == [0.55, 0.96]
+    assert set(budget.summary()["limits"]) == {"session_tokens"}  # thresholds are not limits
+    assert budget.check("m", 4)  # and never refuse
+    with pytest.raises(ValueError):
+        BudgetScope("bad", alert_thresholds=[1.5])

@@ -37,6 +37,7 @@ def make_scope() -> BudgetScope:
         "team",
         parent=org,
         alert_at_pct=0.75,
+        alert_thresholds=[0.5, 0.9],
         max_tokens_per_session=2000,
         max_cost_per_session_usd=0.004,
         max_tokens_per_day=5000,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from distbudget._core.keys import KeySpace, alert_channels, model_prefix
+from distbudget._core.money import MAX_AMOUNT
 from distbudget._core.scope import BudgetScope, Limit, bucket_seconds
 
 TOKENS, COST, REQUESTS = 0, 1, 2
@@ -55,6 +56,19 @@ class LimitSpec:
     crit_rearm: int
     window: str | int
     model: str | None
+    # An extra alert threshold of a scope rides on the engines as a limit that never refuses
+    # (value and crit_at = MAX_AMOUNT) and warns at the threshold; it reports as ``alert_of``
+    # (the real limit's type) at level INFO, against ``alert_limit`` (the real limit's value).
+    alert_of: str | None = None
+    alert_limit: int = 0
+
+    @property
+    def shown_type(self) -> str:
+        return self.alert_of or self.limit_type
+
+    @property
+    def shown_value(self) -> int:
+        return self.alert_limit if self.alert_of else self.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +174,25 @@ def build_plan(
                     lim.model,
                 )
             )
+            for pct in sc.extra_thresholds():
+                at = max(-(-(value * pct.numerator) // pct.denominator), 1)
+                limits.append(
+                    LimitSpec(
+                        sc.name,
+                        f"{lim.limit_type}@{float(pct):g}",
+                        limits[-1].counter,
+                        METRIC_INDEX[lim.metric],
+                        MAX_AMOUNT,
+                        at,
+                        int(at * REARM),
+                        MAX_AMOUNT,
+                        int(MAX_AMOUNT * REARM),
+                        lim.window,
+                        lim.model,
+                        alert_of=lim.limit_type,
+                        alert_limit=value,
+                    )
+                )
 
     # The wire format (see lua/_common.lua): counters and limits grouped by hash, hashes in KEYS order;
     # every number packed in one binary shape, then only the strings Redis takes as arguments.
@@ -236,17 +269,19 @@ def build_plan(
 
 def alert_meta(keyspace: KeySpace, session_id: str, model: str | None, limits: list[LimitSpec]) -> str:
     """What the scripts need to publish an alert: per limit (scope, limit type, metric, value,
-    position of its usage in the totals, the scope's channel), the session, the model, the
-    all-scopes channel. Values are strings: Lua's JSON would print big integers in exponent form."""
+    position of its usage in the totals, the scope's channel, the level of its lower threshold),
+    the session, the model, the all-scopes channel. Values are strings: Lua's JSON would print big
+    integers in exponent form."""
     everyone = alert_channels(keyspace.prefix, "")[0]
     rows = [
         [
             lim.scope,
-            lim.limit_type,
+            lim.shown_type,
             ("tokens", "cost", "requests")[lim.metric],
-            str(lim.value),
+            str(lim.shown_value),
             3 * lim.counter + lim.metric + 1,
             alert_channels(keyspace.prefix, lim.scope)[1],
+            "info" if lim.alert_of else "warning",
         ]
         for lim in limits
     ]

@@ -162,6 +162,7 @@ class BudgetScope:
     hard_stop: bool = True
     limits: list[Limit] = field(default_factory=list)
     parent: BudgetScope | str | None = None
+    alert_thresholds: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_name(self.name, "scope name")
@@ -172,6 +173,11 @@ class BudgetScope:
         if not isinstance(self.hard_stop, bool):
             raise TypeError("hard_stop must be a bool")
         self.limits = _limit_list(self.limits)
+        if not isinstance(self.alert_thresholds, (list, tuple)):
+            raise TypeError("alert_thresholds must be a list of fractions")
+        for t in self.alert_thresholds:
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 < t < 1):
+                raise InvalidInputError(f"alert_thresholds must be fractions in (0, 1), got {t!r}")
         if self.parent is not None and not isinstance(self.parent, (BudgetScope, str)):
             raise TypeError("parent must be a BudgetScope, a scope name, or None")
         if isinstance(self.parent, str):
@@ -215,6 +221,11 @@ class BudgetScope:
             out.append(p)
             p = p.parent
         return out
+
+    def extra_thresholds(self) -> list[Fraction]:
+        """``alert_thresholds`` other than ``alert_at_pct``, ascending: each fires an INFO alert."""
+        warn = self.warn_threshold()
+        return sorted({Fraction(str(t)) for t in self.alert_thresholds} - {warn})
 
     def warn_threshold(self) -> Fraction | None:
         return None if self.alert_at_pct is None else Fraction(str(self.alert_at_pct))
