@@ -10,7 +10,7 @@ finds every stream without scanning the keyspace.
 Payload (JSON; the stream entry's field ``alert`` and each pub/sub message)::
 
     {"id": "1764345600000-0", "stream": "<key>", "scope": "team-a", "level": "warning",
-     "limit_type": "day_cost_usd", "metric": "cost", "used": "4000000000", "limit": "5000000000",
+     "limit_type": "day_cost_usd", "metric": "cost", "used": "4000000000", "limit": "5000000000", "pct": 0.8,
      "session_id": "user-1", "model": "gpt-4o", "ts_us": "1764345600000000"}
 
 ``used``/``limit`` are integer strings in engine units (nano-USD for ``metric == "cost"``);

@@ -328,6 +328,8 @@ local function fan_out(now, totals, fired)
     local alert = {scope = l[1], limit_type = l[2], metric = l[3], limit = l[4], used = totals[l[5]],
                    level = fired[k + 1] == 1 and l[7] or 'critical', session_id = meta.s,
                    model = meta.m, ts_us = fmt(now)}
+    local limit = tonumber(l[4])
+    alert.pct = limit > 0 and tonumber(alert.used) / limit or 0
     local id = redis.call('XADD', stream, 'MAXLEN', '~', '10000', '*', 'alert', cjson.encode(alert))
     alert.id = id
     alert.stream = stream

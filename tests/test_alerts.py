@@ -60,6 +60,7 @@ def test_crossing_is_streamed_and_published_in_the_same_step(redis_server: Redis
     assert {m["channel"] for m in messages if m} == {b"distbudget:alerts", b"distbudget:alerts:team%20%7Ba%7D"}
     assert all(p["level"] == "warning" and p["scope"] == "team {a}" for p in payloads)
     assert all(p["limit_type"] == "session_tokens" and p["used"] == "85" and p["limit"] == "100" for p in payloads)
+    assert all(p["pct"] == 0.85 and p["ts_us"].isdigit() and p["model"] == "m" for p in payloads)
     ((entry_id, fields),) = client.xrange(client.hget("distbudget:alert-streams", "team {a}"))
     assert payloads[0]["id"] == entry_id.decode() == local[0].alert_id
     assert json.loads(fields[b"alert"])["session_id"] == "s"
