@@ -182,7 +182,15 @@ class DemoConfig:
 
 
 def build_config(
-    *, redis: str | None, prefix: str, workers: int, calls: int, n_scopes: int, seed: int, latency_ms: float
+    *,
+    redis: str | None,
+    prefix: str,
+    workers: int,
+    calls: int,
+    n_scopes: int,
+    seed: int,
+    latency_ms: float,
+    exact_prefix: bool = False,
 ) -> tuple[DemoConfig, dict[str, Planned]]:
     """The run's scopes, sized from the seeded plan of every worker; and that plan's totals."""
     roles = [ROLES[i % len(ROLES)] for i in range(n_scopes)]
@@ -196,7 +204,7 @@ def build_config(
     scopes = tuple(
         size_scope(name, role, model, planned[name], workers) for name, (role, model) in zip(names, roles, strict=True)
     )
-    run_prefix = f"{prefix}-{uuid.uuid4().hex[:RUN_SUFFIX_LENGTH]}"
+    run_prefix = prefix if exact_prefix else f"{prefix}-{uuid.uuid4().hex[:RUN_SUFFIX_LENGTH]}"
     cfg = DemoConfig(redis, run_prefix, workers, calls, seed, latency_ms / 1000, scopes)
     return cfg, planned
 
@@ -648,6 +656,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="distbudget-demo",
         help="key prefix; a unique suffix is added per run (default distbudget-demo)",
     )
+    demo.add_argument(
+        "--exact-prefix",
+        action="store_true",
+        help="use --prefix as is (it must be unused), so a listener can watch it: distbudget watch --prefix P",
+    )
     demo.add_argument("--seed", type=int, default=0, help="seed of the simulated token counts (default 0)")
     demo.add_argument(
         "--latency-ms",
@@ -715,6 +728,7 @@ def main(argv: list[str] | None = None) -> int:
             n_scopes=args.scopes,
             seed=args.seed,
             latency_ms=args.latency_ms,
+            exact_prefix=args.exact_prefix,
         )
         report = run_demo(cfg, planned)
     except (DistBudgetError, RuntimeError, ValueError, TypeError) as exc:
