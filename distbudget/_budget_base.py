@@ -334,11 +334,10 @@ class BudgetCore:
     # ---- flows: one per operation, driven by the sync or the async shell ------------------------
 
     def announcement(self) -> Call | None:
-        """Once per budget, before its first operation: register the tree's alert stream under each
-        scope's name (``<prefix>:alert-streams``), which is how listeners find it."""
+        """Before a budget's first operation (until it succeeds): register the tree's alert stream
+        under each scope's name (``<prefix>:alert-streams``), which is how listeners find it."""
         if self._announced:
             return None
-        self._announced = True
         streams = {s.name: self.keyspace.alerts for s in [self.scope, *self.scope.ancestors()]}
         return "announce", (alert_index_key(self.keyspace.prefix), streams)
 

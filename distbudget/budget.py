@@ -69,6 +69,7 @@ class Budget(BudgetCore):
         first = self.announcement()
         if first is not None:
             self.engine.apply(*first)
+            self._announced = True
         try:
             name, args = next(flow)
             while True:
@@ -213,6 +214,7 @@ class AsyncBudget(BudgetCore):
         first = self.announcement()
         if first is not None:
             await self.engine.apply(*first)
+            self._announced = True
         try:
             name, args = next(flow)
             while True:

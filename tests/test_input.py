@@ -135,3 +135,16 @@ def test_odd_names_are_safe(backend: Backend, odd: str) -> None:
         assert len({key_slot(k.encode()) for k in keys}) == 1  # the whole tree in one slot
         budget.reset_session(odd)
         assert budget.summary(odd)["session"]["tokens"] == 0
+
+
+def test_unreachable_redis_raises_backend_error_without_hanging(tmp_path: object) -> None:
+    from distbudget import BackendError, Budget
+    from tests.conftest import free_port
+
+    budget = Budget(BudgetScope("down", max_tokens_per_session=10), RATES, redis=f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(BackendError) as info:
+        budget.record("s", "m", 1, 1)
+    assert isinstance(info.value, DistBudgetError)
+    assert info.value.__cause__ is not None  # the redis-py error is chained
+    assert "Redis" in str(info.value)
+    assert budget._announced is False  # registering the alert stream is retried once Redis is back

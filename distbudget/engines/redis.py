@@ -25,6 +25,8 @@ from distbudget._exceptions import BackendError
 OPERATIONS = ("record", "commit", "check", "reserve", "release", "summary")
 _TIMEOUTS = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
 
+_DOING = {"announce": "registering the alert stream", "delete": "reset"}
+
 Wire = tuple[str, "tuple[str, ...] | list[str]", list[Any], Callable[[Any], Any]]
 
 
@@ -113,7 +115,7 @@ class RedisEngine:
             op, keys, argv, parse = wire(name, args)
             return parse(self.scripts[op](keys=keys, args=argv))
         except redis.RedisError as exc:
-            raise BackendError(f"Redis {name} failed: {exc}") from exc
+            raise BackendError(f"Redis {_DOING.get(name, name)} failed: {exc}") from exc
 
 
 class AsyncRedisEngine:
@@ -132,4 +134,4 @@ class AsyncRedisEngine:
             op, keys, argv, parse = wire(name, args)
             return parse(await self.scripts[op](keys=keys, args=argv))
         except redis.RedisError as exc:
-            raise BackendError(f"Redis {name} failed: {exc}") from exc
+            raise BackendError(f"Redis {_DOING.get(name, name)} failed: {exc}") from exc
