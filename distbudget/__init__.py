@@ -10,6 +10,7 @@ from distbudget._exceptions import (
     InvalidInputError,
     UnknownModelError,
 )
+from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
 from distbudget.budget import AsyncBudget, AsyncReservation, Budget, Reservation
 from distbudget.manager import AsyncBudgetManager, BudgetManager
 from distbudget.pricing import ModelRates
@@ -18,6 +19,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AlertLevel",
+    "AlertListener",
+    "AsyncAlertListener",
     "AsyncBudget",
     "AsyncBudgetManager",
     "AsyncReservation",
@@ -35,4 +38,5 @@ __all__ = [
     "Reservation",
     "UnknownModelError",
     "UsageRecord",
+    "WebhookSink",
 ]
