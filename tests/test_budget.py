@@ -330,3 +330,16 @@ def test_extra_alert_thresholds_fire_info_once(backend: Backend) -> None:
     assert budget.check("m", 4)  # and never refuse
     with pytest.raises(ValueError):
         BudgetScope("bad", alert_thresholds=[1.5])
+
+
+def test_script_cache_loss_is_invisible(backend: Backend) -> None:
+    if backend.kind != "redis":
+        pytest.skip("SCRIPT FLUSH on a real server")
+    budget = backend.budget(BudgetScope("flush", max_tokens_per_session=100), RATES, session_id="a")
+    budget.record(None, "m", 10, 0)
+    backend.store.script_flush()
+    budget.record(None, "m", 10, 0)  # NOSCRIPT is recovered by reloading the script
+    with budget.reserve("m", 5, 5) as hold:
+        backend.store.script_flush()
+        hold.commit(5, 5)
+    assert budget.summary()["session"]["tokens"] == 30
