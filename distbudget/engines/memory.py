@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from itertools import chain
 from typing import Any
 
 from distbudget._core.plan import AdmitResult, ChargeResult, Counter, Plan, SummaryResult
@@ -94,7 +95,7 @@ class MemoryEngine:
                     w.oldest = min(w.buckets, default=0)
         return h, tot
 
-    def _charge(self, c: Counter, now: int, amt: tuple[int, int, int]) -> list[int]:
+    def _charge(self, c: Counter, now: int, amt: tuple[int, int, int]) -> tuple[dict[Any, Any], list[int]]:
         h, tot = self._counter(c, now)
         if c.prefix not in h:
             h[c.prefix] = tot
@@ -117,19 +118,21 @@ class MemoryEngine:
             bucket[2] += amt[2]
         elif c.ttl_ms:
             self._expires[c.hash_key] = now + c.ttl_ms * 1000
-        return tot
+        return h, tot
 
+    @staticmethod
     def _alerts(
-        self, plan: Plan, totals: list[list[int]], amt: tuple[int, int, int], now: int
+        plan: Plan, totals: list[list[int]], hashes: list[dict[Any, Any]], amt: tuple[int, int, int]
     ) -> tuple[tuple[int, int], ...]:
         out: list[tuple[int, int]] = []
         for i, lim in enumerate(plan.limits):
             after = totals[lim.counter][lim.metric]
-            before = after - amt[lim.metric]
-            c = plan.counters[lim.counter]
-            h = self._hash(c.hash_key, now)
-            field = ("a", c.prefix, lim.limit_type)
+            h = hashes[lim.counter]
+            field = ("a", plan.counters[lim.counter].prefix, lim.limit_type)
             st = h.get(field, 0)
+            if not st and after < (lim.warn_at if lim.warn_at >= 0 else lim.crit_at):
+                continue  # nothing fired, nothing to re-arm (the scripts' fast path)
+            before = after - amt[lim.metric]
             ns = st
             if ns & 1 and before < lim.warn_rearm:
                 ns -= 1
@@ -253,11 +256,15 @@ class MemoryEngine:
         original = self._seen(request_key, now)
         if original is not None:
             return ChargeResult(now, (), (), original, False)
-        rows = [self._charge(c, now, amt) for c in plan.counters]
-        fired = self._alerts(plan, rows, amt, now)
+        hashes, rows = [], []
+        for c in plan.counters:
+            h, row = self._charge(c, now, amt)
+            hashes.append(h)
+            rows.append(row)
+        fired = self._alerts(plan, rows, hashes, amt)
         if request_key is not None:
             self._requests[request_key] = (now + request_ttl_ms * 1000, (now, amt[0], amt[1]))
-        totals = tuple(v for row in rows for v in row)
+        totals = tuple(chain.from_iterable(rows))
         return ChargeResult(now, totals, fired, None, found)
 
     def check(self, plan: Plan, now_us: int | None, amt: tuple[int, int, int]) -> AdmitResult:
