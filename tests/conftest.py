@@ -11,7 +11,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -206,9 +206,6 @@ class Backend:
             return SyncView(AsyncBudgetManager(redis=self._async_client(), **kw), self.runner)
         return BudgetManager(redis=self.store, **kw)
 
-    def key_count(self) -> int:
-        return 0 if self.store is None else int(self.store.dbsize())
-
 
 BACKENDS = ["embedded", "fakeredis", "redis", "embedded-async", "fakeredis-async", "redis-async"]
 
@@ -241,6 +238,3 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
 @pytest.fixture
 def clock() -> Clock:
     return Clock()
-
-
-MakeBudget = Callable[..., Budget]
