@@ -1,10 +1,13 @@
 """The contenders ``bench/run.py`` measures distbudget against (not distbudget's own code).
 
 * :class:`SeedTracker`: the architecture of agent-budget, the in-process library distbudget grew
-  from, reduced to what its ``record()`` does per call: price the call, build a record dataclass,
-  then under one ``threading.Lock`` roll the day over, add to float counters (session, day, per
-  model), append the record to an unbounded list, and walk every configured limit computing its
-  percentage (alert / raise when crossed). Written here from that description, not copied.
+  from, modelled on what its README says ``record()`` does: price the call with the model's rates
+  object, build a record dataclass, then under one ``threading.Lock`` add to the session's counters
+  (a dict keyed by session id), to a rolling 24 h window (a deque of the day's charges with running
+  sums, expired from the left) and to per-model counters, keep the record in an unbounded list,
+  and walk every configured limit computing its percentage (alerts to callbacks, a hard stop
+  raises). Written here from that description, not copied. Until 2026-11-28 this stand-in kept one
+  session's counters and a fixed 24 h day that reset at once: cheaper than what the seed offers.
 * :class:`NaiveZsetBudget`: the event-log design distbudget avoids: one sorted-set member per call in
   a rolling 24 h window (ZADD, ZREMRANGEBYSCORE, ZCARD, PEXPIRE in one script). Cheapest variant:
   it counts calls with ZCARD instead of summing the members' amounts (a true token/cost budget would
@@ -16,6 +19,8 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +29,17 @@ DAY_SECONDS = 86400
 
 class SeedBudgetExceeded(Exception):
     """The seed raised from inside ``record()`` once a hard limit was reached."""
+
+
+@dataclass(frozen=True)
+class SeedRates:
+    """The seed's ``ModelRates``: USD per 1K tokens, priced with a method call."""
+
+    input_per_1k: float
+    output_per_1k: float
+
+    def estimate_cost(self, input_tokens: int, output_tokens: int = 0) -> float:
+        return (input_tokens / 1000) * self.input_per_1k + (output_tokens / 1000) * self.output_per_1k
 
 
 @dataclass
@@ -35,6 +51,10 @@ class SeedRecord:
     cost_usd: float
     timestamp: float = field(default_factory=time.time)
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
 
 
 @dataclass
@@ -48,7 +68,10 @@ class SeedAlert:
 
 
 class SeedTracker:
-    """A dict-and-lock in-process tracker with session, day and per-model limits."""
+    """A dict-and-lock in-process tracker with what the seed's README lists: per-session limits
+    (counters per session id), rolling 24 h day limits (a deque of the day's charges with running
+    sums, expired from the left), per-model limits, rates objects with ``estimate_cost``, soft
+    alerts at ``alert_at_pct`` and hard stops, alert callbacks, every record kept."""
 
     def __init__(
         self,
@@ -65,7 +88,7 @@ class SeedTracker:
         hard_stop: bool = True,
     ) -> None:
         self.name = name
-        self.rates = rates  # model -> (USD per 1k input tokens, USD per 1k output tokens)
+        self.rates = {model: SeedRates(*per_1k) for model, per_1k in rates.items()}
         self.max_tokens_per_session = max_tokens_per_session
         self.max_cost_per_session_usd = max_cost_per_session_usd
         self.max_tokens_per_day = max_tokens_per_day
@@ -75,42 +98,57 @@ class SeedTracker:
         self.alert_at_pct = alert_at_pct
         self.hard_stop = hard_stop
         self._lock = threading.Lock()
-        self._session_tokens = 0
-        self._session_cost = 0.0
+        self._sessions: dict[str, list[float]] = {}  # session id -> [tokens, cost]
+        self._day: deque[tuple[float, int, float]] = deque()  # (timestamp, tokens, cost) of the last 24 h
         self._day_tokens = 0
         self._day_cost = 0.0
-        self._day_start = time.time()
         self._model_tokens: dict[str, int] = {}
         self._model_cost: dict[str, float] = {}
         self._records: list[SeedRecord] = []
         self._alerts: list[SeedAlert] = []
+        self._callbacks: list[Callable[[SeedAlert], Any]] = []
+
+    def on_alert(self, callback: Callable[[SeedAlert], Any]) -> None:
+        self._callbacks.append(callback)
 
     def record(
         self, session_id: str, model: str, input_tokens: int, output_tokens: int, metadata: dict[str, Any] | None = None
     ) -> SeedRecord:
-        per_in, per_out = self.rates[model]
-        cost = (input_tokens * per_in + output_tokens * per_out) / 1000.0
-        tokens = input_tokens + output_tokens
+        cost = self.rates[model].estimate_cost(input_tokens, output_tokens)
         rec = SeedRecord(session_id, model, input_tokens, output_tokens, cost, metadata=metadata or {})
+        tokens = rec.total_tokens
         with self._lock:
-            if time.time() - self._day_start >= DAY_SECONDS:  # the seed's "day": a fixed 24 h from start
-                self._day_tokens, self._day_cost, self._day_start = 0, 0.0, time.time()
-            self._session_tokens += tokens
-            self._session_cost += cost
+            now = rec.timestamp
+            session = self._sessions.get(session_id)
+            if session is None:
+                session = self._sessions[session_id] = [0, 0.0]
+            session[0] += tokens
+            session[1] += cost
+            day = self._day
+            day.append((now, tokens, cost))
             self._day_tokens += tokens
             self._day_cost += cost
+            while day[0][0] <= now - DAY_SECONDS:  # rolling 24 h: charges older than a day leave
+                _, old_tokens, old_cost = day.popleft()
+                self._day_tokens -= old_tokens
+                self._day_cost -= old_cost
             self._model_tokens[model] = self._model_tokens.get(model, 0) + tokens
             self._model_cost[model] = self._model_cost.get(model, 0.0) + cost
             self._records.append(rec)
-            self._check(model)
+            alerts = self._check(session, model)
+        for alert in alerts:
+            for cb in self._callbacks:
+                cb(alert)
+            if alert.level == "critical" and self.hard_stop:
+                raise SeedBudgetExceeded(alert.message)
         return rec
 
-    def _check(self, model: str) -> None:
+    def _check(self, session: list[float], model: str) -> list[SeedAlert]:
         checks: list[tuple[float, float, str]] = []
         if self.max_tokens_per_session is not None:
-            checks.append((self.max_tokens_per_session, self._session_tokens, "session_tokens"))
+            checks.append((self.max_tokens_per_session, session[0], "session_tokens"))
         if self.max_cost_per_session_usd is not None:
-            checks.append((self.max_cost_per_session_usd, self._session_cost, "session_cost_usd"))
+            checks.append((self.max_cost_per_session_usd, session[1], "session_cost_usd"))
         if self.max_tokens_per_day is not None:
             checks.append((self.max_tokens_per_day, self._day_tokens, "day_tokens"))
         if self.max_cost_per_day_usd is not None:
@@ -121,15 +159,18 @@ class SeedTracker:
             checks.append(
                 (self.max_cost_per_model_usd[model], self._model_cost.get(model, 0.0), f"model_{model}_cost_usd")
             )
+        alerts: list[SeedAlert] = []
         for limit, used, limit_type in checks:
             pct = used / limit if limit else 0.0
             if pct >= 1.0:
                 alert = SeedAlert(self.name, "critical", f"Budget EXCEEDED: {limit_type}", used, limit)
                 self._alerts.append(alert)
-                if self.hard_stop:
-                    raise SeedBudgetExceeded(alert.message)
+                alerts.append(alert)
             elif pct >= self.alert_at_pct:
-                self._alerts.append(SeedAlert(self.name, "warning", f"Budget WARNING: {limit_type}", used, limit))
+                alert = SeedAlert(self.name, "warning", f"Budget WARNING: {limit_type}", used, limit)
+                self._alerts.append(alert)
+                alerts.append(alert)
+        return alerts
 
 
 # KEYS[1] the event log; ARGV: now (ms), a unique member carrying the call's amounts, window (ms).

@@ -93,6 +93,8 @@ class Sizes:
     fleet_rounds: int
     fleet_seconds: float
     fleet_lead: float  # seconds between sending a fleet command and its start
+    ledger_fill: int  # charges appended to a ledger (row 4b): the default cap, 100,000
+    many: int  # calls per record_many() (row 9)
 
 
 FULL = Sizes(
@@ -104,6 +106,8 @@ FULL = Sizes(
     fleet_rounds=3,
     fleet_seconds=1.5,
     fleet_lead=0.2,
+    ledger_fill=100_000,
+    many=100,
 )
 QUICK = Sizes(
     rounds=3,
@@ -114,6 +118,8 @@ QUICK = Sizes(
     fleet_rounds=2,
     fleet_seconds=0.25,
     fleet_lead=0.1,
+    ledger_fill=10_000,
+    many=100,
 )
 
 
@@ -130,16 +136,26 @@ def timed(fn: Callable[[], Any], n: int) -> dict[str, float]:
     return {"rate": n / wall, "cpu_us": cpu / n * 1e6}
 
 
-def evalsha_stats(client: Any) -> tuple[int, int]:
-    st = client.info("commandstats").get("cmdstat_evalsha", {})
-    return int(st.get("calls", 0)), int(st.get("usec", 0))
+# Commands of the bench's own around the measured ones: not a script's inner commands. (A budget's
+# first call also registers its alert stream with one HSET: once in thousands of calls.)
+NOT_INNER = frozenset({"evalsha", "info", "config|resetstat", "ping", "script|load", "script|exists"})
 
 
-def timed_server(client: Any, fn: Callable[[], Any], n: int, ops_per_call: int = 1) -> dict[str, float]:
-    """``timed`` plus the server's µs per call from ``INFO commandstats`` (after ``CONFIG RESETSTAT``)."""
+def command_stats(client: Any) -> dict[str, dict[str, int]]:
+    """``INFO commandstats``: calls and µs per command (``cmdstat_`` stripped)."""
+    return {
+        k.removeprefix("cmdstat_"): {"calls": int(v.get("calls", 0)), "usec": int(v.get("usec", 0))}
+        for k, v in client.info("commandstats").items()
+    }
+
+
+def timed_server(client: Any, fn: Callable[[], Any], n: int, ops_per_call: int = 1) -> dict[str, Any]:
+    """``timed`` plus, from ``INFO commandstats`` (after ``CONFIG RESETSTAT``), the server's µs per
+    call and the commands the scripts ran per call (``inner``; their own µs in ``inner_us``)."""
     client.config_resetstat()
-    out = timed(fn, n)
-    calls, usec = evalsha_stats(client)
+    out: dict[str, Any] = timed(fn, n)
+    stats = command_stats(client)
+    calls, usec = stats.get("evalsha", {}).get("calls", 0), stats.get("evalsha", {}).get("usec", 0)
     if calls != n * ops_per_call:
         print(
             f"  !! expected {n * ops_per_call} EVALSHA, the server counted {calls}: another client's traffic "
@@ -147,6 +163,10 @@ def timed_server(client: Any, fn: Callable[[], Any], n: int, ops_per_call: int =
             file=sys.stderr,
         )
     out["server_us"] = usec / n
+    inner = {k: v for k, v in stats.items() if k not in NOT_INNER}
+    out["inner"] = {k: v["calls"] / n for k, v in inner.items()}
+    out["inner_calls"] = sum(out["inner"].values())
+    out["inner_us"] = sum(v["usec"] for v in inner.values()) / n
     return out
 
 
@@ -419,15 +439,18 @@ class Bench:
     # rows 1, 2: one client, one round trip each, against the trivial script; with, in the same
     # rounds, the client-side parts of a record() measured without I/O (CPU time) --------------------
     def round_trips(self) -> None:
-        self.say("record() / reserve()+commit() / trivial EVALSHA, same client")
+        self.say("record() (ledger on / off) / reserve()+commit() / trivial EVALSHA, same client")
         b, n = self.budget("rt"), self.sizes.calls
+        nl = self.budget("rtnl", ledger_maxlen=0)
         record = lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS)  # noqa: E731
+        record_nl = lambda: nl.record(SESSION, "m", IN_TOKENS, OUT_TOKENS)  # noqa: E731
         pair = lambda: b.reserve("m", IN_TOKENS, OUT_TOKENS).commit(IN_TOKENS, OUT_TOKENS)  # noqa: E731
-        for fn in (record, pair, self.trivial):
+        for fn in (record, record_nl, pair, self.trivial):
             fn()
         # distbudget's own Python per record(): the flow against canned raw replies (wire + parse included)
         plan, usage = b.plan(SESSION, "m"), b.usage("m", IN_TOKENS, OUT_TOKENS)
-        op, keys, argv, _parse = wire("record", (plan, None, usage, None, b.request_ttl_ms))
+        entry = b.ledger_entry(plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
+        op, keys, argv, _parse = wire("record", (plan, None, usage, None, b.request_ttl_ms, entry))
         script = b.engine.scripts[op]
         raw_reply = script(keys=keys, args=argv)
         canned = Budget(bench_scope(), RATES, session_id=SESSION, _engine=CannedEngine(raw=raw_reply))
@@ -440,6 +463,7 @@ class Bench:
                 self.sizes.rounds,
                 {
                     "record": lambda: timed_server(self.client, record, n),
+                    "record_noledger": lambda: timed_server(self.client, record_nl, n),
                     "trivial": lambda: timed_server(self.client, self.trivial, n),
                     "reserve_commit": lambda: timed_server(self.client, pair, n, ops_per_call=2),
                     # the same script call record() makes, sent straight through redis-py (no distbudget Python)
@@ -475,10 +499,12 @@ class Bench:
         n = self.sizes.embedded_calls
         probe = Budget(bench_scope(), RATES, session_id=SESSION)
         usage = probe.usage("m", IN_TOKENS, OUT_TOKENS)
-        answer = probe.engine.apply("record", (probe.plan(SESSION, "m"), None, usage, None, probe.request_ttl_ms))
+        answer = probe.engine.apply(
+            "record", (probe.plan(SESSION, "m"), None, usage, None, probe.request_ttl_ms, (0, ""))
+        )
 
-        def run_embedded() -> dict[str, float]:
-            b = Budget(bench_scope(), RATES, session_id=SESSION)
+        def run_embedded(ledger_maxlen: int = 100_000) -> dict[str, float]:
+            b = Budget(bench_scope(), RATES, session_id=SESSION, ledger_maxlen=ledger_maxlen)
             return timed(lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n)
 
         def run_flow() -> dict[str, float]:  # the same Budget with the engine's answer canned
@@ -490,7 +516,13 @@ class Bench:
             return timed(lambda: t.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n)
 
         self.raw["embedded"] = interleave(
-            self.sizes.rounds, {"distbudget": run_embedded, "seed": run_seed, "flow_only": run_flow}
+            self.sizes.rounds,
+            {
+                "distbudget": run_embedded,
+                "distbudget_noledger": lambda: run_embedded(0),
+                "seed": run_seed,
+                "flow_only": run_flow,
+            },
         )
 
     # rows 3, 4, 6: a simulated day of traffic ------------------------------------------------------
@@ -524,7 +556,8 @@ class Bench:
             pipe = self.client.pipeline(transaction=False)
             for t in times[lo : lo + batch]:
                 clock[0] = t
-                op, keys, args, _parse = wire("record", (plan, b.now_us(), usage, None, 0))
+                # the counters' memory: the ledger (a capped audit stream, ledger_maxlen) is measured apart
+                op, keys, args, _parse = wire("record", (plan, b.now_us(), usage, None, 0, (0, "")))
                 b.engine.scripts[op](keys=keys, args=args, client=pipe)
             pipe.execute()
 
@@ -564,19 +597,73 @@ class Bench:
                 self.client.unlink(key)
 
     def server_time(self) -> None:
-        self.say("server µs per charge: empty vs full window")
+        self.say("server µs per charge: empty vs full window, ledger on and off")
         n, rnd = self.sizes.calls, itertools.count()
-        full = self.budget("full")
+        full, full_nl = self.budget("full"), self.budget("full", ledger_maxlen=0)
 
-        def empty() -> dict[str, float]:
-            b = self.budget(f"empty{next(rnd)}")
+        def empty(**options: Any) -> dict[str, float]:
+            b = self.budget(f"empty{next(rnd)}", **options)
+            return timed_server(self.client, lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n)
+
+        def filled(b: Budget) -> dict[str, float]:
             return timed_server(self.client, lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n)
 
         self.raw["server_time"] = interleave(
             self.sizes.rounds,
             {
                 "empty": empty,
-                "full": lambda: timed_server(self.client, lambda: full.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n),
+                "full": lambda: filled(full),
+                "empty_noledger": lambda: empty(ledger_maxlen=0),
+                "full_noledger": lambda: filled(full_nl),
+            },
+        )
+
+    # row 4b: the ledger's memory --------------------------------------------------------------------
+    def ledger_memory(self) -> None:
+        """The ledger stream of a scope tree after ``ledger_fill`` charges (pipelined record scripts
+        with their real entries): its ``MEMORY USAGE`` per entry."""
+        n = self.sizes.ledger_fill
+        self.say(f"the ledger's memory: {n:,} charges")
+        b = self.budget("ledger")
+        plan, usage = b.plan(SESSION, "m"), b.usage("m", IN_TOKENS, OUT_TOKENS)
+        script = b.engine.scripts["record"]
+        for lo in range(0, n, self.sizes.batch):
+            pipe = self.client.pipeline(transaction=False)
+            for _ in range(min(self.sizes.batch, n - lo)):
+                entry = b.ledger_entry(plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
+                _op, keys, args, _parse = wire("record", (plan, None, usage, None, 0, entry))
+                script(keys=keys, args=args, client=pipe)
+            pipe.execute()
+        key = b.keyspace.ledger
+        self.raw["ledger_memory"] = {
+            "entries": int(self.client.xlen(key)),
+            "bytes": int(self.client.memory_usage(key, samples=0) or 0),
+            "entry_json": len(entry[1].encode()),
+            "maxlen": b.ledger_maxlen,
+        }
+        self.client.unlink(key)
+
+    # row 9: record_many() ------------------------------------------------------------------------------
+    def record_many(self) -> None:
+        self.say(f"record_many() of {self.sizes.many} calls vs record(), Redis and embedded")
+        b, emb = self.budget("many"), Budget(bench_scope(), RATES, session_id=SESSION)
+        n, k = self.sizes.calls, self.sizes.many
+        calls = [(SESSION, "m", IN_TOKENS, OUT_TOKENS)] * k
+        for budget in (b, emb):
+            budget.record_many(calls)
+
+        def batches(budget: Budget, count: int) -> dict[str, float]:
+            out = timed(lambda: budget.record_many(calls), max(1, count // k))
+            return {"rate": out["rate"] * k, "cpu_us": out["cpu_us"] / k}  # charges/s, CPU µs per charge
+
+        emb_n = self.sizes.embedded_calls
+        self.raw["record_many"] = interleave(
+            self.sizes.rounds,
+            {
+                "redis_many": lambda: batches(b, n * 4),
+                "redis_one": lambda: timed(lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n),
+                "embedded_many": lambda: batches(emb, emb_n),
+                "embedded_one": lambda: timed(lambda: emb.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), emb_n),
             },
         )
 
@@ -618,27 +705,39 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
+def inner_text(runs: list[dict[str, Any]]) -> str:
+    """The commands a script ran per charge (median over rounds): total, then each."""
+    per = {k: statistics.median(r["inner"].get(k, 0) for r in runs) for k in {k for r in runs for k in r["inner"]}}
+    each = ", ".join(f"{k.upper()} {v:.2f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.005)
+    return f"{med(runs, 'inner_calls'):.2f} Redis commands per charge ({each})"
+
+
 def build_rows(raw: dict[str, Any], sizes: Sizes) -> tuple[list[Row], list[str]]:
     rows: list[Row] = []
     notes: list[str] = []
     rt = raw["round_trips"]
-    rec, triv, pair = rt["record"], rt["trivial"], rt["reserve_commit"]
-    r1 = med_ratio(rec, triv)
-    us = {k: 1e6 / med(v, "rate") for k, v in (("record", rec), ("trivial", triv))}
-    cpu = {k: med(v, "cpu_us") for k, v in (("record", rec), ("trivial", triv))}
-    srv = {k: med(v, "server_us") for k, v in (("record", rec), ("trivial", triv))}
-    rows.append(
-        Row(
-            "1",
-            "`record()` on Redis ÷ trivial `EVALSHA` (`return 1`), same client",
-            [r1],
-            f"{r1:.2f}×",
-            "≥ 0.85",
-            verdict(r1 >= 0.85),
-            f"{n0(med(rec, 'rate'))} vs {n0(med(triv, 'rate'))} calls/s; "
-            f"{us['record']:.1f} vs {us['trivial']:.1f} µs per call",
+    rec, triv, pair, rec_nl = rt["record"], rt["trivial"], rt["reserve_commit"], rt["record_noledger"]
+    us = {k: 1e6 / med(v, "rate") for k, v in (("record", rec), ("trivial", triv), ("noledger", rec_nl))}
+    cpu = {k: med(v, "cpu_us") for k, v in (("record", rec), ("trivial", triv), ("noledger", rec_nl))}
+    srv = {k: med(v, "server_us") for k, v in (("record", rec), ("trivial", triv), ("noledger", rec_nl))}
+    for rid, what, runs, key in (
+        ("1a", "ledger on (the default, `ledger_maxlen=100_000`)", rec, "record"),
+        ("1b", "ledger off (`ledger_maxlen=0`)", rec_nl, "noledger"),
+    ):
+        ratio = med_ratio(runs, triv)
+        rows.append(
+            Row(
+                rid,
+                f"`record()` on Redis, {what}, ÷ trivial `EVALSHA` (`return 1`), same client",
+                [ratio],
+                f"{ratio:.2f}×",
+                "≥ 0.85",
+                verdict(ratio >= 0.85),
+                f"{n0(med(runs, 'rate'))} vs {n0(med(triv, 'rate'))} calls/s; "
+                f"{us[key]:.1f} vs {us['trivial']:.1f} µs per call; server {srv[key]:.1f} µs, "
+                f"client CPU {cpu[key]:.1f} µs",
+            )
         )
-    )
     r2 = med_ratio(pair, rec)
     rows.append(
         Row(
@@ -653,53 +752,58 @@ def build_rows(raw: dict[str, Any], sizes: Sizes) -> tuple[list[Row], list[str]]
     )
 
     st = raw["server_time"]
-    empty, full = med(st["empty"], "server_us"), med(st["full"], "server_us")
-    flat = med_ratio(st["full"], st["empty"], "server_us")
-    rows.append(
-        Row(
-            "3a",
-            "server µs per charge (`cmdstat_evalsha`), empty window",
-            [empty],
-            f"{empty:.1f} µs",
-            "≤ 25 µs",
-            verdict(empty <= 25),
-            "session + day + per-model limits, fresh scope",
+    for ids, label, e_key, f_key in (
+        (("3a", "3b", "3c"), "ledger on", "empty", "full"),
+        (("3e", "3f", "3g"), "ledger off", "empty_noledger", "full_noledger"),
+    ):
+        empty, full = med(st[e_key], "server_us"), med(st[f_key], "server_us")
+        flat = med_ratio(st[f_key], st[e_key], "server_us")
+        rows.append(
+            Row(
+                ids[0],
+                f"server µs per charge (`cmdstat_evalsha`), {label}, empty window",
+                [empty],
+                f"{empty:.1f} µs",
+                "≤ 25 µs",
+                verdict(empty <= 25),
+                f"session + day + per-model limits, fresh scope; {inner_text(st[e_key])}",
+            )
         )
-    )
-    rows.append(
-        Row(
-            "3b",
-            f"server µs per charge, {sizes.fill:,} charges in the day window",
-            [full],
-            f"{full:.1f} µs",
-            "≤ 25 µs",
-            verdict(full <= 25),
-            f"{raw['day_buckets']} buckets in the day window; its hash: "
-            + ", ".join(f"{h['fields']} fields, {h['encoding']}" for h in raw["window_hash"].values()),
+        rows.append(
+            Row(
+                ids[1],
+                f"server µs per charge, {label}, {sizes.fill:,} charges in the day window",
+                [full],
+                f"{full:.1f} µs",
+                "≤ 25 µs",
+                verdict(full <= 25),
+                f"{raw['day_buckets']} buckets in the day window; its hash: "
+                + ", ".join(f"{h['fields']} fields, {h['encoding']}" for h in raw["window_hash"].values()),
+            )
         )
-    )
-    rows.append(
-        Row(
-            "3c",
-            "server time, full ÷ empty window",
-            [flat],
-            f"{flat:.2f}×",
-            "0.90–1.10 (flat ±10 %)",
-            verdict(0.9 <= flat <= 1.1),
-            "median of per-round ratios",
+        rows.append(
+            Row(
+                ids[2],
+                f"server time, {label}, full ÷ empty window",
+                [flat],
+                f"{flat:.2f}×",
+                "0.90–1.10 (flat ±10 %)",
+                verdict(0.9 <= flat <= 1.1),
+                "median of per-round ratios",
+            )
         )
-    )
-    rows.append(
-        Row(
-            "3d",
-            "server µs per trivial `EVALSHA` (reference)",
-            [srv["trivial"]],
-            f"{srv['trivial']:.1f} µs",
-            "—",
-            "—",
-            "the floor of any script call",
-        )
-    )
+        if ids[0] == "3a":
+            rows.append(
+                Row(
+                    "3d",
+                    "server µs per trivial `EVALSHA` (reference)",
+                    [srv["trivial"]],
+                    f"{srv['trivial']:.1f} µs",
+                    "—",
+                    "—",
+                    "the floor of any script call",
+                )
+            )
 
     mem = raw["memory_distbudget"]
     total = sum(mem.values())
@@ -712,23 +816,39 @@ def build_rows(raw: dict[str, Any], sizes: Sizes) -> tuple[list[Row], list[str]]
             kb(total),
             "≤ 64 KB",
             verdict(total <= MEMORY_TARGET),
-            f"{len(mem)} keys: {parts}",
+            f"{len(mem)} keys: {parts} (the counters; the ledger, a capped audit stream, is row 4b)",
+        )
+    )
+    lm = raw["ledger_memory"]
+    per_entry = lm["bytes"] / max(lm["entries"], 1)
+    rows.append(
+        Row(
+            "4b",
+            f"the ledger's memory per charge (`MEMORY USAGE` of the stream after {lm['entries']:,} charges)",
+            [per_entry, per_entry * lm["maxlen"]],
+            f"{per_entry:,.0f} B per entry · {kb(per_entry * lm['maxlen'])} at the cap",
+            "—",
+            "—",
+            f"one stream per scope tree, capped at `ledger_maxlen` ({lm['maxlen']:,}, approximate MAXLEN); "
+            f"an entry: a {lm['entry_json']}-byte JSON and 4 numbers; `ledger_maxlen=0` keeps none",
         )
     )
 
     emb = raw["embedded"]
-    r5 = med_ratio(emb["distbudget"], emb["seed"])
-    rows.append(
-        Row(
-            "5",
-            "embedded `record()` ÷ dict-and-lock tracker (agent-budget's design)",
-            [r5],
-            f"{r5:.2f}×",
-            "≥ 1.0",
-            verdict(r5 >= 1.0),
-            f"{n0(med(emb['distbudget'], 'rate'))} vs {n0(med(emb['seed'], 'rate'))} calls/s",
+    for rid, key, label in (("5a", "distbudget", "ledger on"), ("5b", "distbudget_noledger", "ledger off")):
+        r5 = med_ratio(emb[key], emb["seed"])
+        rows.append(
+            Row(
+                rid,
+                f"embedded `record()`, {label}, ÷ dict-and-lock tracker (agent-budget's design)",
+                [r5],
+                f"{r5:.2f}×",
+                "≥ 1.0",
+                verdict(r5 >= 1.0),
+                f"{n0(med(emb[key], 'rate'))} vs {n0(med(emb['seed'], 'rate'))} calls/s; "
+                f"{1e6 / med(emb[key], 'rate'):.1f} vs {1e6 / med(emb['seed'], 'rate'):.1f} µs per call",
+            )
         )
-    )
 
     pe = raw["peers"]
     ref = med(pe["distbudget"], "rate")
@@ -822,12 +942,32 @@ def build_rows(raw: dict[str, Any], sizes: Sizes) -> tuple[list[Row], list[str]]
             )
         )
 
+    rm = raw["record_many"]
+    for rid, where, many_key, one_key in (
+        ("9a", "Redis", "redis_many", "redis_one"),
+        ("9b", "embedded", "embedded_many", "embedded_one"),
+    ):
+        ratio = med_ratio(rm[many_key], rm[one_key])
+        rows.append(
+            Row(
+                rid,
+                f"`record_many()` of {sizes.many} calls, {where}: charges/s ÷ `record()` calls/s",
+                [ratio],
+                f"{ratio:.2f}×",
+                "—",
+                "—",
+                f"{n0(med(rm[many_key], 'rate'))} vs {n0(med(rm[one_key], 'rate'))} charges/s; client CPU "
+                f"{med(rm[many_key], 'cpu_us'):.1f} vs {med(rm[one_key], 'cpu_us'):.1f} µs per charge"
+                + ("; one pipelined round trip per batch, each charge its own script" if where == "Redis" else ""),
+            )
+        )
+
     raw_call = rt["raw_record"]
     gap = us["record"] - us["trivial"]
     raw_us, raw_cpu, raw_srv = 1e6 / med(raw_call, "rate"), med(raw_call, "cpu_us"), med(raw_call, "server_us")
     flow, pack_rec, pack_triv = (med(rt[k], "cpu_us") for k in ("redis_flow", "pack_record", "pack_trivial"))
     notes.append(
-        f"Where `record()`'s time goes (row 1, medians, µs per call): wall {us['record']:.1f} vs "
+        f"Where `record()`'s time goes (row 1a, medians, µs per call): wall {us['record']:.1f} vs "
         f"{us['trivial']:.1f} for the trivial script, +{gap:.1f} where the target allows "
         f"+{us['trivial'] * (1 / 0.85 - 1):.1f}. (a) The script call itself — the same `EVALSHA`, keys and "
         f"ARGV sent straight through redis-py — takes {raw_us:.1f} (+{raw_us - us['trivial']:.1f}): server "
@@ -836,13 +976,27 @@ def build_rows(raw: dict[str, Any], sizes: Sizes) -> tuple[list[Row], list[str]]
         f"{raw['record_command_args']}-argument command alone is {pack_rec:.1f} vs {pack_triv:.1f} in a hot "
         f"loop). (b) distbudget's Python around it adds +{us['record'] - raw_us:.1f} wall, "
         f"+{cpu['record'] - raw_cpu:.1f} client CPU ({flow:.1f} in a hot loop against a canned reply: flow, "
-        "validation, `wire()`, parsing)."
+        "validation, `wire()`, parsing). The ledger (1a vs 1b) costs "
+        f"{us['record'] - us['noledger']:+.1f} wall, {srv['record'] - srv['noledger']:+.1f} server."
     )
+    st = raw["server_time"]
+    for key, label in (("full", "ledger on"), ("full_noledger", "ledger off")):
+        runs = st[key]
+        server, inner_us = med(runs, "server_us"), med(runs, "inner_us")
+        notes.append(
+            f"Where the server's time goes (row {'3b' if key == 'full' else '3f'}, {label}, µs per charge): "
+            f"{server:.1f} in all; the Redis commands the script runs ({inner_text(runs)}) take "
+            f"{inner_us:.1f} inside their own command functions; the other {server - inner_us:.1f} are Lua: "
+            "the interpreter running the script, each `redis.call()`'s conversions of its arguments and reply, "
+            "and setting up KEYS/ARGV."
+        )
     emb_us, flow_us = 1e6 / med(emb["distbudget"], "rate"), med(emb["flow_only"], "cpu_us")
+    emb_nl = 1e6 / med(emb["distbudget_noledger"], "rate")
     notes.append(
-        f"Where embedded `record()`'s time goes (row 5, µs per call): {emb_us:.1f} in all, of which the "
-        f"flow alone (validation, plan, record, alerts; the engine's answer canned) {flow_us:.1f} and the "
-        f"memory engine the remaining {emb_us - flow_us:.1f}; the dict-and-lock tracker takes "
+        f"Where embedded `record()`'s time goes (rows 5a/5b, µs per call): {emb_us:.1f} in all with the "
+        f"ledger ({emb_nl:.1f} without), of which the flow alone (validation, plan, the record, alerts, "
+        f"the ledger entry's JSON; the engine's answer canned) {flow_us:.1f} and the memory engine the "
+        f"remaining {emb_us - flow_us:.1f}; the dict-and-lock tracker takes "
         f"{1e6 / med(emb['seed'], 'rate'):.1f}."
     )
     return rows, notes
@@ -922,6 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.fill()
             bench.peers()
             bench.server_time()
+            bench.ledger_memory()
+            bench.record_many()
             bench.fleet()
         finally:
             bench.cleanup()

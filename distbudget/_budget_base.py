@@ -8,19 +8,26 @@ logic exists once (the sans-I/O shape of httpx's auth flows).
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
+import json
 import logging
+import os
 import threading
 import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Generator, Mapping
-from typing import Any, TypeVar
+from collections.abc import Callable, Generator, Iterable, Mapping
+from typing import IO, Any, TypeVar
 
+from distbudget import _degraded as D
+from distbudget._core import ledger as L
 from distbudget._core import plan as P
-from distbudget._core.keys import KeySpace, alert_index_key, check_prefix
-from distbudget._core.money import check_tokens, nano_to_usd
-from distbudget._core.scope import BudgetScope, check_name, window_label
+from distbudget._core import registry as R
+from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, model_prefix
+from distbudget._core.money import MAX_AMOUNT, NANO, check_tokens, nano_to_usd
+from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
 from distbudget._exceptions import BudgetExceededError, BudgetWarning, InvalidInputError
 from distbudget.pricing import ModelRates, PriceBook
@@ -36,6 +43,44 @@ DEFAULT_SESSION = "default"
 MAX_LOCAL_RECORDS = 10_000
 _PLAN_CACHE_SIZE = 4096
 HOLD_RETRY_US = 50_000
+LEDGER_PAGE = 1000
+
+
+LedgerSince = str | float | datetime.datetime | None
+ExportTarget = str | os.PathLike[str] | IO[str]
+
+
+def write_jsonl(entries: list[L.LedgerEntry], target: ExportTarget) -> int:
+    """Ledger entries as JSON lines (for reconciliation) to a path or an open text file."""
+    lines = [json.dumps(e.to_dict(), ensure_ascii=False, separators=(",", ":")) + "\n" for e in entries]
+    if isinstance(target, (str, os.PathLike)):
+        with open(target, "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    else:
+        target.writelines(lines)
+    return len(lines)
+
+
+# UsageRecord is a frozen dataclass, whose __init__ sets each field with object.__setattr__: a
+# record() builds one per call, in half the time, by filling a new instance's __dict__ at once
+# (the same object; every field without a plain default is given, checked here at import).
+_RECORD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(UsageRecord) if f.default is not dataclasses.MISSING}
+_RECORD_GIVEN = {"session_id", "model", "input_tokens", "output_tokens", "cost_usd", "timestamp", "metadata"}
+assert {f.name for f in dataclasses.fields(UsageRecord)} <= _RECORD_DEFAULTS.keys() | _RECORD_GIVEN
+_new_object = object.__new__
+_set_attr = object.__setattr__
+
+
+# One call of record_many(): record()'s arguments as a tuple (positional) or a dict (keywords).
+RecordCall = tuple[Any, ...] | Mapping[str, Any]
+_RECORD_REQUIRED = frozenset({"session_id", "model", "input_tokens", "output_tokens"})
+_RECORD_PARAMETERS = _RECORD_REQUIRED | {
+    "metadata",
+    "request_id",
+    "cached_input_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+}
 
 
 def _seconds(value: object, what: str) -> float:
@@ -60,6 +105,12 @@ class BudgetCore:
         hold_ttl: float = 600,
         request_ttl: float | None = None,
         sleep: Callable[[float], Any] | None = None,
+        ledger_maxlen: int = L.DEFAULT_MAXLEN,
+        on_backend_error: str = "raise",
+        fail_open_max_cost_usd: float | None = None,
+        fail_open_max_tokens: int | None = None,
+        journal_size: int = D.DEFAULT_JOURNAL_SIZE,
+        _registry: tuple[str, float, tuple[str, ...]] | None = None,
     ) -> None:
         if not isinstance(scope, BudgetScope):
             raise TypeError("scope must be a BudgetScope")
@@ -67,26 +118,71 @@ class BudgetCore:
             check_name(session_id, "session_id")
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning seconds")
-        self.scope = scope
-        self.prices = PriceBook(rates, default_rates)
-        chain = [scope, *scope.ancestors()]
-        self.keyspace = KeySpace(check_prefix(prefix), chain[-1].name)
+        if isinstance(ledger_maxlen, bool) or not isinstance(ledger_maxlen, int) or ledger_maxlen < 0:
+            raise InvalidInputError(f"ledger_maxlen must be an int >= 0 (0: no ledger), got {ledger_maxlen!r}")
+        self.prefix = check_prefix(prefix)
+        self.default_rates = default_rates
         self.clock = clock
         self.sleep = sleep
         self.session_ttl_ms = int(_seconds(session_ttl, "session_ttl") * 1000)
         self.hold_ttl_us = int(_seconds(hold_ttl, "hold_ttl") * P.US)
-        longest = max([lim.window for s in chain for lim in s.all_limits() if isinstance(lim.window, int)], default=0)
-        self.request_ttl_ms = (
-            int(_seconds(request_ttl, "request_ttl") * 1000) if request_ttl else max(longest, 86400) * 1000
-        )
+        self._request_ttl = None if request_ttl is None else _seconds(request_ttl, "request_ttl")
+        self.ledger_maxlen = ledger_maxlen
+        self._configure(scope, rates)
+        # A budget of a BudgetManager follows the shared registry: (registry key, seconds a config
+        # is trusted, the config chain it was built from).
+        self._registry = _registry
+        self._fresh_until = time.monotonic() + _registry[1] if _registry else 0.0
         self._fixed_session = session_id
         self._last_session: str | None = None
-        self._plans: dict[tuple[str, str | None], P.Plan] = {}
         self._callbacks: list[Callable[[BudgetAlert], Any]] = []
         self._records: deque[UsageRecord] = deque(maxlen=MAX_LOCAL_RECORDS)
         self._alerts: deque[BudgetAlert] = deque(maxlen=MAX_LOCAL_RECORDS)
         self._local_lock = threading.Lock()
         self._announced = False
+        # What happens when Redis is unavailable (see _degraded.py); the shells bind it to their engine.
+        self._guard = D.Guard(self, on_backend_error, fail_open_max_cost_usd, fail_open_max_tokens, journal_size)
+
+    @property
+    def backend_status(self) -> dict[str, Any]:
+        """The failure policy and the backend's health as this process sees it (no I/O): degraded
+        or not, charges journaled and replayed, errors (``summary()["backend"]`` shows the same)."""
+        return self._guard.status()
+
+    def _configure(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None) -> None:
+        """Set (or replace, when the registry changed) the scope and rates and what derives from them."""
+        self.scope = scope
+        self.rates = rates
+        self.prices = PriceBook(rates, self.default_rates)
+        chain = [scope, *scope.ancestors()]
+        self.keyspace = KeySpace(self.prefix, chain[-1].name)
+        longest = max([lim.window for s in chain for lim in s.all_limits() if isinstance(lim.window, int)], default=0)
+        ttl = self._request_ttl
+        self.request_ttl_ms = int(ttl * 1000) if ttl else max(longest, 86400) * 1000
+        self._plans: dict[tuple[str, str | None], P.Plan] = {}
+
+    # ---- the shared registry (budgets of a BudgetManager) ---------------------------------------
+
+    def refresh_call(self) -> Call | None:
+        """The registry read due (its config is older than the manager's ``registry_ttl``), or None."""
+        if self._registry is None or time.monotonic() < self._fresh_until:
+            return None
+        return "registry", (self._registry[0], "chain", self.name, "")
+
+    def refreshed(self, chain: list[str]) -> None:
+        """Adopt the config the registry holds now; ``KeyError`` if the scope was removed."""
+        assert self._registry is not None
+        err = R.refusal(chain)
+        if err is not None:
+            raise err
+        if not chain:
+            raise KeyError(f"unknown scope {self.name!r} (removed from the registry)")
+        key, ttl, old = self._registry
+        if tuple(chain) != old:
+            scope, rates = R.from_chain(chain)
+            self._configure(scope, rates)
+            self._registry = (key, ttl, tuple(chain))
+        self._fresh_until = time.monotonic() + ttl
 
     # ---- inputs ---------------------------------------------------------------------------------
 
@@ -134,6 +230,19 @@ class BudgetCore:
         reasoning_tokens: int = 0,
     ) -> tuple[int, int, int]:
         """Validated (tokens, nano-USD, requests) of one call."""
+        if (  # the common call, valid at a glance: the checks below would all pass
+            type(input_tokens) is int
+            and type(output_tokens) is int
+            and type(model) is str
+            and 0 <= input_tokens <= MAX_AMOUNT
+            and 0 <= output_tokens <= MAX_AMOUNT
+            and 0 < len(model) <= MAX_NAME_LENGTH
+            and type(cached_input_tokens) is int
+            and type(cache_write_tokens) is int
+            and type(reasoning_tokens) is int
+            and not (cached_input_tokens or cache_write_tokens or reasoning_tokens)
+        ):
+            return input_tokens + output_tokens, self.prices.rates_for(model).cost_nano(input_tokens, output_tokens), 1
         check_name(model, "model")
         check_tokens(input_tokens, "input_tokens")
         check_tokens(output_tokens, "output_tokens")
@@ -228,6 +337,24 @@ class BudgetCore:
         over_hold: bool = False,
     ) -> UsageRecord:
         """Turn an engine's charge answer into the record; fire alerts; raise/warn if over a limit."""
+        if isinstance(result, D.LocalCharge):  # Redis unavailable: the charge waits in the journal
+            record = UsageRecord(
+                plan.session_id,
+                model,
+                input_tokens,
+                output_tokens,
+                nano_to_usd(usage[1]),
+                result.timestamp,
+                dict(metadata or {}),
+                self.name,
+                usage[1],
+                request_id,
+                over_hold,
+                journaled=True,
+            )
+            with self._local_lock:
+                self._records.append(record)
+            return record
         if result.original is not None:
             ts, _tok, cost = result.original
             return UsageRecord(
@@ -244,34 +371,48 @@ class BudgetCore:
                 over_hold,
                 True,
             )
-        record = UsageRecord(
-            plan.session_id,
-            model,
-            input_tokens,
-            output_tokens,
-            nano_to_usd(usage[1]),
-            result.now_us / P.US,
-            dict(metadata or {}),
-            self.name,
-            usage[1],
-            request_id,
-            over_hold,
+        record = _new_object(UsageRecord)  # UsageRecord(...), twice as fast (see _RECORD_DEFAULTS)
+        _set_attr(
+            record,
+            "__dict__",
+            {
+                **_RECORD_DEFAULTS,
+                "session_id": plan.session_id,
+                "model": model,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "cost_usd": usage[1] / NANO,
+                "timestamp": result.now_us / P.US,
+                "metadata": dict(metadata) if metadata else {},
+                "scope": self.scope.name,
+                "cost_nano_usd": usage[1],
+                "request_id": request_id,
+                "over_hold": over_hold,
+                "ledger_id": result.ledger_id or None,
+            },
         )
         with self._local_lock:
             self._records.append(record)
         if result.alerts:
             self._dispatch(self._make_alerts(plan, result, model))
-        over = P.exceeded(plan, result.totals)
-        if over:
-            i = over[0]
-            err = self._exceeded_error(plan, i, P.used(plan, result.totals, i), record=record)
-            if self.scope.hard_stop:
-                raise err
-            warnings.warn(err.message, BudgetWarning, stacklevel=3)
+        totals = result.totals
+        for i, (c, m, value, _first) in enumerate(plan.checks):
+            if totals[3 * c + m] > value:  # the first limit now over (P.exceeded()[0])
+                err = self._exceeded_error(plan, i, totals[3 * c + m], record=record)
+                if self.scope.hard_stop:
+                    raise err
+                warnings.warn(err.message, BudgetWarning, stacklevel=3)
+                break
         return record
 
     def finish_admit(self, plan: P.Plan, result: P.AdmitResult, usage: tuple[int, int, int]) -> bool:
         """Raise (hard stop) or warn and return False when refused; True when admitted."""
+        if isinstance(result, D.Refusal):  # Redis unavailable and the failure policy refuses
+            refusal = result.error(self.name)
+            if self.scope.hard_stop:
+                raise refusal
+            warnings.warn(refusal.message, BudgetWarning, stacklevel=3)
+            return False
         if result.refused < 0:
             return True
         lim = plan.limits[result.refused]
@@ -329,6 +470,7 @@ class BudgetCore:
             "per_model": per_model,
             "limits": limits,
             "hard_stop": self.scope.hard_stop,
+            "backend": self._guard.status(),
         }
 
     # ---- flows: one per operation, driven by the sync or the async shell ------------------------
@@ -359,15 +501,102 @@ class BudgetCore:
         cache_write_tokens: int,
         reasoning_tokens: int,
     ) -> Flow[UsageRecord]:
+        args = self._record_args(
+            session_id,
+            model,
+            input_tokens,
+            output_tokens,
+            metadata,
+            request_id,
+            cached_input_tokens,
+            cache_write_tokens,
+            reasoning_tokens,
+        )
+        result = yield "record", args
+        return self.finish_charge(args[0], result, model, args[2], input_tokens, output_tokens, metadata, request_id)
+
+    def _record_args(
+        self,
+        session_id: str | None,
+        model: str,
+        input_tokens: int,
+        output_tokens: int,
+        metadata: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> tuple[Any, ...]:
+        """Validate one record() call; the engine's "record" arguments
+        ``(plan, now µs, usage, request key, request TTL ms, ledger entry)``."""
         usage = self.usage(
             model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
         )
         if metadata is not None and not isinstance(metadata, dict):
             raise TypeError("metadata must be a dict")
-        rkey = self.request_key(request_id)
+        rkey = None if request_id is None else self.request_key(request_id)
         plan = self.plan(self._session(session_id, True), model)
-        result = yield "record", (plan, self.now_us(), usage, rkey, self.request_ttl_ms)
-        return self.finish_charge(plan, result, model, usage, input_tokens, output_tokens, metadata, request_id)
+        extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
+        entry = self.ledger_entry(plan, input_tokens, output_tokens, extra, request_id, None, metadata)
+        return plan, self.now_us(), usage, rkey, self.request_ttl_ms, entry
+
+    def record_many_flow(self, calls: Iterable[RecordCall]) -> Flow[list[UsageRecord]]:
+        """``record()`` for each call, in order, in one engine call (Redis: one pipelined round
+        trip; each charge is still its own atomic script). Every call is validated before anything
+        is charged; every charge is persisted; then, if ``hard_stop``, the first charge that left a
+        limit exceeded raises (after the alerts and records of all of them)."""
+        if isinstance(calls, (str, bytes, Mapping)):
+            raise TypeError("calls must be an iterable of record() calls (tuples or dicts of its arguments)")
+        batch: list[tuple[Any, ...]] = []
+        shown: list[tuple[Any, ...]] = []  # (model, input_tokens, output_tokens, metadata, request_id)
+        for call in calls:
+            if isinstance(call, tuple | list) and 4 <= len(call) <= 6:  # record()'s positional arguments
+                args = self._record_args(*call)
+                shown.append((call[1], call[2], call[3], *call[4:6], *(None,) * (6 - len(call))))
+            elif isinstance(call, Mapping) and _RECORD_REQUIRED <= call.keys() <= _RECORD_PARAMETERS:
+                args = self._record_args(**call)
+                shown.append(
+                    (
+                        call["model"],
+                        call["input_tokens"],
+                        call["output_tokens"],
+                        call.get("metadata"),
+                        call.get("request_id"),
+                    )
+                )
+            else:
+                raise TypeError(
+                    "each record_many() call must be record()'s arguments: a tuple (session_id, model, "
+                    "input_tokens, output_tokens[, metadata[, request_id]]) or a dict of them (keywords "
+                    f"cached_input_tokens, cache_write_tokens, reasoning_tokens too), got {call!r}"
+                )
+            batch.append(args)
+        if not batch:
+            return []
+        if self._guard.state.busy:  # Redis unavailable (or just back): one call at a time, under the failure policy
+            results = []
+            for args in batch:
+                results.append((yield "record", args))
+        else:
+            results = yield "record_many", (tuple(batch),)
+        records: list[UsageRecord] = []
+        first: BudgetExceededError | None = None
+        for args, result, (model, input_tokens, output_tokens, metadata, request_id) in zip(
+            batch, results, shown, strict=True
+        ):
+            try:
+                records.append(
+                    self.finish_charge(
+                        args[0], result, model, args[2], input_tokens, output_tokens, metadata, request_id
+                    )
+                )
+            except BudgetExceededError as err:
+                assert err.record is not None
+                records.append(err.record)
+                first = first or err
+        if first is not None:
+            raise first
+        return records
 
     def reserve_flow(
         self,
@@ -425,7 +654,11 @@ class BudgetCore:
         if hold.record is not None:
             raise InvalidInputError("reservation already committed")
         rkey = self.request_key(hold.request_id)
-        result = yield "commit", (hold.plan, self.now_us(), usage, hold.hold_id, rkey, self.request_ttl_ms)
+        extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
+        entry = self.ledger_entry(
+            hold.plan, input_tokens, output_tokens, extra, hold.request_id, hold.hold_id, metadata
+        )
+        result = yield "commit", (hold.plan, self.now_us(), usage, hold.hold_id, rkey, self.request_ttl_ms, entry)
         hold.open = False
         over = usage[0] > hold.held[0] or usage[1] > hold.held[1]
         try:
@@ -456,9 +689,77 @@ class BudgetCore:
         result = yield "summary", (plan, self.now_us())
         return self.make_summary(plan, result)
 
+    def _reset_entry(self, what: str, session_id: str | None, model: str | None) -> tuple[int, str]:
+        if not self.ledger_maxlen:
+            return 0, ""
+        path = [s.name for s in [self.scope, *self.scope.ancestors()]]
+        return self.ledger_maxlen, L.reset_entry(what, self.name, path, session_id, model)
+
     def reset_session_flow(self, session_id: str | None) -> Flow[None]:
+        """Zero one session's counters of this scope (the seed's ``reset_session``)."""
         sid = self._session(session_id, False)
-        yield "delete", ([self.keyspace.session(self.name, sid)],)
+        ks = self.keyspace
+        keys = [ks.ledger, ks.session(self.name, sid)]
+        yield "reset", ("session", keys, self.now_us(), "", self._reset_entry("session", sid, None))
+
+    def reset_model_flow(self, model: str) -> Flow[None]:
+        """Zero this scope's counters of one model: its cumulative totals (the seed's per-model
+        limits) and its rolling per-model windows."""
+        check_name(model, "model")
+        ks = self.keyspace
+        keys = [ks.ledger, ks.totals(self.name)]
+        for lim in self.scope.all_limits():
+            if lim.model == model and isinstance(lim.window, int):
+                keys.extend(k for k in ks.window(self.name, lim.window, model) if k not in keys)
+        yield "reset", ("model", keys, self.now_us(), model_prefix(model), self._reset_entry("model", None, model))
+
+    def reset_flow(self, session_id: str | None) -> Flow[None]:
+        """Zero the whole scope: totals (all models), every rolling window, and the current (or
+        given) session. Ancestors keep their usage; other sessions keep theirs (``reset_session``)."""
+        sid = self._session(session_id, False)
+        ks = self.keyspace
+        keys = [ks.ledger, ks.totals(self.name), *ks.window(self.name, P.DAY, None)]
+        for lim in self.scope.all_limits():
+            if isinstance(lim.window, int):
+                keys.extend(k for k in ks.window(self.name, lim.window, lim.model) if k not in keys)
+        keys.append(ks.session(self.name, sid))
+        yield "reset", ("scope", keys, self.now_us(), "", self._reset_entry("scope", sid, None))
+
+    def ledger_flow(self, since: object, limit: int | None) -> Flow[list[L.LedgerEntry]]:
+        """This scope's ledger: charges that count against it (its own and its descendants') and
+        its own resets, oldest first, after ``since`` (see :func:`distbudget._core.ledger.since_id`)."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise InvalidInputError(f"limit must be a positive int or None, got {limit!r}")
+        start = L.since_id(since)
+        out: list[L.LedgerEntry] = []
+        while limit is None or len(out) < limit:
+            page = yield "ledger_read", (self.keyspace.ledger, start, LEDGER_PAGE)
+            for entry_id, fields in page:
+                entry = L.parse_entry(entry_id, fields)
+                if (entry.kind == "charge" and self.name in entry.path) or entry.scope == self.name:
+                    out.append(entry)
+            if len(page) < LEDGER_PAGE:
+                break
+            last = page[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+        return out if limit is None else out[:limit]
+
+    def ledger_entry(
+        self,
+        plan: P.Plan,
+        input_tokens: int,
+        output_tokens: int,
+        extra: tuple[int, int, int],
+        request_id: str | None,
+        hold_id: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> tuple[int, str]:
+        """(MAXLEN, entry JSON) for a charge's ledger append; (0, "") when the ledger is off."""
+        if not self.ledger_maxlen:
+            return 0, ""
+        return self.ledger_maxlen, L.charge_entry(
+            plan.ledger_head, input_tokens, output_tokens, extra, request_id, hold_id, metadata
+        )
 
     # ---- local state ----------------------------------------------------------------------------
 

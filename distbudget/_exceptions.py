@@ -80,7 +80,10 @@ class InvalidInputError(DistBudgetError, ValueError):
 
 
 class BackendError(DistBudgetError):
-    """The backend (Redis) failed; ``__cause__`` holds the original exception."""
+    """The backend (Redis) failed; ``__cause__`` holds the original exception. ``journaled`` is True
+    when the call was a charge kept in the local journal, to be replayed when Redis answers."""
+
+    journaled: bool = False
 
 
 class BudgetWarning(UserWarning):

@@ -4,6 +4,8 @@ The atomic step that decides a crossing also appends it to the scope tree's capp
 (``<prefix>:{<root>}:alerts``) and ``PUBLISH``es it on ``<prefix>:alerts`` (every scope) and
 ``<prefix>:alerts:<scope>`` (one scope). Listeners read the streams (``XREAD BLOCK``), so one that
 was down, or lost its connection, resumes from the last id it saw: each alert is delivered once.
+On Redis Cluster the trees' streams live on different shards, and one XREAD may name keys of one
+hash slot only, so a listener reads them slot by slot (``_ListenerBase._poll_slots``).
 Budgets register their tree's stream in the ``<prefix>:alert-streams`` hash, which is how a listener
 finds every stream without scanning the keyspace.
 
@@ -31,10 +33,12 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from redis.crc import key_slot
 
 from distbudget._core.keys import alert_index_key
 from distbudget._core.money import nano_to_usd
 from distbudget._core.types import AlertLevel, BudgetAlert, alert_message
+from distbudget.engines.connect import is_cluster_client
 
 log = logging.getLogger("distbudget.alerts")
 
@@ -64,7 +68,13 @@ def _text(value: Any) -> str:
 
 
 Entry = tuple[str, str, dict[Any, Any]]  # stream, entry id, fields
-Step = tuple[str, tuple[Any, ...], dict[str, Any]]  # a client method (or "sleep"), args, kwargs
+# A client method (or "sleep", or "pipeline" with a list of steps as its one argument), args, kwargs
+Step = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """An XREAD reply as (stream, entry id, fields) triples."""
+    return [(_text(st), _text(eid), fields) for st, entries in reply or [] for eid, fields in entries]
 
 
 class _ListenerBase:
@@ -82,6 +92,8 @@ class _ListenerBase:
         self.stopped = False
         self.skip_existing = not from_start and not last_ids
         self.backoff = 0.0
+        self.cluster = False  # set by the shells: on Redis Cluster, streams are read slot by slot
+        self.hot_slot = -1  # the slot of the latest alert: where a cluster listener blocks
 
     def _streams(self, index: dict[Any, Any]) -> dict[str, str]:
         """{stream key: last id} for every stream of interest (new streams read from the start)."""
@@ -93,7 +105,8 @@ class _ListenerBase:
         return out
 
     def _poll(self) -> Generator[Step, Any, list[Entry]]:
-        """Read the index (new scope trees appear in it), then block on every stream of interest."""
+        """Read the index (new scope trees appear in it), then block on every stream of interest
+        (on Redis Cluster, slot by slot: see ``_poll_slots``)."""
         streams = self._streams((yield "hgetall", (self.index_key,), {}))
         if self.skip_existing:  # from_start=False: begin after each stream's current last entry
             for stream in streams:
@@ -105,8 +118,33 @@ class _ListenerBase:
         if not streams:
             yield "sleep", (self.block_ms / 1000,), {}
             return []
+        groups = self._slots(streams) if self.cluster else {}
+        if len(groups) > 1:
+            return (yield from self._poll_slots(groups))
         reply = yield "xread", (streams,), {"count": 500, "block": self.block_ms}
-        return [(_text(st), _text(eid), fields) for st, entries in reply or [] for eid, fields in entries]
+        return _entries(reply)
+
+    @staticmethod
+    def _slots(streams: dict[str, str]) -> dict[int, dict[str, str]]:
+        """Streams grouped by Cluster hash slot: one XREAD may only name keys of one slot."""
+        groups: dict[int, dict[str, str]] = {}
+        for stream, last in streams.items():
+            groups.setdefault(key_slot(stream.encode()), {})[stream] = last
+        return groups
+
+    def _poll_slots(self, groups: dict[int, dict[str, str]]) -> Generator[Step, Any, list[Entry]]:
+        """Cluster, streams in several slots (trees on several shards): look at every slot without
+        blocking, in one pipeline (one round trip per node); if all are quiet, block on the slot of
+        the latest alert for ``block_ms``. An alert in that slot arrives at once, one elsewhere at
+        the next look, within ``block_ms``."""
+        reads = [("xread", (group,), {"count": 500}) for group in groups.values()]
+        found = [entry for reply in (yield "pipeline", (reads,), {}) for entry in _entries(reply)]
+        if not found:
+            hot = self.hot_slot if self.hot_slot in groups else next(iter(groups))
+            found = _entries((yield "xread", (groups[hot],), {"count": 500, "block": self.block_ms}))
+        if found:
+            self.hot_slot = key_slot(found[-1][0].encode())
+        return found
 
     def _lost(self, exc: Exception) -> float:
         """Seconds to wait before retrying after a lost connection (exponential, capped at 5 s)."""
@@ -146,6 +184,7 @@ class AlertListener(_ListenerBase):
     ) -> None:
         super().__init__(prefix, scopes, last_ids, block_ms, from_start)
         self.client = _sync_client(redis)
+        self.cluster = is_cluster_client(self.client)
         self._thread: threading.Thread | None = None
 
     def _run(self, flow: Generator[Step, Any, list[Entry]]) -> list[Entry]:
@@ -155,6 +194,11 @@ class AlertListener(_ListenerBase):
                 if name == "sleep":
                     time.sleep(*args)
                     answer = None
+                elif name == "pipeline":
+                    pipe = self.client.pipeline()
+                    for step, step_args, step_kwargs in args[0]:
+                        getattr(pipe, step)(*step_args, **step_kwargs)
+                    answer = pipe.execute()
                 else:
                     answer = getattr(self.client, name)(*args, **kwargs)
                 name, args, kwargs = flow.send(answer)
@@ -206,6 +250,7 @@ class AsyncAlertListener(_ListenerBase):
     ) -> None:
         super().__init__(prefix, scopes, last_ids, block_ms, from_start)
         self.client = redis if not isinstance(redis, str) else _async_client(redis)
+        self.cluster = is_cluster_client(self.client)
 
     def stop(self) -> None:
         self.stopped = True
@@ -217,6 +262,11 @@ class AsyncAlertListener(_ListenerBase):
                 if name == "sleep":
                     await asyncio.sleep(*args)
                     answer = None
+                elif name == "pipeline":
+                    pipe = self.client.pipeline()
+                    for step, step_args, step_kwargs in args[0]:
+                        getattr(pipe, step)(*step_args, **step_kwargs)  # queues (never awaited)
+                    answer = await pipe.execute()
                 else:
                     answer = await getattr(self.client, name)(*args, **kwargs)
                 name, args, kwargs = flow.send(answer)
@@ -239,14 +289,14 @@ class AsyncAlertListener(_ListenerBase):
 
 def _sync_client(value: Any) -> Any:
     if isinstance(value, str):
-        from distbudget.engines.redis import connect
+        from distbudget.engines.connect import connect
 
         return connect(value, socket_timeout=None, health_check_interval=30)
     return value
 
 
 def _async_client(url: str) -> Any:
-    from distbudget.engines.redis import connect_async
+    from distbudget.engines.connect import connect_async
 
     return connect_async(url, socket_timeout=None)
 

@@ -10,40 +10,55 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from typing import Any
 
-from distbudget._budget_base import BudgetCore, Flow, Hold, ReservationBase, T
+from distbudget import _degraded as D
+from distbudget._budget_base import (
+    BudgetCore,
+    ExportTarget,
+    Flow,
+    Hold,
+    LedgerSince,
+    RecordCall,
+    ReservationBase,
+    T,
+    write_jsonl,
+)
+from distbudget._core.ledger import LedgerEntry
 from distbudget._core.scope import BudgetScope
 from distbudget._core.types import UsageRecord
+from distbudget._exceptions import BackendError
 from distbudget.engines.memory import AsyncMemoryEngine, MemoryEngine
 from distbudget.pricing import ModelRates
 
 
-def make_engine(redis: Any) -> Any:
-    """``None`` -> embedded; a URL or a redis-py client -> Redis."""
+def make_engine(redis: Any, options: dict[str, Any] | None = None) -> Any:
+    """``None`` -> embedded; a URL or a redis-py client -> Redis (``options``: for a URL's client)."""
     if redis is None:
         return MemoryEngine()
+    from distbudget.engines.connect import parse
     from distbudget.engines.redis import RedisEngine, connect
 
-    if isinstance(redis, str):
-        return RedisEngine(connect(redis))
+    if isinstance(redis, str):  # redis://, rediss://, unix://, redis+cluster://, redis+sentinel://
+        return RedisEngine(connect(redis, **(options or {})), wait=parse(redis).wait)
     if hasattr(redis, "register_script") and not inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
         return RedisEngine(redis)
-    raise TypeError("redis must be None, a redis:// URL or a (sync) redis-py client")
+    raise TypeError("redis must be None, a Redis URL or a (sync) redis-py client (Redis, RedisCluster)")
 
 
-def make_async_engine(redis: Any) -> Any:
-    """``None`` -> embedded; a URL or a ``redis.asyncio`` client -> Redis."""
+def make_async_engine(redis: Any, options: dict[str, Any] | None = None) -> Any:
+    """``None`` -> embedded; a URL or a ``redis.asyncio`` client -> Redis (``options``: for a URL's client)."""
     if redis is None:
         return AsyncMemoryEngine()
+    from distbudget.engines.connect import parse
     from distbudget.engines.redis import AsyncRedisEngine, connect_async
 
     if isinstance(redis, str):
-        return AsyncRedisEngine(connect_async(redis))
+        return AsyncRedisEngine(connect_async(redis, **(options or {})), wait=parse(redis).wait)
     if hasattr(redis, "register_script") and inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
         return AsyncRedisEngine(redis)
-    raise TypeError("redis must be None, a redis:// URL or a redis.asyncio client")
+    raise TypeError("redis must be None, a Redis URL or a redis.asyncio client (Redis, RedisCluster)")
 
 
 class Budget(BudgetCore):
@@ -63,12 +78,36 @@ class Budget(BudgetCore):
         **options: Any,
     ) -> None:
         super().__init__(scope, rates, **options)
-        self.engine = _engine if _engine is not None else make_engine(redis)
+        self.engine = _engine if _engine is not None else make_engine(redis, D.connect_options(options))
+        self._guard.bind(self.engine)
+
+    def _call(self, name: str, args: tuple[Any, ...]) -> Any:
+        """One engine call, under the failure policy when Redis is (or was just) unavailable."""
+        guard = self._guard
+        if guard.state.busy:
+            local = guard.before(name, args)
+            if local is not D.TRY:
+                return local
+        try:
+            answer = self.engine.apply(name, args)
+        except BackendError as err:
+            return guard.failed(name, args, err)
+        if guard.state.busy:
+            guard.after(name, args)
+        return answer
 
     def _drive(self, flow: Flow[T]) -> T:
+        if self._guard.state.busy:  # degraded, or journaled charges to replay first
+            replay = self._guard.recovery_flow()
+            if replay is not None:
+                D.run_sync(self.engine, replay)
+        refresh = self.refresh_call()
+        if refresh is not None:
+            chain = self._call(*refresh)
+            if chain is not D.KEEP:  # KEEP: Redis unavailable, the policy keeps the cached config
+                self.refreshed(chain)
         first = self.announcement()
-        if first is not None:
-            self.engine.apply(*first)
+        if first is not None and self._call(*first) is not D.KEEP:
             self._announced = True
         try:
             name, args = next(flow)
@@ -77,10 +116,16 @@ class Budget(BudgetCore):
                     (self.sleep or time.sleep)(*args)
                     answer = None
                 else:
-                    answer = self.engine.apply(name, args)
+                    answer = self._call(name, args)
                 name, args = flow.send(answer)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+
+    def flush_journal(self) -> int:
+        """Replay now the charges journaled while Redis was unavailable (shared by every budget on
+        this engine), oldest first, each exactly once; returns how many were settled. Raises
+        ``BackendError`` if Redis is still unavailable (they stay journaled)."""
+        return D.flush_sync(self.engine)
 
     def check(self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None) -> bool:
         """Would this call fit now? Records nothing. Advisory under concurrency: use ``reserve``."""
@@ -150,8 +195,34 @@ class Budget(BudgetCore):
         return self._drive(self.summary_flow(session_id))
 
     def reset_session(self, session_id: str | None = None) -> None:
-        """Clear this scope's counters of the current (or given) session."""
+        """Clear this scope's counters of the current (or given) session (atomic; in the ledger)."""
         self._drive(self.reset_session_flow(session_id))
+
+    def reset_model(self, model: str) -> None:
+        """Clear this scope's counters of one model (atomic; in the ledger)."""
+        self._drive(self.reset_model_flow(model))
+
+    def reset(self, session_id: str | None = None) -> None:
+        """Clear the whole scope: totals, every rolling window and the current (or given) session
+        (atomic; in the ledger). Ancestors keep their usage."""
+        self._drive(self.reset_flow(session_id))
+
+    def ledger(self, since: LedgerSince = None, limit: int | None = None) -> list[LedgerEntry]:
+        """The shared ledger of this scope (charges counting against it, its resets), oldest first.
+        ``since``: a ledger id (exclusive), or seconds since the epoch (server time)."""
+        return self._drive(self.ledger_flow(since, limit))
+
+    def export_ledger(self, target: ExportTarget, since: LedgerSince = None) -> int:
+        """Write the ledger as JSON lines to a path or a text file; returns the number of lines."""
+        return write_jsonl(self.ledger(since), target)
+
+    def record_many(self, calls: Iterable[RecordCall]) -> list[UsageRecord]:
+        """``record()`` for many calls at once, for bulk recorders: each call a tuple of record()'s
+        positional arguments or a dict of its arguments. On Redis the charges go in one pipelined
+        round trip (each still its own atomic script); every call is validated before anything is
+        charged, every charge is persisted, and with ``hard_stop`` the first charge left over a
+        limit raises afterwards (``err.record``; ``records`` has them all)."""
+        return self._drive(self.record_many_flow(calls))
 
 
 class Reservation(ReservationBase):
@@ -208,12 +279,35 @@ class AsyncBudget(BudgetCore):
         **options: Any,
     ) -> None:
         super().__init__(scope, rates, **options)
-        self.engine = _engine if _engine is not None else make_async_engine(redis)
+        self.engine = _engine if _engine is not None else make_async_engine(redis, D.connect_options(options))
+        self._guard.bind(self.engine)
+
+    async def _call(self, name: str, args: tuple[Any, ...]) -> Any:
+        guard = self._guard
+        if guard.state.busy:
+            local = guard.before(name, args)
+            if local is not D.TRY:
+                return local
+        try:
+            answer = await self.engine.apply(name, args)
+        except BackendError as err:
+            return guard.failed(name, args, err)
+        if guard.state.busy:
+            guard.after(name, args)
+        return answer
 
     async def _drive(self, flow: Flow[T]) -> T:
+        if self._guard.state.busy:  # degraded, or journaled charges to replay first
+            replay = self._guard.recovery_flow()
+            if replay is not None:
+                await D.run_async(self.engine, replay)
+        refresh = self.refresh_call()
+        if refresh is not None:
+            chain = await self._call(*refresh)
+            if chain is not D.KEEP:
+                self.refreshed(chain)
         first = self.announcement()
-        if first is not None:
-            await self.engine.apply(*first)
+        if first is not None and await self._call(*first) is not D.KEEP:
             self._announced = True
         try:
             name, args = next(flow)
@@ -224,10 +318,14 @@ class AsyncBudget(BudgetCore):
                         await slept
                     answer = None
                 else:
-                    answer = await self.engine.apply(name, args)
+                    answer = await self._call(name, args)
                 name, args = flow.send(answer)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
+
+    async def flush_journal(self) -> int:
+        """Replay now the charges journaled while Redis was unavailable (see ``Budget.flush_journal``)."""
+        return await D.flush_async(self.engine)
 
     async def check(self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None) -> bool:
         return await self._drive(self.check_flow(model, input_tokens, output_tokens, session_id))
@@ -269,9 +367,11 @@ class AsyncBudget(BudgetCore):
         ttl: float | None = None,
     ) -> PendingReservation:
         """``r = await budget.reserve(...)`` or ``async with budget.reserve(...) as r:``."""
-        return PendingReservation(
-            self, self.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
-        )
+
+        async def start() -> tuple[AsyncBudget, Flow[Hold]]:
+            return self, self.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
+
+        return PendingReservation(start)
 
     def acquire(
         self,
@@ -285,15 +385,34 @@ class AsyncBudget(BudgetCore):
         ttl: float | None = None,
     ) -> PendingReservation:
         """``reserve``, waiting on rolling windows; awaitable and an async context manager."""
-        return PendingReservation(
-            self, self.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id, request_id, ttl)
-        )
+
+        async def start() -> tuple[AsyncBudget, Flow[Hold]]:
+            flow = self.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id, request_id, ttl)
+            return self, flow
+
+        return PendingReservation(start)
 
     async def summary(self, session_id: str | None = None) -> dict[str, Any]:
         return await self._drive(self.summary_flow(session_id))
 
     async def reset_session(self, session_id: str | None = None) -> None:
         await self._drive(self.reset_session_flow(session_id))
+
+    async def reset_model(self, model: str) -> None:
+        await self._drive(self.reset_model_flow(model))
+
+    async def reset(self, session_id: str | None = None) -> None:
+        await self._drive(self.reset_flow(session_id))
+
+    async def ledger(self, since: LedgerSince = None, limit: int | None = None) -> list[LedgerEntry]:
+        return await self._drive(self.ledger_flow(since, limit))
+
+    async def export_ledger(self, target: ExportTarget, since: LedgerSince = None) -> int:
+        return write_jsonl(await self.ledger(since), target)
+
+    async def record_many(self, calls: Iterable[RecordCall]) -> list[UsageRecord]:
+        """See :meth:`Budget.record_many`."""
+        return await self._drive(self.record_many_flow(calls))
 
 
 class AsyncReservation(ReservationBase):
@@ -346,17 +465,17 @@ class PendingReservation:
     as ``async with``, which releases the hold on leaving the block uncommitted (even when the task
     is cancelled inside it)."""
 
-    def __init__(self, budget: AsyncBudget, flow: Flow[Hold]) -> None:
-        self._budget = budget
-        self._flow: Flow[Hold] | None = flow
+    def __init__(self, start: Callable[[], Awaitable[tuple[AsyncBudget, Flow[Hold]]]]) -> None:
+        self._start: Callable[[], Awaitable[tuple[AsyncBudget, Flow[Hold]]]] | None = start
         self._reservation: AsyncReservation | None = None
 
     async def _get(self) -> AsyncReservation:
         if self._reservation is None:
-            if self._flow is None:
+            if self._start is None:
                 raise RuntimeError("this reservation was already awaited")
-            flow, self._flow = self._flow, None
-            self._reservation = AsyncReservation(self._budget, await self._budget._drive(flow))
+            start, self._start = self._start, None
+            budget, flow = await start()
+            self._reservation = AsyncReservation(budget, await budget._drive(flow))
         return self._reservation
 
     def __await__(self) -> Generator[Any, None, AsyncReservation]:

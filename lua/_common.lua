@@ -44,6 +44,11 @@ local function now_us()
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+-- The slack of an idle TTL in ms (see scan): refreshes at most once a minute, or 16 times a TTL.
+local function slack(ttl)
+  return math.min(math.floor(ttl / 16), 60000)
+end
+
 -- The big number at byte k of the shape's cold part.
 local function big(k)
   local b1, b2, b3, b4, b5, b6, b7 = string.byte(ARGV[8], k, k + 6)
@@ -52,7 +57,9 @@ end
 
 -- One pass over the plan, hash by hash: HMGET its fields, age out the buckets that have wholly left
 -- a window, charge amt when `charging` (record, commit) and decide the alert crossings, then HSET
--- what changed and refresh the idle TTL. Returns the totals (3 per counter, plan order, as decimal
+-- what changed and refresh the TTL where due (see below). `first` is the KEYS index of the first
+-- hash (default 3, after the holds hash and leases; record, which never touches holds, passes 1)
+-- and `nows` is fmt(now) (needed when charging). Returns the totals (3 per counter, plan order, as decimal
 -- strings), the alerts fired ({limit index, level, ...}, in any order) and, when not charging, the
 -- counter ids and the limits as tables (for read_held and admit).
 --
@@ -60,7 +67,13 @@ end
 -- is floor((now - w) / bs). Field 'o' (the oldest bucket present) makes the common case, nothing to
 -- expire, cost no call at all. Alert states: bit 1 WARNING, bit 2 CRITICAL; a crossing re-arms on the
 -- usage before the charge and fires on the usage after it.
-local function scan(now, amt, charging)
+--
+-- TTLs are refreshed only when due, never on reads: a window's hash and sorted set when a charge
+-- opens a new bucket (its data is dead one window after its newest bucket, and the TTL is window +
+-- bucket + 1 h), an idle-TTL hash (a session) when a charge finds its last refresh, field 'x',
+-- older than slack(ttl) = min(ttl / 16, 60 s), to ttl + slack: the key outlives its last charge by
+-- at least ttl and at most ttl + slack (the memory engine keeps the same rule).
+local function scan(now, amt, charging, first, nows)
   local A, call, floor, sbyte = ARGV, redis.call, math.floor, string.byte
   local shape = A[8]
   local h1, h2, g1, g2, n1, n2 = sbyte(shape, 1, 6)
@@ -73,7 +86,7 @@ local function scan(now, amt, charging)
   local S = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}  -- pending HSET field, value, ...
   local a1, a2, a3 = 0, 0, 0    -- the amounts charged (none when only reading)
   if charging then a1, a2, a3 = amt[1], amt[2], amt[3] end
-  local k, x, ki = 7, 9, 3      -- next shape byte, next ARGV string, next KEYS index
+  local k, x, ki = 7, 9, first or 3  -- next shape byte, next ARGV string, next KEYS index
   for _ = 1, g1 * 256 + g2 do
     local kind, tt, c1, c2, l1, l2 = sbyte(shape, k, k + 5)
     k = k + 6
@@ -86,7 +99,8 @@ local function scan(now, amt, charging)
     local n = 0                       -- S[1..n] pending
     -- V[j] is the value of field A[fb + j] (or of a literal field); counter totals from V[d + 1],
     -- alert states from V[ai + 1]
-    local V, d, fb, ai, z, bs, w, b, bk, b1, b2, b3
+    local V, d, fb, ai, z, bs, w, b, bk
+    local refresh                     -- the TTL to set on the hash after its HSET, when due
     if kind == 2 then
       z = KEYS[ki + 1]
       ki = ki + 2
@@ -102,8 +116,12 @@ local function scan(now, amt, charging)
       V = call('HMGET', h, 'kt', 'kc', 'kr', 't', 'c', 'r', 'o', 'k', unpack(A, x, x + nn - 1))
       d, fb, ai = 3, x - 9, 8
       local k = V[8]
-      if k and k + 0 > b then b = k + 0 end  -- a clock that stepped back charges the newest bucket
-      bk = sformat('%d', b)
+      if k and k + 0 >= b then                -- a clock that stepped back charges the newest bucket
+        b = k + 0
+        bk = k
+      else
+        bk = sformat('%d', b)
+      end
       if k and k ~= bk then                   -- the current bucket has ended: settle it
         call('HSET', h, k .. 't', V[1] or '0', k .. 'c', V[2] or '0', k .. 'r', V[3] or '0')
         V[1], V[2], V[3], V[8] = false, false, false, false
@@ -140,6 +158,21 @@ local function scan(now, amt, charging)
           V[7] = false
         end
       end
+    elseif ttl then                   -- V[1] is the last TTL refresh ('x'), then as below
+      ki = ki + 1
+      if lit > 0 then
+        V = call('HMGET', h, 'x', 't', 'c', 'r', unpack(A, x, x + nn - 1))
+      else
+        V = call('HMGET', h, 'x', unpack(A, x, x + nn - 1))
+      end
+      d, fb, ai = 1, x - 2 - lit, 1 + 3 * nc
+      if charging then
+        local last = V[1]
+        if not last or now - last >= slack(ttl) * 1000 or now < last + 0 then
+          refresh = fmt(ttl + slack(ttl))
+          S[n + 1] = 'x'; S[n + 2] = nows; n = n + 2
+        end
+      end
     else
       ki = ki + 1
       if lit > 0 then
@@ -173,7 +206,10 @@ local function scan(now, amt, charging)
           local new = not V[8]
           if new then
             call('ZADD', z, bk, bk)
-            if ttl then call('PEXPIRE', z, ttl) end  -- once per bucket: outlives the hash's last refresh
+            if ttl then                 -- once per bucket (see above)
+              call('PEXPIRE', z, ttl)
+              refresh = ttl
+            end
             local oldest = V[7]
             if not oldest or b < oldest + 0 then S[n + 1] = 'o'; S[n + 2] = bk; n = n + 2 end
             S[n + 1] = 'k'; S[n + 2] = bk; n = n + 2
@@ -230,7 +266,7 @@ local function scan(now, amt, charging)
       end
     end
     if n > 0 then call('HSET', h, unpack(S, 1, n)) end
-    if ttl then call('PEXPIRE', h, ttl) end
+    if refresh then call('PEXPIRE', h, refresh) end
   end
   return out, fired, ids, lims
 end
@@ -314,20 +350,37 @@ local function holds()
   return drop_hold, reap, read_held, admit
 end
 
+-- The charge scripts' KEYS end with the tree's alert stream, its ledger stream and, when ARGV[5]
+-- (the request id's TTL) is set, the request key: tail_key(0) is the ledger, tail_key(1) the alerts.
+local function tail_key(back)
+  return KEYS[#KEYS - back - (ARGV[5] ~= '' and 1 or 0)]
+end
+
+-- The usage ledger, in the same atomic step as the charge: ARGV[#ARGV] is the entry's JSON (see
+-- distbudget/_core/ledger.py; '' when the budget keeps no ledger), ARGV[#ARGV - 1] the stream's
+-- approximate MAXLEN; the amounts are ARGV[2..4] as the client sent them (decimal integers).
+-- Returns the entry id ('' without a ledger).
+local function ledger(nows)
+  local entry = ARGV[#ARGV]
+  if entry == '' then return '' end
+  return redis.call('XADD', tail_key(0), 'MAXLEN', '~', ARGV[#ARGV - 1], '*', 'd', entry, 'ts', nows,
+                    't', ARGV[2], 'c', ARGV[3], 'r', ARGV[4])
+end
+
 -- Alert fan-out, in the same atomic step as the crossing (and only when something fired): append
 -- each alert to the tree's capped stream and PUBLISH it on the all-scopes and the scope channel.
--- ARGV[7] is the plan's alert metadata (JSON, see plan.py alert_meta); the stream key follows the
--- plan's keys (KEYS[#KEYS], or KEYS[#KEYS - 1] when a request key is last). Returns the stream ids.
-local function fan_out(now, totals, fired)
+-- ARGV[7] is the plan's alert metadata (JSON, see plan.py alert_meta); the stream key is
+-- tail_key(1). Returns the stream ids.
+local function fan_out(nows, totals, fired)
   if #fired == 0 or ARGV[7] == '' then return '' end
   local meta = cjson.decode(ARGV[7])
-  local stream = KEYS[ARGV[5] ~= '' and #KEYS - 1 or #KEYS]
+  local stream = tail_key(1)
   local ids = {}
   for k = 1, #fired, 2 do
     local l = meta.l[fired[k]]
     local alert = {scope = l[1], limit_type = l[2], metric = l[3], limit = l[4], used = totals[l[5]],
                    level = fired[k + 1] == 1 and l[7] or 'critical', session_id = meta.s,
-                   model = meta.m, ts_us = fmt(now)}
+                   model = meta.m, ts_us = nows}
     local limit = tonumber(l[4])
     alert.pct = limit > 0 and tonumber(alert.used) / limit or 0
     local id = redis.call('XADD', stream, 'MAXLEN', '~', '10000', '*', 'alert', cjson.encode(alert))
@@ -347,9 +400,9 @@ local function seen_request()
   return redis.call('GET', KEYS[#KEYS])
 end
 
-local function remember_request(now, amt)
+local function remember_request(nows)
   if ARGV[5] == '' then return end
-  redis.call('SET', KEYS[#KEYS], fmt(now) .. ' ' .. fmt(amt[1]) .. ' ' .. fmt(amt[2]), 'PX', ARGV[5])
+  redis.call('SET', KEYS[#KEYS], nows .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[5])
 end
 
 local function amounts()

@@ -2,22 +2,23 @@
 -- Actual usage above the hold is charged all the same. A hold that already expired (or was
 -- released) does not stop the charge: the money was spent.
 -- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys, then the tree's alert
---       stream, then the request key when ARGV[5] is set
+--       stream, its ledger stream, then the request key when ARGV[5] is set
 -- ARGV: [1] clock µs or '', [2] tokens, [3] nano-USD, [4] requests, [5] request-id TTL ms or '',
---       [6] hold id, [7] alert metadata JSON, [8..] the plan (see _common.lua)
+--       [6] hold id, [7] alert metadata JSON, [8..] the plan (see _common.lua), then the ledger's
+--       MAXLEN and the ledger entry JSON ('' for none)
 -- Returns one string, like record.lua's with the hold's fate:
---   "0|<now µs>|<tokens cost requests per counter>|<limit index, level, ...>||<hold found 1/0>|<alert ids>"
+--   "0|<now µs>|<tokens cost requests per counter>|<limit index, level, ...>||<hold found 1/0>|<alert ids>|<ledger id>"
 --   or "1|<now µs>|||<µs> <tokens> <cost>|0" when the request id was already charged
 local drop_hold = holds()
 local now = now_us()
+local nows = fmt(now)
 local prev = seen_request()
 if prev then
   drop_hold(ARGV[6])
-  return '1|' .. fmt(now) .. '|||' .. prev .. '|0'
+  return '1|' .. nows .. '|||' .. prev .. '|0'
 end
 local found = drop_hold(ARGV[6]) and '1' or '0'
-local amt = amounts()
-local totals, fired = scan(now, amt, true)
-remember_request(now, amt)
-return '0|' .. fmt(now) .. '|' .. table.concat(totals, ' ') .. '|' .. table.concat(fired, ' ') .. '||'
-  .. found .. '|' .. fan_out(now, totals, fired)
+local totals, fired = scan(now, amounts(), true, 3, nows)
+remember_request(nows)
+return '0|' .. nows .. '|' .. table.concat(totals, ' ') .. '|' .. table.concat(fired, ' ') .. '||'
+  .. found .. '|' .. fan_out(nows, totals, fired) .. '|' .. ledger(nows)

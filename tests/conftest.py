@@ -1,16 +1,13 @@
-"""Shared fixtures: a real redis-server started by the tests on a free port, and one ``backend``
-fixture that runs each behavioural test on every engine: embedded, fakeredis (our real Lua run by
-lupa) and real Redis."""
+"""Shared fixtures: a real redis-server and a real 3-master Redis Cluster started by the tests on free
+ports (``tests/_servers.py``), and one ``backend`` fixture that runs each behavioural test on every
+engine: embedded, fakeredis (our real Lua run by lupa), real Redis and Redis Cluster. On the real
+servers, budgets connect as the README's minimal ACL user; the tests inspect with an admin client."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
-import shutil
-import socket
-import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,77 +18,34 @@ import redis
 from distbudget import AsyncBudget, AsyncBudgetManager, Budget, BudgetManager, BudgetScope
 from distbudget.budget import PendingReservation
 from distbudget.engines.memory import AsyncMemoryEngine, MemoryEngine
+from tests._servers import Cluster, RedisServer, free_port  # noqa: F401  (free_port: tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The suite's Redis. ``url`` connects as the README's minimal ACL user (keys and channels
+    under the suite's prefixes, only the commands distbudget uses), so every budget, manager and
+    listener a test builds from it proves that ACL suffices; ``client()`` is the admin."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.restrict(*ACL_USER, prefixes=ACL_PREFIXES)
+    yield server
+    server.stop()
 
 
-class RedisServer:
-    """A redis-server process of our own (killed at the end), so tests never touch shared state."""
-
-    def __init__(self, tmp: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.dir = tmp
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        if exe is None:
-            pytest.skip("redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [
-                exe,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.dir),
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(port=self.port)
-        for _ in range(200):
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.02)
-        raise RuntimeError("redis-server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def client(self, **kw: Any) -> redis.Redis:
-        return redis.Redis(port=self.port, **kw)
+ACL_USER = ("distbudget-app", "app-secret")
+ACL_PREFIXES = ("distbudget", "pfx")
 
 
 @pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.stop()
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A 3-master Redis Cluster on loopback ports, its budgets connecting as the ACL user too."""
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
+    cluster.restrict(*ACL_USER, prefixes=ACL_PREFIXES)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture
@@ -169,9 +123,14 @@ class Backend:
     """Makes budgets and managers on one engine through one API (sync, or async driven from a
     loop thread); ``store`` is the Redis client (None embedded)."""
 
-    def __init__(self, kind: str, store: Any, api: str = "sync", runner: LoopThread | None = None) -> None:
+    def __init__(
+        self, kind: str, store: Any, api: str = "sync", runner: LoopThread | None = None, client: Any = None
+    ) -> None:
         self.kind = kind
-        self.store = store
+        self.store = store  # admin: tests inspect and flush with it
+        self.client = client if client is not None else store  # budgets and managers use this one
+        self.connect_async: Any = None  # () -> a redis.asyncio client as the budgets' user
+        self.cluster = False
         self.api = api
         self.runner = runner
         # embedded budgets of one test share one in-process store, as a manager's do
@@ -186,8 +145,7 @@ class Backend:
 
                 self.async_store = fakeredis.FakeAsyncRedis(server=self.fake_server)
             else:
-                kw = self.store.connection_pool.connection_kwargs
-                self.async_store = redis.asyncio.Redis(host=kw["host"], port=kw["port"])
+                self.async_store = self.connect_async()
         return self.async_store
 
     def budget(self, scope: BudgetScope, rates: Any = None, **kw: Any) -> Any:
@@ -198,16 +156,30 @@ class Backend:
             return SyncView(AsyncBudget(scope, rates, redis=self._async_client(), **kw), self.runner)
         if self.memory is not None:
             return Budget(scope, rates, _engine=self.memory, **kw)
-        return Budget(scope, rates, redis=self.store, **kw)
+        return Budget(scope, rates, redis=self.client, **kw)
 
     def manager(self, **kw: Any) -> Any:
+        """A manager on this backend; managers of one test share the registry (embedded too)."""
         if self.api == "async":
             assert self.runner is not None
+            if self.memory is not None:
+                return SyncView(AsyncBudgetManager(_engine=AsyncMemoryEngine(self.memory), **kw), self.runner)
             return SyncView(AsyncBudgetManager(redis=self._async_client(), **kw), self.runner)
-        return BudgetManager(redis=self.store, **kw)
+        if self.memory is not None:
+            return BudgetManager(_engine=self.memory, **kw)
+        return BudgetManager(redis=self.client, **kw)
 
 
-BACKENDS = ["embedded", "fakeredis", "redis", "embedded-async", "fakeredis-async", "redis-async"]
+BACKENDS = [
+    "embedded",
+    "fakeredis",
+    "redis",
+    "cluster",
+    "embedded-async",
+    "fakeredis-async",
+    "redis-async",
+    "cluster-async",
+]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -221,11 +193,18 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         server = fakeredis.FakeServer()
         b = Backend("fakeredis", fakeredis.FakeRedis(server=server), api or "sync", runner)
         b.fake_server = server
+    elif kind == "cluster":  # real Redis, sharded: kind "redis" so every real-Redis test runs here too
+        cluster: Cluster = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+        b = Backend("redis", cluster.client(), api or "sync", runner, client=cluster.client(*ACL_USER))
+        b.connect_async = lambda: cluster.async_client(*ACL_USER)
+        b.cluster = True
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
-        client = server.client()
-        client.flushall()
-        b = Backend("redis", client, api or "sync", runner)
+        admin = server.client()
+        admin.flushall()
+        b = Backend("redis", admin, api or "sync", runner, client=server.client(*ACL_USER))
+        b.connect_async = lambda: redis.asyncio.Redis(port=server.port, username=ACL_USER[0], password=ACL_USER[1])
     yield b
     if runner is not None:
         if b.async_store is not None:
@@ -233,6 +212,8 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
         runner.close()
     if b.store is not None:
         b.store.close()
+        if b.client is not b.store:
+            b.client.close()
 
 
 @pytest.fixture

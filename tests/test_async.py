@@ -96,8 +96,8 @@ def test_await_reserve_form_and_manager(redis_server: RedisServer) -> None:
         client = redis.asyncio.Redis(port=redis_server.port)
         await client.flushall()
         mgr = AsyncBudgetManager(redis=client)
-        mgr.register(BudgetScope("team", max_tokens_per_day=1000))
-        mgr.register(BudgetScope("alice", parent="team", max_tokens_per_session=500), RATES)
+        await mgr.register(BudgetScope("team", max_tokens_per_day=1000))
+        await mgr.register(BudgetScope("alice", parent="team", max_tokens_per_session=500), RATES)
         hold = await mgr.reserve("alice", "m", 100, 100, session_id="s")
         assert hold.admitted and hold.held_tokens == 200
         record = await hold.commit(100, 20)

@@ -15,7 +15,34 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-ROWS = ("1", "2", "3a", "3b", "3c", "3d", "4", "5", "6a", "6b", "6c", "6d", "7.1", "7.2", "7.4", "7.8", "8a", "8b")
+ROWS = (
+    "1a",
+    "1b",
+    "2",
+    "3a",
+    "3b",
+    "3c",
+    "3d",
+    "3e",
+    "3f",
+    "3g",
+    "4",
+    "4b",
+    "5a",
+    "5b",
+    "6a",
+    "6b",
+    "6c",
+    "6d",
+    "7.1",
+    "7.2",
+    "7.4",
+    "7.8",
+    "8a",
+    "8b",
+    "9a",
+    "9b",
+)
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 
 pytest.importorskip("limits", reason="the bench extra is not installed: pip install -e '.[bench]'")

@@ -308,7 +308,12 @@ def test_every_key_has_a_ttl_or_is_owned(backend: Backend) -> None:
     budget = backend.budget(scope, RATES, session_id="a")
     budget.record(None, "m", 90, 0, request_id="r")  # WARNING: the alert stream too
     budget.reserve("m", 1, 1)
-    owned = {"distbudget:{ttl}:t:ttl", "distbudget:{ttl}:alerts", "distbudget:alert-streams"}
+    owned = {
+        "distbudget:{ttl}:t:ttl",
+        "distbudget:{ttl}:alerts",
+        "distbudget:{ttl}:ledger",
+        "distbudget:alert-streams",
+    }
     for key in backend.store.scan_iter(count=1000):
         name = key.decode()
         ttl = backend.store.pttl(key)

@@ -99,7 +99,7 @@ def test_a_million_charges_of_0_000123_sum_to_exactly_123() -> None:
     assert usage[1] == 123_000  # nano-USD
     engine = budget.engine
     for _ in range(1_000_000):
-        engine.record(plan, None, usage)
+        engine.record(plan, None, usage, None, 0, (0, ""))
     s = budget.summary()
     assert s["session"]["requests"] == 1_000_000
     assert round(s["session"]["cost_usd"] * NANO) == 123 * NANO
@@ -118,7 +118,7 @@ def test_100k_charges_on_redis_are_exact(redis_server: RedisServer) -> None:
     usage = budget.usage("m", 1, 0)
     from distbudget.engines.redis import wire
 
-    op, keys, args, _parse = wire("record", (plan, None, usage, None, 0))
+    op, keys, args, _parse = wire("record", (plan, None, usage, None, 0, (0, "")))
     script = budget.engine.scripts[op]
     for _ in range(20):
         pipe = client.pipeline(transaction=False)

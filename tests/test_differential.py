@@ -1,6 +1,6 @@
-"""Differential test: random operation sequences (records, checks, reservations, resets, clock jumps
-across window and bucket edges) give identical results, alerts and summaries on the embedded
-engine and on a real Redis running the Lua scripts."""
+"""Differential test: random operation sequences (records, checks, reservations, resets of a session,
+a model or the scope, clock jumps across window and bucket edges) give identical results, alerts,
+summaries and ledgers on the embedded engine and on a real Redis running the Lua scripts."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ OPS = st.one_of(
     st.tuples(st.just("commit"), st.integers(0, 5), TOKENS, TOKENS),
     st.tuples(st.just("release"), st.integers(0, 5)),
     st.tuples(st.just("reset"), SESSIONS),
+    st.tuples(st.just("reset_model"), MODELS),
+    st.tuples(st.just("reset_scope"), SESSIONS),
     st.tuples(st.just("advance"), JUMPS),
     st.tuples(st.just("summary"), SESSIONS),
 )
@@ -94,6 +96,10 @@ def run(budget: Budget, clock: Clock, ops: list[tuple[Any, ...]]) -> list[Any]:
                 out.append(("released", res.release()))
         elif kind == "reset":
             budget.reset_session(op[1])
+        elif kind == "reset_model":
+            budget.reset_model(op[1])
+        elif kind == "reset_scope":
+            budget.reset(op[1])
         elif kind == "advance":
             clock.advance(op[1])
         else:
@@ -101,6 +107,10 @@ def run(budget: Budget, clock: Clock, ops: list[tuple[Any, ...]]) -> list[Any]:
         out.append([(a.level, a.limit_type, a.used, a.session_id) for a in budget.alerts])
     out.append(budget.summary("a"))
     out.append(budget.summary("b"))
+    ledger = budget.ledger()
+    out.append(
+        [(e.kind, e.what, e.scope, e.session_id, e.model, e.tokens, e.cost_nano_usd, e.timestamp) for e in ledger]
+    )
     return out
 
 

@@ -11,7 +11,9 @@ percent-encoded so no user string can contain ``:``, ``{`` or ``}``):
     <p>:{<tag>}:leases                     zset   reservation id -> expiry (µs)
     <p>:{<tag>}:rq:<request id>            string an idempotency marker; TTL
     <p>:{<tag>}:alerts                     stream the tree's alerts, capped (MAXLEN ~ 10,000); owned
+    <p>:{<tag>}:ledger                     stream the tree's charges and resets, capped (MAXLEN ~); owned
     <p>:alert-streams                      hash   scope -> its tree's alert stream (for listeners); owned
+    <p>:registry                           hash   scope -> its config JSON (the shared registry); owned
 
 Pub/sub channels (not keys): ``<p>:alerts`` (every scope) and ``<p>:alerts:<scope>``.
 
@@ -74,9 +76,17 @@ class KeySpace:
     def alerts(self) -> str:
         return f"{self.base}alerts"
 
+    @property
+    def ledger(self) -> str:
+        return f"{self.base}ledger"
+
 
 def alert_index_key(prefix: str) -> str:
     return f"{check_prefix(prefix)}:alert-streams"
+
+
+def registry_key(prefix: str) -> str:
+    return f"{check_prefix(prefix)}:registry"
 
 
 def alert_channels(prefix: str, scope: str) -> tuple[str, str]:

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from fractions import Fraction
 
+from distbudget._core import ledger
 from distbudget._core.keys import KeySpace, alert_channels, model_prefix
 from distbudget._core.money import MAX_AMOUNT
 from distbudget._core.scope import BudgetScope, Limit, bucket_seconds
@@ -79,13 +80,24 @@ class Plan:
     keys: tuple[str, ...]  # KEYS[1] holds, KEYS[2] leases, then the counters' keys
     counters: tuple[Counter, ...]
     limits: tuple[LimitSpec, ...]
-    argv: tuple[str | int | bytes, ...]  # the static tail of ARGV for the scripts (lua/_common.lua)
+    # The static tail of ARGV for the scripts (lua/_common.lua), encoded once (UTF-8, as the
+    # client would): redis-py passes bytes through instead of encoding each argument per call.
+    argv: tuple[bytes, ...]
     totals_key_index: int  # 1-based KEYS index of the own scope's totals hash
     session_counter: int
     day_counter: int
     totals_counter: int
     keyspace: KeySpace
-    alert_meta: str = ""  # JSON the scripts decode only when an alert fires (see lua/_common.lua fan_out)
+    alert_meta: bytes = b""  # JSON the scripts decode only when an alert fires (see lua/_common.lua fan_out)
+    ledger_head: str = ""  # the constant start of this plan's ledger entries (see _core/ledger.py)
+    # KEYS of the charge scripts, encoded once: commit's (the plan's keys, then the tree's alert and
+    # ledger streams) and record's (the same without the holds hash and leases, which it never touches)
+    charge_keys: tuple[bytes, ...] = ()
+    record_keys: tuple[bytes, ...] = ()
+    # For the Python side, per limit in plan order: (counter index, metric, value, first threshold:
+    # warn_at, or crit_at without a WARNING), and the field the memory engine keeps its alert state in.
+    checks: tuple[tuple[int, int, int, int], ...] = ()
+    alert_fields: tuple[tuple[str, str, str], ...] = ()
 
 
 def thresholds(value: int, warn_pct: Fraction | None) -> tuple[int, int, int, int]:
@@ -249,7 +261,8 @@ def build_plan(
     if wire_keys != keys:
         raise AssertionError("plan keys out of the wire order")
     shape = num(len(hot) + 2, 2) + hot + cold
-    argv: tuple[str | int | bytes, ...] = (shape.ljust(3 * len(counters), b"\0"), *strings)
+    argv = (bytes(shape.ljust(3 * len(counters), b"\0")), *(str(v).encode() for v in strings))
+    charge_keys = tuple(k.encode() for k in (*keys, keyspace.alerts, keyspace.ledger))
     return Plan(
         scope=scope.name,
         session_id=session_id,
@@ -263,7 +276,14 @@ def build_plan(
         day_counter=own["day"],
         totals_counter=own["totals"],
         keyspace=keyspace,
-        alert_meta=alert_meta(keyspace, session_id, model, limits),
+        alert_meta=alert_meta(keyspace, session_id, model, limits).encode(),
+        ledger_head=ledger.head("charge", scope.name, [s.name for s in chain], session_id, model),
+        charge_keys=charge_keys,
+        record_keys=charge_keys[2:],
+        checks=tuple(
+            (lim.counter, lim.metric, lim.value, lim.warn_at if lim.warn_at >= 0 else lim.crit_at) for lim in limits
+        ),
+        alert_fields=tuple(("a", counters[lim.counter].prefix, lim.limit_type) for lim in limits),
     )
 
 
@@ -291,7 +311,9 @@ def alert_meta(keyspace: KeySpace, session_id: str, model: str | None, limits: l
 # ---- what the engines answer (both engines return exactly these shapes) -------------------------
 
 
-@dataclass(frozen=True, slots=True)
+# The results are plain slotted dataclasses, not frozen ones: one is built per operation, and a frozen
+# dataclass's __init__ (object.__setattr__ per field) costs ~4x as much. Nothing mutates them.
+@dataclass(slots=True)
 class ChargeResult:
     """record / commit. ``totals``: 3 values (tokens, cost, requests) per counter after the charge.
     ``alerts``: (limit index, level) crossings decided in the atomic step. ``original``: for a
@@ -304,9 +326,10 @@ class ChargeResult:
     original: tuple[int, int, int] | None
     hold_found: bool
     alert_ids: tuple[str, ...] = ()  # the alert stream ids of ``alerts`` (Redis only)
+    ledger_id: str = ""  # the charge's ledger entry ("" without a ledger)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AdmitResult:
     """check / reserve. ``refused``: index of the first limit that refused (-1 none);
     ``retry_us``: when a rolling window will have freed enough (-1 if it never will by itself)."""
@@ -318,7 +341,7 @@ class AdmitResult:
     retry_us: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SummaryResult:
     now_us: int
     totals: tuple[int, ...]
@@ -333,16 +356,23 @@ def used(plan: Plan, totals: tuple[int, ...], i: int) -> int:
 
 def exceeded(plan: Plan, totals: tuple[int, ...]) -> list[int]:
     """Indices of limits whose usage is now over their value."""
-    return [i for i, lim in enumerate(plan.limits) if totals[3 * lim.counter + lim.metric] > lim.value]
+    return [i for i, (c, m, value, _) in enumerate(plan.checks) if totals[3 * c + m] > value]
 
 
 # ---- the Redis scripts' wire format (see lua/_common.lua) ---------------------------------------
 
 
 def script_args(
-    plan: Plan, now_us: int | None, amounts: tuple[int, int, int], a5: str | int = "", a6: str = "", a7: str | int = ""
+    plan: Plan,
+    now_us: int | None,
+    amounts: tuple[int, int, int],
+    a5: str | int = "",
+    a6: str = "",
+    a7: str | int | bytes = "",
+    *tail: str | int,
 ) -> list[str | int | bytes]:
-    return ["" if now_us is None else now_us, *amounts, a5, a6, a7, *plan.argv]
+    """ARGV of a script: ARGV[1..7], the plan, then ``tail`` (the charge scripts' ledger arguments)."""
+    return ["" if now_us is None else now_us, *amounts, a5, a6, a7, *plan.argv, *tail]
 
 
 def _ints(values: object) -> tuple[int, ...]:
@@ -359,16 +389,23 @@ def _original(raw: object) -> tuple[int, int, int]:
 
 
 def parse_charge(raw: object) -> ChargeResult:
-    """record / commit answer one string: ``status|now|totals|alerts|original|hold found|alert ids``."""
+    """record / commit answer one string:
+    ``status|now|totals|alerts|original|hold found|alert ids|ledger id``."""
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    status, now, totals, fired, original, found, ids = [*text.split("|"), "", ""][:7]
+    status, now, totals, fired, original, found, ids, ledger_id = [*text.split("|"), "", "", ""][:8]
     if status == "1":
         return ChargeResult(int(now), (), (), _original(original), found == "1")
     flat = _ints(fired)
     stream_ids = ids.split() or [""] * (len(flat) // 2)
     rows = sorted(((flat[k] - 1, flat[k + 1]), stream_ids[k // 2]) for k in range(0, len(flat), 2))  # by limit, level
     return ChargeResult(
-        int(now), _ints(totals), tuple(r[0] for r in rows), None, found == "1", tuple(r[1] for r in rows if r[1])
+        int(now),
+        _ints(totals),
+        tuple(r[0] for r in rows),
+        None,
+        found == "1",
+        tuple(r[1] for r in rows if r[1]),
+        ledger_id,
     )
 
 

@@ -19,7 +19,8 @@ class UsageRecord:
 
     ``over_hold`` is True when a reservation's actual usage exceeded what it held (it is charged
     anyway); ``duplicate`` when the ``request_id`` had already been charged (nothing was charged
-    again; the fields repeat the original charge).
+    again; the fields repeat the original charge); ``journaled`` when Redis was unavailable and the
+    charge waits in the local journal (replayed when Redis answers; see ``on_backend_error``).
     """
 
     session_id: str
@@ -34,6 +35,8 @@ class UsageRecord:
     request_id: str | None = None
     over_hold: bool = False
     duplicate: bool = False
+    ledger_id: str | None = None
+    journaled: bool = False  # Redis was unavailable: the charge waits in the local journal for replay
 
     @property
     def total_tokens(self) -> int:

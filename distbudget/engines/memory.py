@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from itertools import chain
 from typing import Any
 
+from distbudget._core import registry
 from distbudget._core.plan import AdmitResult, ChargeResult, Counter, Plan, SummaryResult
 
 _METRIC_SUFFIX = ("t", "c", "r")
@@ -26,6 +28,46 @@ class _Window:
         self.buckets: dict[int, list[int]] = {}
         self.oldest = 0
         self.newest = 0
+
+
+class _Stream:
+    """A capped stream, as XADD MAXLEN / XRANGE see it (ids: server milliseconds - sequence). An
+    entry is kept as one flat tuple (id ms, id sequence, JSON, clock µs, amounts) and its stream
+    fields are built when read: appending costs one small object (the garbage collector's work too)."""
+
+    __slots__ = ("entries", "ms", "seq")
+
+    def __init__(self, maxlen: int) -> None:
+        self.entries: deque[tuple[int, int, str, int, tuple[int, int, int]]] = deque(maxlen=maxlen)
+        self.ms = 0
+        self.seq = 0
+
+    def add(self, entry: str, now: int, amt: tuple[int, int, int]) -> str:
+        ms = time.time_ns() // 1_000_000
+        if ms > self.ms:
+            self.ms, self.seq = ms, 0
+        else:
+            ms = self.ms
+            self.seq += 1
+        self.entries.append((ms, self.seq, entry, now, amt))
+        return f"{ms}-{self.seq}"
+
+    def read(self, start: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        if start == "-":
+            lo, exclusive = (0, 0), False
+        else:
+            exclusive = start.startswith("(")
+            lo_ms, _, lo_seq = start.lstrip("(").partition("-")
+            lo = (int(lo_ms), int(lo_seq) if lo_seq else 0)
+        out = []
+        for ms, seq, entry, now, amt in self.entries:
+            eid = (ms, seq)
+            if eid > lo or (eid == lo and not exclusive):
+                fields = {"d": entry, "ts": str(now), "t": str(amt[0]), "c": str(amt[1]), "r": str(amt[2])}
+                out.append((f"{ms}-{seq}", fields))
+                if len(out) >= count:
+                    break
+        return out
 
 
 class _Tree:
@@ -51,6 +93,8 @@ class MemoryEngine:
         self._windows: dict[str, _Window] = {}
         self._trees: dict[str, _Tree] = {}
         self._requests: dict[str, tuple[int, tuple[int, int, int]]] = {}
+        self._streams: dict[str, _Stream] = {}
+        self._registries: dict[str, dict[str, str]] = {}
         self._sweep_at = 0
 
     # ---- state helpers (mirroring lua/_common.lua) ---------------------------------------------
@@ -95,44 +139,31 @@ class MemoryEngine:
                     w.oldest = min(w.buckets, default=0)
         return h, tot
 
-    def _charge(self, c: Counter, now: int, amt: tuple[int, int, int]) -> tuple[dict[Any, Any], list[int]]:
-        h, tot = self._counter(c, now)
-        if c.prefix not in h:
-            h[c.prefix] = tot
-        tot[0] += amt[0]
-        tot[1] += amt[1]
-        tot[2] += amt[2]
-        if c.zset_key is not None:
-            w = self._windows.get(c.zset_key)
-            if w is None:
-                w = self._windows[c.zset_key] = _Window()
-            b = max(now // c.bucket_us, w.newest)  # a clock that stepped back charges the newest bucket
-            w.newest = b
-            bucket = w.buckets.get(b)
-            if bucket is None:
-                if not w.buckets or b < w.oldest:
-                    w.oldest = b
-                bucket = w.buckets[b] = [0, 0, 0]
-            bucket[0] += amt[0]
-            bucket[1] += amt[1]
-            bucket[2] += amt[2]
-        elif c.ttl_ms:
-            self._expires[c.hash_key] = now + c.ttl_ms * 1000
-        return h, tot
+    def _refresh(self, h: dict[Any, Any], c: Counter, now: int) -> None:
+        """An idle-TTL hash (a session) charged: refresh its TTL when due, as lua/_common.lua does
+        (when the last refresh, kept under the key None, is older than the slack: min(ttl / 16, 60 s);
+        the hash then lives ttl + slack)."""
+        last = h.get(None)
+        slack = min(c.ttl_ms // 16, 60_000) * 1000
+        if last is None or now - last >= slack or now < last:
+            h[None] = now
+            self._expires[c.hash_key] = now + c.ttl_ms * 1000 + slack
 
     @staticmethod
     def _alerts(
         plan: Plan, totals: list[list[int]], hashes: list[dict[Any, Any]], amt: tuple[int, int, int]
     ) -> tuple[tuple[int, int], ...]:
         out: list[tuple[int, int]] = []
-        for i, lim in enumerate(plan.limits):
-            after = totals[lim.counter][lim.metric]
-            h = hashes[lim.counter]
-            field = ("a", plan.counters[lim.counter].prefix, lim.limit_type)
+        fields = plan.alert_fields
+        for i, (ci, metric, _value, first) in enumerate(plan.checks):
+            after = totals[ci][metric]
+            h = hashes[ci]
+            field = fields[i]
             st = h.get(field, 0)
-            if not st and after < (lim.warn_at if lim.warn_at >= 0 else lim.crit_at):
+            if not st and after < first:
                 continue  # nothing fired, nothing to re-arm (the scripts' fast path)
-            before = after - amt[lim.metric]
+            lim = plan.limits[i]
+            before = after - amt[metric]
             ns = st
             if ns & 1 and before < lim.warn_rearm:
                 ns -= 1
@@ -217,12 +248,22 @@ class MemoryEngine:
         plan: Plan,
         now_us: int | None,
         amt: tuple[int, int, int],
-        request_key: str | None = None,
-        request_ttl_ms: int = 0,
+        request_key: str | None,
+        request_ttl_ms: int,
+        ledger: tuple[int, str],
     ) -> ChargeResult:
         with self._lock:
             now = _server_now() if now_us is None else now_us
-            return self._charge_plan(plan, now, amt, request_key, request_ttl_ms, False)
+            return self._charge_plan(plan, now, amt, request_key, request_ttl_ms, False, ledger)
+
+    def record_many(self, batch: tuple[tuple[Any, ...], ...]) -> list[ChargeResult]:
+        """``record`` for each argument tuple, in order, under one lock hold (each its own step)."""
+        with self._lock:
+            out = []
+            for plan, now_us, amt, request_key, request_ttl_ms, ledger in batch:
+                now = _server_now() if now_us is None else now_us
+                out.append(self._charge_plan(plan, now, amt, request_key, request_ttl_ms, False, ledger))
+            return out
 
     def commit(
         self,
@@ -230,8 +271,9 @@ class MemoryEngine:
         now_us: int | None,
         amt: tuple[int, int, int],
         hold_id: str,
-        request_key: str | None = None,
-        request_ttl_ms: int = 0,
+        request_key: str | None,
+        request_ttl_ms: int,
+        ledger: tuple[int, str],
     ) -> ChargeResult:
         with self._lock:
             now = _server_now() if now_us is None else now_us
@@ -239,7 +281,20 @@ class MemoryEngine:
             if self._seen(request_key, now) is not None:
                 self._drop_hold(tree, hold_id)
             found = self._drop_hold(tree, hold_id)
-            return self._charge_plan(plan, now, amt, request_key, request_ttl_ms, found)
+            return self._charge_plan(plan, now, amt, request_key, request_ttl_ms, found, ledger)
+
+    def _append(self, key: str, ledger: tuple[int, str], now: int, amt: tuple[int, int, int]) -> str:
+        maxlen, entry = ledger
+        if not entry:
+            return ""
+        stream = self._streams.get(key)
+        if stream is None or stream.entries.maxlen != maxlen:
+            old = stream.entries if stream is not None else ()
+            stream = self._streams[key] = _Stream(maxlen)
+            stream.entries.extend(old)
+            if old:
+                stream.ms, stream.seq = old[-1][:2]
+        return stream.add(entry, now, amt)
 
     def _seen(self, request_key: str | None, now: int) -> tuple[int, int, int] | None:
         if request_key is None:
@@ -250,22 +305,76 @@ class MemoryEngine:
         return entry[1]
 
     def _charge_plan(
-        self, plan: Plan, now: int, amt: tuple[int, int, int], request_key: str | None, request_ttl_ms: int, found: bool
+        self,
+        plan: Plan,
+        now: int,
+        amt: tuple[int, int, int],
+        request_key: str | None,
+        request_ttl_ms: int,
+        found: bool,
+        ledger: tuple[int, str],
     ) -> ChargeResult:
-        self._sweep(now)
-        original = self._seen(request_key, now)
-        if original is not None:
-            return ChargeResult(now, (), (), original, False)
+        if now >= self._sweep_at:
+            self._sweep(now)
+        if request_key is not None:
+            original = self._seen(request_key, now)
+            if original is not None:
+                return ChargeResult(now, (), (), original, False)
+        # _charge() for every counter, inlined: this loop is the whole embedded record()
+        a0, a1, a2 = amt
+        all_hashes, windows = self._hashes, self._windows
         hashes, rows = [], []
         for c in plan.counters:
-            h, row = self._charge(c, now, amt)
+            zkey = c.zset_key
+            h: dict[Any, Any] | None
+            if zkey is None and c.ttl_ms:
+                h = self._hash(c.hash_key, now)  # it may have expired
+                self._refresh(h, c, now)
+            else:
+                h = all_hashes.get(c.hash_key)  # windows and totals never expire here
+                if h is None:
+                    h = all_hashes[c.hash_key] = {}
+            tot = h.get(c.prefix)
+            if tot is None:
+                tot = h[c.prefix] = [a0, a1, a2]
+            else:
+                if zkey is not None:
+                    w = windows.get(zkey)
+                    if w is not None and w.buckets:
+                        lo = (now - c.window_us) // c.bucket_us
+                        if w.oldest < lo:
+                            for b in [b for b in w.buckets if b < lo]:
+                                amounts = w.buckets.pop(b)
+                                tot[0] -= amounts[0]
+                                tot[1] -= amounts[1]
+                                tot[2] -= amounts[2]
+                            w.oldest = min(w.buckets, default=0)
+                tot[0] += a0
+                tot[1] += a1
+                tot[2] += a2
+            if zkey is not None:
+                w = windows.get(zkey)
+                if w is None:
+                    w = windows[zkey] = _Window()
+                b = max(now // c.bucket_us, w.newest)  # a clock that stepped back charges the newest bucket
+                w.newest = b
+                bucket = w.buckets.get(b)
+                if bucket is None:
+                    if not w.buckets or b < w.oldest:
+                        w.oldest = b
+                    w.buckets[b] = [a0, a1, a2]
+                else:
+                    bucket[0] += a0
+                    bucket[1] += a1
+                    bucket[2] += a2
             hashes.append(h)
-            rows.append(row)
+            rows.append(tot)
         fired = self._alerts(plan, rows, hashes, amt)
         if request_key is not None:
             self._requests[request_key] = (now + request_ttl_ms * 1000, (now, amt[0], amt[1]))
         totals = tuple(chain.from_iterable(rows))
-        return ChargeResult(now, totals, fired, None, found)
+        ledger_id = self._append(plan.keyspace.ledger, ledger, now, amt)
+        return ChargeResult(now, totals, fired, None, found, (), ledger_id)
 
     def check(self, plan: Plan, now_us: int | None, amt: tuple[int, int, int]) -> AdmitResult:
         with self._lock:
@@ -312,12 +421,40 @@ class MemoryEngine:
                         fields[f"{k}{suffix}"] = v[m]
             return SummaryResult(now, totals, held, fields)
 
-    def delete(self, keys: list[str]) -> None:
+    def reset(
+        self, mode: str, keys: list[str], now_us: int | None, field_prefix: str, ledger: tuple[int, str]
+    ) -> tuple[tuple[int, int, int], str]:
+        """``lua/reset.lua``: zero the counters, report what the first one held, append the reset."""
         with self._lock:
-            for key in keys:
+            now = _server_now() if now_us is None else now_us
+            h = self._hash(keys[1], now)
+            if mode == "model":
+                amt = tuple(h.pop(field_prefix, (0, 0, 0)))
+                for k in [k for k in h if isinstance(k, tuple) and k[1] == field_prefix]:
+                    del h[k]
+                doomed = keys[2:]
+            else:
+                amt = tuple(h.get("", (0, 0, 0)))
+                doomed = keys[1:]
+            for key in doomed:
                 self._hashes.pop(key, None)
                 self._expires.pop(key, None)
                 self._windows.pop(key, None)
+            amounts = (int(amt[0]), int(amt[1]), int(amt[2]))
+            return amounts, self._append(keys[0], ledger, now, amounts)
+
+    def registry(self, key: str, op: str, name: str, config: str) -> list[str]:
+        with self._lock:
+            return registry.apply(self._registries.setdefault(key, {}), op, name, config)
+
+    def registry_names(self, key: str) -> list[str]:
+        with self._lock:
+            return list(self._registries.get(key, {}))
+
+    def ledger_read(self, key: str, start: str, count: int) -> list[tuple[str, dict[str, str]]]:
+        with self._lock:
+            stream = self._streams.get(key)
+            return [] if stream is None else stream.read(start, count)
 
     def announce(self, index_key: str, streams: dict[str, str]) -> None:
         """Alert streams are a Redis feature: nothing to register in-process."""

@@ -1,0 +1,178 @@
+"""The usage ledger: every charge and every reset of a scope tree, appended to the tree's capped
+stream (``<prefix>:{<root>}:ledger``) in the same atomic step as the counters change. Pure: builds
+the entries the engines append and reads back what they stored.
+
+An entry has four stream fields: ``d`` (this JSON: what happened), ``ts`` (the engine's clock, µs)
+and the amounts ``t`` / ``c`` / ``r`` (tokens, nano-USD, requests: charged, or for a reset the
+amounts it zeroed). While nothing was trimmed, the charges of a scope and its descendants minus the
+scope's resets equal its counters.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from distbudget._core.money import nano_to_usd
+from distbudget._core.types import UsageRecord
+
+DEFAULT_MAXLEN = 100_000
+US = 1_000_000
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+class _OpIds:
+    """Unique ids for ledger entries, cheap to make: a random per-process prefix and a counter
+    (fresh after ``fork``, so two workers never share one)."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self.prefix = uuid.uuid4().hex[:16]
+        self.count = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self.prefix}-{next(self.count)}"
+
+
+op_ids = _OpIds()
+
+
+def head(kind: str, scope: str, path: list[str], session_id: str | None, model: str | None) -> str:
+    """The constant start of an entry's JSON (no closing brace), computed once per plan."""
+    return _dumps({"kind": kind, "scope": scope, "path": path, "session_id": session_id, "model": model})[:-1]
+
+
+def charge_entry(
+    entry_head: str,
+    input_tokens: int,
+    output_tokens: int,
+    extra_tokens: tuple[int, int, int],
+    request_id: str | None,
+    hold_id: str | None,
+    metadata: dict[str, Any] | None,
+) -> str:
+    """The ``d`` field of a charge."""
+    parts = [entry_head, f',"op":"{op_ids.next()}","input_tokens":{input_tokens},"output_tokens":{output_tokens}']
+    if any(extra_tokens):
+        cached, written, reasoning = extra_tokens
+        parts.append(f',"cached_input_tokens":{cached},"cache_write_tokens":{written},"reasoning_tokens":{reasoning}')
+    if request_id is not None:
+        parts.append(',"request_id":' + _dumps(request_id))
+    if hold_id is not None:
+        parts.append(f',"hold_id":"{hold_id}"')
+    if metadata:
+        parts.append(',"metadata":' + _dumps(metadata))
+    parts.append("}")
+    return "".join(parts)
+
+
+def reset_entry(what: str, scope: str, path: list[str], session_id: str | None, model: str | None) -> str:
+    return _dumps(
+        {"kind": "reset", "what": what, "scope": scope, "path": path, "session_id": session_id, "model": model}
+    )
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One ledger entry: a charge (``kind="charge"``) or a reset (``kind="reset"``, ``what`` is
+    ``"session"``, ``"model"`` or ``"scope"``, the amounts are what it zeroed)."""
+
+    id: str
+    kind: str
+    scope: str
+    path: tuple[str, ...]
+    session_id: str | None
+    model: str | None
+    tokens: int
+    cost_nano_usd: int
+    requests: int
+    timestamp: float
+    input_tokens: int = 0
+    output_tokens: int = 0
+    request_id: str | None = None
+    hold_id: str | None = None
+    what: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    op: str | None = None
+
+    @property
+    def cost_usd(self) -> float:
+        return nano_to_usd(self.cost_nano_usd)
+
+    def counts_for(self, scope: str) -> bool:
+        """Does this charge count against ``scope`` (the scope itself or an ancestor)?"""
+        return scope in self.path
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["path"] = list(self.path)
+        out["cost_usd"] = self.cost_usd
+        return out
+
+    def as_record(self) -> UsageRecord:
+        return UsageRecord(
+            self.session_id or "",
+            self.model or "",
+            self.input_tokens,
+            self.output_tokens,
+            self.cost_usd,
+            self.timestamp,
+            dict(self.metadata),
+            self.scope,
+            self.cost_nano_usd,
+            self.request_id,
+        )
+
+
+def _text(v: object) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def parse_entry(entry_id: object, fields: dict[Any, Any]) -> LedgerEntry:
+    f = {_text(k): _text(v) for k, v in fields.items()}
+    d = json.loads(f["d"])
+    return LedgerEntry(
+        id=_text(entry_id),
+        kind=d["kind"],
+        scope=d["scope"],
+        path=tuple(d["path"]),
+        session_id=d.get("session_id"),
+        model=d.get("model"),
+        tokens=int(f["t"]),
+        cost_nano_usd=int(f["c"]),
+        requests=int(f["r"]),
+        timestamp=int(f["ts"]) / US,
+        input_tokens=d.get("input_tokens", 0),
+        output_tokens=d.get("output_tokens", 0),
+        request_id=d.get("request_id"),
+        hold_id=d.get("hold_id"),
+        what=d.get("what"),
+        metadata=d.get("metadata") or {},
+        op=d.get("op"),
+    )
+
+
+def since_id(since: object) -> str:
+    """The exclusive start of a ledger read: ``None`` (everything), an entry id (after it), or a
+    time in seconds since the epoch (entries appended at or after it, by the server's clock)."""
+    if since is None:
+        return "-"
+    if isinstance(since, datetime.datetime):
+        since = since.timestamp()
+    if isinstance(since, str):
+        ms, _, seq = since.partition("-")
+        if not ms.isdigit() or (seq and not seq.isdigit()):
+            raise ValueError(f"since must be a ledger entry id like '1700000000000-0', got {since!r}")
+        return "(" + since
+    if isinstance(since, bool) or not isinstance(since, (int, float)) or not since >= 0:
+        raise TypeError(f"since must be None, a ledger entry id or seconds since the epoch, got {since!r}")
+    return str(int(since * 1000))

@@ -1,0 +1,146 @@
+"""The shared scope registry: a scope's whole config (limits, parent, alert thresholds, custom
+rates) as JSON, stored under its name in one hash (``<prefix>:registry``), so any process finds a
+scope by name. Pure: (de)serialisation and the rules ``lua/registry.lua`` applies on Redis, here
+for the embedded engine.
+
+Rules: a parent must be registered before its children; a registered scope's parent cannot change
+(its counters live under its tree's hash tag) and a scope with children cannot be removed; trees
+are at most ``MAX_DEPTH`` deep. So trees never change under running workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from distbudget._core.scope import BudgetScope, Limit
+from distbudget._exceptions import InvalidInputError
+from distbudget.pricing import ModelRates
+
+VERSION = 1
+MAX_DEPTH = 16
+_RATE_FIELDS = ("input_per_1k", "output_per_1k", "cached_input_per_1k", "cache_write_per_1k", "reasoning_per_1k")
+_REFUSALS = {
+    "missing": "parent scope {0!r} is not registered",
+    "reparent": "scope is registered with parent {0!r}; remove it first to change its parent "
+    "(its counters live under its tree's hash tag)",
+    "cycle": "scope {0!r} would be its own ancestor",
+    "depth": "scope tree under {0!r} is deeper than 16 levels",
+    "children": "scope has registered children (e.g. {0!r}); remove them first",
+}
+
+
+def parent_name(scope: BudgetScope) -> str | None:
+    p = scope.parent
+    return p.name if isinstance(p, BudgetScope) else p
+
+
+def scope_config(scope: BudgetScope, rates: Mapping[str, ModelRates] | None) -> str:
+    """The registry entry of a scope (canonical JSON: equal configs give equal strings)."""
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(scope):
+        if f.name in ("name", "parent"):
+            continue
+        value = getattr(scope, f.name)
+        if f.name == "limits":
+            value = [dataclasses.asdict(lim) for lim in value]
+        fields[f.name] = value
+    table = None
+    if rates is not None:
+        if not isinstance(rates, Mapping):
+            raise TypeError("rates must be a mapping of model name to ModelRates")
+        table = {}
+        for model, r in rates.items():
+            if not isinstance(r, ModelRates):
+                raise TypeError(f"rates[{model!r}] must be a ModelRates")
+            table[model] = {k: getattr(r, k) for k in _RATE_FIELDS}
+    entry = {"version": VERSION, "name": scope.name, "parent": parent_name(scope), "scope": fields, "rates": table}
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"))
+
+
+def _decode(text: str | bytes) -> dict[str, Any]:
+    entry = json.loads(text)
+    if not isinstance(entry, dict) or entry.get("version") != VERSION:
+        raise InvalidInputError(f"registry entry of an unknown version: {str(text)[:80]!r}")
+    return entry
+
+
+def from_chain(chain: Sequence[str | bytes]) -> tuple[BudgetScope, dict[str, ModelRates] | None]:
+    """The scope (its ancestors as objects) and its rates from the configs of a scope, its parent,
+    ... up to the root, as ``registry.lua`` returns them."""
+    scope: BudgetScope | None = None
+    rates: dict[str, ModelRates] | None = None
+    for text in reversed(chain):
+        entry = _decode(text)
+        fields = dict(entry["scope"])
+        fields["limits"] = [Limit(**lim) for lim in fields.get("limits", [])]
+        scope = BudgetScope(name=entry["name"], parent=scope, **fields)
+        table = entry["rates"]
+        rates = None if table is None else {m: ModelRates(**r) for m, r in table.items()}
+    if scope is None:
+        raise KeyError("empty registry chain")
+    return scope, rates
+
+
+def refusal(reply: list[Any]) -> InvalidInputError | None:
+    """The error of a refused registry operation (``{'err', reason, name}``), else None."""
+    if len(reply) == 3 and reply[0] in ("err", b"err"):
+        reason, name = (v.decode() if isinstance(v, bytes) else str(v) for v in reply[1:])
+        return InvalidInputError(_REFUSALS.get(reason, reason + " {0!r}").format(name))
+    return None
+
+
+def _chain(table: dict[str, str], start: str) -> tuple[list[str], str | None, bool]:
+    """(configs from ``start`` up, the first missing name, too deep)."""
+    out: list[str] = []
+    n: str | None = start
+    while n is not None:
+        cfg = table.get(n)
+        if cfg is None:
+            return out, n, False
+        out.append(cfg)
+        if len(out) > MAX_DEPTH:
+            return out, None, True
+        n = json.loads(cfg)["parent"]
+    return out, None, False
+
+
+def _put(table: dict[str, str], name: str, config: str) -> list[str]:
+    parent = json.loads(config)["parent"]
+    old = table.get(name)
+    if old is not None and json.loads(old)["parent"] != parent:
+        return ["err", "reparent", json.loads(old)["parent"] or ""]
+    if parent is not None:
+        up, missing, deep = _chain(table, parent)
+        if parent == name or any(json.loads(c)["name"] == name for c in up):
+            return ["err", "cycle", name]
+        if missing is not None:
+            return ["err", "missing", missing]
+        if deep or len(up) >= MAX_DEPTH:
+            return ["err", "depth", parent]
+    table[name] = config
+    return _chain(table, name)[0]
+
+
+def _remove(table: dict[str, str], name: str) -> list[str]:
+    if name not in table:
+        return []
+    for child, cfg in table.items():
+        if json.loads(cfg)["parent"] == name:
+            return ["err", "children", child]
+    del table[name]
+    return ["ok"]
+
+
+def apply(table: dict[str, str], op: str, name: str, config: str = "") -> list[str]:
+    """``lua/registry.lua`` for the embedded engine, on a dict (the caller holds its lock)."""
+    if op == "chain":
+        found, missing, _ = _chain(table, name)
+        return ["err", "missing", missing] if missing is not None and found else found
+    if op == "put":
+        return _put(table, name, config)
+    if op == "remove":
+        return _remove(table, name)
+    raise ValueError(f"unknown registry operation {op!r}")

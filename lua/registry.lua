@@ -1,0 +1,64 @@
+-- registry.lua: the shared scope registry, one hash: scope name -> its config JSON, whose
+-- "parent" is the parent scope's name or null. Parents are fixed: a scope's parent must be
+-- registered before it, cannot change while it is registered, and a scope with children cannot
+-- be removed; so trees (and their Cluster hash tags) never change under running workers.
+-- KEYS: [1] the registry hash
+-- ARGV: [1] 'put' | 'chain' | 'remove', [2] scope name, [3] config JSON ('put')
+-- Returns: 'put' and 'chain': the configs of the scope, its parent, ... up to the root ({} when
+--   the scope is unknown); 'remove': {'ok'} or {} when unknown; a refusal: {'err', reason, name}
+--   with reason 'missing' (parent not registered), 'reparent' (parent differs from the
+--   registered one: name is the registered parent or ''), 'cycle', 'depth', 'children'.
+local MAX_DEPTH = 16
+local reg, op, name = KEYS[1], ARGV[1], ARGV[2]
+
+local function parent_of(cfg)
+  local p = cjson.decode(cfg).parent
+  if p == cjson.null then return nil end
+  return p
+end
+
+local function chain(from)
+  local out, n = {}, from
+  while n do
+    local cfg = redis.call('HGET', reg, n)
+    if not cfg then return out, n end
+    out[#out + 1] = cfg
+    if #out > MAX_DEPTH then return out, nil, 'depth' end
+    n = parent_of(cfg)
+  end
+  return out
+end
+
+if op == 'chain' then
+  local out, missing = chain(name)
+  if missing and #out > 0 then return {'err', 'missing', missing} end
+  return out
+end
+
+if op == 'put' then
+  local parent = parent_of(ARGV[3])
+  local old = redis.call('HGET', reg, name)
+  if old and parent_of(old) ~= parent then return {'err', 'reparent', parent_of(old) or ''} end
+  if parent then
+    local up, missing, deep = chain(parent)
+    if parent == name then return {'err', 'cycle', name} end
+    for _, cfg in ipairs(up) do
+      if cjson.decode(cfg).name == name then return {'err', 'cycle', name} end
+    end
+    if missing then return {'err', 'missing', missing} end
+    if deep or #up >= MAX_DEPTH then return {'err', 'depth', parent} end
+  end
+  redis.call('HSET', reg, name, ARGV[3])
+  return (chain(name))
+end
+
+if op == 'remove' then
+  if redis.call('HEXISTS', reg, name) == 0 then return {} end
+  local flat = redis.call('HGETALL', reg)
+  for i = 1, #flat, 2 do
+    if parent_of(flat[i + 1]) == name then return {'err', 'children', flat[i]} end
+  end
+  redis.call('HDEL', reg, name)
+  return {'ok'}
+end
+return redis.error_reply('unknown registry operation ' .. tostring(op))

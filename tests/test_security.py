@@ -1,0 +1,203 @@
+"""Security: TLS (``rediss://``) with a CA the test makes, password URLs, and the README's minimal
+ACL (a user confined to the key prefix and the commands distbudget uses). The behavioural suite
+itself runs as that ACL user (``redis_server`` and ``redis_cluster`` in conftest); here the list is
+checked against the source, and a workload with a custom prefix runs under it."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from distbudget import AsyncBudget, BackendError, Budget, BudgetExceededError, BudgetManager, BudgetScope, ModelRates
+from distbudget.alerts import AlertListener
+from distbudget.engines import connect as C
+from tests._servers import RedisServer, free_port, wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+RATES = {"m": ModelRates(0.001, 0.002)}
+
+
+# ---- TLS ----------------------------------------------------------------------------------------
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """redis-server with TLS only (``--port 0``), its certificate signed by a CA made here."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    _openssl("req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=d,
+    )  # fmt: skip
+    port = free_port()
+    admin = {"ssl": True, "ssl_ca_certs": str(d / "ca.crt"), "ssl_cert_reqs": "required"}
+    try:
+        server = RedisServer(
+            d,
+            "--port", "0", "--tls-port", str(port),
+            "--tls-cert-file", str(d / "server.crt"), "--tls-key-file", str(d / "server.key"),
+            "--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no",
+            port=port, admin=admin,
+        )  # fmt: skip
+    except RuntimeError:
+        pytest.skip("this redis-server was built without TLS")
+    server.ca = d / "ca.crt"  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def test_tls_url_records_and_summarises(tls_server: RedisServer) -> None:
+    ca = tls_server.ca  # type: ignore[attr-defined]
+    url = f"rediss://127.0.0.1:{tls_server.port}/0?ssl_cert_reqs=required&ssl_ca_certs={ca}"
+    budget = Budget(BudgetScope("tls", max_tokens_per_session=100), RATES, redis=url, session_id="s")
+    budget.record(None, "m", 85, 0)
+    with pytest.raises(BudgetExceededError):
+        budget.record(None, "m", 30, 0)
+    assert budget.summary()["session"]["tokens"] == 115
+
+    async def run_async() -> int:
+        ab = AsyncBudget(BudgetScope("tls", max_tokens_per_session=10**6), RATES, redis=url, session_id="s")
+        await ab.record(None, "m", 5, 0)
+        return int((await ab.summary())["session"]["tokens"])
+
+    assert asyncio.run(run_async()) == 120
+    heard = list(_first(AlertListener(redis=url, block_ms=100), 2))  # listeners speak TLS too
+    assert [a.level.value for a in heard] == ["warning", "critical"]
+    assert tls_server.client().hget("distbudget:alert-streams", "tls") is not None  # what TLS carried
+
+
+def test_tls_certificate_is_verified(tls_server: RedisServer, tmp_path: Path) -> None:
+    """Without the CA the server's certificate is refused; plain TCP does not reach the server."""
+    url = f"rediss://127.0.0.1:{tls_server.port}/0?ssl_cert_reqs=required"
+    with pytest.raises(BackendError) as info:
+        Budget(BudgetScope("tls2"), RATES, redis=url).record("s", "m", 1, 1)
+    assert "certificate" in str(info.value).lower()
+    with pytest.raises(BackendError):
+        Budget(BudgetScope("tls2"), RATES, redis=f"redis://127.0.0.1:{tls_server.port}/0").record("s", "m", 1, 1)
+
+
+def _first(listener: AlertListener, n: int) -> list[Any]:
+    out = []
+    for alert in listener:
+        out.append(alert)
+        if len(out) == n:
+            listener.stop()
+    return out
+
+
+# ---- passwords ------------------------------------------------------------------------------------
+
+
+def test_password_url(tmp_path: Path) -> None:
+    password = "p@ss:w/rd"  # URL-special characters, percent-encoded in the URL
+    server = RedisServer(tmp_path, "--requirepass", password, admin={"password": password})
+    try:
+        url = f"redis://:p%40ss%3Aw%2Frd@127.0.0.1:{server.port}/0"
+        budget = Budget(BudgetScope("pw", max_tokens_per_session=100), RATES, redis=url, session_id="s")
+        budget.record(None, "m", 10, 0)
+        assert budget.summary()["session"]["tokens"] == 10
+        for bad in (f"redis://127.0.0.1:{server.port}/0", f"redis://:wrong-secret@127.0.0.1:{server.port}/0"):
+            with pytest.raises(BackendError) as info:
+                Budget(BudgetScope("pw"), RATES, redis=bad).record("s", "m", 1, 1)
+            assert "wrong-secret" not in str(info.value)
+        assert server.client().hget("distbudget:{pw}:t:pw", "t") is not None
+    finally:
+        server.stop()
+
+
+# ---- the minimal ACL ------------------------------------------------------------------------------
+
+# redis-py method names that are not Redis commands
+NOT_COMMANDS = {"register_script", "pipeline", "execute", "execute_command", "initialize", "close", "aclose"}
+METHOD_TO_COMMAND = {"script_load": "script|load"}
+
+
+def commands_in_source() -> dict[str, set[str]]:
+    """Every Redis command distbudget can send: called in the Lua scripts, by the engines on their
+    client or pipeline, and by the listeners (their steps name client methods)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((REPO / "lua").glob("*.lua")):
+        for cmd in re.findall(r"\b(?:redis\.)?p?call\(\s*'([A-Za-z]+)'", path.read_text()):
+            found.setdefault(cmd.lower(), set()).add(path.name)
+    for path in sorted((REPO / "distbudget").rglob("*.py")):
+        text = path.read_text()
+        methods = re.findall(r"\b(?:client|pipe)\.([a-z_]+)\(", text)
+        methods += re.findall(r'execute_command\(\s*"([A-Za-z]+)"', text)
+        if path.name == "alerts.py":
+            methods += re.findall(r'yield "([a-z_]+)"', text)
+        for method in methods:
+            if method in NOT_COMMANDS or method == "sleep":
+                continue
+            found.setdefault(METHOD_TO_COMMAND.get(method, method.lower()), set()).add(path.name)
+    return found
+
+
+def test_the_acl_lists_every_command_the_source_sends() -> None:
+    found = commands_in_source()
+    assert {"evalsha", "script|load", "time", "xadd", "publish", "xread"} <= set(found)  # the scan works
+    missing = {cmd: sorted(where) for cmd, where in found.items() if cmd not in C.ACL_COMMANDS}
+    assert not missing, f"add to ACL_COMMANDS in distbudget/engines/connect.py (and the README): {missing}"
+    readme = (REPO / "README.md").read_text()
+    line = next(ln for ln in readme.splitlines() if ln.startswith("ACL SETUSER"))
+    assert line.split() == ["ACL", "SETUSER", "distbudget-app", "on", ">PASSWORD", *C.acl_rules("<prefix>")]
+
+
+def test_workload_as_the_minimal_acl_user_with_a_custom_prefix(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+    try:
+        admin = server.client()
+        admin.execute_command("ACL", "SETUSER", "app", "on", ">pw", *C.acl_rules("team-7"))
+        url = f"redis://app:pw@127.0.0.1:{server.port}/0"
+        mgr = BudgetManager(redis=url, prefix="team-7")
+        mgr.register(BudgetScope("org", max_tokens_per_day=10_000))
+        mgr.register(BudgetScope("alice", parent="org", max_tokens_per_session=100), RATES)
+        listener = AlertListener(redis=url, prefix="team-7", block_ms=100)
+        heard: list[Any] = []
+        listener.start(heard.append)
+        mgr.record("alice", "s", "m", 85, 0, request_id="r1")
+        mgr.record("alice", "s", "m", 85, 0, request_id="r1")  # duplicate
+        with mgr.reserve("alice", "m", 5, 5, session_id="s") as hold:
+            hold.commit(5, 1)
+        alice = mgr.get("alice")
+        alice.reserve("m", 1, 1, session_id="s").release()
+        assert alice.check("m", 1, session_id="s")
+        assert mgr.summary("alice", "s")["session"]["tokens"] == 91
+        assert set(mgr.all_summaries()) == {"org", "alice"}
+        assert len(mgr.records("alice")) == 2
+        alice.reset_session("s")
+        assert wait_for(lambda: len(heard) == 1)
+        listener.stop()
+        strict = Budget(BudgetScope("w"), RATES, redis=url + "?wait_replicas=1&wait_timeout_ms=1", prefix="team-7")
+        strict.record("s", "m", 1, 0)  # WAIT is allowed (no replica here: it reports 0)
+        time.sleep(0.1)
+        log = admin.execute_command("ACL", "LOG")
+        assert log == [], log  # nothing was refused
+        user = redis.Redis(port=server.port, username="app", password="pw")
+        for forbidden in (
+            lambda: user.get("distbudget:{x}:t:x"),  # another prefix
+            lambda: user.keys("*"),
+            user.flushall,
+            lambda: user.config_get("*"),
+            lambda: user.publish("other-channel", "x"),
+        ):
+            with pytest.raises(redis.exceptions.NoPermissionError):
+                forbidden()
+    finally:
+        server.stop()
