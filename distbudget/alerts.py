@@ -23,6 +23,7 @@ The pub/sub messages carry ``id``; the stream entries get it from the entry id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -33,6 +34,7 @@ from typing import Any
 
 import redis
 import redis.asyncio
+import redis.exceptions
 from redis.crc import key_slot
 
 from distbudget._core.keys import alert_index_key
@@ -68,7 +70,7 @@ def _text(value: Any) -> str:
 
 
 Entry = tuple[str, str, dict[Any, Any]]  # stream, entry id, fields
-# A client method (or "sleep", or "pipeline" with a list of steps as its one argument), args, kwargs
+# A client method (or "sleep", or "xread_slots": Cluster, one XREAD per slot group, routed by the shell)
 Step = tuple[str, tuple[Any, ...], dict[str, Any]]
 
 
@@ -118,9 +120,8 @@ class _ListenerBase:
         if not streams:
             yield "sleep", (self.block_ms / 1000,), {}
             return []
-        groups = self._slots(streams) if self.cluster else {}
-        if len(groups) > 1:
-            return (yield from self._poll_slots(groups))
+        if self.cluster:
+            return (yield from self._poll_slots(self._slots(streams)))
         reply = yield "xread", (streams,), {"count": 500, "block": self.block_ms}
         return _entries(reply)
 
@@ -133,15 +134,18 @@ class _ListenerBase:
         return groups
 
     def _poll_slots(self, groups: dict[int, dict[str, str]]) -> Generator[Step, Any, list[Entry]]:
-        """Cluster, streams in several slots (trees on several shards): look at every slot without
-        blocking, in one pipeline (one round trip per node); if all are quiet, block on the slot of
-        the latest alert for ``block_ms``. An alert in that slot arrives at once, one elsewhere at
-        the next look, within ``block_ms``."""
-        reads = [("xread", (group,), {"count": 500}) for group in groups.values()]
-        found = [entry for reply in (yield "pipeline", (reads,), {}) for entry in _entries(reply)]
+        """Cluster: one XREAD per slot. With several slots, look at every one without blocking (one
+        pipelined round trip per node); if all are quiet, block on the slot of the latest alert for
+        ``block_ms``. An alert in that slot arrives at once, one elsewhere at the next look, within
+        ``block_ms``."""
+        found: list[Entry] = []
+        if len(groups) > 1:
+            replies = yield "xread_slots", (list(groups.values()),), {"count": 500}
+            found = [entry for reply in replies for entry in _entries(reply)]
         if not found:
             hot = self.hot_slot if self.hot_slot in groups else next(iter(groups))
-            found = _entries((yield "xread", (groups[hot],), {"count": 500, "block": self.block_ms}))
+            replies = yield "xread_slots", ([groups[hot]],), {"count": 500, "block": self.block_ms}
+            found = _entries(replies[0])
         if found:
             self.hot_slot = key_slot(found[-1][0].encode())
         return found
@@ -194,11 +198,8 @@ class AlertListener(_ListenerBase):
                 if name == "sleep":
                     time.sleep(*args)
                     answer = None
-                elif name == "pipeline":
-                    pipe = self.client.pipeline()
-                    for step, step_args, step_kwargs in args[0]:
-                        getattr(pipe, step)(*step_args, **step_kwargs)
-                    answer = pipe.execute()
+                elif name == "xread_slots":
+                    answer = _xread_slots(self.client, *args, **kwargs)
                 else:
                     answer = getattr(self.client, name)(*args, **kwargs)
                 name, args, kwargs = flow.send(answer)
@@ -262,11 +263,8 @@ class AsyncAlertListener(_ListenerBase):
                 if name == "sleep":
                     await asyncio.sleep(*args)
                     answer = None
-                elif name == "pipeline":
-                    pipe = self.client.pipeline()
-                    for step, step_args, step_kwargs in args[0]:
-                        getattr(pipe, step)(*step_args, **step_kwargs)  # queues (never awaited)
-                    answer = await pipe.execute()
+                elif name == "xread_slots":
+                    answer = await _async_xread_slots(self.client, *args, **kwargs)
                 else:
                     answer = await getattr(self.client, name)(*args, **kwargs)
                 name, args, kwargs = flow.send(answer)
@@ -285,6 +283,59 @@ class AsyncAlertListener(_ListenerBase):
                 alert = self._accept(entry)
                 if alert is not None:
                     yield alert
+
+
+def _xread_args(group: dict[str, str], count: int, block: int | None) -> list[Any]:
+    head: list[Any] = ["XREAD", "COUNT", count] + (["BLOCK", block] if block is not None else [])
+    return [*head, "STREAMS", *group, *group.values()]
+
+
+def _xread_slots(client: Any, groups: list[dict[str, str]], count: int, block: int | None = None) -> list[Any]:
+    """Cluster: XREAD each group (streams of one slot) on the node that holds it, one pipeline per
+    node. Routing here, by the slot map, spares redis-py a ``COMMAND GETKEYS`` round trip per XREAD
+    (its cluster client asks a node where a command's keys are when they are not at fixed positions).
+    A group whose slot moved meanwhile reads nothing this time; the slot map is refreshed (also when
+    a node cannot be reached)."""
+    by_node: dict[str, tuple[Any, list[int]]] = {}
+    for i, group in enumerate(groups):
+        node = client.get_node_from_key(next(iter(group)))
+        by_node.setdefault(node.name, (node, []))[1].append(i)
+    replies: list[Any] = [None] * len(groups)
+    for node, indexes in by_node.values():
+        pipe = client.get_redis_connection(node).pipeline(transaction=False)
+        for i in indexes:
+            pipe.execute_command(*_xread_args(groups[i], count, block))
+        try:
+            answers = pipe.execute(raise_on_error=False)
+        except (redis.ConnectionError, redis.TimeoutError):  # the node is gone (a failover?): re-read
+            with contextlib.suppress(redis.RedisError):  # the slot map before the listener retries
+                client.nodes_manager.initialize()
+            raise
+        for i, reply in zip(indexes, answers, strict=True):
+            replies[i] = _moved(client, reply)
+    return replies
+
+
+async def _async_xread_slots(
+    client: Any, groups: list[dict[str, str]], count: int, block: int | None = None
+) -> list[Any]:
+    """The same on ``redis.asyncio``'s cluster client: the XREADs of all slots at once, each sent to
+    its node (``target_nodes``: no ``COMMAND GETKEYS``; redirections are followed)."""
+
+    async def one(group: dict[str, str]) -> Any:
+        node = client.get_node_from_key(next(iter(group)))
+        return await client.execute_command(*_xread_args(group, count, block), target_nodes=node)
+
+    return list(await asyncio.gather(*(one(group) for group in groups)))
+
+
+def _moved(client: Any, reply: Any) -> Any:
+    if isinstance(reply, (redis.exceptions.MovedError, redis.exceptions.AskError)):
+        client.nodes_manager.initialize()
+        return None
+    if isinstance(reply, Exception):
+        raise reply
+    return reply
 
 
 def _sync_client(value: Any) -> Any:

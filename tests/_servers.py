@@ -159,15 +159,51 @@ def acl_rules(password: str, prefixes: Sequence[str], cluster: bool = False) -> 
     return ["on", f">{password}", *rules]
 
 
+def make_tls_files(d: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1 signed by it, made with the ``openssl`` CLI
+    (skips the test when it is missing): ``d/ca.crt``, ``d/server.crt``, ``d/server.key``."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not installed")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca")
+    openssl("req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl(
+        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "san.ext",
+    )  # fmt: skip
+    return d
+
+
+def tls_server_args(d: Path) -> list[str]:
+    return [
+        "--tls-cert-file", str(d / "server.crt"), "--tls-key-file", str(d / "server.key"),
+        "--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no",
+    ]  # fmt: skip
+
+
+def tls_client_options(d: Path) -> dict[str, Any]:
+    return {"ssl": True, "ssl_ca_certs": str(d / "ca.crt"), "ssl_cert_reqs": "required"}
+
+
 class Cluster:
     """A 3-master Redis Cluster (no replicas) on loopback free ports."""
 
-    def __init__(self, tmp: Path, masters: int = 3) -> None:
+    def __init__(self, tmp: Path, masters: int = 3, tls: Path | None = None) -> None:
+        """``tls``: a directory made by :func:`make_tls_files`; the nodes then speak TLS only (clients,
+        the cluster bus), and :attr:`admin` holds the client TLS settings."""
         cli = shutil.which("redis-cli")
         if cli is None:
             pytest.skip("redis-cli is not installed")
         self.nodes: list[RedisServer] = []
         self.user: tuple[str, str] | None = None
+        self.admin: dict[str, Any] = tls_client_options(tls) if tls else {}
+        tls_args = tls_server_args(tls) if tls else []
+        cli_tls = ["--tls", "--cacert", str(tls / "ca.crt")] if tls else []
         ports: list[int] = []
         while len(ports) < masters:
             port = free_port(bus=True)
@@ -185,13 +221,15 @@ class Cluster:
                         str(node_dir / "nodes.conf"),
                         "--cluster-node-timeout",
                         "2000",
+                        *(["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", *tls_args] if tls else []),
                         port=port,
+                        admin=self.admin,
                         mkdir=True,
                     )
                 )
             hosts = [f"127.0.0.1:{p}" for p in ports]
             subprocess.run(
-                [cli, "--cluster", "create", *hosts, "--cluster-replicas", "0", "--cluster-yes"],
+                [cli, *cli_tls, "--cluster", "create", *hosts, "--cluster-replicas", "0", "--cluster-yes"],
                 check=True,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -216,7 +254,7 @@ class Cluster:
     def client(self, username: str | None = None, password: str | None = None, **kw: Any) -> redis.cluster.RedisCluster:
         if username is not None:
             kw = {**kw, "username": username, "password": password}
-        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, **kw)
+        return redis.cluster.RedisCluster(host="127.0.0.1", port=self.nodes[0].port, **{**self.admin, **kw})
 
     def async_client(self, username: str | None = None, password: str | None = None) -> Any:
         kw = {} if username is None else {"username": username, "password": password}

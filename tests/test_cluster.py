@@ -121,6 +121,8 @@ def test_listener_hears_trees_on_every_shard_live_and_replays(redis_cluster: Clu
     names = [f"alerting-{i}" for i in range(9)]
     slots = {key_slot(f"distbudget:{{{n}}}:alerts".encode()) for n in names}
     assert len(slots) == 9  # nine trees, nine slots: one XREAD over them all would be CROSSSLOT
+    for node in redis_cluster.nodes:
+        node.client().config_resetstat()
     before = crossslot_errors(redis_cluster)
     got: list[str] = []
     lock = threading.Lock()
@@ -148,6 +150,10 @@ def test_listener_hears_trees_on_every_shard_live_and_replays(redis_cluster: Clu
     assert len(set(got + replay)) == len(got) + len(replay) == 20  # each once
     assert set(got + replay) == _stream_ids(redis_cluster)
     assert crossslot_errors(redis_cluster) == before
+    for node in redis_cluster.nodes:  # each XREAD went straight to its node: no COMMAND GETKEYS first
+        stats = node.client().info("commandstats")
+        assert stats["cmdstat_xread"]["calls"] > 0
+        assert "cmdstat_command|getkeys" not in stats
 
 
 def test_async_listener_on_cluster(redis_cluster: Cluster) -> None:

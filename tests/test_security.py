@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,7 +18,15 @@ import redis
 from distbudget import AsyncBudget, BackendError, Budget, BudgetExceededError, BudgetManager, BudgetScope, ModelRates
 from distbudget.alerts import AlertListener
 from distbudget.engines import connect as C
-from tests._servers import RedisServer, free_port, wait_for
+from tests._servers import (
+    Cluster,
+    RedisServer,
+    free_port,
+    make_tls_files,
+    tls_client_options,
+    tls_server_args,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RATES = {"m": ModelRates(0.001, 0.002)}
@@ -28,34 +35,15 @@ RATES = {"m": ModelRates(0.001, 0.002)}
 # ---- TLS ----------------------------------------------------------------------------------------
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """redis-server with TLS only (``--port 0``), its certificate signed by a CA made here."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl CLI is not installed")
-    d = tmp_path_factory.mktemp("tls")
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    _openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca", cwd=d)
-    _openssl("req", "-new", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1", cwd=d)
-    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl(
-        "x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-        "-out", "server.crt", "-days", "2", "-extfile", "san.ext", cwd=d,
-    )  # fmt: skip
+    d = make_tls_files(tmp_path_factory.mktemp("tls"))
     port = free_port()
-    admin = {"ssl": True, "ssl_ca_certs": str(d / "ca.crt"), "ssl_cert_reqs": "required"}
     try:
         server = RedisServer(
-            d,
-            "--port", "0", "--tls-port", str(port),
-            "--tls-cert-file", str(d / "server.crt"), "--tls-key-file", str(d / "server.key"),
-            "--tls-ca-cert-file", str(d / "ca.crt"), "--tls-auth-clients", "no",
-            port=port, admin=admin,
-        )  # fmt: skip
+            d, "--port", "0", "--tls-port", str(port), *tls_server_args(d), port=port, admin=tls_client_options(d)
+        )
     except RuntimeError:
         pytest.skip("this redis-server was built without TLS")
     server.ca = d / "ca.crt"  # type: ignore[attr-defined]
@@ -93,6 +81,27 @@ def test_tls_certificate_is_verified(tls_server: RedisServer, tmp_path: Path) ->
         Budget(BudgetScope("tls2"), RATES, redis=f"redis://127.0.0.1:{tls_server.port}/0").record("s", "m", 1, 1)
 
 
+def test_tls_cluster_url(tmp_path: Path) -> None:
+    """``rediss+cluster://``: a 3-master cluster speaking TLS only (clients and cluster bus)."""
+    d = make_tls_files(tmp_path)
+    try:
+        cluster = Cluster(tmp_path / "nodes", tls=d)
+    except (RuntimeError, subprocess.CalledProcessError):
+        pytest.skip("this redis-server was built without TLS")
+    try:
+        hosts = ",".join(f"127.0.0.1:{n.port}" for n in cluster.nodes)
+        url = f"rediss+cluster://{hosts}?ssl_cert_reqs=required&ssl_ca_certs={d / 'ca.crt'}"
+        budgets = [Budget(BudgetScope(f"t{i}", max_tokens_per_session=100), RATES, redis=url) for i in range(6)]
+        for b in budgets:
+            b.record("s", "m", 85, 0)
+        assert [b.summary("s")["session"]["tokens"] for b in budgets] == [85] * 6
+        assert len(_first(AlertListener(redis=url, block_ms=100), 6)) == 6
+        shards = {cluster.client().get_node_from_key(b.keyspace.totals(b.name)).port for b in budgets}
+        assert len(shards) > 1
+    finally:
+        cluster.stop()
+
+
 def _first(listener: AlertListener, n: int) -> list[Any]:
     out = []
     for alert in listener:
@@ -125,7 +134,18 @@ def test_password_url(tmp_path: Path) -> None:
 # ---- the minimal ACL ------------------------------------------------------------------------------
 
 # redis-py method names that are not Redis commands
-NOT_COMMANDS = {"register_script", "pipeline", "execute", "execute_command", "initialize", "close", "aclose"}
+NOT_COMMANDS = {
+    "register_script",
+    "pipeline",
+    "execute",
+    "execute_command",
+    "initialize",
+    "close",
+    "aclose",
+    "get_node_from_key",  # the cluster client's slot map
+    "get_redis_connection",
+    "xread_slots",  # a listener step: XREADs routed to their nodes
+}
 METHOD_TO_COMMAND = {"script_load": "script|load"}
 
 

@@ -5,6 +5,7 @@ carries on. Calls during the failover raise ``BackendError`` and are retried wit
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -14,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from distbudget import BackendError, Budget, BudgetScope, ModelRates
+from distbudget import AsyncBudget, BackendError, Budget, BudgetScope, ModelRates
 from distbudget.engines.connect import parse
 from tests._servers import SentinelSet, wait_for
 
@@ -146,3 +147,29 @@ def test_wait_is_sent_with_each_charge_and_a_short_one_is_reported(
     assert strict.engine.under_replicated == 1
     assert re.search(r"only on [0-2] of 3 replicas after 50 ms", caplog.text)
     assert budget.summary()["session"]["tokens"] == 8
+
+
+def test_async_and_script_flush_in_wait_mode(sentinels: SentinelSet) -> None:
+    """The asyncio client over Sentinel, and SCRIPT FLUSH under the WAIT pipeline (sync and async):
+    the script is loaded again, the charge lands once."""
+    url = sentinels.url.replace(PASSWORD, "s3cret%2Fpw") + "?wait_replicas=1&wait_timeout_ms=2000"
+    admin = sentinels.master.client()
+    scope = BudgetScope("async-waited", max_tokens_per_session=10**6)
+    budget = Budget(scope, RATES, redis=url, session_id="s")
+    budget.record(None, "m", 1, 0)
+    admin.script_flush()
+    budget.record(None, "m", 1, 0)
+
+    async def run() -> tuple[int, int]:
+        ab = AsyncBudget(scope, RATES, redis=url, session_id="s")
+        await ab.record(None, "m", 1, 0)
+        admin.script_flush()
+        await ab.record(None, "m", 1, 0)
+        async with ab.reserve("m", 1, 1) as hold:
+            admin.script_flush()
+            await hold.commit(1, 1)
+        return int((await ab.summary())["session"]["tokens"]), ab.engine.under_replicated
+
+    assert asyncio.run(run()) == (6, 0)
+    assert budget.engine.under_replicated == 0
+    assert budget.summary()["session"]["tokens"] == 6
