@@ -119,6 +119,8 @@ def classify(err: BackendError) -> tuple[bool, bool]:
         return False, False
     if isinstance(cause, (rx.ConnectionError, rx.TimeoutError)):
         text = str(cause)
+        if "certificate" in text.lower():  # TLS verification failed: a configuration error, not an outage
+            return False, False
         # "Error 111 connecting to host:port", "Timeout connecting to server", pool exhausted: never sent
         never_sent = "connecting to" in text or isinstance(cause, rx.MaxConnectionsError)
         return True, not never_sent

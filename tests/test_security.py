@@ -77,6 +77,10 @@ def test_tls_certificate_is_verified(tls_server: RedisServer, tmp_path: Path) ->
     with pytest.raises(BackendError) as info:
         Budget(BudgetScope("tls2"), RATES, redis=url).record("s", "m", 1, 1)
     assert "certificate" in str(info.value).lower()
+    fail_open = Budget(BudgetScope("tls2"), RATES, redis=url, on_backend_error="allow")
+    with pytest.raises(BackendError):  # a configuration error, not an outage: never journaled
+        fail_open.record("s", "m", 1, 1)
+    assert fail_open.backend_status["journaled"] == 0
     with pytest.raises(BackendError):
         Budget(BudgetScope("tls2"), RATES, redis=f"redis://127.0.0.1:{tls_server.port}/0").record("s", "m", 1, 1)
 
