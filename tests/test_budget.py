@@ -343,6 +343,7 @@ def test_script_cache_loss_is_invisible(backend: Backend) -> None:
     budget = backend.budget(BudgetScope("flush", max_tokens_per_session=100), RATES, session_id="a")
     budget.record(None, "m", 10, 0)
     backend.store.script_flush()
+    backend.store.function_flush()  # distbudget loads no Functions: nothing of ours to lose
     budget.record(None, "m", 10, 0)  # NOSCRIPT is recovered by reloading the script
     with budget.reserve("m", 5, 5) as hold:
         backend.store.script_flush()
