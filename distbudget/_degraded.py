@@ -450,6 +450,12 @@ class Guard:
     def policy(self, name: str, args: tuple[Any, ...], err: BackendError, maybe_sent: bool) -> Any:
         if name in CHARGES:
             return self._journal(name, args, err, maybe_sent)
+        if name == "record_many":  # a failed pipeline: any of its charges may have run; journal each
+            pending, answers = 0, []
+            for a in args[0]:
+                pending = self._keep(Entry("record", a, maybe_sent, time.time(), self.budget.name, _op_of(a)))
+                answers.append(LocalCharge(time.time() if a[1] is None else a[1] / P.US))
+            return self._answer(pending, err, answers)
         if name in ("check", "reserve"):
             return self._admit(name, args, err)
         if self.lenient and name == "release":
@@ -487,8 +493,25 @@ class Guard:
             self.used_nano = max(self.used_nano - hold.nano, 0)
 
     def _journal(self, name: str, args: tuple[Any, ...], err: BackendError, maybe_sent: bool) -> Any:
+        pending = self._keep(Entry(name, args, maybe_sent, time.time(), self.budget.name, _op_of(args)))
+        return self._answer(pending, err, [LocalCharge(time.time() if args[1] is None else args[1] / P.US)])[0]
+
+    def _answer(self, pending: int, err: BackendError, answers: list[Any]) -> list[Any]:
+        """What the caller of journaled charges gets: under "raise" a BackendError saying so; else
+        the local answers."""
+        self.state.log_journaled()
+        if self.mode == "raise":
+            exc = BackendError(
+                f"{err} (this charge was journaled, will be replayed when Redis answers; {pending} pending)"
+            )
+            exc.journaled = True
+            raise exc from (err.__cause__ or err)
+        return answers
+
+    def _keep(self, entry: Entry) -> int:
+        """Append a charge to the journal (raises when it is full); returns how many are pending."""
         st = self.state
-        entry = Entry(name, args, maybe_sent, time.time(), self.budget.name, _op_of(args))
+        name, args = entry.name, entry.args
         usage = args[2]
         with st.lock:
             st.append(entry)
@@ -503,15 +526,7 @@ class Guard:
             self.used_nano += usage[1]
             pending = len(st.journal)
             st._update()
-        st.log_journaled()
-        if self.mode == "raise":
-            exc = BackendError(
-                f"{err} (this charge was journaled, will be replayed when Redis answers; {pending} pending)"
-            )
-            exc.journaled = True
-            raise exc from (err.__cause__ or err)
-        now = args[1]
-        return LocalCharge(time.time() if now is None else now / P.US)
+        return pending
 
     def _admit(self, name: str, args: tuple[Any, ...], err: BackendError) -> Any:
         if self.mode == "raise":

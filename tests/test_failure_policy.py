@@ -410,6 +410,27 @@ def test_connection_refused_is_replayed_without_a_lookup(server: AofRedis) -> No
     print("FIGURES", json.dumps({"refused_connection_200_degraded_records_s": round(elapsed, 4)}))
 
 
+@pytest.mark.parametrize("mode", ["allow", "raise"])
+def test_a_record_many_batch_that_meets_an_outage_is_journaled_whole(server: AofRedis, mode: str) -> None:
+    """The pipelined batch is the call that finds Redis gone: each of its charges is journaled (under
+    "raise" the caller also gets the BackendError) and replayed once."""
+    budget = Budget(big_scope(), redis=server.url, on_backend_error=mode)
+    budget.record("s1", MODEL, 1, 0)
+    server.kill9()
+    batch = [("s1", MODEL, 10 + i, 1) for i in range(50)]
+    if mode == "raise":
+        with pytest.raises(BackendError) as err:
+            budget.record_many(batch)
+        assert err.value.journaled
+    else:
+        assert all(r.journaled for r in budget.record_many(batch))
+    assert budget.backend_status["journaled"] == 50
+    server.start()
+    assert budget.flush_journal() == 50
+    assert budget.summary()["total"]["tokens"] == 1 + sum(10 + i + 1 for i in range(50))
+    assert sorted(e["input_tokens"] for e in ledger_charges(server, "fleet")) == [1, *range(10, 60)]
+
+
 def test_a_full_journal_raises_and_drops_nothing(server: AofRedis) -> None:
     budget = Budget(big_scope(), redis=server.url, on_backend_error="allow", journal_size=3)
     budget.record("s1", MODEL, 1, 0)
