@@ -60,6 +60,25 @@ LIMITS_LIMIT_UNITS = 10**9  # never reached: the bench measures charging, not re
 FLEET_SIZES = (1, 2, 4, 8)
 MEMORY_TARGET = 64 * 1024
 
+# Row 3h, a reference: the Redis commands record.lua issues for bench_scope() (KEYS: the totals
+# hash, the day window's hash and sorted set, the session hash, the alert and ledger streams), with
+# constant arguments and none of the accounting logic: the floor of a script doing this work here.
+FLOOR_LUA = """
+local t = redis.call('TIME')
+redis.call('HMGET', KEYS[1], 't', 'c', 'r', 'm:m:t', 'm:m:c', 'm:m:r', 'm:m:a:model_m_tokens')
+redis.call('HSET', KEYS[1], 't', '1500', 'c', '2100000', 'r', '3', 'm:m:t', '1500', 'm:m:c', '2100000', 'm:m:r', '3')
+redis.call('HMGET', KEYS[2], 'kt', 'kc', 'kr', 't', 'c', 'r', 'o', 'k', 'a:day_cost_usd')
+redis.call('HSET', KEYS[2], 'kt', '1500', 'kc', '2100000', 'kr', '3', 't', '1500', 'c', '2100000', 'r', '3')
+redis.call('HMGET', KEYS[4], 'x', 't', 'c', 'r', 'a:session_tokens', 'a:session_cost_usd')
+redis.call('HSET', KEYS[4], 't', '1500', 'c', '2100000', 'r', '3')
+local id = ''
+if ARGV[#ARGV] ~= '' then
+  id = redis.call('XADD', KEYS[6], 'MAXLEN', '~', ARGV[#ARGV - 1], '*', 'd', ARGV[#ARGV], 'ts', t[1] .. t[2],
+                  't', ARGV[2], 'c', ARGV[3], 'r', ARGV[4])
+end
+return '0|' .. t[1] .. '|1500 2100000 3 1500 2100000 3 1500 2100000 3 1500 2100000 3||||' .. id
+"""
+
 
 def bench_scope() -> BudgetScope:
     """Session + day + per-model limits: what every Redis figure here charges against."""
@@ -608,6 +627,13 @@ class Bench:
         def filled(b: Budget) -> dict[str, float]:
             return timed_server(self.client, lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n)
 
+        floor = self.client.register_script(FLOOR_LUA)
+        fb = self.budget("floor")
+        plan, usage = fb.plan(SESSION, "m"), fb.usage("m", IN_TOKENS, OUT_TOKENS)
+        entry = fb.ledger_entry(plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
+        _op, fkeys, fargv, _parse = wire("record", (plan, None, usage, None, fb.request_ttl_ms, entry))
+        floor(keys=fkeys, args=fargv)
+
         self.raw["server_time"] = interleave(
             self.sizes.rounds,
             {
@@ -615,6 +641,7 @@ class Bench:
                 "full": lambda: filled(full),
                 "empty_noledger": lambda: empty(ledger_maxlen=0),
                 "full_noledger": lambda: filled(full_nl),
+                "floor": lambda: timed_server(self.client, lambda: floor(keys=fkeys, args=fargv), n),
             },
         )
 
@@ -804,6 +831,21 @@ def build_rows(raw: dict[str, Any], sizes: Sizes) -> tuple[list[Row], list[str]]
                     "the floor of any script call",
                 )
             )
+
+    fl = st["floor"]
+    floor_us, logic_us = med(fl, "server_us"), med(st["full"], "server_us") - med(fl, "server_us")
+    rows.append(
+        Row(
+            "3h",
+            "server µs per call of a script issuing record's commands with constant arguments (reference)",
+            [floor_us],
+            f"{floor_us:.1f} µs",
+            "—",
+            "—",
+            f"{inner_text(fl)}, the same KEYS and ARGV, no accounting logic: the floor of this work on this "
+            f"machine; record's logic adds {logic_us:.1f} µs to it (row 3b)",
+        )
+    )
 
     mem = raw["memory_distbudget"]
     total = sum(mem.values())

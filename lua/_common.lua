@@ -252,6 +252,11 @@ local function scan(now, amt, charging, first, nows)
               V[ai] = ns
               S[n + 1] = A[fb + ai]; S[n + 2] = fmt(ns); n = n + 2
             end
+          elseif not st then
+            -- A missing field costs HMGET a scan of the whole hash (a listpack is searched from its
+            -- head), which would make a long window slower than a short one: the state is written as
+            -- '0' once, on a new hash's first charge right behind its totals.
+            S[n + 1] = A[fb + ai]; S[n + 2] = '0'; n = n + 2
           end
         end
       else

@@ -379,7 +379,7 @@ def _ints(values: object) -> tuple[int, ...]:
     """A list of integers, or one string of space-separated decimal integers (the scripts' totals)."""
     if isinstance(values, (bytes, str)):
         values = values.split()
-    return tuple(int(v) for v in values)  # type: ignore[attr-defined]
+    return tuple(map(int, values))  # type: ignore[call-overload]
 
 
 def _original(raw: object) -> tuple[int, int, int]:
@@ -392,9 +392,13 @@ def parse_charge(raw: object) -> ChargeResult:
     """record / commit answer one string:
     ``status|now|totals|alerts|original|hold found|alert ids|ledger id``."""
     text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    status, now, totals, fired, original, found, ids, ledger_id = [*text.split("|"), "", "", ""][:8]
+    parts = text.split("|")
+    parts += [""] * (8 - len(parts))
+    status, now, totals, fired, original, found, ids, ledger_id = parts[:8]
     if status == "1":
         return ChargeResult(int(now), (), (), _original(original), found == "1")
+    if not fired:  # the common answer: no alert crossed
+        return ChargeResult(int(now), tuple(map(int, totals.split())), (), None, found == "1", (), ledger_id)
     flat = _ints(fired)
     stream_ids = ids.split() or [""] * (len(flat) // 2)
     rows = sorted(((flat[k] - 1, flat[k + 1]), stream_ids[k // 2]) for k in range(0, len(flat), 2))  # by limit, level
