@@ -155,6 +155,11 @@ class BudgetCore:
         self.rates = rates
         self.prices = PriceBook(rates, self.default_rates)
         chain = [scope, *scope.ancestors()]
+        if isinstance(chain[-1].parent, str):
+            raise InvalidInputError(
+                f"scope {chain[-1].name!r} names its parent {chain[-1].parent!r} by name: register the scopes in "
+                "a BudgetManager, or pass the parent BudgetScope itself"
+            )
         self.keyspace = KeySpace(self.prefix, chain[-1].name)
         longest = max([lim.window for s in chain for lim in s.all_limits() if isinstance(lim.window, int)], default=0)
         ttl = self._request_ttl
@@ -167,7 +172,7 @@ class BudgetCore:
         """The registry read due (its config is older than the manager's ``registry_ttl``), or None."""
         if self._registry is None or time.monotonic() < self._fresh_until:
             return None
-        return "registry", (self._registry[0], "chain", self.name, "")
+        return "registry", (self._registry[0], "chain", self.name)
 
     def refreshed(self, chain: list[str]) -> None:
         """Adopt the config the registry holds now; ``KeyError`` if the scope was removed."""
@@ -264,7 +269,7 @@ class BudgetCore:
     def request_key(self, request_id: str | None) -> str | None:
         if request_id is None:
             return None
-        return self.keyspace.request(check_name(request_id, "request_id"))
+        return self.keyspace.request(self.name, check_name(request_id, "request_id"))
 
     def estimate(self, model: str, input_tokens: int, output_tokens: int = 0) -> float:
         """Cost in USD of a call; records nothing."""
@@ -725,7 +730,7 @@ class BudgetCore:
         keys.append(ks.session(self.name, sid))
         yield "reset", ("scope", keys, self.now_us(), "", self._reset_entry("scope", sid, None))
 
-    def ledger_flow(self, since: object, limit: int | None) -> Flow[list[L.LedgerEntry]]:
+    def ledger_flow(self, since: object, limit: int | None, charges_only: bool = False) -> Flow[list[L.LedgerEntry]]:
         """This scope's ledger: charges that count against it (its own and its descendants') and
         its own resets, oldest first, after ``since`` (see :func:`distbudget._core.ledger.since_id`)."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
@@ -736,7 +741,8 @@ class BudgetCore:
             page = yield "ledger_read", (self.keyspace.ledger, start, LEDGER_PAGE)
             for entry_id, fields in page:
                 entry = L.parse_entry(entry_id, fields)
-                if (entry.kind == "charge" and self.name in entry.path) or entry.scope == self.name:
+                charge = entry.kind == "charge"
+                if (self.name in entry.path) if charge else (entry.scope == self.name and not charges_only):
                     out.append(entry)
             if len(page) < LEDGER_PAGE:
                 break

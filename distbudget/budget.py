@@ -96,12 +96,14 @@ class Budget(BudgetCore):
             guard.after(name, args)
         return answer
 
-    def _drive(self, flow: Flow[T]) -> T:
+    def _drive(self, flow: Flow[T], settle: bool = False) -> T:
+        """Run a flow. ``settle`` (a reservation's commit or release) skips the registry refresh:
+        it carries its plan, and must settle even if the scope was removed meanwhile."""
         if self._guard.state.busy:  # degraded, or journaled charges to replay first
             replay = self._guard.recovery_flow()
             if replay is not None:
                 D.run_sync(self.engine, replay)
-        refresh = self.refresh_call()
+        refresh = None if settle else self.refresh_call()
         if refresh is not None:
             chain = self._call(*refresh)
             if chain is not D.KEEP:  # KEEP: Redis unavailable, the policy keeps the cached config
@@ -251,12 +253,13 @@ class Reservation(ReservationBase):
                 cached_input_tokens,
                 cache_write_tokens,
                 reasoning_tokens,
-            )
+            ),
+            settle=True,
         )
 
     def release(self) -> bool:
         """Free the hold; True if it was still live."""
-        return self.budget._drive(self.budget.release_flow(self.hold))
+        return self.budget._drive(self.budget.release_flow(self.hold), settle=True)
 
     def __enter__(self) -> Reservation:
         return self
@@ -296,12 +299,12 @@ class AsyncBudget(BudgetCore):
             guard.after(name, args)
         return answer
 
-    async def _drive(self, flow: Flow[T]) -> T:
+    async def _drive(self, flow: Flow[T], settle: bool = False) -> T:
         if self._guard.state.busy:  # degraded, or journaled charges to replay first
             replay = self._guard.recovery_flow()
             if replay is not None:
                 await D.run_async(self.engine, replay)
-        refresh = self.refresh_call()
+        refresh = None if settle else self.refresh_call()
         if refresh is not None:
             chain = await self._call(*refresh)
             if chain is not D.KEEP:
@@ -439,14 +442,15 @@ class AsyncReservation(ReservationBase):
                 cached_input_tokens,
                 cache_write_tokens,
                 reasoning_tokens,
-            )
+            ),
+            settle=True,
         )
 
     async def release(self) -> bool:
         """Free the hold; runs to completion even if the calling task is cancelled meanwhile."""
         if not self.hold.open:
             return False
-        task = asyncio.ensure_future(self.budget._drive(self.budget.release_flow(self.hold)))
+        task = asyncio.ensure_future(self.budget._drive(self.budget.release_flow(self.hold), settle=True))
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

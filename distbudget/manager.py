@@ -72,21 +72,20 @@ class ManagerBase(Generic[B]):
     def register_flow(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None) -> Flow[B]:
         if not isinstance(scope, BudgetScope):
             raise TypeError("scope must be a BudgetScope")
-        config = R.scope_config(scope, rates)
-        for ancestor in reversed(scope.ancestors()):  # parents given as objects: registered if new
-            if not (yield "registry", (self._key, "chain", ancestor.name, "")):
-                reply = yield "registry", (self._key, "put", ancestor.name, R.scope_config(ancestor, None))
-                err = R.refusal(reply)
-                if err is not None:
-                    raise err
-        reply = yield "registry", (self._key, "put", scope.name, config)
+        # parents given as objects are registered if absent (never overwritten), in the same
+        # all-or-nothing step as the scope itself
+        scopes: list[tuple[str, str, bool]] = [
+            (a.name, R.scope_config(a, None), True) for a in reversed(scope.ancestors())
+        ]
+        scopes.append((scope.name, R.scope_config(scope, rates), False))
+        reply = yield "registry", (self._key, "put", *R.put_args(scopes))
         return self._adopt(scope.name, reply)
 
     def get_flow(self, name: str) -> Flow[B]:
         check_name(name, "scope name")
         budget = self._budgets.get(name)
         if budget is None:
-            return self._adopt(name, (yield "registry", (self._key, "chain", name, "")))
+            return self._adopt(name, (yield "registry", (self._key, "chain", name)))
         call = budget.refresh_call()
         if call is not None and budget._guard.refresh_due():  # not due: Redis is down, keep the cached config
             try:
@@ -105,7 +104,7 @@ class ManagerBase(Generic[B]):
 
     def remove_flow(self, name: str) -> Flow[None]:
         check_name(name, "scope name")
-        reply = yield "registry", (self._key, "remove", name, "")
+        reply = yield "registry", (self._key, "remove", name)
         err = R.refusal(reply)
         if err is not None:
             raise err
@@ -202,7 +201,8 @@ class BudgetManager(ManagerBase[Budget]):
 
     def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         """Charges counting against a scope (its own and its descendants'), from the shared ledger."""
-        return [e.as_record() for e in self.get(name).ledger(since, limit) if e.kind == "charge"]
+        budget = self.get(name)
+        return [e.as_record() for e in budget._drive(budget.ledger_flow(since, limit, charges_only=True))]
 
     def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
         """A scope's ledger as JSON lines (path or text file); returns the number of lines."""
@@ -297,8 +297,8 @@ class AsyncBudgetManager(ManagerBase[AsyncBudget]):
         return {name: await (await self.get(name)).summary() for name in await self.names()}
 
     async def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
-        entries = await (await self.get(name)).ledger(since, limit)
-        return [e.as_record() for e in entries if e.kind == "charge"]
+        budget = await self.get(name)
+        return [e.as_record() for e in await budget._drive(budget.ledger_flow(since, limit, charges_only=True))]
 
     async def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
         return write_jsonl(await (await self.get(name)).ledger(since), target)

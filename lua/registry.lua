@@ -1,15 +1,23 @@
 -- registry.lua: the shared scope registry, one hash: scope name -> its config JSON, whose
 -- "parent" is the parent scope's name or null. Parents are fixed: a scope's parent must be
--- registered before it, cannot change while it is registered, and a scope with children cannot
--- be removed; so trees (and their Cluster hash tags) never change under running workers.
+-- registered before it (or in the same call), cannot change while it is registered, and a scope
+-- with children cannot be removed; so trees (and their Cluster hash tags) never change under
+-- running workers.
 -- KEYS: [1] the registry hash
--- ARGV: [1] 'put' | 'chain' | 'remove', [2] scope name, [3] config JSON ('put')
--- Returns: 'put' and 'chain': the configs of the scope, its parent, ... up to the root ({} when
---   the scope is unknown); 'remove': {'ok'} or {} when unknown; a refusal: {'err', reason, name}
+-- ARGV: [1] 'put' | 'chain' | 'remove'; 'chain' and 'remove': [2] scope name; 'put': triples
+--       (name, config JSON, mode) from the root down, mode 'w' (write) or 'a' (only if absent):
+--       every triple is checked before any is written (all or nothing)
+-- Returns: 'put' and 'chain': the configs of the (last) scope, its parent, ... up to the root ({}
+--   when the scope is unknown); 'remove': {'ok'} or {} when unknown; a refusal: {'err', reason, name}
 --   with reason 'missing' (parent not registered), 'reparent' (parent differs from the
---   registered one: name is the registered parent or ''), 'cycle', 'depth', 'children'.
+--   registered one: name is the registered parent or '' for a root), 'cycle', 'depth', 'children'.
 local MAX_DEPTH = 16
-local reg, op, name = KEYS[1], ARGV[1], ARGV[2]
+local reg, op = KEYS[1], ARGV[1]
+local pending = {}  -- 'put': configs checked, not yet written
+
+local function get(n)
+  return pending[n] or redis.call('HGET', reg, n)
+end
 
 local function parent_of(cfg)
   local p = cjson.decode(cfg).parent
@@ -20,7 +28,7 @@ end
 local function chain(from)
   local out, n = {}, from
   while n do
-    local cfg = redis.call('HGET', reg, n)
+    local cfg = get(n)
     if not cfg then return out, n end
     out[#out + 1] = cfg
     if #out > MAX_DEPTH then return out, nil, 'depth' end
@@ -29,30 +37,45 @@ local function chain(from)
   return out
 end
 
+local function refusal(name, cfg, old)
+  local parent = parent_of(cfg)
+  if old and parent_of(old) ~= parent then return {'err', 'reparent', parent_of(old) or ''} end
+  if parent then
+    local up, missing, deep = chain(parent)
+    if parent == name then return {'err', 'cycle', name} end
+    for _, c in ipairs(up) do
+      if cjson.decode(c).name == name then return {'err', 'cycle', name} end
+    end
+    if missing then return {'err', 'missing', missing} end
+    if deep or #up >= MAX_DEPTH then return {'err', 'depth', parent} end
+  end
+  return nil
+end
+
 if op == 'chain' then
-  local out, missing = chain(name)
+  local out, missing = chain(ARGV[2])
   if missing and #out > 0 then return {'err', 'missing', missing} end
   return out
 end
 
 if op == 'put' then
-  local parent = parent_of(ARGV[3])
-  local old = redis.call('HGET', reg, name)
-  if old and parent_of(old) ~= parent then return {'err', 'reparent', parent_of(old) or ''} end
-  if parent then
-    local up, missing, deep = chain(parent)
-    if parent == name then return {'err', 'cycle', name} end
-    for _, cfg in ipairs(up) do
-      if cjson.decode(cfg).name == name then return {'err', 'cycle', name} end
+  local last
+  for i = 2, #ARGV, 3 do
+    local name, cfg, mode = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+    local old = get(name)
+    if not (mode == 'a' and old) then
+      local err = refusal(name, cfg, old)
+      if err then return err end
+      pending[name] = cfg
     end
-    if missing then return {'err', 'missing', missing} end
-    if deep or #up >= MAX_DEPTH then return {'err', 'depth', parent} end
+    last = name
   end
-  redis.call('HSET', reg, name, ARGV[3])
-  return (chain(name))
+  for name, cfg in pairs(pending) do redis.call('HSET', reg, name, cfg) end
+  return (chain(last))
 end
 
 if op == 'remove' then
+  local name = ARGV[2]
   if redis.call('HEXISTS', reg, name) == 0 then return {} end
   local flat = redis.call('HGETALL', reg)
   for i = 1, #flat, 2 do

@@ -10,9 +10,11 @@ import pytest
 
 from distbudget import (
     AlertLevel,
+    Budget,
     BudgetExceededError,
     BudgetScope,
     BudgetWarning,
+    InvalidInputError,
     Limit,
     ModelRates,
     UnknownModelError,
@@ -249,6 +251,21 @@ def test_request_id_is_charged_once(backend: Backend) -> None:
     assert again.cost_nano_usd == first.cost_nano_usd
     budget.record(None, "m", 10, 5, request_id="req-2")
     assert budget.summary()["session"]["tokens"] == 30
+
+
+def test_request_ids_are_per_scope_even_inside_one_tree(backend: Backend) -> None:
+    team = BudgetScope("team")
+    alice = backend.budget(BudgetScope("alice", parent=team), RATES, session_id="a")
+    bob = backend.budget(BudgetScope("bob", parent=team), RATES, session_id="a")
+    assert not alice.record(None, "m", 10, 0, request_id="call-1").duplicate
+    assert not bob.record(None, "m", 10, 0, request_id="call-1").duplicate  # another scope's call
+    assert alice.record(None, "m", 10, 0, request_id="call-1").duplicate
+    assert backend.budget(team, RATES).summary()["total"]["tokens"] == 20
+
+
+def test_a_parent_named_outside_a_manager_is_refused() -> None:
+    with pytest.raises(InvalidInputError, match="by name"):
+        Budget(BudgetScope("alice", parent="team-a"))
 
 
 def test_reservation_holds_then_commits(backend: Backend) -> None:

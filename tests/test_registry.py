@@ -4,8 +4,10 @@ reach every worker within ``registry_ttl``; hierarchies hold under 12 processes.
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import time
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -66,8 +68,12 @@ def test_registration_rules(backend: Backend) -> None:
     mgr.register(BudgetScope("alice", parent="team", max_tokens_per_session=5))
     with pytest.raises(InvalidInputError, match="registered with parent 'team'"):
         mgr.register(BudgetScope("alice"))
-    with pytest.raises(InvalidInputError, match="registered with parent ''"):
+    with pytest.raises(InvalidInputError, match="registered as a root"):
         mgr.register(BudgetScope("team", parent="alice"))  # would close a cycle: refused as a re-parent
+    with pytest.raises(InvalidInputError, match="registered with parent 'team'"):
+        mgr.register(BudgetScope("alice", parent=BudgetScope("org-new")))  # refused: org-new not written
+    with pytest.raises(InvalidInputError, match="registered as a root"):
+        mgr.register(BudgetScope("team", parent=BudgetScope("x", parent="team")))  # x not written either
     with pytest.raises(InvalidInputError, match="children"):
         mgr.remove("team")
     with pytest.raises(KeyError):
@@ -112,6 +118,45 @@ def test_registry_changes_reach_other_managers_within_the_ttl(backend: Backend) 
         budget.record("s", "m", 1, 1)
     with pytest.raises(KeyError):
         worker.get("svc")
+
+
+def test_reservations_settle_after_their_scope_was_removed(backend: Backend) -> None:
+    """A commit or release carries its plan: removing the scope meanwhile must not drop the spent
+    usage nor leave the hold blocking the tree until its lease expires."""
+    admin = backend.manager()
+    admin.register(BudgetScope("tmp", max_tokens_per_session=1000), RATES)
+    worker = backend.manager(registry_ttl=0.05)
+    with worker.reserve("tmp", "m", 100, 100, session_id="s") as spent:
+        with worker.reserve("tmp", "m", 300, 300, session_id="s"):
+            admin.remove("tmp")
+            time.sleep(0.1)
+            assert spent.commit(100, 50).total_tokens == 150
+        # leaving the inner block released its hold without a KeyError
+    with pytest.raises(KeyError):
+        worker.get("tmp")
+    admin.register(BudgetScope("tmp", max_tokens_per_session=1000), RATES)  # the counters were kept
+    limit = admin.summary("tmp", "s")["limits"]["session_tokens"]
+    assert (limit["used"], limit["held"]) == (150, 0)
+
+
+def test_records_limit_counts_charges_only(backend: Backend) -> None:
+    mgr = backend.manager()
+    budget = mgr.register(BudgetScope("lim"), RATES)
+    for i in range(3):
+        budget.record("s", "m", 10 + i, 0)
+        budget.reset_session("s")
+    assert [r.input_tokens for r in mgr.records("lim", limit=2)] == [10, 11]
+    assert len(budget.ledger(limit=2)) == 2  # the ledger itself counts resets too
+
+
+def test_decimal_amounts_register_exactly(backend: Backend) -> None:
+    mgr = backend.manager()
+    mgr.register(BudgetScope("dec", max_cost_per_day_usd=Decimal("0.30")), {"m": ModelRates(Decimal("1.5"), 2)})
+    other = backend.manager()
+    record = other.record("dec", "s", "m", 100, 0, metadata={"at": datetime.datetime(2026, 1, 1)})
+    assert record.cost_nano_usd == 150_000_000
+    assert other.summary("dec")["limits"]["day_cost_usd"]["limit"] == 0.3
+    assert other.get("dec").ledger()[0].metadata == {"at": "2026-01-01 00:00:00"}  # stored as str()
 
 
 def test_bad_registrations_write_nothing(backend: Backend) -> None:

@@ -9,7 +9,7 @@ percent-encoded so no user string can contain ``:``, ``{`` or ``}``):
     <p>:{<tag>}:z:<scope>:<secs>:<model|*> zset   that window's bucket ids; TTL = window + 1 h
     <p>:{<tag>}:holds                      hash   live reservations and held amounts per counter
     <p>:{<tag>}:leases                     zset   reservation id -> expiry (µs)
-    <p>:{<tag>}:rq:<request id>            string an idempotency marker; TTL
+    <p>:{<tag>}:rq:<scope>:<request id>    string an idempotency marker (per scope); TTL
     <p>:{<tag>}:alerts                     stream the tree's alerts, capped (MAXLEN ~ 10,000); owned
     <p>:{<tag>}:ledger                     stream the tree's charges and resets, capped (MAXLEN ~); owned
     <p>:alert-streams                      hash   scope -> its tree's alert stream (for listeners); owned
@@ -69,8 +69,8 @@ class KeySpace:
     def leases(self) -> str:
         return f"{self.base}leases"
 
-    def request(self, request_id: str) -> str:
-        return f"{self.base}rq:{encode(request_id)}"
+    def request(self, scope: str, request_id: str) -> str:
+        return f"{self.base}rq:{encode(scope)}:{encode(request_id)}"
 
     @property
     def alerts(self) -> str:

@@ -24,7 +24,9 @@ from distbudget._core.types import UsageRecord
 DEFAULT_MAXLEN = 100_000
 US = 1_000_000
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# Metadata is the caller's: anything JSON cannot encode (datetime, Decimal, sets ...) is stored as its
+# str(), so what record() accepts never depends on the ledger.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
 class _OpIds:

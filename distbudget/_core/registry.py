@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 
 from distbudget._core.scope import BudgetScope, Limit
@@ -25,6 +26,8 @@ _RATE_FIELDS = ("input_per_1k", "output_per_1k", "cached_input_per_1k", "cache_w
 _REFUSALS = {
     "missing": "parent scope {0!r} is not registered",
     "reparent": "scope is registered with parent {0!r}; remove it first to change its parent "
+    "(its counters live under its tree's hash tag)",
+    "reroot": "scope is registered as a root (no parent); remove it first to give it a parent "
     "(its counters live under its tree's hash tag)",
     "cycle": "scope {0!r} would be its own ancestor",
     "depth": "scope tree under {0!r} is deeper than 16 levels",
@@ -57,7 +60,15 @@ def scope_config(scope: BudgetScope, rates: Mapping[str, ModelRates] | None) -> 
                 raise TypeError(f"rates[{model!r}] must be a ModelRates")
             table[model] = {k: getattr(r, k) for k in _RATE_FIELDS}
     entry = {"version": VERSION, "name": scope.name, "parent": parent_name(scope), "scope": fields, "rates": table}
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    # Decimal amounts (accepted at the API edge) are stored as their exact decimal strings, which
+    # BudgetScope and ModelRates accept back.
+    return json.dumps(entry, sort_keys=True, separators=(",", ":"), default=_exact)
+
+
+def _exact(value: object) -> str:
+    if isinstance(value, Decimal):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} {value!r} in the registry")
 
 
 def _decode(text: str | bytes) -> dict[str, Any]:
@@ -88,16 +99,18 @@ def refusal(reply: list[Any]) -> InvalidInputError | None:
     """The error of a refused registry operation (``{'err', reason, name}``), else None."""
     if len(reply) == 3 and reply[0] in ("err", b"err"):
         reason, name = (v.decode() if isinstance(v, bytes) else str(v) for v in reply[1:])
+        if reason == "reparent" and not name:
+            reason = "reroot"
         return InvalidInputError(_REFUSALS.get(reason, reason + " {0!r}").format(name))
     return None
 
 
-def _chain(table: dict[str, str], start: str) -> tuple[list[str], str | None, bool]:
+def _chain(get: Callable[[str], str | None], start: str) -> tuple[list[str], str | None, bool]:
     """(configs from ``start`` up, the first missing name, too deep)."""
     out: list[str] = []
     n: str | None = start
     while n is not None:
-        cfg = table.get(n)
+        cfg = get(n)
         if cfg is None:
             return out, n, False
         out.append(cfg)
@@ -107,21 +120,39 @@ def _chain(table: dict[str, str], start: str) -> tuple[list[str], str | None, bo
     return out, None, False
 
 
-def _put(table: dict[str, str], name: str, config: str) -> list[str]:
+def _refusal(get: Callable[[str], str | None], name: str, config: str, old: str | None) -> list[str] | None:
     parent = json.loads(config)["parent"]
-    old = table.get(name)
     if old is not None and json.loads(old)["parent"] != parent:
         return ["err", "reparent", json.loads(old)["parent"] or ""]
     if parent is not None:
-        up, missing, deep = _chain(table, parent)
+        up, missing, deep = _chain(get, parent)
         if parent == name or any(json.loads(c)["name"] == name for c in up):
             return ["err", "cycle", name]
         if missing is not None:
             return ["err", "missing", missing]
         if deep or len(up) >= MAX_DEPTH:
             return ["err", "depth", parent]
-    table[name] = config
-    return _chain(table, name)[0]
+    return None
+
+
+def _put(table: dict[str, str], triples: Sequence[str]) -> list[str]:
+    pending: dict[str, str] = {}
+
+    def get(n: str) -> str | None:
+        return pending.get(n) or table.get(n)
+
+    last = ""
+    for i in range(0, len(triples), 3):
+        name, config, mode = triples[i : i + 3]
+        old = get(name)
+        if not (mode == "a" and old is not None):
+            err = _refusal(get, name, config, old)
+            if err is not None:
+                return err
+            pending[name] = config
+        last = name
+    table.update(pending)
+    return _chain(table.get, last)[0]
 
 
 def _remove(table: dict[str, str], name: str) -> list[str]:
@@ -134,13 +165,18 @@ def _remove(table: dict[str, str], name: str) -> list[str]:
     return ["ok"]
 
 
-def apply(table: dict[str, str], op: str, name: str, config: str = "") -> list[str]:
+def put_args(scopes: Sequence[tuple[str, str, bool]]) -> list[str]:
+    """A 'put''s arguments: (name, config, only if absent) from the root down."""
+    return [v for name, config, absent in scopes for v in (name, config, "a" if absent else "w")]
+
+
+def apply(table: dict[str, str], op: str, *args: str) -> list[str]:
     """``lua/registry.lua`` for the embedded engine, on a dict (the caller holds its lock)."""
     if op == "chain":
-        found, missing, _ = _chain(table, name)
+        found, missing, _ = _chain(table.get, args[0])
         return ["err", "missing", missing] if missing is not None and found else found
     if op == "put":
-        return _put(table, name, config)
+        return _put(table, args)
     if op == "remove":
-        return _remove(table, name)
+        return _remove(table, args[0])
     raise ValueError(f"unknown registry operation {op!r}")

@@ -443,9 +443,9 @@ class MemoryEngine:
             amounts = (int(amt[0]), int(amt[1]), int(amt[2]))
             return amounts, self._append(keys[0], ledger, now, amounts)
 
-    def registry(self, key: str, op: str, name: str, config: str) -> list[str]:
+    def registry(self, key: str, op: str, *args: str) -> list[str]:
         with self._lock:
-            return registry.apply(self._registries.setdefault(key, {}), op, name, config)
+            return registry.apply(self._registries.setdefault(key, {}), op, *args)
 
     def registry_names(self, key: str) -> list[str]:
         with self._lock:
