@@ -624,7 +624,7 @@ def _latency(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distbudget", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"distbudget {distbudget.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prices,watch}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prices,watch,scopes,ledger}")
     demo = sub.add_parser(
         "demo",
         help="a simulated agent fleet spending against hard caps",
@@ -686,7 +686,65 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--slack", action="store_true", help="post Slack-compatible {'text': ...} bodies")
     watch.add_argument("--from-start", action="store_true", help="replay every alert still in the streams")
     watch.add_argument("--count", type=int, default=0, help="stop after N alerts (default: run until Ctrl-C)")
+    scopes = sub.add_parser(
+        "scopes",
+        help="list the registered scopes with their usage and limits",
+        description="List the scopes of the shared registry (BudgetManager.register) with usage per limit.",
+    )
+    scopes.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/0")
+    scopes.add_argument("--prefix", default="distbudget")
+    ledger = sub.add_parser(
+        "ledger",
+        help="export a scope's ledger (charges and resets) as JSON lines",
+        description="Write the ledger of a scope (its charges, its descendants', its resets) as JSON lines.",
+    )
+    ledger.add_argument("scope")
+    ledger.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/0")
+    ledger.add_argument("--prefix", default="distbudget")
+    ledger.add_argument("--since", help="a ledger id (exclusive) or seconds since the epoch")
+    ledger.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
     return parser
+
+
+def list_scopes(args: argparse.Namespace) -> int:
+    """One line per registered scope, then one per limit: used / limit (pct), held."""
+    from distbudget.manager import BudgetManager
+
+    mgr = BudgetManager(redis=args.redis, prefix=args.prefix)
+    summaries = mgr.all_summaries()
+    if not summaries:
+        print(f"no scopes registered under prefix {args.prefix!r}")
+        return 0
+    rows = [["scope", "parent", "limit", "used", "held", "limit value", "pct"]]
+    for name, summary in summaries.items():
+        parent = mgr.get(name).scope.parent
+        parent_name = "" if parent is None else parent if isinstance(parent, str) else parent.name
+        total = summary["total"]
+        rows.append([name, parent_name, "total", f"{total['tokens']} tok ${total['cost_usd']:.6g}", "", "", ""])
+        for key, lim in summary["limits"].items():
+            if lim["scope"] != name:
+                continue  # an ancestor's limit: listed under the ancestor
+            rows.append(["", "", key, f"{lim['used']:g}", f"{lim['held']:g}", f"{lim['limit']:g}", f"{lim['pct']:.1%}"])
+    for line in _table(rows, {3, 4, 5, 6}):
+        print(line)
+    return 0
+
+
+def export_ledger(args: argparse.Namespace) -> int:
+    from distbudget.manager import BudgetManager
+
+    since: str | float | None = args.since
+    if args.since is not None and "-" not in args.since:
+        try:
+            since = float(args.since)
+        except ValueError:
+            print(f"distbudget ledger: error: --since must be a ledger id or seconds: {args.since!r}", file=sys.stderr)
+            return 2
+    mgr = BudgetManager(redis=args.redis, prefix=args.prefix)
+    n = mgr.export_ledger(args.scope, args.out or sys.stdout, since=since)
+    if args.out:
+        print(f"{n} ledger entries of {args.scope!r} written to {args.out}")
+    return 0
 
 
 def watch_alerts(args: argparse.Namespace) -> int:
@@ -715,10 +773,18 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, usage errors: report the code, do not exit
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    if args.command == "prices":
-        return print_prices()
-    if args.command == "watch":
-        return watch_alerts(args)
+    tools: dict[str, Callable[[argparse.Namespace], int]] = {
+        "prices": lambda _args: print_prices(),
+        "watch": watch_alerts,
+        "scopes": list_scopes,
+        "ledger": export_ledger,
+    }
+    if args.command in tools:
+        try:
+            return tools[args.command](args)
+        except (DistBudgetError, KeyError, ValueError, TypeError) as exc:
+            print(f"distbudget {args.command}: error: {exc}", file=sys.stderr, flush=True)
+            return 2
     try:
         cfg, planned = build_config(
             redis=args.redis,
