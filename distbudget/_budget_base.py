@@ -554,6 +554,42 @@ class BudgetCore:
             raise TypeError("calls must be an iterable of record() calls (tuples or dicts of its arguments)")
         batch: list[tuple[Any, ...]] = []
         shown: list[tuple[Any, ...]] = []  # (model, input_tokens, output_tokens, metadata, request_id)
+        session = self._last_session  # a batch that fails validation leaves the current session alone
+        try:
+            self._check_calls(calls, batch, shown)
+        except BaseException:
+            self._last_session = session
+            raise
+        if not batch:
+            return []
+        # One engine call, also while Redis is unavailable: the failure policy journals the batch whole
+        # (under "raise", the flow raises once, after finishing the charges Redis recorded).
+        results = yield "record_many", (tuple(batch),)
+        records: list[UsageRecord] = []
+        first: BudgetExceededError | None = None
+        for args, result, (model, input_tokens, output_tokens, metadata, request_id) in zip(
+            batch, results, shown, strict=True
+        ):
+            try:
+                records.append(
+                    self.finish_charge(
+                        args[0], result, model, args[2], input_tokens, output_tokens, metadata, request_id
+                    )
+                )
+            except BudgetExceededError as err:
+                assert err.record is not None
+                records.append(err.record)
+                first = first or err
+        if isinstance(results, D.BatchAnswers):
+            raise results.error
+        if first is not None:
+            raise first
+        return records
+
+    def _check_calls(
+        self, calls: Iterable[RecordCall], batch: list[tuple[Any, ...]], shown: list[tuple[Any, ...]]
+    ) -> None:
+        """Validate record_many()'s calls into ``batch`` (engine arguments) and ``shown``."""
         for call in calls:
             if isinstance(call, tuple | list) and 4 <= len(call) <= 6:  # record()'s positional arguments
                 args = self._record_args(*call)
@@ -576,32 +612,6 @@ class BudgetCore:
                     f"cached_input_tokens, cache_write_tokens, reasoning_tokens too), got {call!r}"
                 )
             batch.append(args)
-        if not batch:
-            return []
-        if self._guard.state.busy:  # Redis unavailable (or just back): one call at a time, under the failure policy
-            results = []
-            for args in batch:
-                results.append((yield "record", args))
-        else:
-            results = yield "record_many", (tuple(batch),)
-        records: list[UsageRecord] = []
-        first: BudgetExceededError | None = None
-        for args, result, (model, input_tokens, output_tokens, metadata, request_id) in zip(
-            batch, results, shown, strict=True
-        ):
-            try:
-                records.append(
-                    self.finish_charge(
-                        args[0], result, model, args[2], input_tokens, output_tokens, metadata, request_id
-                    )
-                )
-            except BudgetExceededError as err:
-                assert err.record is not None
-                records.append(err.record)
-                first = first or err
-        if first is not None:
-            raise first
-        return records
 
     def reserve_flow(
         self,

@@ -55,7 +55,7 @@ import redis.exceptions as rx
 
 from distbudget._core import plan as P
 from distbudget._core.money import check_tokens, nano_to_usd, usd_to_nano
-from distbudget._exceptions import BackendError, BudgetExceededError, InvalidInputError
+from distbudget._exceptions import BackendError, BatchError, BudgetExceededError, InvalidInputError
 
 if TYPE_CHECKING:
     from distbudget._budget_base import BudgetCore
@@ -76,6 +76,15 @@ CHARGES = frozenset({"record", "commit"})
 # Redis answered, but with a refusal that means the command did not run and may run later.
 _TRANSIENT_CODES = ("LOADING", "BUSY", "MASTERDOWN", "READONLY", "OOM", "TRYAGAIN", "CLUSTERDOWN", "NOREPLICAS")
 _TRANSIENT_TYPES = (rx.BusyLoadingError, rx.ReadOnlyError, rx.ClusterDownError, rx.TryAgainError, rx.OutOfMemoryError)
+
+
+class BatchAnswers(list[Any]):
+    """A ``record_many`` batch's answers under ``"raise"`` when some of its charges were journaled:
+    the flow finishes every charge (records, alerts), then raises ``error``."""
+
+    def __init__(self, answers: list[Any], error: BackendError) -> None:
+        super().__init__(answers)
+        self.error = error
 
 
 class _Marker:
@@ -113,6 +122,26 @@ class Refusal:
 def classify(err: BackendError) -> tuple[bool, bool]:
     """(is Redis unavailable rather than answering an error, may the command have run)."""
     cause = err.__cause__
+    return _classify_cluster(cause) if isinstance(cause, rx.RedisClusterException) else _classify(cause)
+
+
+def _classify_cluster(cause: rx.RedisClusterException) -> tuple[bool, bool]:
+    """A Cluster client's own errors (not RedisErrors)."""
+    context = cause.__context__
+    if isinstance(context, (rx.ConnectionError, rx.TimeoutError)):
+        # redis-py refreshes the slot map when a command's connection fails, and raises this in
+        # place of that failure if no node answers: the command's failure says whether it was sent
+        return _classify(context)
+    text = str(cause)
+    if isinstance(cause, rx.SlotNotCoveredError) or "cannot be connected" in text or "could not agree" in text:
+        # no node answered (or none knows the slot): nothing was sent. Unless what the nodes
+        # answered is a configuration error (a bad password, a TLS failure).
+        inner = cause.__cause__
+        return (False, False) if isinstance(inner, rx.RedisError) and not _classify(inner)[0] else (True, False)
+    return False, False
+
+
+def _classify(cause: BaseException | None) -> tuple[bool, bool]:
     if isinstance(cause, _TRANSIENT_TYPES):
         return True, False
     if isinstance(cause, (rx.AuthenticationError, rx.AuthorizationError)):
@@ -268,13 +297,24 @@ class EngineState:
             err.__cause__ = self.last_error.__cause__
         return err
 
+    def full(self, what: str) -> BackendError:
+        """The error of charges that do not fit in the journal; ``what`` says what became of them."""
+        return BackendError(
+            f"Redis is unavailable and the local journal is full ({len(self.journal)} charges waiting "
+            f"for replay, journal_size={self.capacity}): {what}"
+        )
+
     def append(self, entry: Entry) -> None:
         """Journal a charge (caller holds the lock); a full journal raises, dropping nothing."""
         if len(self.journal) >= self.capacity:
-            raise BackendError(
-                f"Redis is unavailable and the local journal is full ({len(self.journal)} charges waiting "
-                f"for replay, journal_size={self.capacity}): this charge of scope {entry.scope!r} was NOT "
-                "recorded anywhere; retry it when Redis answers"
+            if entry.maybe_sent:  # its reply was lost: it may have run
+                raise self.full(
+                    f"this charge of scope {entry.scope!r} was not journaled, and Redis may or may not have "
+                    "recorded it (the reply was lost); retry it when Redis answers only with a request_id "
+                    "(a retry without one may count it twice)"
+                )
+            raise self.full(
+                f"this charge of scope {entry.scope!r} was NOT recorded anywhere; retry it when Redis answers"
             )
         self.journal.append(entry)
         self.stats["journaled_total"] += 1
@@ -368,15 +408,17 @@ def _options(
 
 
 def connect_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a budget's or manager's failure-policy options; the redis-py keyword arguments its
-    URL client gets (a short connect timeout under ``"deny"`` / ``"allow"``)."""
+    """Validate a budget's or manager's failure-policy options; the keyword arguments of
+    ``connect()`` for its URL client. Under ``"deny"`` / ``"allow"``: a short connect timeout, and
+    ``lazy`` (a Cluster none of whose nodes answers is connected at the first call, under the policy,
+    rather than failing the construction: a worker can start during an outage)."""
     mode, *_ = _options(
         options.get("on_backend_error", "raise"),
         options.get("fail_open_max_cost_usd"),
         options.get("fail_open_max_tokens"),
         options.get("journal_size", DEFAULT_JOURNAL_SIZE),
     )
-    return {"socket_connect_timeout": CONNECT_TIMEOUT} if mode != "raise" else {}
+    return {"socket_connect_timeout": CONNECT_TIMEOUT, "lazy": True} if mode != "raise" else {}
 
 
 # ---- the per-budget policy --------------------------------------------------------------------------
@@ -441,6 +483,8 @@ class Guard:
 
     def failed(self, name: str, args: tuple[Any, ...], err: BackendError) -> Any:
         """The engine raised: a local answer, or raise."""
+        if isinstance(err, BatchError):
+            return self._batch_failed(args[0], err)
         outage, maybe_sent = classify(err)
         if not outage:
             raise err
@@ -450,12 +494,9 @@ class Guard:
     def policy(self, name: str, args: tuple[Any, ...], err: BackendError, maybe_sent: bool) -> Any:
         if name in CHARGES:
             return self._journal(name, args, err, maybe_sent)
-        if name == "record_many":  # a failed pipeline: any of its charges may have run; journal each
-            pending, answers = 0, []
-            for a in args[0]:
-                pending = self._keep(Entry("record", a, maybe_sent, time.time(), self.budget.name, _op_of(a)))
-                answers.append(LocalCharge(time.time() if a[1] is None else a[1] / P.US))
-            return self._answer(pending, err, answers)
+        if name == "record_many":  # the pipeline failed as a whole (maybe_sent: any charge may have run)
+            batch = args[0]
+            return self._journal_batch(batch, [None] * len(batch), [(i, maybe_sent) for i in range(len(batch))], err)
         if name in ("check", "reserve"):
             return self._admit(name, args, err)
         if self.lenient and name == "release":
@@ -495,6 +536,77 @@ class Guard:
     def _journal(self, name: str, args: tuple[Any, ...], err: BackendError, maybe_sent: bool) -> Any:
         pending = self._keep(Entry(name, args, maybe_sent, time.time(), self.budget.name, _op_of(args)))
         return self._answer(pending, err, [LocalCharge(time.time() if args[1] is None else args[1] / P.US)])[0]
+
+    def _batch_failed(self, batch: tuple[tuple[Any, ...], ...], err: BatchError) -> Any:
+        """Some charges of a ``record_many`` pipeline failed: those Redis answered stand; those that
+        met an outage are journaled (never sent, or maybe sent when the round trip failed); an error
+        Redis answered otherwise (a script error, ``NOPERM``) raises."""
+        answers = list(err.results)
+        lost: list[tuple[int, bool]] = []  # (call, may have run) of the calls that met an outage
+        refused: list[int] = []
+        for i, r in enumerate(answers):
+            if isinstance(r, BackendError):
+                outage, maybe_sent = classify(r)
+                if outage:
+                    lost.append((i, maybe_sent))
+                else:
+                    refused.append(i)
+        if lost:
+            self.state.fail(answers[lost[0][0]])
+        if not refused:
+            return self._journal_batch(batch, answers, lost, answers[lost[0][0]])
+        first = answers[refused[0]]
+        note = ""
+        if lost:
+            self._keep_many(batch, lost, len(refused))  # raises when the journal is full
+            self.state.log_journaled()
+            note = f", {len(lost)} journaled (will be replayed when Redis answers)"
+        charged = len(batch) - len(lost) - len(refused)
+        exc = BackendError(
+            f"Redis refused {len(refused)} of the {len(batch)} charges of a record_many batch of scope "
+            f"{self.budget.name!r} ({_calls(refused)}; NOT recorded): {first}; {charged} were recorded{note}"
+        )
+        raise exc from (first.__cause__ or first)
+
+    def _journal_batch(
+        self, batch: tuple[tuple[Any, ...], ...], answers: list[Any], lost: list[tuple[int, bool]], err: BackendError
+    ) -> list[Any]:
+        """Journal the charges ``lost`` of a batch, all or none (``answers`` holds the others'); the
+        caller's answers: local ones in their place, under "raise" with the error to raise."""
+        pending = self._keep_many(batch, lost, 0)
+        now = time.time()
+        for i, _maybe_sent in lost:
+            answers[i] = LocalCharge(now if batch[i][1] is None else batch[i][1] / P.US)
+        self.state.log_journaled()
+        if self.mode != "raise":
+            return answers
+        charged = len(batch) - len(lost)
+        done = f"{charged} of the batch's {len(batch)} charges were recorded; the other " if charged else "the batch's "
+        exc = BackendError(
+            f"{err} ({done}{len(lost)} charges were journaled, will be replayed when Redis answers; {pending} pending)"
+        )
+        exc.journaled = True
+        exc.__cause__ = err.__cause__ or err
+        return BatchAnswers(answers, exc)
+
+    def _keep_many(self, batch: tuple[tuple[Any, ...], ...], lost: list[tuple[int, bool]], refused: int) -> int:
+        """Journal the charges ``lost`` (call index, may have run) of a batch: all of them, or none
+        when they do not fit (raises); returns how many are pending."""
+        st = self.state
+        now = time.time()
+        entries = [Entry("record", batch[i], maybe, now, self.budget.name, _op_of(batch[i])) for i, maybe in lost]
+        with st.lock:
+            if len(st.journal) + len(entries) > st.capacity:
+                raise st.full(_not_journaled(self.budget.name, len(batch), lost, refused))
+            for entry in entries:
+                st.append(entry)
+            self._roll()
+            for entry in entries:
+                self.used_tokens += entry.args[2][0]
+                self.used_nano += entry.args[2][1]
+            pending = len(st.journal)
+            st._update()
+        return pending
 
     def _answer(self, pending: int, err: BackendError, answers: list[Any]) -> list[Any]:
         """What the caller of journaled charges gets: under "raise" a BackendError saying so; else
@@ -583,6 +695,33 @@ class Guard:
         if not st.journal or st.replaying or not st.claim():
             return None
         return replay_flow(st)
+
+
+def _calls(indexes: list[int]) -> str:
+    """Calls of a batch by position (0-based), for messages."""
+    shown = ", ".join(str(i) for i in indexes[:10])
+    more = f" and {len(indexes) - 10} more" if len(indexes) > 10 else ""
+    return f"call{'s' if len(indexes) > 1 else ''} {shown}{more}"
+
+
+def _not_journaled(scope: str, size: int, lost: list[tuple[int, bool]], refused: int) -> str:
+    """What became of a batch whose lost charges do not fit in the journal (none was journaled)."""
+    charged = size - len(lost) - refused
+    maybe = sum(maybe_sent for _i, maybe_sent in lost)
+    batch = f"this record_many batch's {size} charges of scope {scope!r}"
+    if charged or refused:
+        head = f"{charged} of {batch} were recorded in Redis" + (f" and {refused} refused by it" if refused else "")
+        head += f"; the other {len(lost)} ({_calls([i for i, _ in lost])}) were not journaled"
+        retry = "retry only those"
+    else:
+        head = f"none of {batch} was journaled"
+        retry = "retry the batch"
+    if not maybe:
+        return f"{head}: they were NOT recorded anywhere; {retry} when Redis answers"
+    return (
+        f"{head}, and Redis may or may not have recorded {maybe} of them (the reply was lost); {retry} when "
+        "Redis answers, with request_ids (a retry without one may count a charge twice)"
+    )
 
 
 # ---- replay -----------------------------------------------------------------------------------------

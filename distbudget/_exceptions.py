@@ -11,7 +11,7 @@ BudgetWarning (UserWarning)          emitted with ``warnings.warn`` when ``hard_
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from distbudget._core.types import UsageRecord
@@ -84,6 +84,17 @@ class BackendError(DistBudgetError):
     when the call was a charge kept in the local journal, to be replayed when Redis answers."""
 
     journaled: bool = False
+
+
+class BatchError(BackendError):
+    """Internal: some charges of a ``record_many`` pipeline failed and others did not. ``results``
+    holds, per call in order, the engine's answer or a :class:`BackendError` whose ``__cause__`` is
+    that call's Redis error. The failure policy settles it call by call (``_degraded.py``); callers
+    never see it."""
+
+    def __init__(self, message: str, results: list[Any]) -> None:
+        super().__init__(message)
+        self.results = results
 
 
 class BudgetWarning(UserWarning):

@@ -431,6 +431,87 @@ def test_a_record_many_batch_that_meets_an_outage_is_journaled_whole(server: Aof
     assert sorted(e["input_tokens"] for e in ledger_charges(server, "fleet")) == [1, *range(10, 60)]
 
 
+@pytest.mark.parametrize("mode", ["allow", "raise"])
+def test_a_record_many_batch_partly_refused_journals_only_the_refused_calls(server: AofRedis, mode: str) -> None:
+    """Redis reaches maxmemory part way through a batch: the later charges are refused with OOM (they
+    did not run), the earlier ones were recorded. Only the refused ones are journaled (replayed without
+    a ledger lookup); under "raise" the batch raises once, after its recorded charges were finished."""
+    budget = Budget(big_scope(), redis=server.url, on_backend_error=mode)
+    budget.record("s1", MODEL, 1, 0)  # keys and scripts exist
+    admin = server.client()
+    admin.config_set("maxmemory-policy", "noeviction")
+    admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 200_000)
+    batch = [("s1", MODEL, 10 + i, 0, {"blob": "x" * 4000}) for i in range(200)]
+    try:
+        if mode == "raise":
+            with pytest.raises(BackendError, match="were recorded; the other") as err:
+                budget.record_many(batch)
+            assert err.value.journaled
+            records = budget.records[1:]
+        else:
+            records = budget.record_many(batch)
+        in_redis = len(ledger_charges(server, "fleet"))
+    finally:
+        admin.config_set("maxmemory", 0)
+    journaled = [r.input_tokens for r in records if r.journaled]
+    assert len(records) == 200 and 0 < len(journaled) < 200
+    assert in_redis == 1 + 200 - len(journaled)  # the others were recorded, once
+    status = budget.backend_status
+    assert (status["journaled"], status["ambiguous"]) == (len(journaled), 0)
+    assert budget.flush_journal() == len(journaled)
+    assert budget.backend_status["replayed"] == len(journaled)
+    assert sorted(e["input_tokens"] for e in ledger_charges(server, "fleet")) == [1, *range(10, 210)]
+
+
+def test_a_record_many_call_that_redis_refuses_raises_and_is_not_journaled(server: AofRedis) -> None:
+    """An error Redis answers for one call (here WRONGTYPE: its session key holds a string) is not an
+    outage: the batch raises saying so, the call is not journaled, and the other calls stand."""
+    budget = Budget(big_scope(), redis=server.url, on_backend_error="allow")
+    budget.record("s1", MODEL, 1, 0)
+    server.client().set(KeySpace("distbudget", "fleet").session("fleet", "broken"), "not a hash")
+    batch = [("s1", MODEL, 10, 0), ("broken", MODEL, 11, 0), ("s1", MODEL, 12, 0)]
+    with pytest.raises(BackendError, match=r"refused 1 of the 3 charges .*call 1.*2 were recorded") as err:
+        budget.record_many(batch)
+    assert not err.value.journaled
+    assert budget.backend_status["journaled"] == 0 and not budget.backend_status["degraded"]
+    assert sorted(e["input_tokens"] for e in ledger_charges(server, "fleet")) == [1, 10, 12]
+
+
+def test_a_degraded_record_many_under_raise_journals_the_whole_batch(server: AofRedis) -> None:
+    """While Redis is known to be down, a batch is journaled whole (not only its first call) and the
+    call raises once."""
+    budget = Budget(big_scope(), redis=server.url)  # on_backend_error="raise"
+    budget.record("s1", MODEL, 1, 0)
+    server.kill9()
+    with pytest.raises(BackendError) as first:
+        budget.record("s1", MODEL, 2, 0)
+    assert first.value.journaled
+    with pytest.raises(BackendError, match="the batch's 5 charges were journaled") as err:
+        budget.record_many([("s1", MODEL, 10 + i, 0) for i in range(5)])  # not even sent
+    assert err.value.journaled
+    assert budget.backend_status["journaled"] == 6
+    server.start()
+    assert budget.flush_journal() == 6
+    assert sorted(e["input_tokens"] for e in ledger_charges(server, "fleet")) == [1, 2, *range(10, 15)]
+
+
+def test_a_batch_that_does_not_fit_in_the_journal_journals_none_of_it(server: AofRedis) -> None:
+    """A full journal refuses a batch whole, so that retrying it (as the error says) counts each call once."""
+    budget = Budget(big_scope(), redis=server.url, on_backend_error="allow", journal_size=5)
+    budget.record("s1", MODEL, 1, 0)
+    server.kill9()
+    assert budget.record("s1", MODEL, 2, 0).journaled
+    batch = [("s1", MODEL, 10 + i, 0) for i in range(5)]
+    with pytest.raises(BackendError, match=r"journal is full.*none of this record_many batch's 5 charges") as full:
+        budget.record_many(batch)
+    assert not full.value.journaled
+    assert budget.backend_status["journaled"] == 1
+    server.start()
+    assert budget.flush_journal() == 1
+    budget.record_many(batch)  # the retry the error asks for
+    assert sorted(e["input_tokens"] for e in ledger_charges(server, "fleet")) == [1, 2, *range(10, 15)]
+
+
 def test_a_full_journal_raises_and_drops_nothing(server: AofRedis) -> None:
     budget = Budget(big_scope(), redis=server.url, on_backend_error="allow", journal_size=3)
     budget.record("s1", MODEL, 1, 0)

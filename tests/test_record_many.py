@@ -93,6 +93,15 @@ def test_a_bad_call_charges_nothing(backend: Backend, bad: object, error: type[E
         budget.record_many(("a", "m", 1, 1))  # one call, not an iterable of calls
 
 
+def test_a_bad_batch_leaves_the_current_session(backend: Backend) -> None:
+    budget = backend.budget(scope("keep"), RATES)
+    budget.record("x", "m", 1, 0)
+    with pytest.raises(ValueError):
+        budget.record_many([("y", "m", 1, 0), ("y", "m", -1, 0)])  # valid, then invalid
+    assert budget.session_id == "x"
+    assert budget.summary()["session"]["tokens"] == 1
+
+
 def test_hard_stop_raises_after_charging_every_call(backend: Backend) -> None:
     budget = backend.budget(BudgetScope("cap", max_tokens_per_session=100), RATES, session_id="a")
     alerts = []

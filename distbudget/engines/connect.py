@@ -25,10 +25,18 @@ it in ``BackendError``), and retrying is the caller's decision, safe with a ``re
 safe is still done: redis-py replaces a pooled connection the server closed (idle timeout,
 restart) before using it, and Cluster clients follow ``MOVED`` / ``ASK`` redirections and retry the
 cluster's own refusals (``CLUSTERDOWN``, a slot not yet covered), which mean the command never ran.
+(A pipeline on a Cluster is not sent through redis-py's ClusterPipeline, which re-sends a node's
+commands after a lost reply: see ``RedisEngine._send_cluster``.)
+
+A Cluster client reads the slot map from the nodes as it is built: when none answers, ``connect``
+raises ``BackendError``, or with ``lazy=True`` (budgets under ``on_backend_error="deny"`` /
+``"allow"``) returns a :class:`PendingClient` that the engine builds at its first call, so that a
+worker can start during an outage (its calls meet the failure policy until a node answers).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -43,7 +51,9 @@ import redis.retry
 import redis.sentinel
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import parse_url
-from redis.exceptions import ClusterDownError, SlotNotCoveredError
+from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
+
+from distbudget._exceptions import BackendError
 
 TIMEOUTS: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
 DEFAULT_WAIT_TIMEOUT_MS = 100
@@ -214,11 +224,27 @@ def _cluster_retry() -> redis.retry.Retry:
     return redis.retry.Retry(ExponentialBackoff(cap=0.5, base=0.05), 3)
 
 
-def connect(url: str, **options: Any) -> Any:
+class PendingClient:
+    """A client not built yet because its construction found no node answering (a sync Cluster
+    client): :meth:`get` builds it (raising as construction does until a node answers)."""
+
+    def __init__(self, build: Callable[[], Any], error: BaseException) -> None:
+        self._build = build
+        self.error = error  # why the first construction failed
+        self._client: Any = None
+
+    def get(self) -> Any:
+        if self._client is None:
+            self._client = self._build()
+        return self._client
+
+
+def connect(url: str, *, lazy: bool = False, **options: Any) -> Any:
     """A redis-py client (``Redis``, ``RedisCluster``, or a Sentinel-managed ``Redis``) for a URL.
 
     ``options`` are redis-py keyword arguments (they override the defaults here, and the URL's query
-    parameters override them, as in ``redis.Redis.from_url``)."""
+    parameters override them, as in ``redis.Redis.from_url``). A Cluster none of whose nodes answers
+    raises ``BackendError``; with ``lazy``, a :class:`PendingClient` is returned instead."""
     target = parse(url)
     if target.kind == "standalone":
         return redis.Redis.from_url(target.url, **{**TIMEOUTS, "retry": no_retry(), **options})
@@ -226,14 +252,25 @@ def connect(url: str, **options: Any) -> Any:
         nodes = [SyncClusterNode(host, port) for host, port in target.hosts]
         kw = {**TIMEOUTS, **options, **target.kwargs}
         kw.pop("retry", None)  # the cluster client sets its nodes' retries itself
-        return SafeRedisCluster(startup_nodes=nodes, retry=_cluster_retry(), **kw)
+
+        def build() -> Any:
+            return SafeRedisCluster(startup_nodes=nodes, retry=_cluster_retry(), **kw)
+
+        try:
+            return build()
+        except (redis.RedisError, RedisClusterException) as exc:
+            if lazy:
+                return PendingClient(build, exc)
+            hosts = ",".join(f"{host}:{port}" for host, port in target.hosts)
+            raise BackendError(f"cannot connect to the Redis Cluster at {hosts}: {exc}") from exc
     sentinel = SyncSentinel(list(target.hosts), sentinel_kwargs={**TIMEOUTS, **target.sentinel_kwargs}, **TIMEOUTS)
     kw = {**TIMEOUTS, "retry": no_retry(), **options, **target.kwargs}
     return sentinel.master_for(target.service, db=target.db, **kw)
 
 
-def connect_async(url: str, max_connections: int = 64, **options: Any) -> Any:
-    """A ``redis.asyncio`` client for a URL. Standalone: its pool makes tasks wait for a free
+def connect_async(url: str, max_connections: int = 64, *, lazy: bool = False, **options: Any) -> Any:
+    """A ``redis.asyncio`` client for a URL (it connects at its first command: ``lazy`` changes
+    nothing). Standalone: its pool makes tasks wait for a free
     connection (rather than fail with "Too many connections") when hundreds of tasks call at once.
     Cluster: ``max_connections`` per node (redis-py's cluster client refuses beyond it, so it is
     raised to at least 1,024). Sentinel: one connection per concurrent task."""
@@ -314,4 +351,14 @@ def is_cluster_client(client: object) -> bool:
     return isinstance(client, (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster))
 
 
-__all__ = ["ACL_COMMANDS", "Target", "acl_rules", "check_url", "connect", "connect_async", "is_cluster_client", "parse"]
+__all__ = [
+    "ACL_COMMANDS",
+    "PendingClient",
+    "Target",
+    "acl_rules",
+    "check_url",
+    "connect",
+    "connect_async",
+    "is_cluster_client",
+    "parse",
+]

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+import redis.asyncio.cluster
 import redis.exceptions
 
 from distbudget._core.plan import Plan, parse_admit, parse_charge, parse_summary, script_args
-from distbudget._exceptions import BackendError
+from distbudget._exceptions import BackendError, BatchError
 from distbudget.engines import connect as _connect
 
 OPERATIONS = ("record", "commit", "check", "reserve", "release", "summary", "reset", "registry")
@@ -33,6 +34,13 @@ _DOING = {
 }
 
 log = logging.getLogger("distbudget")
+
+# What a redis-py call raises when Redis fails. The Cluster clients raise RedisClusterException (not a
+# RedisError) when no node answers, and SlotNotCoveredError (one) when a slot has no node.
+ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
+# Replies meaning a script did not run and must be sent elsewhere (or later): a Cluster redirection.
+_REDIRECTS = (redis.exceptions.AskError, redis.exceptions.TryAgainError)  # MovedError is an AskError
+AsyncPipelineCommand: Any = redis.asyncio.cluster.PipelineCommand
 
 Wire = tuple[str, "tuple[str, ...] | list[str]", list[Any], Callable[[Any], Any]]
 
@@ -56,14 +64,14 @@ def _check_url(url: str) -> None:
     _connect.check_url(url)
 
 
-def connect(url: str, **options: Any) -> Any:
+def connect(url: str, *, lazy: bool = False, **options: Any) -> Any:
     """A redis-py client for any distbudget URL (standalone, Cluster, Sentinel; see ``connect.py``)."""
-    return _connect.connect(url, **options)
+    return _connect.connect(url, lazy=lazy, **options)
 
 
-def connect_async(url: str, max_connections: int = 64, **options: Any) -> Any:
+def connect_async(url: str, max_connections: int = 64, *, lazy: bool = False, **options: Any) -> Any:
     """A ``redis.asyncio`` client for any distbudget URL (see ``connect.py``)."""
-    return _connect.connect_async(url, max_connections, **options)
+    return _connect.connect_async(url, max_connections, lazy=lazy, **options)
 
 
 def _charge_keys(plan: Plan, request_key: str | None, ttl_ms: int, record: bool) -> tuple[Any, str | int]:
@@ -166,27 +174,76 @@ def _replicated(result: Any, acked: Any, wait: tuple[int, int]) -> int:
 
 
 def _many_results(raw: list[Any], wait: tuple[int, int] | None) -> tuple[list[Any], int]:
-    """A record_many pipeline's replies: the scripts' (NoScriptError left in place for a retry),
-    and how many charges its WAIT left under-replicated (all that ran, or none). Any other error
-    is raised."""
+    """A record_many pipeline's replies (each script's, an error reply in place), and how many
+    charges its WAIT left under-replicated (all that ran, or none)."""
     acked = raw.pop() if wait is not None else None
-    for r in raw:
-        if isinstance(r, Exception) and not isinstance(r, redis.exceptions.NoScriptError):
-            raise r
     ran = sum(not isinstance(r, Exception) for r in raw)
     if wait is None or not ran:
         return raw, 0
     return raw, _replicated(None, acked, wait) * ran
 
 
+def _evalsha(sha: str, keys: Any, argv: list[Any]) -> tuple[Any, ...]:
+    return ("EVALSHA", sha, len(keys), *keys, *argv)
+
+
+def _by_node(client: Any, commands: list[tuple[Any, ...]], replies: list[Any]) -> dict[str, tuple[Any, list[int]]]:
+    """A Cluster client's commands grouped by the node of their first key (a command whose slot has
+    no node gets that error as its reply)."""
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    for i, command in enumerate(commands):
+        try:
+            node = client.get_node_from_key(command[3])
+        except ERRORS as exc:
+            replies[i] = exc
+            continue
+        groups.setdefault(node.name, (node, []))[1].append(i)
+    return groups
+
+
+def _outcomes(results: list[Any]) -> list[Any]:
+    """A record_many batch's parsed answers. When the round trip itself failed (every call has the
+    same error) that error is raised; when only some calls failed, a :class:`BatchError` carrying
+    each call's answer or error (the failure policy settles them one by one)."""
+    failed = [r for r in results if isinstance(r, Exception)]
+    if not failed:
+        return [parse_charge(r) for r in results]
+    first = failed[0]
+    if all(r is first for r in results):
+        raise first
+    per_call: list[Any] = []
+    for r in results:
+        if isinstance(r, Exception):
+            err = BackendError(f"Redis record failed: {r}")
+            err.__cause__ = r
+            per_call.append(err)
+        else:
+            per_call.append(parse_charge(r))
+    msg = f"Redis record_many: {len(failed)} of {len(results)} charges failed (first: {first})"
+    raise BatchError(msg, per_call) from first
+
+
 class RedisEngine:
     """Applies plans on one redis-py client (``Redis``, ``RedisCluster``)."""
 
     def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
-        self.client = client
-        self.scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
         self.wait = _check_wait(client, wait)
         self.under_replicated = 0  # charges WAIT returned on before enough replicas acknowledged
+        # A Cluster client that could not be built (no node answered; see connect(lazy=True)) is
+        # built at the first call instead: until then ``client`` is that PendingClient.
+        self.client: Any = client
+        self.scripts: dict[str, Any] = {}
+        self._pending = client if isinstance(client, _connect.PendingClient) else None
+        if self._pending is None:
+            self.scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
+
+    def _ready(self) -> None:
+        pending = self._pending
+        if pending is not None:
+            client = pending.get()  # raises while no node answers
+            self.scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
+            self.client = client
+            self._pending = None
 
     def _run(self, op: str, keys: Any, argv: list[Any]) -> Any:
         """One script call; with ``wait``, a charge and ``WAIT`` in one pipeline (one round trip)."""
@@ -207,33 +264,71 @@ class RedisEngine:
     def _record_many(self, batch: tuple[tuple[Any, ...], ...]) -> list[Any]:
         """Every record of the batch in one pipeline (one round trip; each its own script), then
         WAIT when configured. A NOSCRIPT reply (SCRIPT FLUSH, restart, failover) means that charge
-        did not run: the script is loaded and those charges alone are sent again."""
+        did not run: the script is loaded and those charges alone are sent again. Nothing else is
+        ever sent twice. Each call's outcome is its own (see :func:`_outcomes`)."""
         script = self.scripts["record"]
         calls = [wire("record", args)[1:3] for args in batch]
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for i in todo:
-                keys, argv = calls[i]
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *argv)
-            if self.wait is not None:
-                pipe.execute_command("WAIT", *self.wait)
-            raw, under = _many_results(pipe.execute(raise_on_error=False), self.wait)
-            self.under_replicated += under
+            try:
+                if attempt:
+                    script.sha = self.client.script_load(script.script)
+                raw = self._send_many([_evalsha(script.sha, *calls[i]) for i in todo])
+            except ERRORS as exc:  # loading the script failed: those charges did not run
+                raw = [exc] * len(todo)
             for i, r in zip(todo, raw, strict=True):
                 results[i] = r
             todo = [i for i in todo if isinstance(results[i], redis.exceptions.NoScriptError)]
             if not todo:
                 break
-            if attempt == 0:
-                script.sha = self.client.script_load(script.script)
-        if todo:
-            raise results[todo[0]]
-        return [parse_charge(r) for r in results]
+        return _outcomes(results)
+
+    def _send_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Commands in one round trip: their replies, an error reply in place of its command's. When
+        the round trip itself fails, its error is every command's (each may have run)."""
+        if _connect.is_cluster_client(self.client):
+            return self._send_cluster(commands)
+        pipe = self.client.pipeline(transaction=False)  # our clients never re-send (connect.py)
+        for command in commands:
+            pipe.execute_command(*command)
+        if self.wait is not None:
+            pipe.execute_command("WAIT", *self.wait)
+        try:
+            raw, under = _many_results(pipe.execute(raise_on_error=False), self.wait)
+        except ERRORS as exc:
+            return [exc] * len(commands)
+        self.under_replicated += under
+        return raw
+
+    def _send_cluster(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """On a Cluster, each node's commands in one pipeline of that node's own client, which never
+        re-sends (redis-py's ClusterPipeline sends a node's commands again one by one after a timeout
+        or a lost connection, though the scripts may have run). A redirection (MOVED, ASK, TRYAGAIN:
+        the script did not run) is followed by sending that command alone through the Cluster client."""
+        replies: list[Any] = [None] * len(commands)
+        for node, indexes in _by_node(self.client, commands, replies).values():
+            pipe = self.client.get_redis_connection(node).pipeline(transaction=False)
+            for i in indexes:
+                pipe.execute_command(*commands[i])
+            try:
+                raw = pipe.execute(raise_on_error=False)
+            except ERRORS as exc:
+                raw = [exc] * len(indexes)
+            for i, r in zip(indexes, raw, strict=True):
+                replies[i] = r
+        for i, r in enumerate(replies):
+            if isinstance(r, _REDIRECTS):
+                try:
+                    replies[i] = self.client.execute_command(*commands[i])
+                except ERRORS as exc:
+                    replies[i] = exc
+        return replies
 
     def apply(self, name: str, args: tuple[Any, ...]) -> Any:
         try:
+            if self._pending is not None:
+                self._ready()
             if name == "announce":
                 return self.client.hset(args[0], mapping=args[1])
             if name == "registry_names":
@@ -245,7 +340,7 @@ class RedisEngine:
                 return self._record_many(args[0])
             op, keys, argv, parse = wire(name, args)
             return parse(self._run(op, keys, argv))
-        except redis.RedisError as exc:
+        except ERRORS as exc:
             raise BackendError(f"Redis {_DOING.get(name, name)} failed: {exc}") from exc
 
 
@@ -259,7 +354,8 @@ class AsyncRedisEngine:
         self.under_replicated = 0
         # redis.asyncio's RedisCluster breaks connections when many tasks make its first calls at once
         # (they all wait on its slot-map initialisation, then race): initialise once, first.
-        self._cluster_init: asyncio.Lock | None = asyncio.Lock() if _connect.is_cluster_client(client) else None
+        self._cluster = _connect.is_cluster_client(client)
+        self._cluster_init: asyncio.Lock | None = asyncio.Lock() if self._cluster else None
 
     async def _initialise(self) -> None:
         assert self._cluster_init is not None
@@ -290,24 +386,61 @@ class AsyncRedisEngine:
         results: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         for attempt in range(2):
-            pipe = self.client.pipeline(transaction=False)
-            for i in todo:
-                keys, argv = calls[i]
-                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *argv)
-            if self.wait is not None:
-                pipe.execute_command("WAIT", *self.wait)
-            raw, under = _many_results(await pipe.execute(raise_on_error=False), self.wait)
-            self.under_replicated += under
+            try:
+                if attempt:
+                    script.sha = await self.client.script_load(script.script)
+                raw = await self._send_many([_evalsha(script.sha, *calls[i]) for i in todo])
+            except ERRORS as exc:
+                raw = [exc] * len(todo)
             for i, r in zip(todo, raw, strict=True):
                 results[i] = r
             todo = [i for i in todo if isinstance(results[i], redis.exceptions.NoScriptError)]
             if not todo:
                 break
-            if attempt == 0:
-                script.sha = await self.client.script_load(script.script)
-        if todo:
-            raise results[todo[0]]
-        return [parse_charge(r) for r in results]
+        return _outcomes(results)
+
+    async def _send_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """See :meth:`RedisEngine._send_many`."""
+        if self._cluster:
+            return await self._send_cluster(commands)
+        pipe = self.client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        if self.wait is not None:
+            pipe.execute_command("WAIT", *self.wait)
+        try:
+            raw, under = _many_results(await pipe.execute(raise_on_error=False), self.wait)
+        except ERRORS as exc:
+            return [exc] * len(commands)
+        self.under_replicated += under
+        return raw
+
+    async def _send_cluster(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """See :meth:`RedisEngine._send_cluster`: each node's commands in one pipeline on one of
+        that node's connections (``redis.asyncio``'s ClusterPipeline sends the whole batch again
+        when writing it failed, though part of it may have reached the node)."""
+        await self.client.initialize()  # a no-op unless redis-py asked for a slot-map refresh
+        replies: list[Any] = [None] * len(commands)
+
+        async def send(node: Any, indexes: list[int]) -> None:
+            staged = [AsyncPipelineCommand(i, *commands[i]) for i in indexes]
+            try:
+                await node.execute_pipeline(staged)  # each reply (or error reply) in .result
+                raw = [c.result for c in staged]
+            except ERRORS as exc:
+                raw = [exc] * len(indexes)
+            for i, r in zip(indexes, raw, strict=True):
+                replies[i] = r
+
+        groups = _by_node(self.client, commands, replies)
+        await asyncio.gather(*(send(node, indexes) for node, indexes in groups.values()))
+        for i, r in enumerate(replies):
+            if isinstance(r, _REDIRECTS):
+                try:
+                    replies[i] = await self.client.execute_command(*commands[i])
+                except ERRORS as exc:
+                    replies[i] = exc
+        return replies
 
     async def apply(self, name: str, args: tuple[Any, ...]) -> Any:
         try:
@@ -324,5 +457,5 @@ class AsyncRedisEngine:
                 return await self._record_many(args[0])
             op, keys, argv, parse = wire(name, args)
             return parse(await self._run(op, keys, argv))
-        except redis.RedisError as exc:
+        except ERRORS as exc:
             raise BackendError(f"Redis {_DOING.get(name, name)} failed: {exc}") from exc
