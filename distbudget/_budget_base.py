@@ -624,12 +624,12 @@ class BudgetCore:
     ) -> Flow[Hold]:
         usage = self.worst_case(model, input_tokens, max_output_tokens)
         ttl_us = self.hold_ttl_us if ttl is None else int(_seconds(ttl, "ttl") * P.US)
-        self.request_key(request_id)
+        rkey = self.request_key(request_id)  # fixed now: the tree is the hold's, whatever happens later
         plan = self.plan(self._session(session_id, True), model)
         hold_id = uuid.uuid4().hex
         result = yield "reserve", (plan, self.now_us(), usage, hold_id, ttl_us)
         admitted = self.finish_admit(plan, result, usage)
-        return Hold(plan, model, usage, hold_id, request_id, admitted)
+        return Hold(plan, model, usage, hold_id, request_id, admitted, rkey)
 
     def acquire_flow(
         self,
@@ -668,11 +668,17 @@ class BudgetCore:
         )
         if hold.record is not None:
             raise InvalidInputError("reservation already committed")
-        rkey = self.request_key(hold.request_id)
+        if hold.committing:  # a first commit raised after it was sent or journaled: never charge twice
+            raise InvalidInputError(
+                "reservation already committed: its first commit failed after it was sent or journaled "
+                "(a journaled charge is replayed when Redis answers)"
+            )
+        rkey = hold.request_key
         extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
         entry = self.ledger_entry(
             hold.plan, input_tokens, output_tokens, extra, hold.request_id, hold.hold_id, metadata
         )
+        hold.committing = True
         result = yield "commit", (hold.plan, self.now_us(), usage, hold.hold_id, rkey, self.request_ttl_ms, entry)
         hold.open = False
         over = usage[0] > hold.held[0] or usage[1] > hold.held[1]
@@ -801,19 +807,39 @@ class BudgetCore:
 class Hold:
     """The state of one reservation (shared by ``Reservation`` and ``AsyncReservation``)."""
 
-    __slots__ = ("admitted", "held", "hold_id", "model", "open", "plan", "record", "request_id")
+    __slots__ = (
+        "admitted",
+        "committing",
+        "held",
+        "hold_id",
+        "model",
+        "open",
+        "plan",
+        "record",
+        "request_id",
+        "request_key",
+    )
 
     def __init__(
-        self, plan: P.Plan, model: str, held: tuple[int, int, int], hold_id: str, request_id: str | None, admitted: bool
+        self,
+        plan: P.Plan,
+        model: str,
+        held: tuple[int, int, int],
+        hold_id: str,
+        request_id: str | None,
+        admitted: bool,
+        request_key: str | None = None,
     ) -> None:
         self.plan = plan
         self.model = model
         self.held = held
         self.hold_id = hold_id
         self.request_id = request_id
+        self.request_key = request_key
         self.admitted = admitted
         self.open = admitted
         self.record: UsageRecord | None = None
+        self.committing = False  # a commit was sent (or journaled)
 
 
 class ReservationBase:

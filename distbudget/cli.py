@@ -724,6 +724,9 @@ def list_scopes(args: argparse.Namespace) -> int:
         for key, lim in summary["limits"].items():
             if lim["scope"] != name:
                 continue  # an ancestor's limit: listed under the ancestor
+            if lim["window"] == "session":  # counted per session id: no one figure for the scope
+                rows.append(["", "", key, "per session", "", f"{lim['limit']:g}", ""])
+                continue
             rows.append(["", "", key, f"{lim['used']:g}", f"{lim['held']:g}", f"{lim['limit']:g}", f"{lim['pct']:.1%}"])
     for line in _table(rows, {3, 4, 5, 6}):
         print(line)

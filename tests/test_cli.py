@@ -352,13 +352,17 @@ def test_scopes_and_ledger_commands(tmp_path: Any, capsys: pytest.CaptureFixture
     try:
         mgr = BudgetManager(redis=server.url, prefix="ops")
         mgr.register(BudgetScope("org", max_tokens_per_day=10_000), {"m": ModelRates(0.001, 0.002)})
-        mgr.register(BudgetScope("dev", parent="org", max_tokens_per_day=1000), {"m": ModelRates(0.001, 0.002)})
+        mgr.register(
+            BudgetScope("dev", parent="org", max_tokens_per_day=1000, max_tokens_per_session=500),
+            {"m": ModelRates(0.001, 0.002)},
+        )
         for i in range(4):
             mgr.record("dev", f"s{i}", "m", 100, 50)
         assert cli.main(["scopes", "--redis", server.url, "--prefix", "ops"]) == 0
         out = capsys.readouterr().out.splitlines()
         dev = next(i for i, line in enumerate(out) if line.split()[:2] == ["dev", "org"])
-        assert out[dev + 1].split() == ["day_tokens", "600", "0", "1000", "60.0%"]
+        assert out[dev + 1].split() == ["session_tokens", "per", "session", "500"]
+        assert out[dev + 2].split() == ["day_tokens", "600", "0", "1000", "60.0%"]
         path = tmp_path / "dev.jsonl"
         assert cli.main(["ledger", "org", "--redis", server.url, "--prefix", "ops", "--out", str(path)]) == 0
         assert "4 ledger entries" in capsys.readouterr().out

@@ -512,6 +512,22 @@ def test_a_batch_that_does_not_fit_in_the_journal_journals_none_of_it(server: Ao
     assert sorted(e["input_tokens"] for e in ledger_charges(server, "fleet")) == [1, 2, *range(10, 15)]
 
 
+def test_retrying_a_journaled_commit_is_refused(server: AofRedis) -> None:
+    """Under "raise" a commit that met an outage is journaled and raises; retrying it (the natural
+    reaction to an exception) must not journal the charge a second time."""
+    budget = Budget(big_scope("retry"), redis=server.url)
+    hold = budget.reserve(MODEL, 100, 100)
+    server.kill9()
+    with pytest.raises(BackendError) as first:
+        hold.commit(100, 50)
+    assert first.value.journaled
+    with pytest.raises(InvalidInputError, match="already committed"):
+        hold.commit(100, 50)
+    server.start()
+    assert budget.flush_journal() == 1
+    assert budget.summary()["total"]["tokens"] == 150
+
+
 def test_a_full_journal_raises_and_drops_nothing(server: AofRedis) -> None:
     budget = Budget(big_scope(), redis=server.url, on_backend_error="allow", journal_size=3)
     budget.record("s1", MODEL, 1, 0)

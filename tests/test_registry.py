@@ -139,6 +139,24 @@ def test_reservations_settle_after_their_scope_was_removed(backend: Backend) -> 
     assert (limit["used"], limit["held"]) == (150, 0)
 
 
+def test_a_commit_stays_in_its_holds_tree_after_the_scope_moved(backend: Backend) -> None:
+    """Removed and re-registered under another root while a reservation was out: its commit (with a
+    request id) charges the tree it was reserved in, in one slot (no CROSSSLOT on Cluster)."""
+    admin = backend.manager()
+    for team in ("team-a", "team-b"):
+        admin.register(BudgetScope(team, max_tokens_per_day=100_000), RATES)
+    admin.register(BudgetScope("mover", parent="team-a"), RATES)
+    worker = backend.manager(registry_ttl=0.05)
+    with worker.reserve("mover", "m", 100, 100, session_id="s", request_id="call-1") as hold:
+        admin.remove("mover")
+        admin.register(BudgetScope("mover", parent="team-b"), RATES)
+        time.sleep(0.1)
+        worker.summary("mover")  # the budget now follows the new tree
+        assert hold.commit(100, 40).total_tokens == 140
+    assert admin.summary("team-a")["total"]["tokens"] == 140
+    assert admin.summary("team-b")["total"]["tokens"] == 0
+
+
 def test_records_limit_counts_charges_only(backend: Backend) -> None:
     mgr = backend.manager()
     budget = mgr.register(BudgetScope("lim"), RATES)
