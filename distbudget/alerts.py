@@ -36,6 +36,7 @@ import redis
 import redis.asyncio
 import redis.exceptions
 from redis.crc import key_slot
+from redis.exceptions import ClusterError, RedisClusterException, SlotNotCoveredError
 
 from distbudget._core.keys import alert_index_key
 from distbudget._core.money import nano_to_usd
@@ -72,6 +73,12 @@ def _text(value: Any) -> str:
 Entry = tuple[str, str, dict[Any, Any]]  # stream, entry id, fields
 # A client method (or "sleep", or "xread_slots": Cluster, one XREAD per slot group, routed by the shell)
 Step = tuple[str, tuple[Any, ...], dict[str, Any]]
+
+
+# What a listener retries with backoff, as a lost connection: on a Cluster, redis-py's own errors when
+# no node answers (it raises RedisClusterException, not a RedisError, when it cannot read the slot map)
+# or while the cluster is not serving (CLUSTERDOWN, slots not covered yet, redirections exhausted).
+_LOST = (redis.ConnectionError, redis.TimeoutError, RedisClusterException, SlotNotCoveredError, ClusterError)
 
 
 def _entries(reply: Any) -> list[Entry]:
@@ -172,9 +179,9 @@ class AlertListener(_ListenerBase):
     ``for alert in listener`` blocks and yields alerts; ``start(callback)`` runs that loop in a
     background thread (callback errors are logged, never stop it); ``stop()`` ends it. Pass
     ``last_ids`` (``listener.last_ids`` from a previous run) to resume exactly where it stopped.
-    ``from_start=False`` skips what the streams already hold. Connection loss is retried with
-    backoff; nothing is skipped, nothing delivered twice. A scope tree that appears while the
-    listener runs is picked up within ``block_ms``.
+    ``from_start=False`` skips what the streams already hold. Connection loss (on a Cluster, also
+    every node unreachable, or the cluster down) is retried with backoff; nothing is skipped, nothing
+    delivered twice. A scope tree that appears while the listener runs is picked up within ``block_ms``.
     """
 
     def __init__(
@@ -211,7 +218,7 @@ class AlertListener(_ListenerBase):
             try:
                 entries = self._run(self._poll())
                 self.backoff = 0.0
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except _LOST as exc:
                 time.sleep(self._lost(exc))
                 continue
             for entry in entries:
@@ -276,7 +283,7 @@ class AsyncAlertListener(_ListenerBase):
             try:
                 entries = await self._run(self._poll())
                 self.backoff = 0.0
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except _LOST as exc:
                 await asyncio.sleep(self._lost(exc))
                 continue
             for entry in entries:
@@ -307,8 +314,8 @@ def _xread_slots(client: Any, groups: list[dict[str, str]], count: int, block: i
             pipe.execute_command(*_xread_args(groups[i], count, block))
         try:
             answers = pipe.execute(raise_on_error=False)
-        except (redis.ConnectionError, redis.TimeoutError):  # the node is gone (a failover?): re-read
-            with contextlib.suppress(redis.RedisError):  # the slot map before the listener retries
+        except (redis.ConnectionError, redis.TimeoutError):  # the node is gone (a failover?): re-read the
+            with contextlib.suppress(redis.RedisError, RedisClusterException):  # slot map before retrying
                 client.nodes_manager.initialize()
             raise
         for i, reply in zip(indexes, answers, strict=True):

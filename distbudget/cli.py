@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import distbudget
 from distbudget import BudgetExceededError, BudgetManager, BudgetScope, DistBudgetError, ModelRates
@@ -455,13 +454,12 @@ def _amount(metric: str, value: float) -> str:
 
 
 def redact(url: str) -> str:
-    """A Redis URL without its password."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """A Redis URL without its credentials (everything before the last '@', however it is
+    written: an un-encoded '#', '?' or '/' in a password must not leak either)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:

@@ -337,6 +337,29 @@ def test_every_key_has_a_ttl_or_is_owned(backend: Backend) -> None:
         assert (name in owned) == (ttl == -1), (name, ttl)
 
 
+def test_reads_of_sessions_never_charged_leave_no_state(backend: Backend) -> None:
+    """check(), a refused reserve() and summary() of a session never charged write nothing (Redis's
+    HMGET / HGETALL create no key; the embedded engine must not either): a stream of new session
+    ids, each read once, leaves no state behind."""
+    scope = BudgetScope("reads", max_tokens_per_session=100, limits=[Limit("requests", 5, "1m")])
+    budget = backend.budget(scope, RATES)
+    budget.record("charged", "m", 10, 0)
+
+    def state() -> object:
+        if backend.store is not None:
+            return sorted(backend.store.keys("*"))
+        engine = backend.memory
+        return {name: len(getattr(engine, name)) for name in ("_hashes", "_expires", "_trees", "_windows")}
+
+    before = state()
+    for i in range(200):
+        assert budget.check("m", 10, session_id=f"new-{i}")
+        with pytest.raises(BudgetExceededError):
+            budget.reserve("m", 500, 0, session_id=f"new-{i}")
+        assert budget.summary(f"new-{i}")["session"]["tokens"] == 0
+    assert state() == before
+
+
 def test_extra_alert_thresholds_fire_info_once(backend: Backend) -> None:
     scope = BudgetScope("s", max_tokens_per_session=100, alert_thresholds=[0.5, 0.8, 0.9])
     budget = backend.budget(scope, RATES, session_id="a")

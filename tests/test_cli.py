@@ -374,3 +374,15 @@ def test_scopes_and_ledger_commands(tmp_path: Any, capsys: pytest.CaptureFixture
         assert "unknown scope" in capsys.readouterr().err
     finally:
         server.stop()
+
+
+def test_redact_hides_credentials_however_written() -> None:
+    for url in (
+        "redis://:s3cret@h:6379/0",
+        "redis://user:s3cret@h:6379/0",
+        "redis://:s3#cr?et/x@h:6379/0",
+        "redis+sentinel://:s3cret@h1:26379,h2:26379/svc",
+    ):
+        shown = cli.redact(url)
+        assert "s3" not in shown and "cret" not in shown and shown.endswith(url.rsplit("@", 1)[1])
+    assert cli.redact("redis://h:6379/0") == "redis://h:6379/0"

@@ -1,7 +1,7 @@
 """Redis Cluster faults, on real clusters of our own (``tests/_servers.py``): a node that stalls while a
 ``record_many`` pipeline waits for its replies (a busy Lua script longer than the client's socket
 timeout: the client gives up, the node runs the charges afterwards), a slot moved behind the client's
-back, and every node stopped.
+back, and every node stopped (budgets meet their failure policy; alert listeners wait it out).
 
 The books are checked as in ``test_failure_policy.py``: every charge counted exactly once."""
 
@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from distbudget import AsyncBudget, BackendError, Budget, BudgetScope
+from distbudget.alerts import AlertListener, AsyncAlertListener
 from tests._servers import Cluster, RedisServer, wait_for
 
 pytestmark = pytest.mark.slow
@@ -167,4 +168,43 @@ def test_every_node_down_meets_the_failure_policy(tmp_path: Path) -> None:
         assert budget.summary()["total"]["tokens"] == 10 + 20 + 30 + 40
         assert late.summary()["total"]["requests"] == 4
     finally:
+        cl.stop()
+
+
+def test_alert_listeners_outlive_a_cluster_outage(tmp_path: Path) -> None:
+    """Every node down: redis-py's Cluster clients raise RedisClusterException (not a RedisError),
+    then CLUSTERDOWN while the nodes come back. Both listeners retry with backoff, as after a lost
+    connection, and hear the alerts raised once the cluster serves again."""
+    cl = Cluster(tmp_path)
+    heard: list[str | None] = []
+    heard_async: list[str | None] = []
+    listener = AlertListener(redis=cl.url, block_ms=100).start(lambda a: heard.append(a.session_id))
+    alisteners: list[AsyncAlertListener] = []
+
+    async def consume() -> None:
+        alisteners.append(AsyncAlertListener(redis=cl.url, block_ms=100))
+        async for alert in alisteners[0]:
+            heard_async.append(alert.session_id)
+
+    athread = threading.Thread(target=lambda: asyncio.run(consume()), daemon=True)
+    athread.start()
+    try:
+        scope = BudgetScope("listened", max_tokens_per_session=100)
+        Budget(scope, redis=cl.url).record("before", MODEL, 90, 0)  # a warning, heard by both
+        assert wait_for(lambda: heard == heard_async == ["before"])
+        for node in cl.nodes:
+            node.stop()
+        assert wait_for(lambda: listener.backoff >= 0.4 and alisteners[0].backoff >= 0.4)  # retried, alive
+        for node in cl.nodes:
+            node.start()
+        assert wait_for(lambda: all(cl._state_ok(n) for n in cl.nodes), timeout=30)
+        # the nodes kept no data: a new budget announces the tree's alert stream again
+        Budget(scope, redis=cl.url).record("after", MODEL, 90, 0)
+        assert wait_for(lambda: heard == heard_async == ["before", "after"], timeout=30)
+        assert listener._thread is not None and listener._thread.is_alive() and athread.is_alive()
+    finally:
+        listener.stop()
+        if alisteners:
+            alisteners[0].stop()
+        athread.join(5)
         cl.stop()

@@ -8,6 +8,11 @@ URL forms (user name, password and query parameters work in all of them)::
     redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db]
                                                         Sentinel (rediss+sentinel:// TLS)
 
+A Sentinel URL's database is its path's ``/db`` or a ``?db=`` parameter (both: they must agree); a
+Cluster has database 0 only. A user name or password containing ``#``, ``?``, ``/``, ``@``, ``[`` or
+``]`` must be percent-encoded (``urllib.parse.quote(password, safe="")``): errors about a URL never
+quote it, so that no part of a password ends up in a log.
+
 The user name and password are the data nodes'. Sentinels that require their own password take
 ``?sentinel_password=...`` (and ``sentinel_username``). Other query parameters are redis-py's
 (``ssl_ca_certs``, ``ssl_cert_reqs``, ``socket_timeout``, ...). distbudget's own:
@@ -102,6 +107,29 @@ def _int_option(options: dict[str, str], name: str, default: int, low: int) -> i
     return value
 
 
+# Errors about a URL's shape never quote the URL: a password with '#', '?', '/' or '[' left as is
+# would be cut there and parsed as a host, a port or a path, and echoed in the message.
+_ENCODE = (
+    "a password containing '#', '?', '/', '@', '[' or ']' must be percent-encoded: urllib.parse.quote(pw, safe='')"
+)
+_SPLIT_USERINFO = f"the Redis URL has an '@' after a '/', '?' or '#' ({_ENCODE}; an '@' in a path or query: %40)"
+
+
+def _split(url: str, rest: str) -> Any:
+    """``urlsplit(url)`` (``rest``: what follows ``://``), with errors that quote no part of it."""
+    delimiters = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
+    if delimiters and "@" in rest[min(delimiters) :]:
+        raise ValueError(_SPLIT_USERINFO)
+    try:
+        return urlsplit(url)
+    except ValueError:  # e.g. urllib quotes what it takes for an IPv6 address (a password with '[')
+        raise ValueError(f"malformed Redis URL: check its host part ({_ENCODE})") from None
+
+
+def _is_number(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
 def _hosts(netloc: str, default_port: int) -> tuple[tuple[str, int], ...]:
     out = []
     for raw in netloc.split(","):
@@ -129,19 +157,27 @@ def parse(url: str) -> Target:
     """Parse and validate a distbudget Redis URL (never echoes a password in its errors)."""
     if not isinstance(url, str):
         raise TypeError("a Redis URL must be a str")
-    scheme, sep, _ = url.partition("://")
+    scheme, sep, rest = url.partition("://")
     if not sep or scheme not in SCHEMES:
         raise ValueError(
             f"unsupported Redis URL scheme {scheme!r} (use redis://, rediss://, unix://, "
             "redis+cluster://, rediss+cluster://, redis+sentinel:// or rediss+sentinel://)"
         )
-    parts = urlsplit(url)
+    parts = _split(url, rest)
     query = parse_qsl(parts.query, keep_blank_values=True)
     ours = {k: v for k, v in query if k in _OURS}
     theirs = urlencode([(k, v) for k, v in query if k not in _OURS])
     wait_replicas = _int_option(ours, "wait_replicas", 0, 0)
     wait_timeout_ms = _int_option(ours, "wait_timeout_ms", DEFAULT_WAIT_TIMEOUT_MS, 0)
     if "+" not in scheme:
+        if scheme != "unix":
+            try:
+                _ = parts.port  # (urllib's error would quote the port text)
+            except ValueError:
+                raise ValueError(f"bad port in the Redis URL ({_ENCODE})") from None
+            db_text = unquote(parts.path).strip("/")
+            if db_text and not _is_number(db_text):  # redis-py would take it as database 0
+                raise ValueError(f"bad database number in the Redis URL path: {db_text!r} (use redis://host:port/<db>)")
         clean = url.partition("?")[0] + (f"?{theirs}" if theirs else "")  # (geturl() drops unix:'s //)
         redis_parse_url(clean)  # validates the query parameters now rather than at the first call
         return Target("standalone", wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms, url=clean)
@@ -151,6 +187,7 @@ def parse(url: str) -> Target:
     user, _, password = auth.partition(":")
     # redis-py's own parser types the query parameters (and sets TLS up for rediss).
     kwargs = redis_parse_url(f"{base}://127.0.0.1:6379/0" + (f"?{theirs}" if theirs else ""))
+    query_db = kwargs["db"] if any(k == "db" and v for k, v in query) else None  # (typed by redis-py)
     for name in ("host", "port", "db", "connection_class"):
         kwargs.pop(name, None)
     if base == "rediss":
@@ -163,15 +200,19 @@ def parse(url: str) -> Target:
     if kind == "cluster":
         if wait_replicas:
             raise ValueError("wait_replicas is not supported on Redis Cluster URLs")
-        if path not in ([], ["0"]):
-            raise ValueError("a Redis Cluster has database 0 only: use redis+cluster://host:port[,host:port]")
+        if path not in ([], ["0"]) or query_db not in (None, 0):
+            raise ValueError(
+                "a Redis Cluster has database 0 only: drop the URL's /db or ?db= (redis+cluster://host:port[,host:port])"
+            )
         return Target("cluster", _hosts(hostlist, 6379), kwargs=kwargs)
     if not path or len(path) > 2:
         raise ValueError("use redis+sentinel://host:port[,host:port]/service_name[/db]")
-    try:
-        db = int(path[1]) if len(path) == 2 else 0
-    except ValueError:
-        raise ValueError(f"bad database number in the Sentinel URL: {path[1]!r}") from None
+    if len(path) == 2 and not _is_number(path[1]):
+        raise ValueError(f"bad database number in the Sentinel URL: {path[1]!r}")
+    path_db = int(path[1]) if len(path) == 2 else None
+    if path_db is not None and query_db is not None and path_db != query_db:
+        raise ValueError(f"the Sentinel URL names two databases: /{path_db} in its path and db={query_db} in its query")
+    db = path_db if path_db is not None else query_db or 0
     sentinel_kwargs = {k: v for k, v in kwargs.items() if k.startswith(("ssl", "socket_"))}
     if "sentinel_username" in ours:
         sentinel_kwargs["username"] = ours["sentinel_username"]

@@ -99,7 +99,21 @@ class MemoryEngine:
 
     # ---- state helpers (mirroring lua/_common.lua) ---------------------------------------------
 
+    def _lookup(self, key: str, now: int) -> dict[Any, Any] | None:
+        """The hash at ``key`` as a read sees it (HMGET, HGETALL): None when absent or expired.
+        Reads create nothing: only charges do (``_hash``), so that reads of sessions never charged
+        (each a new key) leave no state behind."""
+        h = self._hashes.get(key)
+        if h is not None:
+            exp = self._expires.get(key)
+            if exp is not None and exp <= now:
+                del self._expires[key]
+                del self._hashes[key]
+                return None
+        return h
+
     def _hash(self, key: str, now: int) -> dict[Any, Any]:
+        """The hash at ``key`` for a write: created (empty) when absent or expired."""
         exp = self._expires.get(key)
         if exp is not None and exp <= now:
             del self._expires[key]
@@ -120,12 +134,12 @@ class MemoryEngine:
         for key in [k for k, (exp, _) in self._requests.items() if exp <= now]:
             del self._requests[key]
 
-    def _counter(self, c: Counter, now: int) -> tuple[dict[Any, Any], list[int]]:
-        """The counter's running totals, aged (created empty if absent, as HMGET sees them)."""
-        h = self._hash(c.hash_key, now)
-        tot = h.get(c.prefix)
+    def _counter(self, c: Counter, now: int) -> list[int]:
+        """The counter's running totals, aged (zeros if absent, as HMGET sees them; nothing created)."""
+        h = self._lookup(c.hash_key, now)
+        tot: list[int] | None = None if h is None else h.get(c.prefix)
         if tot is None:
-            return h, [0, 0, 0]
+            return [0, 0, 0]
         if c.zset_key is not None:
             w = self._windows.get(c.zset_key)
             if w is not None and w.buckets:
@@ -137,7 +151,7 @@ class MemoryEngine:
                         tot[1] -= amounts[1]
                         tot[2] -= amounts[2]
                     w.oldest = min(w.buckets, default=0)
-        return h, tot
+        return tot
 
     def _refresh(self, h: dict[Any, Any], c: Counter, now: int) -> None:
         """An idle-TTL hash (a session) charged: refresh its TTL when due, as lua/_common.lua does
@@ -211,13 +225,15 @@ class MemoryEngine:
                 self._drop_hold(tree, hold_id)
 
     def _read(self, plan: Plan, now: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        tree = self._tree(plan)
-        self._reap(tree, now)
+        tree = self._trees.get(plan.keys[0])  # a read creates no state (see _lookup)
+        if tree is not None:
+            self._reap(tree, now)
+        in_tree = {} if tree is None else tree.held
         totals: list[int] = []
         held: list[int] = []
         for c in plan.counters:
-            totals.extend(self._counter(c, now)[1])
-            held.extend(tree.held.get(c.id, (0, 0, 0)))
+            totals.extend(self._counter(c, now))
+            held.extend(in_tree.get(c.id, (0, 0, 0)))
         return tuple(totals), tuple(held)
 
     def _admit(
@@ -406,14 +422,15 @@ class MemoryEngine:
 
     def release(self, plan: Plan, hold_id: str) -> bool:
         with self._lock:
-            return self._drop_hold(self._tree(plan), hold_id)
+            tree = self._trees.get(plan.keys[0])
+            return tree is not None and self._drop_hold(tree, hold_id)
 
     def summary(self, plan: Plan, now_us: int | None) -> SummaryResult:
         with self._lock:
             now = _server_now() if now_us is None else now_us
             totals, held = self._read(plan, now)
             fields: dict[str, int] = {}
-            for k, v in self._hash(plan.keys[plan.totals_key_index - 1], now).items():
+            for k, v in (self._lookup(plan.keys[plan.totals_key_index - 1], now) or {}).items():
                 if isinstance(k, tuple):
                     fields[f"{k[1]}a:{k[2]}"] = v
                 else:
@@ -427,7 +444,7 @@ class MemoryEngine:
         """``lua/reset.lua``: zero the counters, report what the first one held, append the reset."""
         with self._lock:
             now = _server_now() if now_us is None else now_us
-            h = self._hash(keys[1], now)
+            h = self._lookup(keys[1], now) or {}  # nothing to zero creates nothing
             if mode == "model":
                 amt = tuple(h.pop(field_prefix, (0, 0, 0)))
                 for k in [k for k in h if isinstance(k, tuple) and k[1] == field_prefix]:
