@@ -202,3 +202,21 @@ def test_a_lost_reply_is_never_sent_again(tmp_path: Path) -> None:
         assert not raised and runs > 1  # what the policy prevents: one call, several charges
     finally:
         server.stop()
+
+
+def test_a_ready_client_that_retries_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    """redis-py's default client re-sends a command after a connection error (a lost reply would be
+    charged twice): distbudget says so, once per client; URL clients and no-retry clients are quiet."""
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    port = free_port()  # nothing listens: constructing a budget sends nothing
+    default = redis.Redis(port=port)
+    with caplog.at_level("WARNING", logger="distbudget"):
+        Budget(SCOPE, RATES, redis=default)
+        Budget(SCOPE, RATES, redis=default)
+        AsyncBudget(SCOPE, RATES, redis=redis.asyncio.Redis(port=port))
+        Budget(SCOPE, RATES, redis=redis.Redis(port=port, retry=Retry(NoBackoff(), 0)))
+        Budget(SCOPE, RATES, redis=f"redis://127.0.0.1:{port}/0")
+    warned = [r for r in caplog.records if "re-sends a command" in r.getMessage()]
+    assert len(warned) == 2  # the default sync client once, the default asyncio client once

@@ -223,10 +223,31 @@ def _outcomes(results: list[Any]) -> list[Any]:
     raise BatchError(msg, per_call) from first
 
 
+_WARNED: set[int] = set()
+
+
+def warn_if_retrying(client: Any) -> None:
+    """A ready client built with redis-py's defaults re-sends a command after a connection error: a
+    script whose reply was lost would then charge twice. Say so once per client (URL clients never
+    retry; see connect.py)."""
+    get = getattr(client, "get_retry", None)
+    retry = get() if callable(get) else None
+    retries = getattr(retry, "_retries", 0)
+    if isinstance(retries, int) and retries > 0 and id(client) not in _WARNED:
+        _WARNED.add(id(client))
+        log.warning(
+            "distbudget: this redis-py client re-sends a command after a connection error (%d retries): "
+            "a charge whose reply was lost may be counted twice; build the client with "
+            "retry=Retry(NoBackoff(), 0), or pass a URL",
+            retries,
+        )
+
+
 class RedisEngine:
     """Applies plans on one redis-py client (``Redis``, ``RedisCluster``)."""
 
     def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
+        warn_if_retrying(client)
         self.wait = _check_wait(client, wait)
         self.under_replicated = 0  # charges WAIT returned on before enough replicas acknowledged
         # A Cluster client that could not be built (no node answered; see connect(lazy=True)) is
@@ -348,6 +369,7 @@ class AsyncRedisEngine:
     """The same on a ``redis.asyncio`` client: never blocks the event loop."""
 
     def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
+        warn_if_retrying(client)
         self.client = client
         self.scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
         self.wait = _check_wait(client, wait)
