@@ -29,7 +29,7 @@ from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, model
 from distbudget._core.money import MAX_AMOUNT, NANO, check_tokens, nano_to_usd
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
-from distbudget._exceptions import BudgetExceededError, BudgetWarning, InvalidInputError
+from distbudget._exceptions import BackendError, BudgetExceededError, BudgetWarning, InvalidInputError
 from distbudget.pricing import ModelRates, PriceBook
 
 log = logging.getLogger("distbudget")
@@ -885,3 +885,13 @@ class ReservationBase:
     def record(self) -> UsageRecord | None:
         """The charge, once committed."""
         return self.hold.record
+
+    def commit_failed(self, exc: BaseException) -> None:
+        """A commit raised. It may be committed again unless that could charge twice: refused while
+        its charge is journaled (replayed later) or may have run (a cancellation, a lost reply)
+        without a request id to deduplicate it. An error Redis answered ran nothing."""
+        if self.hold.record is not None:
+            return
+        journaled = isinstance(exc, BackendError) and exc.journaled
+        if self.hold.request_key is not None or (isinstance(exc, BackendError) and not journaled):
+            self.hold.committing = False

@@ -244,18 +244,22 @@ class Reservation(ReservationBase):
         reasoning_tokens: int = 0,
     ) -> UsageRecord:
         """Free the hold and charge the actual usage in one step (charged even above the hold)."""
-        return self.budget._drive(
-            self.budget.commit_flow(
-                self.hold,
-                input_tokens,
-                output_tokens,
-                metadata,
-                cached_input_tokens,
-                cache_write_tokens,
-                reasoning_tokens,
-            ),
-            settle=True,
-        )
+        try:
+            return self.budget._drive(
+                self.budget.commit_flow(
+                    self.hold,
+                    input_tokens,
+                    output_tokens,
+                    metadata,
+                    cached_input_tokens,
+                    cache_write_tokens,
+                    reasoning_tokens,
+                ),
+                settle=True,
+            )
+        except BaseException as exc:
+            self.commit_failed(exc)
+            raise
 
     def release(self) -> bool:
         """Free the hold; True if it was still live."""
@@ -433,18 +437,22 @@ class AsyncReservation(ReservationBase):
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
     ) -> UsageRecord:
-        return await self.budget._drive(
-            self.budget.commit_flow(
-                self.hold,
-                input_tokens,
-                output_tokens,
-                metadata,
-                cached_input_tokens,
-                cache_write_tokens,
-                reasoning_tokens,
-            ),
-            settle=True,
-        )
+        try:
+            return await self.budget._drive(
+                self.budget.commit_flow(
+                    self.hold,
+                    input_tokens,
+                    output_tokens,
+                    metadata,
+                    cached_input_tokens,
+                    cache_write_tokens,
+                    reasoning_tokens,
+                ),
+                settle=True,
+            )
+        except BaseException as exc:
+            self.commit_failed(exc)
+            raise
 
     async def release(self) -> bool:
         """Free the hold; runs to completion even if the calling task is cancelled meanwhile."""

@@ -457,9 +457,15 @@ def redact(url: str) -> str:
     """A Redis URL without its credentials (everything before the last '@', however it is
     written: an un-encoded '#', '?' or '/' in a password must not leak either)."""
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    if not sep:
         return url
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    base, qmark, query = rest.partition("?")
+    if qmark:  # ?password= / ?sentinel_password= carry credentials too
+        pairs = [p.partition("=") for p in query.split("&")]
+        query = "&".join(k + eq + ("***" if "password" in k.lower() else v) for k, eq, v in pairs)
+    return f"{scheme}://{base}{qmark}{query}"
 
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:

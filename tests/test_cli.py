@@ -386,3 +386,6 @@ def test_redact_hides_credentials_however_written() -> None:
         shown = cli.redact(url)
         assert "s3" not in shown and "cret" not in shown and shown.endswith(url.rsplit("@", 1)[1])
     assert cli.redact("redis://h:6379/0") == "redis://h:6379/0"
+    for url in ("redis+sentinel://h:26379/m?sentinel_password=TOPSECRET", "unix:///tmp/r.sock?db=1&password=TOPSECRET"):
+        assert "TOPSECRET" not in cli.redact(url) and "password=***" in cli.redact(url)
+    assert cli.redact("unix:///tmp/r.sock?db=1") == "unix:///tmp/r.sock?db=1"

@@ -189,3 +189,17 @@ def test_cluster_acl_user_is_confined_to_the_prefix(redis_cluster: Cluster) -> N
         client.hgetall("elsewhere")
     with pytest.raises(redis.exceptions.NoPermissionError):
         client.execute_command("FLUSHALL", target_nodes=SafeRedisCluster.PRIMARIES)
+
+
+def test_a_ready_cluster_client_that_retries_is_warned_about(
+    redis_cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """redis-py's RedisCluster re-sends a command after a connection error or timeout by default:
+    warned once; distbudget's own cluster clients (from a URL) are quiet."""
+    plain = redis_cluster.client()
+    with caplog.at_level("WARNING", logger="distbudget"):
+        Budget(BudgetScope("warned"), {"m": ModelRates(0.001, 0.002)}, redis=plain)
+        Budget(BudgetScope("quiet"), {"m": ModelRates(0.001, 0.002)}, redis=redis_cluster.url)
+    warned = [r for r in caplog.records if "re-sends a command" in r.getMessage()]
+    assert len(warned) == 1
+    plain.close()

@@ -72,14 +72,24 @@ def test_bad_ports_are_reported_without_the_password(url: str) -> None:
     assert "s3cret" not in _all_text(info.value)
 
 
-def test_an_at_sign_in_the_query_must_be_encoded() -> None:
-    """An '@' after the host part cannot be told from a password cut short: refused, with the fix."""
+def test_an_at_sign_after_a_well_formed_host_part_is_fine() -> None:
+    """An '@' in the query or a unix socket path is legal; only a host part left broken by a password
+    cut short is refused."""
+    assert "a%40b" in C.parse("redis://h:6379/0?ssl_ca_certs=/etc/a@b/ca.pem").url
+    assert C.parse("redis://h:6379/0?client_name=worker@host1").kind == "standalone"
+    assert C.parse("redis+sentinel://h1:26379,h2:26379/svc?sentinel_password=s3cr@t").kind == "sentinel"
+    assert C.parse("unix:///run/a@b/redis.sock?db=1").kind == "standalone"
     with pytest.raises(ValueError, match="%40"):
-        C.parse("redis://h:6379/0?ssl_ca_certs=/etc/a@b/ca.pem")
-    assert "a%40b" in C.parse("redis://h:6379/0?ssl_ca_certs=/etc/a%40b/ca.pem").url
+        C.parse("redis://user:pa?ss@h:6379/0")
 
 
 # ---- database numbers ---------------------------------------------------------------------------
+
+
+def test_standalone_path_and_query_databases_must_agree() -> None:
+    assert C.parse("redis://h:6379/2?db=2").kind == "standalone"
+    with pytest.raises(ValueError, match="two databases"):
+        C.parse("redis://h:6379/2?db=3")
 
 
 def test_sentinel_db_from_the_query() -> None:

@@ -528,6 +528,22 @@ def test_retrying_a_journaled_commit_is_refused(server: AofRedis) -> None:
     assert budget.summary()["total"]["tokens"] == 150
 
 
+def test_a_commit_that_charged_nothing_can_be_retried(server: AofRedis) -> None:
+    """The journal was full: the commit was neither sent nor journaled, so committing again later is
+    allowed (and counts once)."""
+    budget = Budget(big_scope("full"), redis=server.url, on_backend_error="allow", journal_size=1)
+    first, second = budget.reserve(MODEL, 100, 100), budget.reserve(MODEL, 100, 100)
+    server.kill9()
+    assert first.commit(10, 5).journaled
+    with pytest.raises(BackendError, match="journal is full") as full:
+        second.commit(20, 5)
+    assert not full.value.journaled
+    server.start()
+    assert budget.flush_journal() == 1
+    assert second.commit(20, 5).total_tokens == 25
+    assert budget.summary()["total"]["tokens"] == 15 + 25
+
+
 def test_a_full_journal_raises_and_drops_nothing(server: AofRedis) -> None:
     budget = Budget(big_scope(), redis=server.url, on_backend_error="allow", journal_size=3)
     budget.record("s1", MODEL, 1, 0)

@@ -115,11 +115,33 @@ _ENCODE = (
 _SPLIT_USERINFO = f"the Redis URL has an '@' after a '/', '?' or '#' ({_ENCODE}; an '@' in a path or query: %40)"
 
 
+def _hosts_ok(authority: str) -> bool:
+    """Is ``[userinfo@]host[:port][,host[:port]]`` well formed (hosts present, ports numeric)?"""
+    for raw in authority.rpartition("@")[2].split(","):
+        part = raw.strip()
+        if part.startswith("["):
+            host, _, tail = part[1:].partition("]")
+            port = tail[1:] if tail.startswith(":") else ""
+        else:
+            host, _, port = part.rpartition(":") if ":" in part else (part, "", "")
+        if not host or (port and not _is_number(port)):
+            return False
+    return True
+
+
 def _split(url: str, rest: str) -> Any:
-    """``urlsplit(url)`` (``rest``: what follows ``://``), with errors that quote no part of it."""
+    """``urlsplit(url)`` (``rest``: what follows ``://``), with errors that quote no part of it.
+
+    An un-encoded '/', '?' or '#' in a password ends the host part early, leaving a broken host part
+    and an '@' further on: refused without quoting anything. An '@' in a well-formed URL's query
+    (``?client_name=worker@host``) is fine."""
     delimiters = [i for i in (rest.find(c) for c in "/?#") if i >= 0]
     if delimiters and "@" in rest[min(delimiters) :]:
-        raise ValueError(_SPLIT_USERINFO)
+        authority = rest[: min(delimiters)]
+        # unix://[user:password@]/path has no host: any text before the path must end in '@'
+        cut = bool(authority) and "@" not in authority if url.startswith("unix:") else not _hosts_ok(authority)
+        if cut:
+            raise ValueError(_SPLIT_USERINFO)
     try:
         return urlsplit(url)
     except ValueError:  # e.g. urllib quotes what it takes for an IPv6 address (a password with '[')
@@ -178,6 +200,9 @@ def parse(url: str) -> Target:
             db_text = unquote(parts.path).strip("/")
             if db_text and not _is_number(db_text):  # redis-py would take it as database 0
                 raise ValueError(f"bad database number in the Redis URL path: {db_text!r} (use redis://host:port/<db>)")
+            query_dbs = {v for k, v in query if k == "db" and v}
+            if db_text and query_dbs and query_dbs != {db_text}:  # redis-py would silently take the query's
+                raise ValueError(f"the Redis URL names two databases: /{db_text} in its path and db= in its query")
         clean = url.partition("?")[0] + (f"?{theirs}" if theirs else "")  # (geturl() drops unix:'s //)
         redis_parse_url(clean)  # validates the query parameters now rather than at the first call
         return Target("standalone", wait_replicas=wait_replicas, wait_timeout_ms=wait_timeout_ms, url=clean)

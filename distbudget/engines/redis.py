@@ -231,8 +231,13 @@ def warn_if_retrying(client: Any) -> None:
     script whose reply was lost would then charge twice. Say so once per client (URL clients never
     retry; see connect.py)."""
     get = getattr(client, "get_retry", None)
-    retry = get() if callable(get) else None
+    retry = get() if callable(get) else getattr(client, "retry", None)  # (RedisCluster: no get_retry)
     retries = getattr(retry, "_retries", 0)
+    allowed = getattr(client, "ERRORS_ALLOW_RETRY", None)  # a cluster client retries only these
+    if allowed is not None and not any(
+        issubclass(e, (ConnectionError, TimeoutError, redis.ConnectionError, redis.TimeoutError)) for e in allowed
+    ):
+        retries = 0
     if isinstance(retries, int) and retries > 0 and id(client) not in _WARNED:
         _WARNED.add(id(client))
         log.warning(
