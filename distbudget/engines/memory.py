@@ -79,6 +79,17 @@ class _Tree:
         self.leases: dict[str, int] = {}
 
 
+def _expire(w: _Window, tot: list[int], lo: int) -> None:
+    """Subtract and drop the buckets that have wholly left the window (those below ``lo``); the
+    callers check ``w.oldest < lo`` first, so the common charge pays no call."""
+    for b in [b for b in w.buckets if b < lo]:
+        amounts = w.buckets.pop(b)
+        tot[0] -= amounts[0]
+        tot[1] -= amounts[1]
+        tot[2] -= amounts[2]
+    w.oldest = min(w.buckets, default=0)
+
+
 def _server_now() -> int:
     return time.time_ns() // 1000
 
@@ -145,12 +156,7 @@ class MemoryEngine:
             if w is not None and w.buckets:
                 lo = (now - c.window_us) // c.bucket_us
                 if w.oldest < lo:
-                    for b in [b for b in w.buckets if b < lo]:
-                        amounts = w.buckets.pop(b)
-                        tot[0] -= amounts[0]
-                        tot[1] -= amounts[1]
-                        tot[2] -= amounts[2]
-                    w.oldest = min(w.buckets, default=0)
+                    _expire(w, tot, lo)
         return tot
 
     def _refresh(self, h: dict[Any, Any], c: Counter, now: int) -> None:
@@ -359,12 +365,7 @@ class MemoryEngine:
                     if w is not None and w.buckets:
                         lo = (now - c.window_us) // c.bucket_us
                         if w.oldest < lo:
-                            for b in [b for b in w.buckets if b < lo]:
-                                amounts = w.buckets.pop(b)
-                                tot[0] -= amounts[0]
-                                tot[1] -= amounts[1]
-                                tot[2] -= amounts[2]
-                            w.oldest = min(w.buckets, default=0)
+                            _expire(w, tot, lo)
                 tot[0] += a0
                 tot[1] += a1
                 tot[2] += a2
