@@ -50,6 +50,8 @@ DEFAULT_MAX_AGE_DAYS = 60
 STANDARD_TIERS = frozenset({"standard", "default", "auto"})
 # Service tiers a caller may name even for a model that has no such price (then: standard rates).
 KNOWN_SERVICE_TIERS = frozenset({"batch", "flex", "priority"})
+# The per-1K fields of every ModelRates, in the order of the constructor.
+_RATE_FIELDS = ("input_per_1k", "output_per_1k", "cached_input_per_1k", "cache_write_per_1k", "reasoning_per_1k")
 _CACHE_LIMIT = 4096  # resolved names remembered per book (bounded: names come from callers)
 
 
@@ -144,6 +146,32 @@ class ModelRates:
         """Price of ``model`` in the bundled snapshot (provider prefixes, dated snapshots, ``-latest``
         and aliases resolve); :class:`UnknownModelError` if it has none."""
         return PriceBook().rates_for(model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (the registry stores custom rates so); ``from_dict`` reads it back.
+        Fields agent-budget-era rates never set are left out, so such rates keep their old form."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in _RATE_FIELDS}
+        if self.cache_write_1h_per_1k is not None:
+            out["cache_write_1h_per_1k"] = self.cache_write_1h_per_1k
+        if self.long_context:
+            out["long_context"] = [[t, r.to_dict()] for t, r in self.long_context]
+        if self.service_tiers:
+            out["service_tiers"] = [[name, r.to_dict()] for name, r in self.service_tiers]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelRates:
+        if not isinstance(data, Mapping):
+            raise InvalidInputError(f"rates must be an object, got {type(data).__name__}")
+        unknown = set(data) - {*_RATE_FIELDS, "cache_write_1h_per_1k", "long_context", "service_tiers"}
+        if unknown:
+            raise InvalidInputError(f"unknown rate fields {sorted(unknown)}")
+        fields = {k: v for k, v in data.items() if k not in ("long_context", "service_tiers")}
+        return cls(
+            **fields,
+            long_context=tuple((t, cls.from_dict(r)) for t, r in data.get("long_context", ())),
+            service_tiers=tuple((name, cls.from_dict(r)) for name, r in data.get("service_tiers", ())),
+        )
 
     def priced(self, input_tokens: int, service_tier: str | None = None) -> ModelRates:
         """The flat rates that apply to a request of ``input_tokens`` in ``service_tier``."""
