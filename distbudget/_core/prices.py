@@ -29,7 +29,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -421,21 +421,103 @@ def table_from_litellm(
 ) -> PriceTable:
     """A table from LiteLLM-format entries (entries that are not token-priced chat models are
     skipped) and extra ``alias -> model`` names."""
-    rates: dict[str, ModelRates] = {}
-    providers: dict[str, str] = {}
+    priced: dict[str, tuple[ModelRates, str]] = {}
     for name, entry in models.items():
-        if not isinstance(name, str) or not is_token_priced(entry):
-            continue
-        key = name.lower()
-        if key not in rates:  # keys differing only in case: the first one wins
-            rates[key] = rates_from_grid(litellm_grid(name, entry))
-            providers[key] = str(entry.get("litellm_provider", ""))
+        if isinstance(name, str) and is_token_priced(entry) and name.lower() not in priced:
+            # keys differing only in case: the first one wins
+            priced[name.lower()] = (rates_from_grid(litellm_grid(name, entry)), str(entry.get("litellm_provider", "")))
+    return _table(priced, aliases, as_of, source)
+
+
+def _table(
+    priced: Mapping[str, tuple[ModelRates, str]], aliases: Mapping[str, str], as_of: dt.date | None, source: str
+) -> PriceTable:
+    """A table of (rates, provider) by lower-case name, plus ``alias -> model`` names."""
+    rates = {name: r for name, (r, _) in priced.items()}
     for alias, target in aliases.items():
         if target.lower() not in rates:
             raise InvalidInputError(f"alias {alias!r} names {target!r}, which the table does not price")
         rates.setdefault(alias.lower(), rates[target.lower()])
     known: dict[str, str] = {**{n: n for n in rates}, **{a.lower(): t.lower() for a, t in aliases.items()}}
+    providers = {name: provider for name, (_, provider) in priced.items()}
     return PriceTable(rates, _canonical_ids(known), as_of, source, providers)
+
+
+# genai-prices: its price fields (USD per 1M tokens) by our name, and its price variants by the
+# service_tier a caller passes.
+GENAI_FIELDS = {
+    "input_mtok": "input",
+    "output_mtok": "output",
+    "cache_read_mtok": "cached_input",
+    "cache_write_mtok": "cache_write",
+    "cache_write_1h_mtok": "cache_write_1h",
+    "output_reasoning_mtok": "reasoning",
+}
+_GENAI_VARIANTS = {("processing", "batch"): "batch", ("speed", "fast"): "fast"}
+# Providers that sell their own models: their price is the one a bare model id gets.
+_FIRST_PARTY = ("openai", "anthropic", "google", "mistral", "deepseek", "x-ai", "meta", "cohere", "moonshotai", "zai")
+
+
+def _genai_tier(when: Mapping[str, str]) -> str | None:
+    if len(when) != 1:
+        return None
+    ((key, value),) = when.items()
+    if key == "service_tier":
+        return None if value in STANDARD_TIERS else value
+    return _GENAI_VARIANTS.get((key, value))
+
+
+def _genai_active(prices: Any, constraint: Any, today: dt.date) -> Any:
+    """The prices in force today: unconstrained or started; time-of-day prices (off-peak) are left
+    out, so a budget charges the peak price."""
+    if constraint is None:
+        return prices
+    start = getattr(constraint, "start_date", None)
+    return prices if isinstance(start, dt.date) and start <= today else None
+
+
+def genai_grid(model: Any, today: dt.date) -> _Grid:
+    """Every rate of one genai-prices model we price, by (service tier, long-context threshold)."""
+    grid: _Grid = {}
+
+    def cells(tier: str, prices: Any) -> None:
+        for attr, ours in GENAI_FIELDS.items():
+            value = getattr(prices, attr, None)
+            if value is None:
+                continue
+            grid.setdefault((tier, 0), {})[ours] = Decimal(getattr(value, "base", value)) / 10**6
+            for band in getattr(value, "tiers", ()):  # TieredPrices: a cliff above each start
+                grid.setdefault((tier, int(band.start)), {})[ours] = Decimal(band.price) / 10**6
+
+    conditional = model.prices if isinstance(model.prices, list) else [None]
+    base = None
+    for cp in conditional:  # the last price in force wins
+        base = (model.prices if cp is None else _genai_active(cp.prices, cp.constraint, today)) or base
+    if base is not None:
+        cells("", base)
+    for variant in model.price_variants or ():
+        tier = _genai_tier(variant.when)
+        prices = _genai_active(variant.prices, variant.constraint, today)
+        if tier is not None and prices is not None:
+            cells(tier, prices)
+    return grid
+
+
+def table_from_genai(providers: Iterable[Any], as_of: dt.date | None, today: dt.date) -> PriceTable:
+    """A table from genai-prices' providers: ``provider/model`` for every model priced per token,
+    and the bare model id at the first-party provider's price (else the first provider's)."""
+    rank = {name: i for i, name in enumerate(_FIRST_PARTY)}
+    ordered = sorted(providers, key=lambda p: rank.get(p.id, len(rank)))  # stable: others keep their order
+    priced: dict[str, tuple[ModelRates, str]] = {}
+    for provider in ordered:
+        for model in provider.models:
+            grid = genai_grid(model, today)
+            if not {"input", "output"} <= set(grid.get(("", 0), {})):
+                continue
+            rates = rates_from_grid(grid)
+            for name in (f"{provider.id}/{model.id}".lower(), str(model.id).lower()):
+                priced.setdefault(name, (rates, provider.id))
+    return _table(priced, {}, as_of, "genai-prices")
 
 
 def _canonical_ids(known: Mapping[str, str]) -> dict[str, str]:
@@ -573,6 +655,26 @@ class PriceBook:
         if not table.rates:
             raise InvalidInputError(f"{source}: no token-priced chat model in it")
         return cls(table=table, max_age_days=max_age_days)
+
+    @classmethod
+    def from_genai_prices(
+        cls, *, as_of: dt.date | str | None = None, max_age_days: float = DEFAULT_MAX_AGE_DAYS
+    ) -> PriceBook:
+        """A book from the `genai-prices` package's data (``pip install 'distbudget[genai-prices]'``):
+        input, output, cache read / write (5 min, 1 h), reasoning, long-context tiers and the batch,
+        flex, priority and fast variants, at the prices in force today. Names: ``provider/model``
+        and the bare model id (genai-prices' ids, not its pattern rules). Dated by the data's
+        update time, else ``as_of``, else undated."""
+        try:
+            from genai_prices import data_snapshot
+        except ImportError:
+            raise ImportError("PriceBook.from_genai_prices needs: pip install 'distbudget[genai-prices]'") from None
+        snapshot = data_snapshot.get_snapshot()
+        stamp = getattr(snapshot, "timestamp", None)
+        date = stamp.date() if isinstance(stamp, dt.datetime) and snapshot.from_auto_update else None
+        if as_of is not None:
+            date = as_of if isinstance(as_of, dt.date) else dt.date.fromisoformat(as_of)
+        return cls(table=table_from_genai(snapshot.providers, date, dt.date.today()), max_age_days=max_age_days)
 
     # ---- lookups
 
