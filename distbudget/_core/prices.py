@@ -726,8 +726,9 @@ class PriceBook:
             return hit[1]
         if self.default_rates is None:
             raise UnknownModelError(
-                f"no price for model {model!r}: pass rates={{{model!r}: ModelRates.per_million(...)}} "
-                "or default_rates=ModelRates(...)"
+                f"no price for model {model!r} in prices dated {self.as_of or 'undated'}: pass "
+                f"rates={{{model!r}: ModelRates.per_million(...)}} to Budget(...) or to "
+                "BudgetManager.register(scope, rates=...), or default_rates=ModelRates(...)"
             )
         if model not in self._warned:
             self._warned.add(model)
