@@ -1,5 +1,5 @@
 -- admit.lua: the admission rule: used + held + this <= value for every limit.
--- needs: num
+-- needs: num, window
 
 -- First limit that refuses used + held + this (-1 if none), and µs until rolling buckets free
 -- enough room (-1 if the window alone never frees enough).
@@ -12,6 +12,10 @@ local function admit(lims, used, held, amt, now)
       local retry = -1
       if l.z and held[l.p] + this <= l.v then
         local buckets = redis.call('ZRANGE', l.z, 0, -1)
+        if buckets[1] ~= redis.call('HGET', l.h, 'o') then  -- the index was lost (window.lua)
+          reindex(l.h, l.z)
+          buckets = redis.call('ZRANGE', l.z, 0, -1)
+        end
         local current = redis.call('HGET', l.h, 'k')
         local freed = 0
         for _, b in ipairs(buckets) do

@@ -1,5 +1,5 @@
 -- scan.lua: the window scan: one pass over a plan's counters (read, age, charge, alert crossings).
--- needs: num
+-- needs: num, window
 --
 -- The plan (see distbudget/_core/plan.py) arrives grouped by hash, so that each hash is read with
 -- one HMGET and written with at most one HSET. Every ARGV element costs the server more than a
@@ -112,6 +112,10 @@ local function scan(now, amt, charging, first, nows)
       local lo = floor((now - w) / bs)
       if oldest and oldest + 0 < lo then
         local old = call('ZRANGEBYSCORE', z, '-inf', '(' .. fmt(lo))
+        if old[1] ~= oldest then      -- 'o' is not the index's first: the index was lost (window.lua)
+          reindex(h, z)
+          old = call('ZRANGEBYSCORE', z, '-inf', '(' .. fmt(lo))
+        end
         if #old > 0 then
           local fields = {}
           for _, ob in ipairs(old) do
