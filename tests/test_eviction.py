@@ -31,7 +31,8 @@ def test_a_window_whose_index_was_lost_keeps_its_charges_and_drains(backend: Bac
     # the charges the hash holds still count, and the refusal says when the first bucket leaves
     assert info.value.retry_after == pytest.approx(8)
     hash_ttl = backend.store.pttl(index.replace(":z:", ":w:", 1))  # read first: the index's is read later
-    assert 0 < backend.store.pttl(index) <= hash_ttl  # rebuilt, with a TTL no longer than its hash's
+    # rebuilt, with its hash's TTL (fakeredis's clock moves between two commands of a script: 1 ms slack)
+    assert 0 < backend.store.pttl(index) <= hash_ttl + 1
     clock.advance(8)  # the first bucket has left the window: its 60 tokens are freed
     assert budget.check("m", 60)
     with pytest.raises(BudgetExceededError):
