@@ -105,6 +105,9 @@ class LedgerEntry:
     what: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     op: str | None = None
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
 
     @property
     def cost_usd(self) -> float:
@@ -160,6 +163,9 @@ def parse_entry(entry_id: object, fields: dict[Any, Any]) -> LedgerEntry:
         what=d.get("what"),
         metadata=d.get("metadata") or {},
         op=d.get("op"),
+        cached_input_tokens=d.get("cached_input_tokens", 0),
+        cache_write_tokens=d.get("cache_write_tokens", 0),
+        reasoning_tokens=d.get("reasoning_tokens", 0),
     )
 
 
