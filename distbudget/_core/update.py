@@ -48,7 +48,7 @@ def merge(old_config: str | bytes, changes: Mapping[str, Any]) -> str:
     parent = json.loads(old_config)["parent"]
     fields = {k: v for k, v in changes.items() if k != "rates"}
     new_scope = dataclasses.replace(scope, parent=parent, **fields)
-    new_rates: Mapping[str, ModelRates] | None = changes["rates"] if "rates" in changes else rates
+    new_rates: Mapping[str, ModelRates] | None = changes.get("rates", rates)
     return R.scope_config(new_scope, new_rates)
 
 
