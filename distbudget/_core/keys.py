@@ -14,6 +14,7 @@ percent-encoded so no user string can contain ``:``, ``{`` or ``}``):
     <p>:{<tag>}:ledger                     stream the tree's charges and resets, capped (MAXLEN ~); owned
     <p>:alert-streams                      hash   scope -> its tree's alert stream (for listeners); owned
     <p>:registry                           hash   scope -> its config JSON (the shared registry); owned
+    <p>:prices                             hash   the fleet's price book: rev, book (_core/fleet_prices.py); owned
 
 Pub/sub channels (not keys): ``<p>:alerts`` (every scope) and ``<p>:alerts:<scope>``.
 
@@ -87,6 +88,10 @@ def alert_index_key(prefix: str) -> str:
 
 def registry_key(prefix: str) -> str:
     return f"{check_prefix(prefix)}:registry"
+
+
+def prices_key(prefix: str) -> str:
+    return f"{check_prefix(prefix)}:prices"
 
 
 def alert_channels(prefix: str, scope: str) -> tuple[str, str]:
