@@ -4,11 +4,15 @@
 -- with children cannot be removed; so trees (and their Cluster hash tags) never change under
 -- running workers.
 -- KEYS: [1] the registry hash
--- ARGV: [1] 'put' | 'chain' | 'remove'; 'chain' and 'remove': [2] scope name; 'put': triples
+-- ARGV: [1] 'put' | 'chain' | 'remove' | 'swap'; 'chain' and 'remove': [2] scope name; 'put': triples
 --       (name, config JSON, mode) from the root down, mode 'w' (write) or 'a' (only if absent):
---       every triple is checked before any is written (all or nothing)
+--       every triple is checked before any is written (all or nothing); 'swap' (an update, see
+--       distbudget/_core/update.py): [2] name, [3] the config read, [4] the config to write if the
+--       stored one is still the one read
 -- Returns: 'put' and 'chain': the configs of the (last) scope, its parent, ... up to the root ({}
---   when the scope is unknown); 'remove': {'ok'} or {} when unknown; a refusal: {'err', reason, name}
+--   when the scope is unknown); 'remove': {'ok'} or {} when unknown;
+--   'swap': the chain as for 'chain' when written, {'changed'} when the stored config is no longer
+--   the one read, {} when unknown. A refusal: {'err', reason, name}
 --   with reason 'missing' (parent not registered), 'reparent' (parent differs from the
 --   registered one: name is the registered parent or '' for a root), 'cycle', 'depth', 'children'.
 local MAX_DEPTH = 16
@@ -83,5 +87,12 @@ if op == 'remove' then
   end
   redis.call('HDEL', reg, name)
   return {'ok'}
+end
+if op == 'swap' then
+  local current = redis.call('HGET', reg, ARGV[2])
+  if not current then return {} end
+  if current ~= ARGV[3] then return {'changed'} end
+  redis.call('HSET', reg, ARGV[2], ARGV[4])
+  return (chain(ARGV[2]))
 end
 return redis.error_reply('unknown registry operation ' .. tostring(op))

@@ -79,11 +79,12 @@ def test_bad_changes_are_refused_before_anything_is_written() -> None:
 
 def test_swap_refuses_a_stale_read() -> None:
     old = config()
-    table = {"team": old}
+    org = R.scope_config(BudgetScope("org"), None)
+    table = {"org": org, "team": old}
     first, second = merge(old, {"hard_stop": False}), merge(old, {"alert_at_pct": 0.9})
-    assert swap(table, "team", old, first) == ["ok"]
+    assert swap(table, "team", old, first) == [first, org]  # the chain, as the registry's 'chain' reads
     assert swap(table, "team", old, second) == ["changed"]  # merged from a stale read: refused
-    assert swap(table, "team", first, merge(first, {"alert_at_pct": 0.9})) == ["ok"]
+    assert swap(table, "team", first, merge(first, {"alert_at_pct": 0.9}))
     scope, _ = R.from_chain([table["team"]])
     assert scope.hard_stop is False and scope.alert_at_pct == 0.9  # both updates landed
     assert swap(table, "gone", old, first) == []

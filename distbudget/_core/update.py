@@ -24,6 +24,7 @@ from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope
 from distbudget._exceptions import InvalidInputError
 
+CHANGED = "changed"  # the swap's answer when the entry changed since it was read
 UPDATABLE = frozenset({f.name for f in dataclasses.fields(BudgetScope)} - {"name", "parent"} | {"rates"})
 
 
@@ -54,12 +55,13 @@ def merge(old_config: str | bytes, changes: Mapping[str, Any]) -> str:
 
 def swap(table: dict[str, str], name: str, old: str, new: str) -> list[str]:
     """The registry's compare-and-swap on a dict (the embedded engine; ``lua/registry.lua`` on
-    Redis): ``["ok"]`` when ``name``'s entry was ``old`` and is now ``new``, ``["changed"]`` when
-    another update came first, ``[]`` when the scope is not registered."""
+    Redis): when ``name``'s entry is still ``old``, write ``new`` and return the scope's chain (as
+    the registry's ``chain`` does); ``["changed"]`` when another update came first; ``[]`` when the
+    scope is not registered."""
     current = table.get(name)
     if current is None:
         return []
     if current != old:
-        return ["changed"]
+        return [CHANGED]
     table[name] = new
-    return ["ok"]
+    return R.apply(table, "chain", name)
