@@ -7,6 +7,8 @@ percent-encoded so no user string can contain ``:``, ``{`` or ``}``):
     <p>:{<tag>}:s:<scope>:<session>        hash   one session's counters; idle TTL
     <p>:{<tag>}:w:<scope>:<secs>:<model|*> hash   a rolling window: bucket amounts + running totals; TTL
     <p>:{<tag>}:z:<scope>:<secs>:<model|*> zset   that window's bucket ids; TTL = window + 1 h
+    <p>:{<tag>}:c:<scope>:<window>:<tz>:<model|*>:<period>
+                                           hash   a calendar period's counters; TTL (_core/calendar.py)
     <p>:{<tag>}:holds                      hash   live reservations and held amounts per counter
     <p>:{<tag>}:leases                     zset   reservation id -> expiry (µs)
     <p>:{<tag>}:rq:<scope>:<request id>    string an idempotency marker (per scope); TTL
@@ -61,6 +63,10 @@ class KeySpace:
         """(hash key, sorted-set key) of a rolling window."""
         tail = f"{encode(scope)}:{seconds}:{'*' if model is None else encode(model)}"
         return f"{self.base}w:{tail}", f"{self.base}z:{tail}"
+
+    def calendar(self, scope: str, window: str, tz: str, model: str | None, period: str) -> str:
+        """The counters of one period (``2026-02``) of a calendar window."""
+        return f"{self.base}c:{encode(scope)}:{window}:{encode(tz)}:{'*' if model is None else encode(model)}:{period}"
 
     @property
     def holds(self) -> str:

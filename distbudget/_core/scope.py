@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
+from distbudget._core.calendar import CALENDAR_WINDOWS, check_tz
 from distbudget._core.money import MAX_AMOUNT, usd_to_nano
 from distbudget._exceptions import InvalidInputError
 
@@ -41,10 +42,11 @@ def check_name(value: object, what: str) -> str:
 
 
 def parse_window(window: object) -> str | int:
-    """``"session"``, ``"total"``, or a rolling duration as whole seconds."""
+    """``"session"``, ``"total"``, a calendar window (``"month"``, ``"week"``, ``"calendar_day"``),
+    or a rolling duration as whole seconds."""
     if isinstance(window, str):
         w = window.strip().lower()
-        if w in ("session", "total"):
+        if w in ("session", "total", *CALENDAR_WINDOWS):
             return w
         if w in _NAMED_WINDOWS:
             return _NAMED_WINDOWS[w]
@@ -55,7 +57,8 @@ def parse_window(window: object) -> str | int:
             seconds = int(w)
         else:
             raise InvalidInputError(
-                f"window must be 'session', 'total', or a duration like '30s', '1m', '24h': {window!r}"
+                "window must be 'session', 'total', 'month', 'week', 'calendar_day', or a duration like "
+                f"'30s', '1m', '24h': {window!r}"
             )
     elif isinstance(window, int) and not isinstance(window, bool):
         seconds = window
@@ -89,8 +92,10 @@ class Limit:
     """One limit: ``metric`` over ``window`` (optionally for one ``model`` only) may reach ``value``.
 
     ``value`` is tokens, requests, or USD for ``metric="cost"``. ``window`` is ``"session"``
-    (per session id), ``"total"`` (cumulative until reset) or a rolling duration such as ``"1m"``,
-    ``"24h"`` or seconds. ``name`` defaults to the seed's ``limit_type`` style.
+    (per session id), ``"total"`` (cumulative until reset), a rolling duration such as ``"1m"``,
+    ``"24h"`` or seconds, or a calendar period: ``"month"``, ``"week"`` (ISO, from Monday) or
+    ``"calendar_day"``, which resets at midnight in ``tz`` (an IANA zone name, default UTC; see
+    ``_core/calendar.py``). ``name`` defaults to the seed's ``limit_type`` style.
     """
 
     metric: Metric
@@ -98,11 +103,16 @@ class Limit:
     window: str | int = "session"
     model: str | None = None
     name: str | None = None
+    tz: str | None = None
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise InvalidInputError(f"metric must be one of {METRICS}, got {self.metric!r}")
         object.__setattr__(self, "window", parse_window(self.window))
+        if self.window in CALENDAR_WINDOWS:
+            object.__setattr__(self, "tz", check_tz(self.tz))
+        elif self.tz is not None:
+            raise InvalidInputError(f"tz applies to calendar windows {CALENDAR_WINDOWS} only, not {self.window!r}")
         if self.model is not None:
             check_name(self.model, "Limit.model")
         self.amount  # validates value  # noqa: B018
