@@ -72,8 +72,8 @@ def test_cli_push_and_show(redis_server: Any, tmp_path: Path, capsys: pytest.Cap
 
     path = tmp_path / "prices.json"
     path.write_text(json.dumps(litellm(3e-06)))
-    assert main(["--redis", redis_server.url, "prices", "push", str(path), "--as-of", "2026-11-01"]) == 0
+    assert main(["prices", "push", str(path), "--as-of", "2026-11-01", "--redis", redis_server.url]) == 0
     assert "revision 1" in capsys.readouterr().out
-    assert main(["--redis", redis_server.url, "prices", "show", "acme/acme-large"]) == 0
+    assert main(["prices", "show", "acme/acme-large", "--redis", redis_server.url]) == 0
     out = capsys.readouterr().out
     assert "acme-large" in out and "3" in out and "2026-11-01" in out and "per 1M" in out

@@ -60,7 +60,7 @@ def test_cli_report_formats(redis_server: Any, clock: Clock, capsys: pytest.Capt
 
     m = BudgetManager(redis=redis_server.url, clock=clock)
     fill(m, clock)
-    base = ["--redis", redis_server.url, "report", "team", "--by", "day,model"]
+    base = ["report", "team", "--redis", redis_server.url, "--by", "day,model"]
     assert main([*base, "--format", "json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["day"], r["model"], r["tokens"]) for r in rows] == [

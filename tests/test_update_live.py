@@ -79,3 +79,20 @@ def test_an_update_reaches_three_other_processes(redis_server: Any) -> None:
                 p.kill()
     assert len(delays) == 3
     print(f"update propagation to 3 processes (registry_ttl 0.05 s): max {max(delays) * 1000:.0f} ms")
+
+
+@pytest.mark.redis
+def test_cli_update(redis_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from distbudget.cli import main
+
+    url = redis_server.url
+    BudgetManager(redis=url).register(BudgetScope("team", max_cost_per_day_usd=10.0), RATES)
+    args = ["update", "team", "max_cost_per_day_usd=2.5", "hard_stop=false", "--redis", url]
+    assert main(args) == 0
+    assert "max_cost_per_day_usd" in capsys.readouterr().out
+    assert main(["update", "team", 'limits=[{"metric": "cost", "value": 50, "window": "month"}]', "--redis", url]) == 0
+    scope = BudgetManager(redis=url).get("team").scope
+    assert (scope.max_cost_per_day_usd, scope.hard_stop) == (2.5, False)
+    assert scope.limits == [Limit("cost", 50, "month")]
+    assert main(["update", "team", "max_cost_per_day_usd=-1", "--redis", url]) == 2
+    assert main(["update", "team", "nonsense", "--redis", url]) == 2
