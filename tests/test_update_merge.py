@@ -10,7 +10,7 @@ import pytest
 from distbudget._core import registry as R
 from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope, Limit
-from distbudget._core.update import merge, swap
+from distbudget._core.update import merge, parse_assignments, swap
 from distbudget._exceptions import InvalidInputError
 
 RATES = {"my-model": ModelRates.per_million(3, 15)}
@@ -88,3 +88,34 @@ def test_swap_refuses_a_stale_read() -> None:
     scope, _ = R.from_chain([table["team"]])
     assert scope.hard_stop is False and scope.alert_at_pct == 0.9  # both updates landed
     assert swap(table, "gone", old, first) == []
+
+
+def test_cli_assignments() -> None:
+    got = parse_assignments(
+        [
+            "max_cost_per_day_usd=2.5",
+            "hard_stop=false",
+            "alert_at_pct=null",
+            'limits=[{"metric": "cost", "value": 50, "window": "month", "tz": "Europe/Berlin"}]',
+            'rates={"house": {"input": 3, "output": 15}}',
+        ]
+    )
+    assert got == {
+        "max_cost_per_day_usd": 2.5,
+        "hard_stop": False,
+        "alert_at_pct": None,
+        "limits": [Limit("cost", 50, "month", tz="Europe/Berlin")],
+        "rates": {"house": ModelRates.per_million(3, 15)},
+    }
+    for bad in (
+        ["nonsense"],
+        ["=3"],
+        ["hard_stop=1", "hard_stop=2"],
+        ["limits=5"],
+        ['limits=[{"x": 1}]'],
+        ["rates=[]"],
+    ):
+        with pytest.raises(InvalidInputError):
+            parse_assignments(bad)
+    with pytest.raises(InvalidInputError, match="cannot update"):
+        parse_assignments(["colour=blue"])

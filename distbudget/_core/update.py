@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from distbudget._core import registry as R
 from distbudget._core.prices import ModelRates
-from distbudget._core.scope import BudgetScope
+from distbudget._core.scope import BudgetScope, Limit
 from distbudget._exceptions import InvalidInputError
 
+T = TypeVar("T")
 CHANGED = "changed"  # the swap's answer when the entry changed since it was read
 UPDATABLE = frozenset({f.name for f in dataclasses.fields(BudgetScope)} - {"name", "parent"} | {"rates"})
 
@@ -65,3 +66,44 @@ def swap(table: dict[str, str], name: str, old: str, new: str) -> list[str]:
         return [CHANGED]
     table[name] = new
     return R.apply(table, "chain", name)
+
+
+def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` arguments (the CLI's ``distbudget update``) as ``update()``'s fields. A value
+    is JSON where it parses (``2.5``, ``false``, ``null``, ``[...]``), else the bare string;
+    ``limits`` is a list of :class:`Limit` arguments as objects, ``rates`` maps a model to its
+    rates in USD per 1M tokens (``{"input": 3, "output": 15}``, see ``ModelRates.per_million``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise InvalidInputError(f"expected FIELD=VALUE, got {item!r}")
+        if name in out:
+            raise InvalidInputError(f"{name} is given twice")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        out[name] = _field_value(name, value)
+    check_changes(out)
+    return out
+
+
+def _field_value(name: str, value: Any) -> Any:
+    if name == "limits":
+        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+            raise InvalidInputError('limits must be a JSON list of objects like {"metric": "cost", "value": 5}')
+        return [_call(Limit, v, "limit") for v in value]
+    if name == "rates" and value is not None:
+        if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+            raise InvalidInputError('rates must be a JSON object like {"model": {"input": 3, "output": 15}}')
+        return {model: _call(ModelRates.per_million, v, f"rates of {model!r}") for model, v in value.items()}
+    return value
+
+
+def _call(make: Callable[..., T], kwargs: dict[str, Any], what: str) -> T:
+    try:
+        return make(**kwargs)
+    except TypeError as exc:
+        raise InvalidInputError(f"bad {what}: {exc}") from None
