@@ -3,6 +3,7 @@
 DistBudgetError                      root: catch this to catch everything below
 ├── BudgetExceededError              a call was refused or usage went over a limit
 ├── UnknownModelError (+ KeyError)   no price for a model and no fallback rates given
+├── UnknownScopeError (+ KeyError)   no scope of that name in the registry (a manager's get, remove ...)
 ├── InvalidInputError (+ ValueError) bad tokens, names, limits; raised before anything is written
 └── BackendError                     Redis failed (connection, timeout, script error); wraps the cause
 
@@ -11,7 +12,7 @@ BudgetWarning (UserWarning)          emitted with ``warnings.warn`` when ``hard_
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from distbudget._core.types import UsageRecord
@@ -79,22 +80,26 @@ class InvalidInputError(DistBudgetError, ValueError):
     """Input rejected before anything was written."""
 
 
+class UnknownScopeError(DistBudgetError, KeyError):
+    """No scope of that name is registered (or it was removed). A ``KeyError`` too, so code written
+    for agent-budget's ``manager.get`` that catches ``KeyError`` keeps working."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class BackendError(DistBudgetError):
     """The backend (Redis) failed; ``__cause__`` holds the original exception. ``journaled`` is True
-    when the call was a charge kept in the local journal, to be replayed when Redis answers."""
+    when the call was a charge kept in the local journal, to be replayed when Redis answers.
+
+    The engine that raises it says what kind of failure it was (the failure policy reads only
+    these, never the client library's exception types): ``outage`` when Redis was unavailable
+    rather than answering an error (a connection refused or lost, a timeout, ``LOADING`` ...), and
+    ``maybe_sent`` when the command may have reached Redis and run (its reply was lost)."""
 
     journaled: bool = False
-
-
-class BatchError(BackendError):
-    """Internal: some charges of a ``record_many`` pipeline failed and others did not. ``results``
-    holds, per call in order, the engine's answer or a :class:`BackendError` whose ``__cause__`` is
-    that call's Redis error. The failure policy settles it call by call (``_degraded.py``); callers
-    never see it."""
-
-    def __init__(self, message: str, results: list[Any]) -> None:
-        super().__init__(message)
-        self.results = results
+    outage: bool = False
+    maybe_sent: bool = False
 
 
 class BudgetWarning(UserWarning):

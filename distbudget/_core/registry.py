@@ -135,7 +135,7 @@ def _refusal(get: Callable[[str], str | None], name: str, config: str, old: str 
     return None
 
 
-def _put(table: dict[str, str], triples: Sequence[str]) -> list[str]:
+def put(table: dict[str, str], triples: Sequence[str]) -> list[str]:
     pending: dict[str, str] = {}
 
     def get(n: str) -> str | None:
@@ -155,7 +155,7 @@ def _put(table: dict[str, str], triples: Sequence[str]) -> list[str]:
     return _chain(table.get, last)[0]
 
 
-def _remove(table: dict[str, str], name: str) -> list[str]:
+def remove(table: dict[str, str], name: str) -> list[str]:
     if name not in table:
         return []
     for child, cfg in table.items():
@@ -165,18 +165,13 @@ def _remove(table: dict[str, str], name: str) -> list[str]:
     return ["ok"]
 
 
-def put_args(scopes: Sequence[tuple[str, str, bool]]) -> list[str]:
+def put_args(scopes: Sequence[tuple[str, str, bool]]) -> tuple[str, ...]:
     """A 'put''s arguments: (name, config, only if absent) from the root down."""
-    return [v for name, config, absent in scopes for v in (name, config, "a" if absent else "w")]
+    return tuple(v for name, config, absent in scopes for v in (name, config, "a" if absent else "w"))
 
 
-def apply(table: dict[str, str], op: str, *args: str) -> list[str]:
-    """``lua/registry.lua`` for the embedded engine, on a dict (the caller holds its lock)."""
-    if op == "chain":
-        found, missing, _ = _chain(table.get, args[0])
-        return ["err", "missing", missing] if missing is not None and found else found
-    if op == "put":
-        return _put(table, args)
-    if op == "remove":
-        return _remove(table, args[0])
-    raise ValueError(f"unknown registry operation {op!r}")
+def chain(table: dict[str, str], name: str) -> list[str]:
+    """``lua/registry.lua``'s 'chain' for the embedded engine (as ``put`` and ``remove``; the caller
+    holds the table's lock)."""
+    found, missing, _ = _chain(table.get, name)
+    return ["err", "missing", missing] if missing is not None and found else found
