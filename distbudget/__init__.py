@@ -1,9 +1,6 @@
 """distbudget: token, cost and rate budgets for LLM calls, enforced across a whole agent fleet."""
 
-from distbudget._core.ledger import LedgerEntry
-from distbudget._core.scope import BudgetScope, Limit
-from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
-from distbudget._exceptions import (
+from distbudget._core.errors import (
     BackendError,
     BudgetExceededError,
     BudgetWarning,
@@ -12,6 +9,9 @@ from distbudget._exceptions import (
     UnknownModelError,
     UnknownScopeError,
 )
+from distbudget._core.ledger import LedgerEntry
+from distbudget._core.scope import BudgetScope, Limit
+from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
 from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
 from distbudget.budget import AsyncBudget, AsyncReservation, Budget, PendingReservation, Reservation
 from distbudget.manager import AsyncBudgetManager, BudgetManager

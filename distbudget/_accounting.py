@@ -28,6 +28,12 @@ from typing import IO, Any, Literal
 from distbudget._core import ledger as L
 from distbudget._core import plan as P
 from distbudget._core import registry as R
+from distbudget._core.errors import (
+    BudgetExceededError,
+    BudgetWarning,
+    InvalidInputError,
+    UnknownScopeError,
+)
 from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, decode_model_field, model_prefix
 from distbudget._core.money import MAX_AMOUNT, NANO, check_tokens, nano_to_usd
 from distbudget._core.ops import (
@@ -53,12 +59,6 @@ from distbudget._core.ops import (
 )
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
-from distbudget._exceptions import (
-    BudgetExceededError,
-    BudgetWarning,
-    InvalidInputError,
-    UnknownScopeError,
-)
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
 from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE
 from distbudget.pricing import ModelRates, PriceBook

@@ -27,8 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from distbudget._core.errors import BackendError
 from distbudget._core.ops import Done, Job, Operation, Sleep, Step
-from distbudget._exceptions import BackendError
 from distbudget._policy.guard import Guard, Try
 from distbudget.engines.base import AsyncEngine, Engine
 

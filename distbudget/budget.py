@@ -19,12 +19,12 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from distbudget._accounting import Accounting, ExportTarget, Hold, LedgerSince, write_jsonl
 from distbudget._core import ledger as L
+from distbudget._core.errors import BackendError
 from distbudget._core.money import nano_to_usd
 from distbudget._core.ops import Job, Step
 from distbudget._core.scope import BudgetScope
 from distbudget._core.types import BudgetAlert, UsageRecord
 from distbudget._driver import AsyncDriver, Driver
-from distbudget._exceptions import BackendError
 from distbudget._policy.guard import Kept, connect_options
 from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE, flush
 from distbudget.engines.base import AsyncEngine, Engine

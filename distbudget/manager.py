@@ -20,12 +20,12 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 from distbudget._accounting import ExportTarget, LedgerSince, _seconds, write_jsonl
 from distbudget._core import ledger as L
 from distbudget._core import registry as R
+from distbudget._core.errors import UnknownScopeError
 from distbudget._core.keys import registry_key
 from distbudget._core.ops import RegistryChain, RegistryNames, RegistryPut, RegistryRemove, Step
 from distbudget._core.scope import BudgetScope, check_name
 from distbudget._core.types import UsageRecord
 from distbudget._driver import AsyncDriver, Driver
-from distbudget._exceptions import UnknownScopeError
 from distbudget._policy.guard import check_options, connect_options
 from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE, flush, state_for
 from distbudget.budget import AsyncBudget, Budget, PendingReservation, make_async_engine, make_engine

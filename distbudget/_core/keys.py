@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from urllib.parse import quote, unquote
 
-from distbudget._exceptions import InvalidInputError
+from distbudget._core.errors import InvalidInputError
 
 
 def encode(name: str) -> str:

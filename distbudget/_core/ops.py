@@ -16,8 +16,8 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
+from distbudget._core.errors import BackendError
 from distbudget._core.plan import Plan
-from distbudget._exceptions import BackendError
 
 R = TypeVar("R")
 T = TypeVar("T")

@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+from distbudget._core.errors import InvalidInputError, UnknownScopeError
 from distbudget._core.scope import BudgetScope, Limit
-from distbudget._exceptions import InvalidInputError
 from distbudget.pricing import ModelRates
 
 VERSION = 1
@@ -91,7 +91,7 @@ def from_chain(chain: Sequence[str | bytes]) -> tuple[BudgetScope, dict[str, Mod
         table = entry["rates"]
         rates = None if table is None else {m: ModelRates(**r) for m, r in table.items()}
     if scope is None:
-        raise KeyError("empty registry chain")
+        raise UnknownScopeError("empty registry chain")
     return scope, rates
 
 

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from distbudget._core.errors import BackendError, BudgetExceededError, InvalidInputError
 from distbudget._core.money import check_tokens, nano_to_usd, usd_to_nano
 from distbudget._core.ops import (
     AdmitResult,
@@ -53,7 +54,6 @@ from distbudget._core.ops import (
     Steps,
 )
 from distbudget._core.plan import US
-from distbudget._exceptions import BackendError, BudgetExceededError, InvalidInputError
 from distbudget._policy.journal import (
     DEFAULT_JOURNAL_SIZE,
     Allowance,

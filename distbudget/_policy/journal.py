@@ -33,8 +33,8 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
+from distbudget._core.errors import BackendError
 from distbudget._core.ops import Charge, ChargeResult, Commit, LedgerRead, LedgerRow, Sleep, Steps
-from distbudget._exceptions import BackendError
 
 log = logging.getLogger("distbudget")
 

@@ -66,6 +66,7 @@ from typing import Any, Generic, TypeVar, cast
 import redis
 import redis.exceptions as rx
 
+from distbudget._core.errors import BackendError
 from distbudget._core.keys import alert_channels
 from distbudget._core.ops import (
     AdmitResult,
@@ -90,7 +91,6 @@ from distbudget._core.ops import (
     SummaryResult,
 )
 from distbudget._core.plan import US, Plan
-from distbudget._exceptions import BackendError
 
 R = TypeVar("R")
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+from distbudget._core.errors import BackendError
 from distbudget._core.ops import Operation
-from distbudget._exceptions import BackendError
 
 R = TypeVar("R")
 Handler = Callable[[Operation[Any]], Any]
