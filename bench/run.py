@@ -475,7 +475,7 @@ class Bench:
         for fn in (record, record_nl, pair, self.trivial):
             fn()
         # distbudget's own Python per record(): the flow against canned raw replies (wire + parse included)
-        call = wire(b._core._record_op(SESSION, "m", IN_TOKENS, OUT_TOKENS))
+        call = wire(b._core.record(SESSION, "m", IN_TOKENS, OUT_TOKENS).op)
         keys, argv = call.keys, call.argv
         script = b.engine.scripts[call.script]
         raw_reply = script(keys=keys, args=argv)
@@ -636,7 +636,7 @@ class Bench:
 
         floor = self.client.register_script(FLOOR_LUA)
         fb = self.budget("floor")
-        fcall = wire(fb._core._record_op(SESSION, "m", IN_TOKENS, OUT_TOKENS))
+        fcall = wire(fb._core.record(SESSION, "m", IN_TOKENS, OUT_TOKENS).op)
         fkeys, fargv = fcall.keys, fcall.argv
         floor(keys=fkeys, args=fargv)
 
@@ -662,7 +662,7 @@ class Bench:
         for lo in range(0, n, self.sizes.batch):
             pipe = self.client.pipeline(transaction=False)
             for _ in range(min(self.sizes.batch, n - lo)):
-                op = b._core._record_op(SESSION, "m", IN_TOKENS, OUT_TOKENS)
+                op = b._core.record(SESSION, "m", IN_TOKENS, OUT_TOKENS).op
                 call = wire(op)
                 script(keys=call.keys, args=call.argv, client=pipe)
             pipe.execute()

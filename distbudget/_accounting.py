@@ -17,7 +17,6 @@ import datetime
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 import warnings
@@ -165,10 +164,11 @@ class Accounting:
         self._fixed_session = session_id
         self._last_session: str | None = None
         self._callbacks: list[Callable[[BudgetAlert], Any]] = []
+        # Appended to and copied whole by deque's own C code, which no other thread interrupts: no lock.
         self._records: deque[UsageRecord] = deque(maxlen=MAX_LOCAL_RECORDS)
         self._alerts: deque[BudgetAlert] = deque(maxlen=MAX_LOCAL_RECORDS)
-        self._local_lock = threading.Lock()
         self.announced = False
+        self.preamble_due = True  # False once announced, for a budget outside a manager's registry
         # What happens when Redis is unavailable (_policy/guard.py): validated now, bound to the
         # engine's shared state by attach().
         self.policy = (on_backend_error, fail_open_max_cost_usd, fail_open_max_tokens, journal_size)
@@ -357,8 +357,7 @@ class Accounting:
 
     def _dispatch(self, alerts: list[BudgetAlert]) -> None:
         for alert in alerts:
-            with self._local_lock:
-                self._alerts.append(alert)
+            self._alerts.append(alert)
             for cb in list(self._callbacks):
                 try:
                     cb(alert)
@@ -393,8 +392,7 @@ class Accounting:
                 over_hold,
                 journaled=True,
             )
-            with self._local_lock:
-                self._records.append(record)
+            self._records.append(record)
             return record
         if result.original is not None:
             ts, _tok, cost = result.original
@@ -432,14 +430,13 @@ class Accounting:
                 "ledger_id": result.ledger_id or None,
             },
         )
-        with self._local_lock:
-            self._records.append(record)
+        self._records.append(record)
         if result.alerts:
             self._dispatch(self._make_alerts(plan, result, model))
         totals = result.totals
-        for i, (c, m, value, _first) in enumerate(plan.checks):
-            if totals[3 * c + m] > value:  # the first limit now over (P.exceeded()[0])
-                err = self._exceeded_error(plan, i, totals[3 * c + m], record=record)
+        for i, (k, value) in enumerate(plan.used_at):
+            if totals[k] > value:  # the first limit now over (P.exceeded()[0])
+                err = self._exceeded_error(plan, i, totals[k], record=record)
                 if self.scope.hard_stop:
                     raise err
                 warnings.warn(err.message, BudgetWarning, stacklevel=3)
@@ -533,6 +530,7 @@ class Accounting:
 
     def _announced(self, _answer: None) -> None:
         self.announced = True
+        self.preamble_due = self._registry is not None
 
     def check(
         self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
@@ -556,38 +554,6 @@ class Accounting:
         reasoning_tokens: int = 0,
     ) -> Step[ChargeResult, UsageRecord]:
         """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit."""
-        op = self._record_op(
-            session_id,
-            model,
-            input_tokens,
-            output_tokens,
-            metadata,
-            request_id,
-            cached_input_tokens,
-            cache_write_tokens,
-            reasoning_tokens,
-        )
-
-        def finish(result: ChargeResult) -> UsageRecord:
-            return self._finish_charge(
-                op.plan, result, model, op.amounts, input_tokens, output_tokens, metadata, request_id
-            )
-
-        return Step(op, finish)
-
-    def _record_op(
-        self,
-        session_id: str | None,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        metadata: dict[str, Any] | None = None,
-        request_id: str | None = None,
-        cached_input_tokens: int = 0,
-        cache_write_tokens: int = 0,
-        reasoning_tokens: int = 0,
-    ) -> Record:
-        """Validate one record() call into its engine operation."""
         usage = self.usage(
             model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
         )
@@ -600,7 +566,11 @@ class Accounting:
             extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
             maxlen = self.ledger_maxlen
             entry = L.charge_entry(plan.ledger_head, input_tokens, output_tokens, extra, request_id, None, metadata)
-        return Record(plan, self.now_us(), usage, rkey, self.request_ttl_ms, maxlen, entry)
+
+        def finish(result: ChargeResult) -> UsageRecord:
+            return self._finish_charge(plan, result, model, usage, input_tokens, output_tokens, metadata, request_id)
+
+        return Step(Record(plan, self.now_us(), usage, rkey, self.request_ttl_ms, maxlen, entry), finish)
 
     def record_many(
         self, calls: Iterable[RecordCall]
@@ -612,29 +582,23 @@ class Accounting:
         limit raises afterwards (``err.record``; ``records`` has them all)."""
         if isinstance(calls, (str, bytes, Mapping)):
             raise TypeError("calls must be an iterable of record() calls (tuples or dicts of its arguments)")
-        batch: list[Record] = []
-        shown: list[tuple[Any, ...]] = []  # (model, input_tokens, output_tokens, metadata, request_id)
+        steps: list[Step[ChargeResult, UsageRecord]] = []
         session = self._last_session  # a batch that fails validation leaves the current session alone
         try:
-            self._check_calls(calls, batch, shown)
+            for call in calls:
+                steps.append(self._record_call(call))
         except BaseException:
             self._last_session = session
             raise
-        if not batch:
+        if not steps:
             return Done([])
 
         def finish(results: list[ChargeResult]) -> list[UsageRecord]:
             records: list[UsageRecord] = []
             first: BudgetExceededError | None = None
-            for op, result, (model, input_tokens, output_tokens, metadata, request_id) in zip(
-                batch, results, shown, strict=True
-            ):
+            for step, result in zip(steps, results, strict=True):
                 try:
-                    records.append(
-                        self._finish_charge(
-                            op.plan, result, model, op.amounts, input_tokens, output_tokens, metadata, request_id
-                        )
-                    )
+                    records.append(step.finish(result))
                 except BudgetExceededError as err:
                     assert err.record is not None
                     records.append(err.record)
@@ -647,32 +611,19 @@ class Accounting:
 
         # One engine call, also while Redis is unavailable: the failure policy journals the batch whole
         # (under "raise", finish raises once, after finishing the charges Redis recorded).
-        return Step(RecordMany(tuple(batch)), finish)
+        return Step(RecordMany(tuple(step.op for step in steps)), finish)  # type: ignore[misc]
 
-    def _check_calls(self, calls: Iterable[RecordCall], batch: list[Record], shown: list[tuple[Any, ...]]) -> None:
-        """Validate record_many()'s calls into ``batch`` (engine operations) and ``shown``."""
-        for call in calls:
-            if isinstance(call, tuple | list) and 4 <= len(call) <= 6:  # record()'s positional arguments
-                op = self._record_op(*call)
-                shown.append((call[1], call[2], call[3], *call[4:6], *(None,) * (6 - len(call))))
-            elif isinstance(call, Mapping) and _RECORD_REQUIRED <= call.keys() <= _RECORD_PARAMETERS:
-                op = self._record_op(**call)
-                shown.append(
-                    (
-                        call["model"],
-                        call["input_tokens"],
-                        call["output_tokens"],
-                        call.get("metadata"),
-                        call.get("request_id"),
-                    )
-                )
-            else:
-                raise TypeError(
-                    "each record_many() call must be record()'s arguments: a tuple (session_id, model, "
-                    "input_tokens, output_tokens[, metadata[, request_id]]) or a dict of them (keywords "
-                    f"cached_input_tokens, cache_write_tokens, reasoning_tokens too), got {call!r}"
-                )
-            batch.append(op)
+    def _record_call(self, call: RecordCall) -> Step[ChargeResult, UsageRecord]:
+        """One call of record_many(): record()'s arguments, positional (a tuple) or by name (a dict)."""
+        if isinstance(call, tuple | list) and 4 <= len(call) <= 6:
+            return self.record(*call)
+        if isinstance(call, Mapping) and _RECORD_REQUIRED <= call.keys() <= _RECORD_PARAMETERS:
+            return self.record(**call)
+        raise TypeError(
+            "each record_many() call must be record()'s arguments: a tuple (session_id, model, "
+            "input_tokens, output_tokens[, metadata[, request_id]]) or a dict of them (keywords "
+            f"cached_input_tokens, cache_write_tokens, reasoning_tokens too), got {call!r}"
+        )
 
     def reserve(
         self,
@@ -857,14 +808,12 @@ class Accounting:
     @property
     def records(self) -> list[UsageRecord]:
         """Records charged through this object (the latest 10,000)."""
-        with self._local_lock:
-            return list(self._records)
+        return list(self._records)
 
     @property
     def alerts(self) -> list[BudgetAlert]:
         """Alerts fired by this object's calls (the latest 10,000)."""
-        with self._local_lock:
-            return list(self._alerts)
+        return list(self._alerts)
 
 
 class Hold:

@@ -163,7 +163,8 @@ def _sync(prepare: Callable[Concatenate[Accounting, P], Job[T]]) -> Callable[Con
 
     @functools.wraps(prepare)
     def method(self: Budget, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        self._before()
+        if self._core.preamble_due or self._guard.state.busy:
+            self._before()
         return self._driver.run(prepare(self._core, *args, **kwargs))
 
     return method
@@ -176,7 +177,8 @@ def _async(
 
     @functools.wraps(prepare)
     async def method(self: AsyncBudget, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        await self._before()
+        if self._core.preamble_due or self._guard.state.busy:
+            await self._before()
         return await self._driver.run(prepare(self._core, *args, **kwargs))
 
     return method

@@ -90,6 +90,7 @@ class Plan:
     # For the Python side, per limit in plan order: (counter index, metric, value, first threshold:
     # warn_at, or crit_at without a WARNING), and the field the memory engine keeps its alert state in.
     checks: tuple[tuple[int, int, int, int], ...] = ()
+    used_at: tuple[tuple[int, int], ...] = ()  # per limit: (its usage's index in the totals, its value)
     alert_fields: tuple[tuple[str, str, str], ...] = ()
 
 
@@ -216,6 +217,7 @@ def build_plan(
             (lim.counter, lim.metric, lim.value, lim.warn_at if lim.warn_at >= 0 else lim.crit_at) for lim in limits
         ),
         alert_fields=tuple(("a", counters[lim.counter].prefix, lim.limit_type) for lim in limits),
+        used_at=tuple((3 * lim.counter + lim.metric, lim.value) for lim in limits),
     )
 
 
@@ -226,4 +228,4 @@ def used(plan: Plan, totals: tuple[int, ...], i: int) -> int:
 
 def exceeded(plan: Plan, totals: tuple[int, ...]) -> list[int]:
     """Indices of limits whose usage is now over their value."""
-    return [i for i, (c, m, value, _) in enumerate(plan.checks) if totals[3 * c + m] > value]
+    return [i for i, (k, value) in enumerate(plan.used_at) if totals[k] > value]

@@ -61,7 +61,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
 import redis
 import redis.exceptions as rx
@@ -245,14 +245,15 @@ class Codec:
 
     def encode(self, op: Operation[R]) -> ScriptCall[R]:
         """The script call of a script operation (``KeyError`` for one sent as plain commands)."""
-        return cast("ScriptCall[R]", self._encoders[type(op)](op))
+        return self._encoders[type(op)](op)  # each encoder answers for its own type
 
     def _args(self, op: Check | Reserve | Summary, a5: str | int, a6: str, a7: str | int) -> list[str | int | bytes]:
         amounts = (0, 0, 0) if isinstance(op, Summary) else op.amounts
         return ["" if op.now_us is None else op.now_us, *amounts, a5, a6, a7, *self.plan(op.plan).argv]
 
-    def _charge(self, op: Record | Commit, keys: tuple[bytes, ...], hold_id: str) -> ScriptCall[ChargeResult]:
-        wire = self.plan(op.plan)
+    def _charge(
+        self, op: Record | Commit, wire: PlanWire, keys: tuple[bytes, ...], hold_id: str
+    ) -> ScriptCall[ChargeResult]:
         ttl: str | int = ""
         all_keys: tuple[str | bytes, ...] = keys
         if op.request_key is not None:
@@ -262,10 +263,12 @@ class Codec:
         return ScriptCall("commit" if hold_id else "record", all_keys, argv, parse_charge, True)
 
     def _record(self, op: Record) -> ScriptCall[ChargeResult]:
-        return self._charge(op, self.plan(op.plan).record_keys, "")
+        wire = self.plan(op.plan)
+        return self._charge(op, wire, wire.record_keys, "")
 
     def _commit(self, op: Commit) -> ScriptCall[ChargeResult]:
-        return self._charge(op, self.plan(op.plan).charge_keys, op.hold_id)
+        wire = self.plan(op.plan)
+        return self._charge(op, wire, wire.charge_keys, op.hold_id)
 
     def _check(self, op: Check) -> ScriptCall[AdmitResult]:
         return ScriptCall("check", op.plan.keys, self._args(op, "", "", ""), parse_admit)
