@@ -22,6 +22,7 @@ import uuid
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import IO, Any, Literal
 
 from distbudget._core import ledger as L
@@ -59,7 +60,6 @@ from distbudget._core.ops import (
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
-from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE
 from distbudget.pricing import ModelRates, PriceBook
 
 log = logging.getLogger("distbudget")
@@ -118,6 +118,26 @@ def _seconds(value: object, what: str) -> float:
     return float(value)
 
 
+@dataclass(frozen=True)
+class Settings:
+    """A budget's keyword options as given (see ``Budget``; :class:`Accounting` validates them). A
+    manager keeps its own and builds every budget with them."""
+
+    session_id: str | None
+    prefix: str
+    clock: Callable[[], float] | None
+    default_rates: ModelRates | None
+    session_ttl: float
+    hold_ttl: float
+    request_ttl: float | None
+    sleep: Callable[[float], Any] | None
+    ledger_maxlen: int
+    on_backend_error: str
+    fail_open_max_cost_usd: float | None
+    fail_open_max_tokens: int | None
+    journal_size: int
+
+
 class Accounting:
     """Everything a budget does except talking to its engine (held by the sync and async shells).
     ``attach(engine)`` gives it the failure policy of that engine."""
@@ -125,22 +145,11 @@ class Accounting:
     def __init__(
         self,
         scope: BudgetScope,
-        rates: Mapping[str, ModelRates] | None = None,
-        *,
-        session_id: str | None = None,
-        prefix: str = "distbudget",
-        clock: Callable[[], float] | None = None,
-        default_rates: ModelRates | None = None,
-        session_ttl: float = 7 * 86400,
-        hold_ttl: float = 600,
-        request_ttl: float | None = None,
-        ledger_maxlen: int = L.DEFAULT_MAXLEN,
-        on_backend_error: str = "raise",
-        fail_open_max_cost_usd: float | None = None,
-        fail_open_max_tokens: int | None = None,
-        journal_size: int = DEFAULT_JOURNAL_SIZE,
+        rates: Mapping[str, ModelRates] | None,
+        settings: Settings,
         registry: tuple[str, float, tuple[str, ...]] | None = None,
     ) -> None:
+        session_id, clock, ledger_maxlen = settings.session_id, settings.clock, settings.ledger_maxlen
         if not isinstance(scope, BudgetScope):
             raise TypeError("scope must be a BudgetScope")
         if session_id is not None:
@@ -149,11 +158,12 @@ class Accounting:
             raise TypeError("clock must be a callable returning seconds")
         if isinstance(ledger_maxlen, bool) or not isinstance(ledger_maxlen, int) or ledger_maxlen < 0:
             raise InvalidInputError(f"ledger_maxlen must be an int >= 0 (0: no ledger), got {ledger_maxlen!r}")
-        self.prefix = check_prefix(prefix)
-        self.default_rates = default_rates
+        self.prefix = check_prefix(settings.prefix)
+        self.default_rates = settings.default_rates
         self.clock = clock
-        self.session_ttl_ms = int(_seconds(session_ttl, "session_ttl") * 1000)
-        self.hold_ttl_us = int(_seconds(hold_ttl, "hold_ttl") * P.US)
+        self.session_ttl_ms = int(_seconds(settings.session_ttl, "session_ttl") * 1000)
+        self.hold_ttl_us = int(_seconds(settings.hold_ttl, "hold_ttl") * P.US)
+        request_ttl = settings.request_ttl
         self._request_ttl = None if request_ttl is None else _seconds(request_ttl, "request_ttl")
         self.ledger_maxlen = ledger_maxlen
         self._configure(scope, rates)
@@ -171,7 +181,12 @@ class Accounting:
         self.preamble_due = True  # False once announced, for a budget outside a manager's registry
         # What happens when Redis is unavailable (_policy/guard.py): validated now, bound to the
         # engine's shared state by attach().
-        self.policy = (on_backend_error, fail_open_max_cost_usd, fail_open_max_tokens, journal_size)
+        self.policy = (
+            settings.on_backend_error,
+            settings.fail_open_max_cost_usd,
+            settings.fail_open_max_tokens,
+            settings.journal_size,
+        )
         self.mode = check_options(*self.policy)[0]
         self.guard: Guard | None = None
 
@@ -816,39 +831,20 @@ class Accounting:
         return list(self._alerts)
 
 
+@dataclass(slots=True, eq=False)
 class Hold:
     """The state of one reservation (shared by ``Reservation`` and ``AsyncReservation``)."""
 
-    __slots__ = (
-        "admitted",
-        "committing",
-        "held",
-        "hold_id",
-        "model",
-        "open",
-        "plan",
-        "record",
-        "request_id",
-        "request_key",
-    )
+    plan: P.Plan
+    model: str
+    held: Amounts
+    hold_id: str
+    request_id: str | None
+    admitted: bool
+    request_key: str | None = None
+    open: bool = False  # held and not settled yet (set from ``admitted``)
+    record: UsageRecord | None = None  # the charge, once committed
+    committing: bool = False  # a commit was sent (or journaled)
 
-    def __init__(
-        self,
-        plan: P.Plan,
-        model: str,
-        held: tuple[int, int, int],
-        hold_id: str,
-        request_id: str | None,
-        admitted: bool,
-        request_key: str | None = None,
-    ) -> None:
-        self.plan = plan
-        self.model = model
-        self.held = held
-        self.hold_id = hold_id
-        self.request_id = request_id
-        self.request_key = request_key
-        self.admitted = admitted
-        self.open = admitted
-        self.record: UsageRecord | None = None
-        self.committing = False  # a commit was sent (or journaled)
+    def __post_init__(self) -> None:
+        self.open = self.admitted

@@ -17,7 +17,7 @@ import inspect
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
-from distbudget._accounting import Accounting, ExportTarget, Hold, LedgerSince, write_jsonl
+from distbudget._accounting import Accounting, ExportTarget, Hold, LedgerSince, Settings, write_jsonl
 from distbudget._core import ledger as L
 from distbudget._core.errors import BackendError
 from distbudget._core.money import nano_to_usd
@@ -89,10 +89,9 @@ class _BudgetBase(Generic[E]):
         journal_size: int = DEFAULT_JOURNAL_SIZE,
         _engine: E | None = None,
         _registry: tuple[str, float, tuple[str, ...]] | None = None,
+        _settings: Settings | None = None,  # a manager's: in place of the keywords above
     ) -> None:
-        core = Accounting(
-            scope,
-            rates,
+        settings = _settings or Settings(
             session_id=session_id,
             prefix=prefix,
             clock=clock,
@@ -100,19 +99,19 @@ class _BudgetBase(Generic[E]):
             session_ttl=session_ttl,
             hold_ttl=hold_ttl,
             request_ttl=request_ttl,
+            sleep=sleep,
             ledger_maxlen=ledger_maxlen,
             on_backend_error=on_backend_error,
             fail_open_max_cost_usd=fail_open_max_cost_usd,
             fail_open_max_tokens=fail_open_max_tokens,
             journal_size=journal_size,
-            registry=_registry,
         )
-        self._core = core
+        self._core = core = Accounting(scope, rates, settings, _registry)
         #: The engine: ``MemoryEngine`` (embedded) or ``RedisEngine`` (``under_replicated``: charges
         #: whose ``WAIT`` returned before enough replicas acknowledged them).
         self.engine: E = _engine if _engine is not None else self._connect(redis, connect_options(core.mode))
         self._guard = core.attach(self.engine)
-        self._bind(sleep)
+        self._bind(settings.sleep)
 
     def _connect(self, redis: object, options: dict[str, Any]) -> E:
         raise NotImplementedError

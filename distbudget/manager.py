@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
-from distbudget._accounting import ExportTarget, LedgerSince, _seconds, write_jsonl
+from distbudget._accounting import ExportTarget, LedgerSince, Settings, _seconds, write_jsonl
 from distbudget._core import ledger as L
 from distbudget._core import registry as R
 from distbudget._core.errors import UnknownScopeError
@@ -70,21 +70,21 @@ class _ManagerBase(Generic[B, E]):
         self._engine: E = _engine if _engine is not None else self._connect(redis, connect_options(mode))
         self._ttl = _seconds(registry_ttl, "registry_ttl")
         self._key = registry_key(prefix)
-        self._options: dict[str, Any] = {
-            "session_id": session_id,
-            "prefix": prefix,
-            "clock": clock,
-            "default_rates": default_rates,
-            "session_ttl": session_ttl,
-            "hold_ttl": hold_ttl,
-            "request_ttl": request_ttl,
-            "sleep": sleep,
-            "ledger_maxlen": ledger_maxlen,
-            "on_backend_error": on_backend_error,
-            "fail_open_max_cost_usd": fail_open_max_cost_usd,
-            "fail_open_max_tokens": fail_open_max_tokens,
-            "journal_size": journal_size,
-        }
+        self._settings = Settings(
+            session_id=session_id,
+            prefix=prefix,
+            clock=clock,
+            default_rates=default_rates,
+            session_ttl=session_ttl,
+            hold_ttl=hold_ttl,
+            request_ttl=request_ttl,
+            sleep=sleep,
+            ledger_maxlen=ledger_maxlen,
+            on_backend_error=on_backend_error,
+            fail_open_max_cost_usd=fail_open_max_cost_usd,
+            fail_open_max_tokens=fail_open_max_tokens,
+            journal_size=journal_size,
+        )
         self._budgets: dict[str, B] = {}
         self._lock = threading.Lock()
 
@@ -108,7 +108,7 @@ class _ManagerBase(Generic[B, E]):
                 rates,
                 _engine=self._engine,  # type: ignore[arg-type]
                 _registry=(self._key, self._ttl, tuple(chain)),
-                **self._options,
+                _settings=self._settings,
             )
             self._budgets[name] = budget
             return budget

@@ -66,30 +66,9 @@ from typing import Any, Generic, TypeVar
 import redis
 import redis.exceptions as rx
 
+from distbudget._core import ops
 from distbudget._core.errors import BackendError
 from distbudget._core.keys import alert_channels
-from distbudget._core.ops import (
-    AdmitResult,
-    Announce,
-    BatchError,
-    ChargeResult,
-    Check,
-    Commit,
-    LedgerRead,
-    Operation,
-    Record,
-    RecordMany,
-    RegistryChain,
-    RegistryNames,
-    RegistryPut,
-    RegistryRemove,
-    Release,
-    Reserve,
-    Reset,
-    ResetResult,
-    Summary,
-    SummaryResult,
-)
 from distbudget._core.plan import US, Plan
 
 R = TypeVar("R")
@@ -220,18 +199,6 @@ class Codec:
 
     def __init__(self) -> None:
         self._plans: dict[int, tuple[Plan, PlanWire]] = {}
-        self._encoders: dict[type[Any], Callable[[Any], ScriptCall[Any]]] = {
-            Record: self._record,
-            Commit: self._commit,
-            Check: self._check,
-            Reserve: self._reserve,
-            Release: self._release,
-            Summary: self._summary,
-            Reset: self._reset,
-            RegistryPut: lambda op: self._registry(op.key, "put", *op.triples),
-            RegistryChain: lambda op: self._registry(op.key, "chain", op.name),
-            RegistryRemove: lambda op: self._registry(op.key, "remove", op.name),
-        }
 
     def plan(self, plan: Plan) -> PlanWire:
         hit = self._plans.get(id(plan))
@@ -243,17 +210,47 @@ class Codec:
         self._plans[id(plan)] = (plan, wire)  # the plan is kept alive with its id
         return wire
 
-    def encode(self, op: Operation[R]) -> ScriptCall[R]:
-        """The script call of a script operation (``KeyError`` for one sent as plain commands)."""
-        return self._encoders[type(op)](op)  # each encoder answers for its own type
+    def encode(self, op: ops.Operation[R]) -> ScriptCall[R]:
+        """The script call of an operation (``TypeError`` for one sent as plain commands): the
+        table in the module docstring, as code."""
+        call: ScriptCall[Any]
+        if isinstance(op, ops.Record):
+            wire = self.plan(op.plan)
+            call = self._charge(op, wire, wire.record_keys, "")
+        elif isinstance(op, ops.Commit):
+            wire = self.plan(op.plan)
+            call = self._charge(op, wire, wire.charge_keys, op.hold_id)
+        elif isinstance(op, ops.Check):
+            call = ScriptCall("check", op.plan.keys, self._args(op, "", "", ""), parse_admit)
+        elif isinstance(op, ops.Reserve):
+            call = ScriptCall("reserve", op.plan.keys, self._args(op, "", op.hold_id, op.ttl_us), parse_admit, True)
+        elif isinstance(op, ops.Release):
+            call = ScriptCall("release", op.plan.keys[:2], ["", 0, 0, 0, "", op.hold_id, ""], bool)
+        elif isinstance(op, ops.Summary):
+            call = ScriptCall("summary", op.plan.keys, self._args(op, op.plan.totals_key_index, "", ""), parse_summary)
+        elif isinstance(op, ops.Reset):
+            now = "" if op.now_us is None else op.now_us
+            argv: list[str | int | bytes] = [now, op.what, op.field_prefix, op.ledger_maxlen, op.ledger_entry]
+            call = ScriptCall("reset", op.keys, argv, parse_reset)
+        elif isinstance(op, ops.RegistryPut):
+            call = ScriptCall("registry", (op.key,), ["put", *op.triples], texts)
+        elif isinstance(op, (ops.RegistryChain, ops.RegistryRemove)):
+            what = "chain" if isinstance(op, ops.RegistryChain) else "remove"
+            call = ScriptCall("registry", (op.key,), [what, op.name], texts)
+        else:
+            raise TypeError(f"{type(op).__name__} is not sent as a script")
+        return cast("ScriptCall[R]", call)  # each branch encodes its own operation's result
 
-    def _args(self, op: Check | Reserve | Summary, a5: str | int, a6: str, a7: str | int) -> list[str | int | bytes]:
-        amounts = (0, 0, 0) if isinstance(op, Summary) else op.amounts
+    def _args(
+        self, op: ops.Check | ops.Reserve | ops.Summary, a5: str | int, a6: str, a7: str | int
+    ) -> list[str | int | bytes]:
+        amounts = (0, 0, 0) if isinstance(op, ops.Summary) else op.amounts
         return ["" if op.now_us is None else op.now_us, *amounts, a5, a6, a7, *self.plan(op.plan).argv]
 
+    @staticmethod
     def _charge(
-        self, op: Record | Commit, wire: PlanWire, keys: tuple[bytes, ...], hold_id: str
-    ) -> ScriptCall[ChargeResult]:
+        op: ops.Record | ops.Commit, wire: PlanWire, keys: tuple[bytes, ...], hold_id: str
+    ) -> ScriptCall[ops.ChargeResult]:
         ttl: str | int = ""
         all_keys: tuple[str | bytes, ...] = keys
         if op.request_key is not None:
@@ -261,35 +258,6 @@ class Codec:
         now = "" if op.now_us is None else op.now_us
         argv = [now, *op.amounts, ttl, hold_id, wire.alert_meta, *wire.argv, op.ledger_maxlen, op.ledger_entry]
         return ScriptCall("commit" if hold_id else "record", all_keys, argv, parse_charge, True)
-
-    def _record(self, op: Record) -> ScriptCall[ChargeResult]:
-        wire = self.plan(op.plan)
-        return self._charge(op, wire, wire.record_keys, "")
-
-    def _commit(self, op: Commit) -> ScriptCall[ChargeResult]:
-        wire = self.plan(op.plan)
-        return self._charge(op, wire, wire.charge_keys, op.hold_id)
-
-    def _check(self, op: Check) -> ScriptCall[AdmitResult]:
-        return ScriptCall("check", op.plan.keys, self._args(op, "", "", ""), parse_admit)
-
-    def _reserve(self, op: Reserve) -> ScriptCall[AdmitResult]:
-        return ScriptCall("reserve", op.plan.keys, self._args(op, "", op.hold_id, op.ttl_us), parse_admit, True)
-
-    def _release(self, op: Release) -> ScriptCall[bool]:
-        return ScriptCall("release", op.plan.keys[:2], ["", 0, 0, 0, "", op.hold_id, ""], bool)
-
-    def _summary(self, op: Summary) -> ScriptCall[SummaryResult]:
-        return ScriptCall("summary", op.plan.keys, self._args(op, op.plan.totals_key_index, "", ""), parse_summary)
-
-    def _reset(self, op: Reset) -> ScriptCall[ResetResult]:
-        now = "" if op.now_us is None else op.now_us
-        argv: list[str | int | bytes] = [now, op.what, op.field_prefix, op.ledger_maxlen, op.ledger_entry]
-        return ScriptCall("reset", op.keys, argv, parse_reset)
-
-    @staticmethod
-    def _registry(key: str, *argv: str) -> ScriptCall[list[str]]:
-        return ScriptCall("registry", (key,), list(argv), texts)
 
 
 # ---- replies ------------------------------------------------------------------------------------
@@ -310,7 +278,7 @@ def _ints(values: object) -> tuple[int, ...]:
     return tuple(map(int, values))  # type: ignore[call-overload]
 
 
-def parse_charge(raw: object) -> ChargeResult:
+def parse_charge(raw: object) -> ops.ChargeResult:
     """record / commit answer one string:
     ``status|now|totals|alerts|original|hold found|alert ids|ledger id``."""
     parts = _text(raw).split("|")
@@ -318,13 +286,13 @@ def parse_charge(raw: object) -> ChargeResult:
     status, now, totals, fired, original, found, ids, ledger_id = parts[:8]
     if status == "1":
         ts, tok, cost = original.split()
-        return ChargeResult(int(now), (), (), (int(ts), int(tok), int(cost)), found == "1")
+        return ops.ChargeResult(int(now), (), (), (int(ts), int(tok), int(cost)), found == "1")
     if not fired:  # the common answer: no alert crossed
-        return ChargeResult(int(now), tuple(map(int, totals.split())), (), None, found == "1", (), ledger_id)
+        return ops.ChargeResult(int(now), tuple(map(int, totals.split())), (), None, found == "1", (), ledger_id)
     flat = _ints(fired)
     stream_ids = ids.split() or [""] * (len(flat) // 2)
     rows = sorted(((flat[k] - 1, flat[k + 1]), stream_ids[k // 2]) for k in range(0, len(flat), 2))  # by limit, level
-    return ChargeResult(
+    return ops.ChargeResult(
         int(now),
         _ints(totals),
         tuple(r[0] for r in rows),
@@ -335,22 +303,22 @@ def parse_charge(raw: object) -> ChargeResult:
     )
 
 
-def parse_admit(raw: list[Any]) -> AdmitResult:
+def parse_admit(raw: list[Any]) -> ops.AdmitResult:
     _status, now, totals, held, refused, retry = raw
-    return AdmitResult(int(now), _ints(totals), _ints(held), int(refused) - 1, int(retry))
+    return ops.AdmitResult(int(now), _ints(totals), _ints(held), int(refused) - 1, int(retry))
 
 
-def parse_summary(raw: list[Any]) -> SummaryResult:
+def parse_summary(raw: list[Any]) -> ops.SummaryResult:
     now, totals, held, flat = raw
     items = list(flat)
     pairs = {_text(items[k]): int(items[k + 1]) for k in range(0, len(items), 2)}
-    return SummaryResult(int(now), _ints(totals), _ints(held), pairs)
+    return ops.SummaryResult(int(now), _ints(totals), _ints(held), pairs)
 
 
-def parse_reset(raw: object) -> ResetResult:
+def parse_reset(raw: object) -> ops.ResetResult:
     amounts, _, ledger_id = _text(raw).partition("|")
     t, c, r = (int(v) for v in amounts.split())
-    return ResetResult((t, c, r), ledger_id)
+    return ops.ResetResult((t, c, r), ledger_id)
 
 
 def ledger_rows(raw: Any) -> list[tuple[str, dict[str, str]]]:
@@ -358,9 +326,9 @@ def ledger_rows(raw: Any) -> list[tuple[str, dict[str, str]]]:
     return [(_text(entry_id), {_text(k): _text(v) for k, v in fields.items()}) for entry_id, fields in raw]
 
 
-def charges(results: list[Any]) -> list[ChargeResult]:
+def charges(results: list[Any]) -> list[ops.ChargeResult]:
     """A pipelined batch of charges: their results. When the round trip itself failed (every call
-    has the same error) that error is raised; when only some calls failed, a :class:`BatchError`
+    has the same error) that error is raised; when only some calls failed, a :class:`ops.BatchError`
     carrying each call's result or its classified error."""
     failed = [r for r in results if isinstance(r, Exception)]
     if not failed:
@@ -370,30 +338,30 @@ def charges(results: list[Any]) -> list[ChargeResult]:
         raise first
     per_call = [backend_error("record", r) if isinstance(r, Exception) else parse_charge(r) for r in results]
     msg = f"Redis record_many: {len(failed)} of {len(results)} charges failed (first: {first})"
-    raise BatchError(msg, per_call) from first
+    raise ops.BatchError(msg, per_call) from first
 
 
 # ---- errors -------------------------------------------------------------------------------------
 
 _DOING: dict[type[Any], str] = {
-    Record: "record",
-    Commit: "commit",
-    RecordMany: "record_many",
-    Check: "check",
-    Reserve: "reserve",
-    Release: "release",
-    Summary: "summary",
-    Reset: "reset",
-    RegistryPut: "registry",
-    RegistryChain: "registry",
-    RegistryRemove: "registry",
-    RegistryNames: "listing the registry",
-    LedgerRead: "reading the ledger",
-    Announce: "registering the alert stream",
+    ops.Record: "record",
+    ops.Commit: "commit",
+    ops.RecordMany: "record_many",
+    ops.Check: "check",
+    ops.Reserve: "reserve",
+    ops.Release: "release",
+    ops.Summary: "summary",
+    ops.Reset: "reset",
+    ops.RegistryPut: "registry",
+    ops.RegistryChain: "registry",
+    ops.RegistryRemove: "registry",
+    ops.RegistryNames: "listing the registry",
+    ops.LedgerRead: "reading the ledger",
+    ops.Announce: "registering the alert stream",
 }
 
 
-def doing(op: Operation[Any]) -> str:
+def doing(op: ops.Operation[Any]) -> str:
     """What an operation does, for error messages."""
     return _DOING[type(op)]
 

@@ -15,30 +15,7 @@ from collections import deque
 from itertools import chain
 from typing import Any, TypeVar
 
-from distbudget._core import registry
-from distbudget._core.ops import (
-    AdmitResult,
-    Amounts,
-    Announce,
-    ChargeResult,
-    Check,
-    Commit,
-    LedgerRead,
-    LedgerRow,
-    Operation,
-    Record,
-    RecordMany,
-    RegistryChain,
-    RegistryNames,
-    RegistryPut,
-    RegistryRemove,
-    Release,
-    Reserve,
-    Reset,
-    ResetResult,
-    Summary,
-    SummaryResult,
-)
+from distbudget._core import ops, registry
 from distbudget._core.plan import Counter, Plan
 
 R = TypeVar("R")
@@ -133,20 +110,20 @@ class MemoryEngine:
         self._registries: dict[str, dict[str, str]] = {}
         self._sweep_at = 0
         self._handlers: dict[type[Any], Any] = {
-            Record: self._record,
-            RecordMany: self._record_many,
-            Commit: self._commit,
-            Check: self._check,
-            Reserve: self._reserve,
-            Release: self._release,
-            Summary: self._summary,
-            Reset: self._reset,
-            RegistryPut: self._registry_put,
-            RegistryChain: self._registry_chain,
-            RegistryRemove: self._registry_remove,
-            RegistryNames: self._registry_names,
-            LedgerRead: self._ledger_read,
-            Announce: self._announce,
+            ops.Record: self._record,
+            ops.RecordMany: self._record_many,
+            ops.Commit: self._commit,
+            ops.Check: self._check,
+            ops.Reserve: self._reserve,
+            ops.Release: self._release,
+            ops.Summary: self._summary,
+            ops.Reset: self._reset,
+            ops.RegistryPut: self._registry_put,
+            ops.RegistryChain: self._registry_chain,
+            ops.RegistryRemove: self._registry_remove,
+            ops.RegistryNames: self._registry_names,
+            ops.LedgerRead: self._ledger_read,
+            ops.Announce: self._announce,
         }
 
     # ---- state helpers (mirroring lua/_common.lua) ---------------------------------------------
@@ -306,21 +283,21 @@ class MemoryEngine:
 
     # ---- operations (one lock hold each: the in-process "atomic step") --------------------------
 
-    def execute(self, op: Operation[R]) -> R:
+    def execute(self, op: ops.Operation[R]) -> R:
         """Apply one operation (see ``engines/base.py``)."""
         return self._handlers[type(op)](op)  # type: ignore[no-any-return]  # each handler matches its type
 
-    def _record(self, op: Record) -> ChargeResult:
+    def _record(self, op: ops.Record) -> ops.ChargeResult:
         with self._lock:
             now = _server_now() if op.now_us is None else op.now_us
             return self._charge_plan(op, now, False)
 
-    def _record_many(self, op: RecordMany) -> list[ChargeResult]:
+    def _record_many(self, op: ops.RecordMany) -> list[ops.ChargeResult]:
         """Each record in order, under one lock hold (each its own step)."""
         with self._lock:
             return [self._charge_plan(r, _server_now() if r.now_us is None else r.now_us, False) for r in op.records]
 
-    def _commit(self, op: Commit) -> ChargeResult:
+    def _commit(self, op: ops.Commit) -> ops.ChargeResult:
         with self._lock:
             now = _server_now() if op.now_us is None else op.now_us
             tree = self._tree(op.plan)
@@ -329,7 +306,7 @@ class MemoryEngine:
             found = self._drop_hold(tree, op.hold_id)
             return self._charge_plan(op, now, found)
 
-    def _append(self, key: str, maxlen: int, entry: str, now: int, amt: Amounts) -> str:
+    def _append(self, key: str, maxlen: int, entry: str, now: int, amt: ops.Amounts) -> str:
         if not entry:
             return ""
         stream = self._streams.get(key)
@@ -349,14 +326,14 @@ class MemoryEngine:
             return None
         return entry[1]
 
-    def _charge_plan(self, op: Record | Commit, now: int, found: bool) -> ChargeResult:
+    def _charge_plan(self, op: ops.Record | ops.Commit, now: int, found: bool) -> ops.ChargeResult:
         if now >= self._sweep_at:
             self._sweep(now)
         plan, amt, request_key = op.plan, op.amounts, op.request_key
         if request_key is not None:
             original = self._seen(request_key, now)
             if original is not None:
-                return ChargeResult(now, (), (), original, False)
+                return ops.ChargeResult(now, (), (), original, False)
         # _charge() for every counter, inlined: this loop is the whole embedded record()
         a0, a1, a2 = amt
         all_hashes, windows = self._hashes, self._windows
@@ -406,16 +383,16 @@ class MemoryEngine:
             self._requests[request_key] = (now + op.request_ttl_ms * 1000, (now, amt[0], amt[1]))
         totals = tuple(chain.from_iterable(rows))
         ledger_id = self._append(plan.keyspace.ledger, op.ledger_maxlen, op.ledger_entry, now, amt)
-        return ChargeResult(now, totals, fired, None, found, (), ledger_id)
+        return ops.ChargeResult(now, totals, fired, None, found, (), ledger_id)
 
-    def _check(self, op: Check) -> AdmitResult:
+    def _check(self, op: ops.Check) -> ops.AdmitResult:
         with self._lock:
             now = _server_now() if op.now_us is None else op.now_us
             totals, held = self._read(op.plan, now)
             refused, retry = self._admit(op.plan, totals, held, op.amounts, now)
-            return AdmitResult(now, totals, held, refused, retry)
+            return ops.AdmitResult(now, totals, held, refused, retry)
 
-    def _reserve(self, op: Reserve) -> AdmitResult:
+    def _reserve(self, op: ops.Reserve) -> ops.AdmitResult:
         plan, amt = op.plan, op.amounts
         with self._lock:
             now = _server_now() if op.now_us is None else op.now_us
@@ -433,14 +410,14 @@ class MemoryEngine:
                     row[2] += amt[2]
                 tree.holds[op.hold_id] = (amt, cids)
                 tree.leases[op.hold_id] = now + op.ttl_us
-            return AdmitResult(now, totals, held, refused, retry)
+            return ops.AdmitResult(now, totals, held, refused, retry)
 
-    def _release(self, op: Release) -> bool:
+    def _release(self, op: ops.Release) -> bool:
         with self._lock:
             tree = self._trees.get(op.plan.keys[0])
             return tree is not None and self._drop_hold(tree, op.hold_id)
 
-    def _summary(self, op: Summary) -> SummaryResult:
+    def _summary(self, op: ops.Summary) -> ops.SummaryResult:
         plan = op.plan
         with self._lock:
             now = _server_now() if op.now_us is None else op.now_us
@@ -452,9 +429,9 @@ class MemoryEngine:
                 else:
                     for m, suffix in enumerate(_METRIC_SUFFIX):
                         fields[f"{k}{suffix}"] = v[m]
-            return SummaryResult(now, totals, held, fields)
+            return ops.SummaryResult(now, totals, held, fields)
 
-    def _reset(self, op: Reset) -> ResetResult:
+    def _reset(self, op: ops.Reset) -> ops.ResetResult:
         """``lua/reset.lua``: zero the counters, report what the first one held, append the reset."""
         keys = op.keys
         with self._lock:
@@ -473,33 +450,33 @@ class MemoryEngine:
                 self._expires.pop(key, None)
                 self._windows.pop(key, None)
             amounts = (int(amt[0]), int(amt[1]), int(amt[2]))
-            return ResetResult(amounts, self._append(keys[0], op.ledger_maxlen, op.ledger_entry, now, amounts))
+            return ops.ResetResult(amounts, self._append(keys[0], op.ledger_maxlen, op.ledger_entry, now, amounts))
 
     def _registry(self, key: str) -> dict[str, str]:
         return self._registries.setdefault(key, {})
 
-    def _registry_put(self, op: RegistryPut) -> list[str]:
+    def _registry_put(self, op: ops.RegistryPut) -> list[str]:
         with self._lock:
             return registry.put(self._registry(op.key), op.triples)
 
-    def _registry_chain(self, op: RegistryChain) -> list[str]:
+    def _registry_chain(self, op: ops.RegistryChain) -> list[str]:
         with self._lock:
             return registry.chain(self._registries.get(op.key, {}), op.name)
 
-    def _registry_remove(self, op: RegistryRemove) -> list[str]:
+    def _registry_remove(self, op: ops.RegistryRemove) -> list[str]:
         with self._lock:
             return registry.remove(self._registries.get(op.key, {}), op.name)
 
-    def _registry_names(self, op: RegistryNames) -> list[str]:
+    def _registry_names(self, op: ops.RegistryNames) -> list[str]:
         with self._lock:
             return list(self._registries.get(op.key, {}))
 
-    def _ledger_read(self, op: LedgerRead) -> list[LedgerRow]:
+    def _ledger_read(self, op: ops.LedgerRead) -> list[ops.LedgerRow]:
         with self._lock:
             stream = self._streams.get(op.key)
             return [] if stream is None else stream.read(op.start, op.count)
 
-    def _announce(self, op: Announce) -> None:
+    def _announce(self, op: ops.Announce) -> None:
         """Alert streams are a Redis feature: nothing to register in-process."""
 
 
@@ -510,5 +487,5 @@ class AsyncMemoryEngine:
     def __init__(self, engine: MemoryEngine | None = None) -> None:
         self.engine = engine or MemoryEngine()
 
-    async def execute(self, op: Operation[R]) -> R:
+    async def execute(self, op: ops.Operation[R]) -> R:
         return self.engine.execute(op)
