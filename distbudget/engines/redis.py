@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from functools import cache
-from importlib import resources
-from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import redis
@@ -25,30 +22,16 @@ import redis.exceptions
 from distbudget._core.ops import Announce, LedgerRead, Operation, RecordMany, RegistryNames
 from distbudget.engines import connect as _connect
 from distbudget.engines.codec import ERRORS, Codec, ScriptCall, backend_error, charges, doing, ledger_rows, texts
+from distbudget.engines.scripts import OPERATIONS as SCRIPTS
+from distbudget.engines.scripts import source as script_source
 
 R = TypeVar("R")
-SCRIPTS = ("record", "commit", "check", "reserve", "release", "summary", "reset", "registry")
 
 log = logging.getLogger("distbudget")
 
 # Replies meaning a script did not run and must be sent elsewhere (or later): a Cluster redirection.
 _REDIRECTS = (redis.exceptions.AskError, redis.exceptions.TryAgainError)  # MovedError is an AskError
 AsyncPipelineCommand: Any = redis.asyncio.cluster.PipelineCommand
-
-
-def _lua_dir() -> Path:
-    """``lua/`` ships inside the wheel as ``distbudget/lua``; in a source tree it is top level."""
-    packaged = resources.files("distbudget") / "lua"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parents[2] / "lua"
-
-
-@cache
-def script_source(name: str) -> str:
-    """A script with ``_common.lua`` prepended (Redis scripts cannot include each other)."""
-    base = _lua_dir()
-    return (base / "_common.lua").read_text("utf-8") + "\n" + (base / f"{name}.lua").read_text("utf-8")
 
 
 def _check_url(url: str) -> None:
