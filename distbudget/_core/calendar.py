@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from distbudget._exceptions import InvalidInputError
+from distbudget._core.errors import InvalidInputError
 
 CalendarWindow = Literal["month", "week", "calendar_day"]
 CALENDAR_WINDOWS: tuple[CalendarWindow, ...] = ("month", "week", "calendar_day")

@@ -21,8 +21,8 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from distbudget._core.errors import InvalidInputError
 from distbudget._core.prices import ModelRates, PriceBook, PriceTable
-from distbudget._exceptions import InvalidInputError
 
 FORMAT = 1
 REV_FIELD = "rev"

@@ -20,9 +20,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from distbudget._core.calendar import check_tz, period_at
+from distbudget._core.errors import InvalidInputError
 from distbudget._core.ledger import LedgerEntry
 from distbudget._core.money import nano_to_usd
-from distbudget._exceptions import InvalidInputError
 
 Group = Literal["day", "model", "session", "scope"]
 GROUPS: tuple[Group, ...] = ("day", "model", "session", "scope")

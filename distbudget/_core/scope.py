@@ -13,8 +13,8 @@ from fractions import Fraction
 from typing import Literal
 
 from distbudget._core.calendar import CALENDAR_WINDOWS, check_tz
+from distbudget._core.errors import InvalidInputError
 from distbudget._core.money import MAX_AMOUNT, usd_to_nano
-from distbudget._exceptions import InvalidInputError
 
 Metric = Literal["tokens", "cost", "requests"]
 METRICS: tuple[Metric, ...] = ("tokens", "cost", "requests")

@@ -20,9 +20,9 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from distbudget._core import registry as R
+from distbudget._core.errors import InvalidInputError
 from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope, Limit
-from distbudget._exceptions import InvalidInputError
 
 T = TypeVar("T")
 CHANGED = "changed"  # the swap's answer when the entry changed since it was read
@@ -65,7 +65,7 @@ def swap(table: dict[str, str], name: str, old: str, new: str) -> list[str]:
     if current != old:
         return [CHANGED]
     table[name] = new
-    return R.apply(table, "chain", name)
+    return R.chain(table, name)
 
 
 def parse_assignments(items: Sequence[str]) -> dict[str, Any]:
