@@ -45,6 +45,7 @@ from distbudget._core.ops import (
     Commit,
     Done,
     LedgerRead,
+    LedgerRow,
     Record,
     RecordMany,
     RegistryChain,
@@ -57,6 +58,7 @@ from distbudget._core.ops import (
     Summary,
     SummaryResult,
 )
+from distbudget._core.report import ReportRow, Rollup
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
@@ -798,19 +800,51 @@ class Accounting:
         descendants') and its own resets, oldest first, after ``since`` (see ``_core.ledger.since_id``)."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise InvalidInputError(f"limit must be a positive int or None, got {limit!r}")
-        start = L.since_id(since)
         out: list[L.LedgerEntry] = []
-        while limit is None or len(out) < limit:
-            page = yield LedgerRead(self.keyspace.ledger, start, LEDGER_PAGE)
+
+        def take(page: list[LedgerRow]) -> bool:
             for entry_id, fields in page:
                 entry = L.parse_entry(entry_id, fields)
                 charge = entry.kind == "charge"
                 if (self.name in entry.path) if charge else (entry.scope == self.name and not charges_only):
                     out.append(entry)
-            if len(page) < LEDGER_PAGE:
-                break
-            start = "(" + page[-1][0]
+            return limit is None or len(out) < limit
+
+        yield from self._read_ledger(L.since_id(since), take)
         return out if limit is None else out[:limit]
+
+    def report(
+        self, since: object = None, until: object = None, by: object = (), tz: str | None = None
+    ) -> Steps[list[ReportRow]]:
+        """This scope's ledger rolled up into rows (see ``_core/report.py``): read page by page,
+        each page folded into the rows before the next is read."""
+        rollup = Rollup(self.name, by, since, until, tz)
+        start, stop_ms = "-", None
+        if self.clock is None:  # entry ids are then the server's time too: read only the range
+            slack_ms = 1000  # an id and its entry's timestamp are taken apart (a clock step, a script)
+            if rollup.since_us is not None:
+                start = str(max(rollup.since_us // 1000 - slack_ms, 0))
+            if rollup.until_us is not None:
+                stop_ms = rollup.until_us // 1000 + slack_ms
+
+        def take(page: list[LedgerRow]) -> bool:
+            for entry_id, fields in page:
+                if stop_ms is not None and int(entry_id.partition("-")[0]) > stop_ms:
+                    return False
+                rollup.add(L.parse_entry(entry_id, fields))
+            return True
+
+        yield from self._read_ledger(start, take)
+        return rollup.rows()
+
+    def _read_ledger(self, start: str, take: Callable[[list[LedgerRow]], bool]) -> Steps[None]:
+        """The tree's ledger page by page from ``start`` (an XRANGE start), each page handed to
+        ``take`` (which answers whether to read on)."""
+        while True:
+            page = yield LedgerRead(self.keyspace.ledger, start, LEDGER_PAGE)
+            if not take(page) or len(page) < LEDGER_PAGE:
+                return
+            start = "(" + page[-1][0]
 
     # ---- local state ----------------------------------------------------------------------------
 

@@ -258,6 +258,7 @@ class Budget(_BudgetBase[Engine]):
     reset_model = _sync(Accounting.reset_model)
     reset = _sync(Accounting.reset)
     ledger = _sync(Accounting.ledger)
+    report = _sync(Accounting.report)
 
     def export_ledger(self, target: ExportTarget, since: LedgerSince = None) -> int:
         """Write the ledger as JSON lines to a path or a text file; returns the number of lines."""
@@ -303,6 +304,7 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
     reset_model = _async(Accounting.reset_model)
     reset = _async(Accounting.reset)
     ledger = _async(Accounting.ledger)
+    report = _async(Accounting.report)
 
     async def export_ledger(self, target: ExportTarget, since: LedgerSince = None) -> int:
         """Write the ledger as JSON lines to a path or a text file; returns the number of lines."""

@@ -242,6 +242,7 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
     reserve = _by_name(Budget.reserve)
     acquire = _by_name(Budget.acquire)
     summary = _by_name(Budget.summary)
+    report = _by_name(Budget.report)
 
     def all_summaries(self) -> dict[str, dict[str, Any]]:
         """Summaries of every registered scope (from the registry: no keyspace scan)."""
@@ -296,6 +297,7 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
     reserve = _pending_by_name(AsyncBudget.reserve)
     acquire = _pending_by_name(AsyncBudget.acquire)
     summary = _async_by_name(AsyncBudget.summary)
+    report = _async_by_name(AsyncBudget.report)
 
     async def all_summaries(self) -> dict[str, dict[str, Any]]:
         return {name: await (await self.get(name)).summary() for name in await self.names()}
