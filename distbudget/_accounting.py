@@ -746,6 +746,21 @@ class Accounting:
         plan = self.plan(self._session(session_id, False), None)
         return Step(Summary(plan, self.now_us()), lambda result: self._make_summary(plan, result))
 
+    def alert_check(self) -> Step[ChargeResult, list[BudgetAlert]]:
+        """A charge of nothing over every limit (the current session's): it fires, in the atomic step
+        and so once across the fleet, the alerts a changed config crossed without any call (a cap
+        lowered under usage). It adds no amount, no request and no ledger entry."""
+        plan = self.plan(self.session_id, None)
+
+        def finish(result: ChargeResult) -> list[BudgetAlert]:
+            if isinstance(result, LocalCharge) or not result.alerts:
+                return []  # Redis unavailable: the journal replays it, and its alerts fire then
+            alerts = self._make_alerts(plan, result, "")
+            self._dispatch(alerts)
+            return alerts
+
+        return Step(Record(plan, self.now_us(), (0, 0, 0), None, 0, 0, ""), finish)
+
     def _reset(
         self,
         what: Literal["session", "model", "scope"],

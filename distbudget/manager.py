@@ -20,9 +20,10 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 from distbudget._accounting import ExportTarget, LedgerSince, Settings, _seconds, write_jsonl
 from distbudget._core import ledger as L
 from distbudget._core import registry as R
+from distbudget._core import update as U
 from distbudget._core.errors import UnknownScopeError
 from distbudget._core.keys import registry_key
-from distbudget._core.ops import RegistryChain, RegistryNames, RegistryPut, RegistryRemove, Step
+from distbudget._core.ops import RegistryChain, RegistryNames, RegistryPut, RegistryRemove, RegistrySwap, Step, Steps
 from distbudget._core.scope import BudgetScope, check_name
 from distbudget._core.types import UsageRecord
 from distbudget._driver import AsyncDriver, Driver
@@ -149,6 +150,29 @@ class _ManagerBase(Generic[B, E]):
 
         return Step(RegistryRemove(self._key, name), finish)
 
+    def _update(self, name: str, changes: dict[str, Any]) -> Steps[B]:
+        """Read the scope's config, merge the changes (``_core/update.py``), write it if nobody
+        changed it meanwhile (else read and merge again), then the zero charge that fires the alerts
+        the new config crossed (a cap lowered under usage), once across the fleet."""
+        check_name(name, "scope name")
+        U.check_changes(changes)
+        while True:
+            chain = yield RegistryChain(self._key, name)
+            err = R.refusal(chain)
+            if err is not None:
+                raise err
+            if not chain:
+                raise UnknownScopeError(f"unknown scope {name!r}")
+            reply = yield RegistrySwap(self._key, name, chain[0], U.merge(chain[0], changes))
+            if reply != [U.CHANGED]:
+                break
+        if not reply:
+            raise UnknownScopeError(f"unknown scope {name!r}")
+        budget = self._adopt(name, reply)
+        step = budget._core.alert_check()
+        step.finish((yield step.op))
+        return budget
+
     def _names(self) -> Step[list[str], list[str]]:
         return Step(RegistryNames(self._key), sorted)
 
@@ -224,6 +248,14 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
         refused while it has children. ``UnknownScopeError`` (a ``KeyError``) if unknown."""
         Driver(self._engine).run(self._remove(name))
 
+    def update(self, name: str, **fields: Any) -> Budget:
+        """Change only the named fields of a registered scope (any :class:`BudgetScope` field but
+        ``name`` and ``parent``, and ``rates``), atomically, keeping the rest; returns its budget.
+        The whole new config is validated before anything is written. A cap lowered under current
+        usage fires its alert at once, once across the fleet. Other workers see the change within
+        their ``registry_ttl``."""
+        return Driver(self._engine).run(self._update(name, fields))
+
     def names(self) -> list[str]:
         """Every registered scope, sorted."""
         return Driver(self._engine).run(self._names())
@@ -288,6 +320,10 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
 
     async def remove(self, name: str) -> None:
         await AsyncDriver(self._engine).run(self._remove(name))
+
+    async def update(self, name: str, **fields: Any) -> AsyncBudget:
+        """See :meth:`BudgetManager.update`."""
+        return await AsyncDriver(self._engine).run(self._update(name, fields))
 
     async def names(self) -> list[str]:
         return await AsyncDriver(self._engine).run(self._names())

@@ -202,6 +202,17 @@ class RegistryRemove(Operation[list[str]]):
 
 
 @dataclass(slots=True)
+class RegistrySwap(Operation[list[str]]):
+    """Replace a scope's config if it is still ``old`` (an update, see ``_core/update.py``): the
+    scope's chain when written, ``["changed"]`` when it is no longer ``old``, ``[]`` when unknown."""
+
+    key: str
+    name: str
+    old: str
+    new: str
+
+
+@dataclass(slots=True)
 class RegistryNames(Operation[list[str]]):
     key: str
 

@@ -31,7 +31,7 @@ registry     (its own ARGV, see below)    a list of strings
 only when an alert fires. ``reset``: ``KEYS`` = ledger stream, reported hash, deleted keys;
 ``ARGV`` = clock, ``session|model|scope``, the model's field prefix, ledger MAXLEN, entry JSON.
 ``registry``: ``KEYS[1]`` the registry hash; ``ARGV`` = ``put`` + (name, config, ``w|a``) triples,
-``chain`` + name, or ``remove`` + name.
+``chain`` + name, ``remove`` + name, or ``swap`` + name, config read, config to write.
 
 The plan (ARGV[8..]). The plan's counters and limits arrive grouped by hash, so that each hash is
 read with one HMGET and written with at most one HSET. Every ARGV element costs the server more
@@ -234,6 +234,8 @@ class Codec:
             call = ScriptCall("reset", op.keys, argv, parse_reset)
         elif isinstance(op, ops.RegistryPut):
             call = ScriptCall("registry", (op.key,), ["put", *op.triples], texts)
+        elif isinstance(op, ops.RegistrySwap):
+            call = ScriptCall("registry", (op.key,), ["swap", op.name, op.old, op.new], texts)
         elif isinstance(op, (ops.RegistryChain, ops.RegistryRemove)):
             what = "chain" if isinstance(op, ops.RegistryChain) else "remove"
             call = ScriptCall("registry", (op.key,), [what, op.name], texts)
@@ -355,6 +357,7 @@ _DOING: dict[type[Any], str] = {
     ops.RegistryPut: "registry",
     ops.RegistryChain: "registry",
     ops.RegistryRemove: "registry",
+    ops.RegistrySwap: "registry",
     ops.RegistryNames: "listing the registry",
     ops.LedgerRead: "reading the ledger",
     ops.Announce: "registering the alert stream",

@@ -15,7 +15,7 @@ from collections import deque
 from itertools import chain
 from typing import Any, TypeVar
 
-from distbudget._core import ops, registry
+from distbudget._core import ops, registry, update
 from distbudget._core.plan import Counter, Plan
 
 R = TypeVar("R")
@@ -121,6 +121,7 @@ class MemoryEngine:
             ops.RegistryPut: self._registry_put,
             ops.RegistryChain: self._registry_chain,
             ops.RegistryRemove: self._registry_remove,
+            ops.RegistrySwap: self._registry_swap,
             ops.RegistryNames: self._registry_names,
             ops.LedgerRead: self._ledger_read,
             ops.Announce: self._announce,
@@ -466,6 +467,10 @@ class MemoryEngine:
     def _registry_remove(self, op: ops.RegistryRemove) -> list[str]:
         with self._lock:
             return registry.remove(self._registries.get(op.key, {}), op.name)
+
+    def _registry_swap(self, op: ops.RegistrySwap) -> list[str]:
+        with self._lock:
+            return update.swap(self._registries.get(op.key, {}), op.name, op.old, op.new)
 
     def _registry_names(self, op: ops.RegistryNames) -> list[str]:
         with self._lock:
