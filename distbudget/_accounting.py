@@ -28,6 +28,7 @@ from typing import IO, Any, Literal
 from distbudget._core import ledger as L
 from distbudget._core import plan as P
 from distbudget._core import registry as R
+from distbudget._core.calendar import is_calendar, period_at
 from distbudget._core.errors import (
     BudgetExceededError,
     BudgetWarning,
@@ -59,7 +60,7 @@ from distbudget._core.ops import (
     SummaryResult,
 )
 from distbudget._core.report import ReportRow, Rollup
-from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
+from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, Limit, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
 from distbudget.pricing import ModelRates, PriceBook
@@ -175,6 +176,7 @@ class Accounting:
         self._fresh_until = time.monotonic() + registry[1] if registry else 0.0
         self._fixed_session = session_id
         self._last_session: str | None = None
+        self._server_skew_us = 0  # the server's clock minus this host's, as the last answer showed
         self._callbacks: list[Callable[[BudgetAlert], Any]] = []
         # Appended to and copied whole by deque's own C code, which no other thread interrupts: no lock.
         self._records: deque[UsageRecord] = deque(maxlen=MAX_LOCAL_RECORDS)
@@ -268,14 +270,26 @@ class Accounting:
         """The injected clock in µs, or None: the engine uses the server's time."""
         return None if self.clock is None else round(self.clock() * P.US)
 
+    def period_now_us(self) -> int:
+        """The time that picks a calendar limit's period: the injected clock, else the server's
+        clock as its last answer showed it, moved on by the time passed here since."""
+        now = self.now_us()
+        return time.time_ns() // 1000 + self._server_skew_us if now is None else now
+
+    def saw_server_time(self, now_us: int) -> None:
+        self._server_skew_us = now_us - time.time_ns() // 1000
+
     def plan(self, session_id: str, model: str | None) -> P.Plan:
-        """The plan of a call (cached per session and model)."""
+        """The plan of a call (cached per session and model; with calendar limits, until the first
+        of their periods ends)."""
         key = (session_id, model)
         plan = self._plans.get(key)
-        if plan is None:
+        if plan is None or (plan.valid_until_us and self.period_now_us() >= plan.valid_until_us):
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.clear()
-            plan = self._plans[key] = P.build_plan(self.scope, session_id, model, self.keyspace, self.session_ttl_ms)
+            plan = self._plans[key] = P.build_plan(
+                self.scope, session_id, model, self.keyspace, self.session_ttl_ms, self.period_now_us()
+            )
         return plan
 
     def usage(
@@ -448,6 +462,8 @@ class Accounting:
             },
         )
         self._records.append(record)
+        if plan.valid_until_us:
+            self.saw_server_time(result.now_us)
         if result.alerts:
             self._dispatch(self._make_alerts(plan, result, model))
         totals = result.totals
@@ -468,12 +484,16 @@ class Accounting:
                 raise refusal
             warnings.warn(refusal.message, BudgetWarning, stacklevel=3)
             return False
+        if plan.valid_until_us:
+            self.saw_server_time(result.now_us)
         if result.refused < 0:
             return True
         lim = plan.limits[result.refused]
         k = 3 * lim.counter + lim.metric
         projected = result.totals[k] + result.held[k] + usage[lim.metric]
         retry_us = result.retry_us
+        if lim.period_end_us and usage[lim.metric] <= lim.value:  # the next period starts empty
+            retry_us = max(lim.period_end_us - result.now_us, 0)
         if retry_us < 0 and result.held[k] and result.totals[k] + usage[lim.metric] <= lim.value:
             retry_us = HOLD_RETRY_US  # only in-flight holds block: they settle soon, look again then
         err = self._exceeded_error(plan, result.refused, projected, retry_us)
@@ -789,9 +809,19 @@ class Accounting:
         ks = self.keyspace
         keys = [ks.ledger, ks.totals(self.name)]
         for lim in self.scope.all_limits():
-            if lim.model == model and isinstance(lim.window, int):
-                keys.extend(k for k in ks.window(self.name, lim.window, model) if k not in keys)
+            if lim.model == model:
+                keys.extend(k for k in self._window_keys(lim) if k not in keys)
         return self._reset("model", keys, None, model)
+
+    def _window_keys(self, lim: Limit) -> list[str]:
+        """The keys of a limit's window: a rolling window's two, the current calendar period's one."""
+        if isinstance(lim.window, int):
+            return list(self.keyspace.window(self.name, lim.window, lim.model))
+        if is_calendar(lim.window):
+            assert lim.tz is not None
+            label = period_at(lim.window, lim.tz, self.period_now_us()).label
+            return [self.keyspace.calendar(self.name, lim.window, lim.tz, lim.model, label)]
+        return []
 
     def reset(self, session_id: str | None = None) -> Step[Any, None]:
         """Clear the whole scope: totals, every rolling window and the current (or given) session
@@ -800,8 +830,7 @@ class Accounting:
         ks = self.keyspace
         keys = [ks.ledger, ks.totals(self.name), *ks.window(self.name, P.DAY, None)]
         for lim in self.scope.all_limits():
-            if isinstance(lim.window, int):
-                keys.extend(k for k in ks.window(self.name, lim.window, lim.model) if k not in keys)
+            keys.extend(k for k in self._window_keys(lim) if k not in keys)
         keys.append(ks.session(self.name, sid))
         return self._reset("scope", keys, sid)
 

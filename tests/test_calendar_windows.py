@@ -38,14 +38,14 @@ def test_month_resets_at_midnight_berlin_jan_31_to_feb_1(backend: Backend, clock
     b = budget(backend, clock, Limit("tokens", 1_000, "month", tz=BERLIN))
     b.record("s", "m", 900, 0)
     err = refused(b, 200)
-    assert err.limit_type == "month_tokens" and err.used == 900 and err.limit == 1_000
+    assert err.limit_type == "month_tokens" and err.used == 1_100 and err.limit == 1_000  # used: with the call
     assert err.retry_after == pytest.approx(60)  # to 00:00 Berlin, not to 00:00 UTC
     clock.t = local(2026, 2, 1) - 0.001
     refused(b, 200)
     clock.t = local(2026, 2, 1)
     assert b.check("m", 1_000) is True
     b.record("s", "m", 600, 0)
-    assert refused(b, 500).used == 600
+    assert refused(b, 500).used == 1_100
 
 
 def test_year_end_dec_31_to_jan_1(backend: Backend, clock: Clock) -> None:
@@ -56,7 +56,7 @@ def test_year_end_dec_31_to_jan_1(backend: Backend, clock: Clock) -> None:
     assert refused(b, 1).retry_after == pytest.approx(12 * 3600)
     clock.t = local(2027, 1, 1, tz="UTC")
     b.record("s", "m", 1_000, 0)  # a new day and a new month
-    assert refused(b, 1).used == pytest.approx(1.0)
+    assert refused(b, 1).used == pytest.approx(1.001)
 
 
 def test_a_dst_day_is_23_hours_long(backend: Backend, clock: Clock) -> None:
@@ -75,17 +75,16 @@ def test_a_dst_day_is_23_hours_long(backend: Backend, clock: Clock) -> None:
 
 def test_leap_day_and_iso_week(backend: Backend, clock: Clock) -> None:
     clock.t = local(2028, 2, 29, 12, tz="UTC")  # a Tuesday
-    b = budget(backend, clock, Limit("tokens", 100, "calendar_day"), Limit("tokens", 250, "week"))
-    b.record("s", "m", 100, 0)
+    b = budget(backend, clock, Limit("tokens", 150, "calendar_day"), Limit("tokens", 250, "week"))
+    b.record("s", "m", 150, 0)
     assert refused(b, 1).limit_type == "calendar_day_tokens"
     clock.t = local(2028, 3, 1, tz="UTC")
-    b.record("s", "m", 100, 0)
-    err = refused(b, 51)  # 200 of the week used
+    b.record("s", "m", 100, 0)  # the week holds 250 now, the new day 100
+    err = refused(b, 1)
     assert err.limit_type == "week_tokens"
     assert err.retry_after == pytest.approx(local(2028, 3, 6, tz="UTC") - clock.t)  # to Monday 00:00
     clock.t = local(2028, 3, 6, tz="UTC")
-    b.record("s", "m", 100, 0)
-    assert b.check("m", 100) is True  # a new week, a new day
+    assert b.check("m", 150) is True  # a new week, a new day
 
 
 def test_alerts_re_arm_per_period(backend: Backend, clock: Clock) -> None:
@@ -124,3 +123,11 @@ def test_calendar_limits_are_validated_and_registered(backend: Backend, clock: C
     m.register(BudgetScope("finance", limits=[Limit("cost", 500, "month", tz=BERLIN)]))
     other = backend.manager(clock=clock)
     assert other.get("finance").scope.limits == [Limit("cost", 500, "month", tz=BERLIN)]
+
+
+def test_without_an_injected_clock_the_servers_time_picks_the_period(backend: Backend) -> None:
+    b = backend.budget(BudgetScope("finance", limits=[Limit("tokens", 100, "month", tz=BERLIN)]), RATES)
+    b.record("s", "m", 10, 0)
+    b.record("s", "m", 15, 0)
+    assert b.summary()["limits"]["month_tokens"]["used"] == 25
+    assert refused(b, 80).retry_after > 0

@@ -1,5 +1,5 @@
 """Differential test: random operation sequences (records, checks, reservations, resets of a session,
-a model or the scope, clock jumps across window and bucket edges) give identical results, alerts,
+a model or the scope, clock jumps across window and bucket edges and calendar periods) give identical results, alerts,
 summaries and ledgers on the embedded engine and on a real Redis running the Lua scripts."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ RATES = {"m": ModelRates(0.001, 0.002), "n": ModelRates(0.0035, 0.0111, reasonin
 SESSIONS = st.sampled_from(["a", "b", "{odd}:*"])
 MODELS = st.sampled_from(["m", "n"])
 TOKENS = st.integers(0, 400)
-JUMPS = st.sampled_from([0, 0.5, 1, 9, 10, 11, 59, 60, 61, 899, 900, 901, 3600, 86399, 86400, 86401])
+JUMPS = st.sampled_from([0, 0.5, 1, 9, 10, 11, 59, 60, 61, 899, 900, 901, 3600, 43200, 86399, 86400, 86401, 604800])
 
 OPS = st.one_of(
     st.tuples(st.just("record"), SESSIONS, MODELS, TOKENS, TOKENS, st.sampled_from([None, "r1", "r2", "r3"])),
@@ -34,7 +34,11 @@ OPS = st.one_of(
 
 
 def make_scope() -> BudgetScope:
-    org = BudgetScope("org", max_tokens_per_day=6000, limits=[Limit("requests", 12, "1m")])
+    org = BudgetScope(
+        "org",
+        max_tokens_per_day=6000,
+        limits=[Limit("requests", 12, "1m"), Limit("tokens", 9000, "month", tz="America/New_York")],
+    )
     return BudgetScope(
         "team",
         parent=org,
@@ -44,7 +48,13 @@ def make_scope() -> BudgetScope:
         max_cost_per_session_usd=0.004,
         max_tokens_per_day=5000,
         max_tokens_per_model={"m": 3000},
-        limits=[Limit("requests", 5, "1m"), Limit("tokens", 1500, "10s", model="n"), Limit("cost", 0.005, "1h")],
+        limits=[
+            Limit("requests", 5, "1m"),
+            Limit("tokens", 1500, "10s", model="n"),
+            Limit("cost", 0.005, "1h"),
+            Limit("tokens", 2500, "calendar_day", tz="Europe/Berlin"),
+            Limit("cost", 0.006, "week", model="m"),
+        ],
     )
 
 

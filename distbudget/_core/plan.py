@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from distbudget._core import ledger
+from distbudget._core.calendar import GRACE_S, is_calendar, period_at
 from distbudget._core.keys import KeySpace, model_prefix
 from distbudget._core.money import MAX_AMOUNT
 from distbudget._core.scope import BudgetScope, Limit, bucket_seconds
@@ -61,6 +62,7 @@ class LimitSpec:
     # (the real limit's type) at level INFO, against ``alert_limit`` (the real limit's value).
     alert_of: str | None = None
     alert_limit: int = 0
+    period_end_us: int = 0  # a calendar limit: when its period ends (0: not a calendar limit)
 
     @property
     def shown_type(self) -> str:
@@ -92,6 +94,9 @@ class Plan:
     checks: tuple[tuple[int, int, int, int], ...] = ()
     used_at: tuple[tuple[int, int], ...] = ()  # per limit: (its usage's index in the totals, its value)
     alert_fields: tuple[tuple[str, str, str], ...] = ()
+    # With calendar limits, the plan charges the periods holding the time it was built for, until
+    # the first of them ends (µs; 0: no calendar limit, the plan is good forever).
+    valid_until_us: int = 0
 
 
 def thresholds(value: int, warn_pct: Fraction | None) -> tuple[int, int, int, int]:
@@ -111,8 +116,10 @@ def build_plan(
     model: str | None,
     keyspace: KeySpace,
     session_ttl_ms: int,
+    now_us: int = 0,
 ) -> Plan:
-    """The plan for a call on ``model`` (``None``: every limit, for summaries) in ``session_id``."""
+    """The plan for a call on ``model`` (``None``: every limit, for summaries) in ``session_id``;
+    calendar limits count in the period that holds ``now_us`` (see ``valid_until_us``)."""
     keys: list[str] = [keyspace.holds, keyspace.leases]
     key_index: dict[str, int] = {k: i + 1 for i, k in enumerate(keys)}
     counters: list[Counter] = []
@@ -141,12 +148,19 @@ def build_plan(
         hash_key, zset_key = keyspace.window(scope_name, seconds, model_filter)
         return counter(hash_key, "", zset_key, seconds)
 
+    period_ends: list[int] = []
+
     def limit_counter(sc: BudgetScope, lim: Limit) -> int:
         if lim.window == "session":
             return counter(keyspace.session(sc.name, session_id), model_prefix(lim.model), ttl_ms=session_ttl_ms)
         if lim.window == "total":
             return counter(keyspace.totals(sc.name), model_prefix(lim.model))
-        assert isinstance(lim.window, int)
+        if isinstance(lim.window, str):  # a calendar window: this period's own counter, with a TTL
+            assert lim.tz is not None
+            p = period_at(lim.window, lim.tz, now_us)
+            period_ends.append(p.end_us)
+            ttl_ms = (p.end_us - p.start_us) // 1000 + GRACE_S * 1000  # expires at most a period after its end
+            return counter(keyspace.calendar(sc.name, lim.window, lim.tz, lim.model, p.label), "", ttl_ms=ttl_ms)
         return window(sc.name, lim.window, lim.model)
 
     limits: list[LimitSpec] = []
@@ -168,16 +182,19 @@ def build_plan(
             if model is not None and lim.model is not None and lim.model != model:
                 continue
             value = lim.amount
+            counted_in = limit_counter(sc, lim)
+            period_end = period_ends[-1] if is_calendar(lim.window) else 0
             limits.append(
                 LimitSpec(
                     sc.name,
                     lim.limit_type,
-                    limit_counter(sc, lim),
+                    counted_in,
                     METRIC_INDEX[lim.metric],
                     value,
                     *thresholds(value, warn),
                     lim.window,
                     lim.model,
+                    period_end_us=period_end,
                 )
             )
             for pct in sc.extra_thresholds():
@@ -197,6 +214,7 @@ def build_plan(
                         lim.model,
                         alert_of=lim.limit_type,
                         alert_limit=value,
+                        period_end_us=period_end,
                     )
                 )
 
@@ -218,6 +236,7 @@ def build_plan(
         ),
         alert_fields=tuple(("a", counters[lim.counter].prefix, lim.limit_type) for lim in limits),
         used_at=tuple((3 * lim.counter + lim.metric, lim.value) for lim in limits),
+        valid_until_us=min(period_ends, default=0),
     )
 
 
