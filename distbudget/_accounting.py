@@ -35,7 +35,8 @@ from distbudget._core.errors import (
     InvalidInputError,
     UnknownScopeError,
 )
-from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, decode_model_field, model_prefix
+from distbudget._core.fleet_prices import FleetBook, inherited_rates
+from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, decode_model_field, model_prefix, prices_key
 from distbudget._core.money import MAX_AMOUNT, NANO, check_tokens, nano_to_usd
 from distbudget._core.ops import (
     AdmitResult,
@@ -47,6 +48,7 @@ from distbudget._core.ops import (
     Done,
     LedgerRead,
     LedgerRow,
+    PricesRead,
     Record,
     RecordMany,
     RegistryChain,
@@ -59,6 +61,7 @@ from distbudget._core.ops import (
     Summary,
     SummaryResult,
 )
+from distbudget._core.prices import PriceTable
 from distbudget._core.report import ReportRow, Rollup
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, Limit, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
@@ -108,6 +111,7 @@ _RECORD_PARAMETERS = _RECORD_REQUIRED | {
     "cached_input_tokens",
     "cache_write_tokens",
     "reasoning_tokens",
+    "service_tier",
 }
 
 
@@ -139,6 +143,8 @@ class Settings:
     fail_open_max_cost_usd: float | None
     fail_open_max_tokens: int | None
     journal_size: int
+    prices: PriceBook | None = None  # the caller's book (prices=), else the fleet's, else the bundled one
+    fleet: FleetBook | None = None  # a manager's budgets: the fleet price book they share
 
 
 class Accounting:
@@ -169,10 +175,14 @@ class Accounting:
         request_ttl = settings.request_ttl
         self._request_ttl = None if request_ttl is None else _seconds(request_ttl, "request_ttl")
         self.ledger_maxlen = ledger_maxlen
-        self._configure(scope, rates)
+        if settings.prices is not None and not isinstance(settings.prices, PriceBook):
+            raise TypeError("prices must be a PriceBook")
+        self.book, self.fleet = settings.prices, settings.fleet
+        self._fleet_rev = -1  # the fleet book revision this budget prices with (-1: not read yet)
         # A budget of a BudgetManager follows the shared registry: (registry key, seconds a config
         # is trusted, the config chain it was built from).
         self._registry = registry
+        self._configure(scope, rates)
         self._fresh_until = time.monotonic() + registry[1] if registry else 0.0
         self._fixed_session = session_id
         self._last_session: str | None = None
@@ -207,7 +217,7 @@ class Accounting:
         """Set (or replace, when the registry changed) the scope and rates and what derives from them."""
         self.scope = scope
         self.rates = rates
-        self.prices = PriceBook(rates, self.default_rates)
+        self.prices = self._price_book(rates)
         chain = [scope, *scope.ancestors()]
         if isinstance(chain[-1].parent, str):
             raise InvalidInputError(
@@ -219,6 +229,31 @@ class Accounting:
         ttl = self._request_ttl
         self.request_ttl_ms = int(ttl * 1000) if ttl else max(longest, 86400) * 1000
         self._plans: dict[tuple[str, str | None], P.Plan] = {}
+
+    def _price_book(self, rates: Mapping[str, ModelRates] | None) -> PriceBook:
+        """Custom rates (a manager's scope: each model's nearest override up the tree) over the
+        caller's book, else the fleet's, else the bundled snapshot."""
+        table: PriceBook | PriceTable | None = self.book
+        if table is None and self.fleet is not None:
+            table = self.fleet.table
+        if self._registry is not None:
+            canonical = PriceBook(table=table, max_age_days=float("inf")).model_id
+            rates = inherited_rates(R.rates_chain(self._registry[2]), canonical)
+        return PriceBook(rates, self.default_rates, table=table)
+
+    def prices_refresh(self) -> Step[tuple[int, str | None], None] | None:
+        """The fleet price book's revision read (the book itself when it changed), for a manager's
+        budget without its own ``prices=``: before its first call, then with each registry refresh."""
+        if self.fleet is None or self.book is not None:
+            return None
+        return Step(PricesRead(prices_key(self.prefix), self.fleet.rev), self._prices_read)
+
+    def _prices_read(self, reply: tuple[int, str | None]) -> None:
+        assert self.fleet is not None
+        self.fleet.update(*reply)
+        if self.fleet.rev != self._fleet_rev:
+            self._fleet_rev = self.fleet.rev
+            self.prices = self._price_book(self.rates)
 
     # ---- the shared registry (budgets of a BudgetManager) ---------------------------------------
 
@@ -239,8 +274,8 @@ class Accounting:
         key, ttl, old = self._registry
         if tuple(chain) != old:
             scope, rates = R.from_chain(chain)
+            self._registry = (key, ttl, tuple(chain))  # first: the rates inherited come from it
             self._configure(scope, rates)
-            self._registry = (key, ttl, tuple(chain))
         self._fresh_until = time.monotonic() + ttl
 
     # ---- inputs ---------------------------------------------------------------------------------
@@ -300,8 +335,10 @@ class Accounting:
         cached_input_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
+        service_tier: str | None = None,
     ) -> Amounts:
-        """Validated (tokens, nano-USD, requests) of one call."""
+        """Validated (tokens, nano-USD, requests) of one call (priced in ``service_tier``: ``batch``,
+        ``flex``, ``priority`` ...; None the standard tier)."""
         if (  # the common call, valid at a glance: the checks below would all pass
             type(input_tokens) is int
             and type(output_tokens) is int
@@ -313,6 +350,7 @@ class Accounting:
             and type(cache_write_tokens) is int
             and type(reasoning_tokens) is int
             and not (cached_input_tokens or cache_write_tokens or reasoning_tokens)
+            and service_tier is None
         ):
             return input_tokens + output_tokens, self.prices.rates_for(model).cost_nano(input_tokens, output_tokens), 1
         check_name(model, "model")
@@ -322,7 +360,12 @@ class Accounting:
         check_tokens(cache_write_tokens, "cache_write_tokens")
         check_tokens(reasoning_tokens, "reasoning_tokens")
         cost = self.prices.rates_for(model).cost_nano(
-            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+            cache_write_tokens,
+            reasoning_tokens,
+            service_tier=service_tier,
         )
         return input_tokens + output_tokens, cost, 1
 
@@ -554,7 +597,9 @@ class Accounting:
         alert stream's announcement."""
         if self.announced and self._registry is None:
             return ()
-        steps = (None if settle else self.refresh(), self.announcement())
+        refresh = None if settle else self.refresh()
+        prices = self.prices_refresh() if refresh is not None or self._fleet_rev < 0 else None
+        steps = (refresh, prices, self.announcement())
         return tuple(step for step in steps if step is not None)
 
     def announcement(self) -> Step[None, None] | None:
@@ -589,10 +634,11 @@ class Accounting:
         cached_input_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
+        service_tier: str | None = None,
     ) -> Step[ChargeResult, UsageRecord]:
         """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit."""
         usage = self.usage(
-            model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+            model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, service_tier
         )
         if metadata is not None and not isinstance(metadata, dict):
             raise TypeError("metadata must be a dict")
@@ -718,10 +764,17 @@ class Accounting:
         cached_input_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
+        service_tier: str | None = None,
     ) -> Step[ChargeResult, UsageRecord]:
         """Free the hold and charge the actual usage in one step (charged even above the hold)."""
         usage = self.usage(
-            hold.model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+            hold.model,
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+            cache_write_tokens,
+            reasoning_tokens,
+            service_tier,
         )
         if hold.record is not None:
             raise InvalidInputError("reservation already committed")

@@ -29,7 +29,7 @@ from distbudget._policy.guard import Kept, connect_options
 from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE, flush
 from distbudget.engines.base import AsyncEngine, Engine
 from distbudget.engines.memory import AsyncMemoryEngine, MemoryEngine
-from distbudget.pricing import ModelRates
+from distbudget.pricing import ModelRates, PriceBook
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -87,6 +87,7 @@ class _BudgetBase(Generic[E]):
         fail_open_max_cost_usd: float | None = None,
         fail_open_max_tokens: int | None = None,
         journal_size: int = DEFAULT_JOURNAL_SIZE,
+        prices: PriceBook | None = None,
         _engine: E | None = None,
         _registry: tuple[str, float, tuple[str, ...]] | None = None,
         _settings: Settings | None = None,  # a manager's: in place of the keywords above
@@ -105,6 +106,7 @@ class _BudgetBase(Generic[E]):
             fail_open_max_cost_usd=fail_open_max_cost_usd,
             fail_open_max_tokens=fail_open_max_tokens,
             journal_size=journal_size,
+            prices=prices,
         )
         self._core = core = Accounting(scope, rates, settings, _registry)
         #: The engine: ``MemoryEngine`` (embedded) or ``RedisEngine`` (``under_replicated``: charges

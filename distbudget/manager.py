@@ -22,8 +22,19 @@ from distbudget._core import ledger as L
 from distbudget._core import registry as R
 from distbudget._core import update as U
 from distbudget._core.errors import UnknownScopeError
-from distbudget._core.keys import registry_key
-from distbudget._core.ops import RegistryChain, RegistryNames, RegistryPut, RegistryRemove, RegistrySwap, Step, Steps
+from distbudget._core.fleet_prices import FleetBook, encode_book
+from distbudget._core.keys import prices_key, registry_key
+from distbudget._core.ops import (
+    PricesPush,
+    PricesRead,
+    RegistryChain,
+    RegistryNames,
+    RegistryPut,
+    RegistryRemove,
+    RegistrySwap,
+    Step,
+    Steps,
+)
 from distbudget._core.scope import BudgetScope, check_name
 from distbudget._core.types import UsageRecord
 from distbudget._driver import AsyncDriver, Driver
@@ -31,7 +42,7 @@ from distbudget._policy.guard import check_options, connect_options
 from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE, flush, state_for
 from distbudget.budget import AsyncBudget, Budget, PendingReservation, make_async_engine, make_engine
 from distbudget.engines.base import AsyncEngine, Engine
-from distbudget.pricing import ModelRates
+from distbudget.pricing import ModelRates, PriceBook
 
 B = TypeVar("B", Budget, AsyncBudget)
 E = TypeVar("E", Engine, AsyncEngine)
@@ -65,6 +76,7 @@ class _ManagerBase(Generic[B, E]):
         fail_open_max_cost_usd: float | None = None,
         fail_open_max_tokens: int | None = None,
         journal_size: int = DEFAULT_JOURNAL_SIZE,
+        prices: PriceBook | None = None,
         _engine: E | None = None,
     ) -> None:
         mode = check_options(on_backend_error, fail_open_max_cost_usd, fail_open_max_tokens, journal_size)[0]
@@ -85,7 +97,12 @@ class _ManagerBase(Generic[B, E]):
             fail_open_max_cost_usd=fail_open_max_cost_usd,
             fail_open_max_tokens=fail_open_max_tokens,
             journal_size=journal_size,
+            prices=prices,
+            fleet=FleetBook(),
         )
+        if prices is not None and not isinstance(prices, PriceBook):
+            raise TypeError("prices must be a PriceBook")
+        self._prices_key = prices_key(prefix)
         self._budgets: dict[str, B] = {}
         self._lock = threading.Lock()
 
@@ -173,6 +190,23 @@ class _ManagerBase(Generic[B, E]):
         step.finish((yield step.op))
         return budget
 
+    def _push_prices(self, book: PriceBook) -> Step[int, int]:
+        if not isinstance(book, PriceBook):
+            raise TypeError("push_prices takes a PriceBook (e.g. PriceBook.from_litellm(path))")
+        return Step(PricesPush(self._prices_key, encode_book(book)), int)
+
+    def _prices(self) -> Step[tuple[int, str | None], PriceBook] | PriceBook:
+        given, fleet = self._settings.prices, self._settings.fleet
+        if given is not None:
+            return given
+        assert fleet is not None
+
+        def finish(reply: tuple[int, str | None]) -> PriceBook:
+            fleet.update(*reply)
+            return PriceBook(table=fleet.table)
+
+        return Step(PricesRead(self._prices_key, fleet.rev), finish)
+
     def _names(self) -> Step[list[str], list[str]]:
         return Step(RegistryNames(self._key), sorted)
 
@@ -256,6 +290,18 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
         their ``registry_ttl``."""
         return Driver(self._engine).run(self._update(name, fields))
 
+    def push_prices(self, book: PriceBook) -> int:
+        """Store ``book``'s price table as the fleet's (this prefix's) and return its revision: every
+        manager's budgets without their own ``prices=`` price with it from their next registry
+        refresh (custom ``rates=`` of a scope still win)."""
+        return Driver(self._engine).run(self._push_prices(book))
+
+    def prices(self) -> PriceBook:
+        """The book this manager's budgets price with: its ``prices=``, else the fleet's book,
+        else the bundled snapshot."""
+        found = self._prices()
+        return found if isinstance(found, PriceBook) else Driver(self._engine).run(found)
+
     def names(self) -> list[str]:
         """Every registered scope, sorted."""
         return Driver(self._engine).run(self._names())
@@ -324,6 +370,15 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
     async def update(self, name: str, **fields: Any) -> AsyncBudget:
         """See :meth:`BudgetManager.update`."""
         return await AsyncDriver(self._engine).run(self._update(name, fields))
+
+    async def push_prices(self, book: PriceBook) -> int:
+        """See :meth:`BudgetManager.push_prices`."""
+        return await AsyncDriver(self._engine).run(self._push_prices(book))
+
+    async def prices(self) -> PriceBook:
+        """See :meth:`BudgetManager.prices`."""
+        found = self._prices()
+        return found if isinstance(found, PriceBook) else await AsyncDriver(self._engine).run(found)
 
     async def names(self) -> list[str]:
         return await AsyncDriver(self._engine).run(self._names())

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from distbudget import BudgetScope, ModelRates, PriceBook
-from distbudget._exceptions import UnknownModelError
+from distbudget import BudgetScope, ModelRates, UnknownModelError
+from distbudget.pricing import PriceBook
 from tests.conftest import Backend, Clock
 
 M = 1_000_000
@@ -31,9 +31,9 @@ def litellm(input_per_token: float) -> dict[str, Any]:
 
 
 def test_a_pushed_book_prices_every_worker(backend: Backend, clock: Clock) -> None:
-    admin = backend.manager(clock=clock, registry_ttl=0)
+    admin = backend.manager(clock=clock, registry_ttl=1e-9)
     admin.register(BudgetScope("team"))
-    worker = backend.manager(clock=clock, registry_ttl=0)
+    worker = backend.manager(clock=clock, registry_ttl=1e-9)
     with pytest.raises(UnknownModelError):
         worker.record("team", "s", "acme-large", 1_000, 0)
     assert admin.push_prices(PriceBook.from_litellm(litellm(3e-06), as_of="2026-11-01")) == 1

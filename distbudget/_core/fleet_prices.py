@@ -27,6 +27,7 @@ from distbudget._core.prices import ModelRates, PriceBook, PriceTable
 FORMAT = 1
 REV_FIELD = "rev"
 BOOK_FIELD = "book"
+FIELDS = (REV_FIELD, BOOK_FIELD)
 
 
 def encode_book(book: PriceBook | PriceTable) -> str:
@@ -88,6 +89,26 @@ def parse_rev(value: object) -> int:
     if not text.isdigit():
         raise InvalidInputError(f"the stored price book revision is not a number: {text!r}")
     return int(text)
+
+
+def read_reply(values: Sequence[object]) -> tuple[int, str | None]:
+    """(revision, book JSON or None) from an HMGET of ``FIELDS``."""
+    rev, book = values
+    return parse_rev(rev), book.decode() if isinstance(book, bytes) else None if book is None else str(book)
+
+
+class FleetBook:
+    """The fleet price book as one manager's budgets share it: the latest revision read and its
+    table (decoded once per revision, whichever budget read it first)."""
+
+    def __init__(self) -> None:
+        self.rev = 0
+        self.table: PriceTable | None = None
+
+    def update(self, rev: int, book: str | None) -> None:
+        if book is not None and rev != self.rev:
+            self.table = decode_book(book).table
+            self.rev = rev
 
 
 def inherited_rates(

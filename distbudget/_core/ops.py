@@ -218,6 +218,24 @@ class RegistryNames(Operation[list[str]]):
 
 
 @dataclass(slots=True)
+class PricesRead(Operation[tuple[int, str | None]]):
+    """The fleet price book (see ``_core/fleet_prices.py``): its revision, and its JSON when the
+    revision is not ``known`` (else None): a worker polls one small field, reads the book on change."""
+
+    key: str
+    known: int
+
+
+@dataclass(slots=True)
+class PricesPush(Operation[int]):
+    """Store a new fleet price book (JSON), then bump its revision (one round trip); answers the
+    revision. Readers see a revision only once its book is stored."""
+
+    key: str
+    book: str
+
+
+@dataclass(slots=True)
 class LedgerRead(Operation[list[LedgerRow]]):
     """Up to ``count`` ledger entries from ``start`` (an XRANGE start: "-", an id, "(" + id)."""
 

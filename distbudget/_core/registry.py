@@ -94,6 +94,13 @@ def from_chain(chain: Sequence[str | bytes]) -> tuple[BudgetScope, dict[str, Mod
     return scope, rates
 
 
+def rates_chain(chain: Sequence[str | bytes]) -> list[dict[str, ModelRates] | None]:
+    """The custom rates of each scope of a chain (the scope first, then its parent, ...): what
+    ``fleet_prices.inherited_rates`` merges."""
+    tables = (_decode(text)["rates"] for text in chain)
+    return [None if t is None else {m: ModelRates.from_dict(r) for m, r in t.items()} for t in tables]
+
+
 def refusal(reply: list[Any]) -> InvalidInputError | None:
     """The error of a refused registry operation (``{'err', reason, name}``), else None."""
     if len(reply) == 3 and reply[0] in ("err", b"err"):

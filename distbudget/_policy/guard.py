@@ -46,6 +46,7 @@ from distbudget._core.ops import (
     Check,
     Commit,
     Operation,
+    PricesRead,
     Record,
     RecordMany,
     RegistryChain,
@@ -223,7 +224,7 @@ class Guard:
             return cast("R", self._admit(op, err))
         if self.lenient and isinstance(op, Release):
             return cast("R", False)  # the hold expires in Redis by itself
-        if isinstance(op, (RegistryChain, Announce)):
+        if isinstance(op, (RegistryChain, PricesRead, Announce)):
             raise Kept from err  # keep the cached config; the operation itself then meets the policy
         raise err
 

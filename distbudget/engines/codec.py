@@ -361,6 +361,8 @@ _DOING: dict[type[Any], str] = {
     ops.RegistryNames: "listing the registry",
     ops.LedgerRead: "reading the ledger",
     ops.Announce: "registering the alert stream",
+    ops.PricesRead: "reading the fleet price book",
+    ops.PricesPush: "storing the fleet price book",
 }
 
 

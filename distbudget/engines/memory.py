@@ -108,6 +108,7 @@ class MemoryEngine:
         self._requests: dict[str, tuple[int, tuple[int, int, int]]] = {}
         self._streams: dict[str, _Stream] = {}
         self._registries: dict[str, dict[str, str]] = {}
+        self._prices: dict[str, tuple[int, str | None]] = {}  # the fleet price book: revision, JSON
         self._sweep_at = 0
         self._handlers: dict[type[Any], Any] = {
             ops.Record: self._record,
@@ -125,6 +126,8 @@ class MemoryEngine:
             ops.RegistryNames: self._registry_names,
             ops.LedgerRead: self._ledger_read,
             ops.Announce: self._announce,
+            ops.PricesRead: self._prices_read,
+            ops.PricesPush: self._prices_push,
         }
 
     # ---- state helpers (mirroring lua/include/scan.lua) ----------------------------------------
@@ -483,6 +486,17 @@ class MemoryEngine:
 
     def _announce(self, op: ops.Announce) -> None:
         """Alert streams are a Redis feature: nothing to register in-process."""
+
+    def _prices_read(self, op: ops.PricesRead) -> tuple[int, str | None]:
+        with self._lock:
+            rev, book = self._prices.get(op.key, (0, None))
+            return (rev, None) if rev == op.known else (rev, book)
+
+    def _prices_push(self, op: ops.PricesPush) -> int:
+        with self._lock:
+            rev = self._prices.get(op.key, (0, None))[0] + 1
+            self._prices[op.key] = (rev, op.book)
+            return rev
 
 
 class AsyncMemoryEngine:

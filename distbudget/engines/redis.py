@@ -19,7 +19,8 @@ import redis
 import redis.asyncio.cluster
 import redis.exceptions
 
-from distbudget._core.ops import Announce, LedgerRead, Operation, RecordMany, RegistryNames
+from distbudget._core import fleet_prices
+from distbudget._core.ops import Announce, LedgerRead, Operation, PricesPush, PricesRead, RecordMany, RegistryNames
 from distbudget.engines import connect as _connect
 from distbudget.engines.codec import ERRORS, Codec, ScriptCall, backend_error, charges, doing, ledger_rows, texts
 from distbudget.engines.scripts import OPERATIONS as SCRIPTS
@@ -179,6 +180,16 @@ class RedisEngine(_Base):
                 return cast("R", self._record_many(op))
             if isinstance(op, (LedgerRead, RegistryNames, Announce)):
                 return cast("R", self._command(op))
+            if isinstance(op, PricesRead):
+                rev = fleet_prices.parse_rev(self.client.hget(op.key, fleet_prices.REV_FIELD))
+                if rev == op.known:
+                    return cast("R", (rev, None))
+                return cast("R", fleet_prices.read_reply(self.client.hmget(op.key, *fleet_prices.FIELDS)))
+            if isinstance(op, PricesPush):
+                pipe = self.client.pipeline(transaction=False)  # one round trip, in this order:
+                pipe.hset(op.key, fleet_prices.BOOK_FIELD, op.book)  # a new revision names a stored book
+                pipe.hincrby(op.key, fleet_prices.REV_FIELD, 1)
+                return cast("R", int(pipe.execute()[1]))
             call = self.codec.encode(op)
             return call.parse(self._run(call))
         except ERRORS as exc:
@@ -293,6 +304,16 @@ class AsyncRedisEngine(_Base):
                 return cast("R", await self._record_many(op))
             if isinstance(op, (LedgerRead, RegistryNames, Announce)):
                 return cast("R", await self._command(op))
+            if isinstance(op, PricesRead):
+                rev = fleet_prices.parse_rev(await self.client.hget(op.key, fleet_prices.REV_FIELD))
+                if rev == op.known:
+                    return cast("R", (rev, None))
+                return cast("R", fleet_prices.read_reply(await self.client.hmget(op.key, *fleet_prices.FIELDS)))
+            if isinstance(op, PricesPush):
+                pipe = self.client.pipeline(transaction=False)  # one round trip, in this order:
+                pipe.hset(op.key, fleet_prices.BOOK_FIELD, op.book)  # a new revision names a stored book
+                pipe.hincrby(op.key, fleet_prices.REV_FIELD, 1)
+                return cast("R", int((await pipe.execute())[1]))
             call = self.codec.encode(op)
             return call.parse(await self._run(call))
         except ERRORS as exc:
