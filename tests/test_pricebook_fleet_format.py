@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from distbudget._core.fleet_prices import decode_book, encode_book, inherited_rates, parse_rev
+from distbudget._core.fleet_prices import FleetBook, decode_book, encode_book, inherited_rates, parse_rev
 from distbudget._core.keys import prices_key
 from distbudget._core.prices import ModelRates, PriceBook
 from distbudget._exceptions import InvalidInputError
@@ -88,3 +88,15 @@ def test_overrides_are_inherited_from_the_nearest_ancestor() -> None:
     assert PriceBook(got, table=book).rates_for("gpt-4o") == ModelRates.per_million(5, 5)
     assert inherited_rates([None, None], book.model_id) is None
     assert inherited_rates([{"My-Model": ModelRates()}], book.model_id) == {"my-model": ModelRates()}
+
+
+def test_a_worker_keeps_its_prices_when_a_book_is_unreadable(caplog: pytest.LogCaptureFixture) -> None:
+    fleet = FleetBook()
+    good = encode_book(PriceBook.from_litellm(LITELLM))
+    fleet.update(1, good)
+    assert fleet.rev == 1 and fleet.table is not None and "acme-large" in fleet.table.rates
+    table = fleet.table
+    fleet.update(1, None)  # unchanged
+    fleet.update(2, good.replace('"format":1', '"format":9'))  # from a newer distbudget
+    assert fleet.rev == 2 and fleet.table is table
+    assert "revision 2 not used" in caplog.text

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from distbudget._core.errors import InvalidInputError
 from distbudget._core.prices import ModelRates, PriceBook, PriceTable
 
+log = logging.getLogger("distbudget")
 FORMAT = 1
 REV_FIELD = "rev"
 BOOK_FIELD = "book"
@@ -106,9 +108,15 @@ class FleetBook:
         self.table: PriceTable | None = None
 
     def update(self, rev: int, book: str | None) -> None:
-        if book is not None and rev != self.rev:
+        """Take revision ``rev`` (its JSON ``book``, None when unchanged or never pushed). A book this
+        version cannot read is logged once and skipped: the budgets keep the prices they have."""
+        if book is None or rev == self.rev:
+            return
+        self.rev = rev
+        try:
             self.table = decode_book(book).table
-            self.rev = rev
+        except InvalidInputError as exc:
+            log.warning("fleet price book revision %d not used, keeping the prices in use: %s", rev, exc)
 
 
 def inherited_rates(
