@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from distbudget._core import ledger as L
-from distbudget._core.report import Rollup, check_by, render, rollup
+from distbudget._core.report import Rollup, check_by, render, rollup, total_of
 from distbudget._exceptions import InvalidInputError
 
 US = 1_000_000
@@ -157,3 +157,9 @@ def test_streams_in_bounded_memory() -> None:
     assert r.total.requests == N and r.total.tokens == 3 * N and r.total.cost_nano_usd == sum(range(N))
     assert sum(row.cost_nano_usd for row in r.rows()) == r.total.cost_nano_usd
     assert peak < 2_000_000, peak  # a list of N entries alone would take ~10 MB
+
+
+def test_total_of_rows_equals_the_rollups_total() -> None:
+    entries = [charge(float(t), model=f"m{t % 3}", extra=(1, 2, 3), cost=t, n=t) for t in range(100, 130)]
+    r = Rollup("team", by="model").add_all(entries)
+    assert total_of(r.rows()) == r.total

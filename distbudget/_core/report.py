@@ -94,14 +94,29 @@ class ReportRow:
         self.reasoning_tokens += entry.reasoning_tokens
         self.cost_nano_usd += entry.cost_nano_usd
 
+    def merge(self, other: ReportRow) -> None:
+        """Add ``other``'s sums to this row's."""
+        for name in _SUM_FIELDS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def to_dict(self, by: Sequence[Group] = GROUPS) -> dict[str, Any]:
         """The row's groups in ``by``, then its sums (and ``cost_usd``)."""
         out: dict[str, Any] = {g: getattr(self, g) for g in by}
-        for f in fields(self):
-            if f.name not in GROUPS:
-                out[f.name] = getattr(self, f.name)
+        for name in _SUM_FIELDS:
+            out[name] = getattr(self, name)
         out["cost_usd"] = self.cost_usd
         return out
+
+
+_SUM_FIELDS = tuple(f.name for f in fields(ReportRow) if f.name not in GROUPS)
+
+
+def total_of(rows: Iterable[ReportRow]) -> ReportRow:
+    """The sums of ``rows`` in one row (no group values)."""
+    total = ReportRow()
+    for row in rows:
+        total.merge(row)
+    return total
 
 
 class Rollup:
