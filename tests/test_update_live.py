@@ -87,12 +87,15 @@ def test_cli_update(redis_server: Any, capsys: pytest.CaptureFixture[str]) -> No
 
     url = redis_server.url
     BudgetManager(redis=url).register(BudgetScope("team", max_cost_per_day_usd=10.0), RATES)
-    args = ["update", "team", "max_cost_per_day_usd=2.5", "hard_stop=false", "--redis", url]
+    args = ["update", "team", "max_cost_per_day_usd=2.5", "hard_stop=false", "--redis", url, "--yes"]
     assert main(args) == 0
     assert "max_cost_per_day_usd" in capsys.readouterr().out
-    assert main(["update", "team", 'limits=[{"metric": "cost", "value": 50, "window": "month"}]', "--redis", url]) == 0
+    assert (
+        main(["update", "team", 'limits=[{"metric": "cost", "value": 50, "window": "month"}]', "--redis", url, "--yes"])
+        == 0
+    )
     scope = BudgetManager(redis=url).get("team").scope
     assert (scope.max_cost_per_day_usd, scope.hard_stop) == (2.5, False)
     assert scope.limits == [Limit("cost", 50, "month")]
-    assert main(["update", "team", "max_cost_per_day_usd=-1", "--redis", url]) == 2
+    assert main(["update", "team", "max_cost_per_day_usd=-1", "--redis", url, "--yes"]) == 2
     assert main(["update", "team", "nonsense", "--redis", url]) == 2
