@@ -250,6 +250,7 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
     def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         """Charges counting against a scope (its own and its descendants'), from the shared ledger."""
         budget = self.get(name)
+        budget._before()  # a journal due for replay is replayed first, as before any budget call
         return [e.as_record() for e in budget._driver.run(budget._core.ledger_pages(since, limit, charges_only=True))]
 
     def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
@@ -302,6 +303,7 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
 
     async def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         budget = await self.get(name)
+        await budget._before()
         pages = budget._core.ledger_pages(since, limit, charges_only=True)
         return [e.as_record() for e in await budget._driver.run(pages)]
 
