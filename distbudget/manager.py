@@ -23,6 +23,7 @@ from distbudget._core import registry as R
 from distbudget._core.errors import UnknownScopeError
 from distbudget._core.keys import registry_key
 from distbudget._core.ops import RegistryChain, RegistryNames, RegistryPut, RegistryRemove, Step
+from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope, check_name
 from distbudget._core.types import UsageRecord
 from distbudget._driver import AsyncDriver, Driver
@@ -30,7 +31,6 @@ from distbudget._policy.guard import check_options, connect_options
 from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE, flush, state_for
 from distbudget.budget import AsyncBudget, Budget, PendingReservation, make_async_engine, make_engine
 from distbudget.engines.base import AsyncEngine, Engine
-from distbudget.pricing import ModelRates
 
 B = TypeVar("B", Budget, AsyncBudget)
 E = TypeVar("E", Engine, AsyncEngine)
