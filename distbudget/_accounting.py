@@ -61,12 +61,11 @@ from distbudget._core.ops import (
     Summary,
     SummaryResult,
 )
-from distbudget._core.prices import PriceTable
+from distbudget._core.prices import ModelRates, PriceBook, PriceTable
 from distbudget._core.report import ReportRow, Rollup
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, Limit, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
-from distbudget.pricing import ModelRates, PriceBook
 
 log = logging.getLogger("distbudget")
 

@@ -39,7 +39,7 @@ T = TypeVar("T")
 class Driver:
     """Runs jobs on a sync engine, under ``guard`` (a budget's failure policy) if given."""
 
-    def __init__(self, engine: Engine, guard: Guard | None = None, sleep: Callable[[float], Any] | None = None):
+    def __init__(self, engine: Engine, guard: Guard | None = None, sleep: Callable[[float], Any] | None = None) -> None:
         self.engine = engine
         self.guard = guard
         self.sleep = sleep or time.sleep
@@ -69,20 +69,22 @@ class Driver:
         try:
             step = next(job)
             while True:
-                if isinstance(step, Sleep):
-                    self.sleep(step.seconds)
-                    step = job.send(None)
-                    continue
-                try:
-                    answer = self.execute(step)
-                except BackendError as err:
-                    step = job.throw(err)
-                else:
-                    step = job.send(answer)
+                answer, error = self._attempt(step)
+                step = job.send(answer) if error is None else job.throw(error)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
         finally:
             job.close()
+
+    def _attempt(self, step: Operation[Any] | Sleep) -> tuple[Any, BackendError | None]:
+        """One step of a multi-step job: (its answer, None), or (None, the error to throw in)."""
+        if isinstance(step, Sleep):
+            self.sleep(step.seconds)
+            return None, None
+        try:
+            return self.execute(step), None
+        except BackendError as err:
+            return None, err
 
 
 class AsyncDriver:
@@ -119,19 +121,20 @@ class AsyncDriver:
         try:
             step = next(job)
             while True:
-                if isinstance(step, Sleep):
-                    slept = self.sleep(step.seconds)
-                    if inspect.isawaitable(slept):
-                        await slept
-                    step = job.send(None)
-                    continue
-                try:
-                    answer = await self.execute(step)
-                except BackendError as err:
-                    step = job.throw(err)
-                else:
-                    step = job.send(answer)
+                answer, error = await self._attempt(step)
+                step = job.send(answer) if error is None else job.throw(error)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
         finally:
             job.close()
+
+    async def _attempt(self, step: Operation[Any] | Sleep) -> tuple[Any, BackendError | None]:
+        if isinstance(step, Sleep):
+            slept = self.sleep(step.seconds)
+            if inspect.isawaitable(slept):
+                await slept
+            return None, None
+        try:
+            return await self.execute(step), None
+        except BackendError as err:
+            return None, err

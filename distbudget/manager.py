@@ -35,6 +35,7 @@ from distbudget._core.ops import (
     Step,
     Steps,
 )
+from distbudget._core.prices import ModelRates, PriceBook
 from distbudget._core.scope import BudgetScope, check_name
 from distbudget._core.types import UsageRecord
 from distbudget._driver import AsyncDriver, Driver
@@ -42,7 +43,6 @@ from distbudget._policy.guard import check_options, connect_options
 from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE, flush, state_for
 from distbudget.budget import AsyncBudget, Budget, PendingReservation, make_async_engine, make_engine
 from distbudget.engines.base import AsyncEngine, Engine
-from distbudget.pricing import ModelRates, PriceBook
 
 B = TypeVar("B", Budget, AsyncBudget)
 E = TypeVar("E", Engine, AsyncEngine)
@@ -329,6 +329,7 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
     def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         """Charges counting against a scope (its own and its descendants'), from the shared ledger."""
         budget = self.get(name)
+        budget._before()  # a journal due for replay is replayed first, as before any budget call
         return [e.as_record() for e in budget._driver.run(budget._core.ledger_pages(since, limit, charges_only=True))]
 
     def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
@@ -395,6 +396,7 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
 
     async def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         budget = await self.get(name)
+        await budget._before()
         pages = budget._core.ledger_pages(since, limit, charges_only=True)
         return [e.as_record() for e in await budget._driver.run(pages)]
 
