@@ -119,3 +119,11 @@ def test_cli_assignments() -> None:
             parse_assignments(bad)
     with pytest.raises(InvalidInputError, match="cannot update"):
         parse_assignments(["colour=blue"])
+
+
+def test_limits_without_a_time_zone_are_stored_as_before() -> None:
+    entry = json.loads(config())
+    assert entry["scope"]["limits"] == [{"metric": "requests", "model": None, "name": None, "value": 100, "window": 60}]
+    calendar = R.scope_config(BudgetScope("x", limits=[Limit("cost", 5, "month", tz="Europe/Berlin")]), None)
+    assert json.loads(calendar)["scope"]["limits"][0]["tz"] == "Europe/Berlin"
+    assert R.from_chain([calendar])[0].limits == [Limit("cost", 5, "month", tz="Europe/Berlin")]

@@ -46,8 +46,8 @@ def scope_config(scope: BudgetScope, rates: Mapping[str, ModelRates] | None) -> 
         if f.name in ("name", "parent"):
             continue
         value = getattr(scope, f.name)
-        if f.name == "limits":
-            value = [dataclasses.asdict(lim) for lim in value]
+        if f.name == "limits":  # a limit without a time zone is stored as before calendar windows were
+            value = [{k: v for k, v in dataclasses.asdict(lim).items() if k != "tz" or v is not None} for lim in value]
         fields[f.name] = value
     table = None
     if rates is not None:
