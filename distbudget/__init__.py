@@ -2,6 +2,7 @@
 
 from distbudget._core.scope import BudgetScope, Limit
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
+from distbudget._core.usage import Usage
 from distbudget._exceptions import (
     BackendError,
     BudgetExceededError,
@@ -39,4 +40,5 @@ __all__ = [
     "UnknownModelError",
     "UsageRecord",
     "WebhookSink",
+    "Usage",
 ]

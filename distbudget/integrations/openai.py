@@ -1,0 +1,257 @@
+"""Budget every call of an ``openai`` client in one line (``pip install 'distbudget[openai]'``)::
+
+    from openai import OpenAI
+    from distbudget import Budget, BudgetScope
+    from distbudget.integrations.openai import budgeted
+
+    client = budgeted(OpenAI(), Budget(BudgetScope("team", max_cost_per_day_usd=50.0)), session_id="run-1")
+    client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+
+``chat.completions.create`` and ``responses.create`` hold the worst case before the HTTP request (a
+refusal raises :class:`~distbudget.BudgetExceededError` and sends nothing) and commit what the response
+reports: prompt tokens with their cached part, completion tokens with their reasoning part. With
+``stream=True`` the request is sent with ``stream_options={"include_usage": True}`` (chat) and the
+final usage is committed when the stream ends; a stream closed or broken off before that is charged
+the input estimate plus the output received so far, flagged ``"estimated": true`` in the ledger.
+Everything else on the client (other endpoints, ``with_raw_response``, the ``.stream()`` helpers) is
+the client's own, unbudgeted.
+
+Per call: ``budget_session_id=``, ``budget_scope=`` (with a :class:`~distbudget.BudgetManager`),
+``budget_request_id=`` and ``budget_metadata=`` are taken off before the SDK sees the call; or
+``client.with_session("s-42", scope="alice")`` for a view charging elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import openai
+
+from distbudget._core.usage import Usage
+from distbudget.integrations._common import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    AnyBudget,
+    Charge,
+    Meter,
+    Tally,
+    attr,
+    call_async,
+    call_sync,
+    first_given,
+)
+
+__all__ = ["BudgetedAsyncOpenAI", "BudgetedOpenAI", "budgeted"]
+
+_TIMEOUTS = (openai.APITimeoutError,)
+
+
+class ChatTally(Tally):
+    """Chat Completions chunks: text deltas, then (``include_usage``) a last chunk with the usage."""
+
+    def feed(self, chunk: Any) -> None:
+        self.response_id = self.response_id or attr(chunk, "id")
+        usage = attr(chunk, "usage")
+        if usage is not None:
+            self.usage = Usage.from_openai(usage)
+            self.complete = True
+        for choice in attr(chunk, "choices") or ():
+            delta = attr(choice, "delta")
+            for name in ("content", "refusal", "reasoning_content"):
+                text = attr(delta, name)
+                if isinstance(text, str):
+                    self.text.append(text)
+            for call in attr(delta, "tool_calls") or ():
+                function = attr(call, "function")
+                for name in ("name", "arguments"):
+                    text = attr(function, name)
+                    if isinstance(text, str):
+                        self.text.append(text)
+
+
+class ResponsesTally(Tally):
+    """Responses API events: ``*.delta`` text, then ``response.completed`` (or ``incomplete`` /
+    ``failed``) carrying the response and its usage."""
+
+    def feed(self, event: Any) -> None:
+        kind = attr(event, "type") or ""
+        response = attr(event, "response")
+        if response is not None:
+            self.response_id = attr(response, "id") or self.response_id
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
+            usage = attr(response, "usage")
+            if usage is not None:
+                self.usage = Usage.from_openai(usage)
+                self.complete = True
+        elif kind.endswith(".delta"):
+            delta = attr(event, "delta")
+            if isinstance(delta, str):
+                self.text.append(delta)
+
+
+def _chat_charge(meter: Meter, kwargs: dict[str, Any]) -> Charge:
+    model = kwargs.get("model")
+    cap = first_given(kwargs, "max_completion_tokens", "max_tokens")
+    parts = [kwargs.get(k) for k in ("messages", "tools", "functions", "response_format", "prediction")]
+    charge = meter.plan("openai.chat.completions", model, kwargs, parts, cap)
+    n = kwargs.get("n")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:  # n choices: n times the output
+        charge = replace(charge, max_output=charge.max_output * n)
+    if kwargs.get("stream"):
+        options = kwargs.get("stream_options")
+        kwargs["stream_options"] = {**(options if isinstance(options, Mapping) else {}), "include_usage": True}
+    return charge
+
+
+def _responses_charge(meter: Meter, kwargs: dict[str, Any]) -> Charge:
+    parts = [kwargs.get(k) for k in ("input", "instructions", "tools", "text")]
+    return meter.plan("openai.responses", kwargs.get("model"), kwargs, parts, kwargs.get("max_output_tokens"))
+
+
+# ---- sync --------------------------------------------------------------------------------------
+
+
+class _Proxy:
+    def __init__(self, inner: Any, meter: Meter) -> None:
+        self._inner = inner
+        self._meter = meter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _Completions(_Proxy):
+    def create(self, **kwargs: Any) -> Any:
+        charge = _chat_charge(self._meter, kwargs)
+        return call_sync(
+            self._meter,
+            charge,
+            lambda: self._inner.create(**kwargs),
+            stream=bool(kwargs.get("stream")),
+            tally=ChatTally,
+            to_usage=Usage.from_openai,
+            timeouts=_TIMEOUTS,
+        )
+
+
+class _Chat(_Proxy):
+    @property
+    def completions(self) -> _Completions:
+        return _Completions(self._inner.completions, self._meter)
+
+
+class _Responses(_Proxy):
+    def create(self, **kwargs: Any) -> Any:
+        charge = _responses_charge(self._meter, kwargs)
+        return call_sync(
+            self._meter,
+            charge,
+            lambda: self._inner.create(**kwargs),
+            stream=bool(kwargs.get("stream")),
+            tally=ResponsesTally,
+            to_usage=Usage.from_openai,
+            timeouts=_TIMEOUTS,
+        )
+
+
+class BudgetedOpenAI(_Proxy):
+    """An ``OpenAI`` client whose chat completions and responses are budgeted."""
+
+    @property
+    def chat(self) -> _Chat:
+        return _Chat(self._inner.chat, self._meter)
+
+    @property
+    def responses(self) -> _Responses:
+        return _Responses(self._inner.responses, self._meter)
+
+    @property
+    def unbudgeted(self) -> Any:
+        """The wrapped client itself."""
+        return self._inner
+
+    def with_session(self, session_id: str | None = None, *, scope: str | None = None) -> BudgetedOpenAI:
+        """A view of this client charging another session (and, with a manager, scope)."""
+        return type(self)(self._inner, self._meter.view(session_id, scope))
+
+    def with_options(self, **options: Any) -> BudgetedOpenAI:
+        return type(self)(self._inner.with_options(**options), self._meter)
+
+    copy = with_options
+
+
+# ---- async -------------------------------------------------------------------------------------
+
+
+class _AsyncCompletions(_Proxy):
+    async def create(self, **kwargs: Any) -> Any:
+        charge = _chat_charge(self._meter, kwargs)
+        return await call_async(
+            self._meter,
+            charge,
+            lambda: self._inner.create(**kwargs),
+            stream=bool(kwargs.get("stream")),
+            tally=ChatTally,
+            to_usage=Usage.from_openai,
+            timeouts=_TIMEOUTS,
+        )
+
+
+class _AsyncChat(_Proxy):
+    @property
+    def completions(self) -> _AsyncCompletions:
+        return _AsyncCompletions(self._inner.completions, self._meter)
+
+
+class _AsyncResponses(_Proxy):
+    async def create(self, **kwargs: Any) -> Any:
+        charge = _responses_charge(self._meter, kwargs)
+        return await call_async(
+            self._meter,
+            charge,
+            lambda: self._inner.create(**kwargs),
+            stream=bool(kwargs.get("stream")),
+            tally=ResponsesTally,
+            to_usage=Usage.from_openai,
+            timeouts=_TIMEOUTS,
+        )
+
+
+class BudgetedAsyncOpenAI(BudgetedOpenAI):
+    """An ``AsyncOpenAI`` client whose chat completions and responses are budgeted."""
+
+    @property
+    def chat(self) -> _AsyncChat:  # type: ignore[override]
+        return _AsyncChat(self._inner.chat, self._meter)
+
+    @property
+    def responses(self) -> _AsyncResponses:  # type: ignore[override]
+        return _AsyncResponses(self._inner.responses, self._meter)
+
+
+def budgeted(
+    client: Any,
+    budget: AnyBudget,
+    *,
+    session_id: str | None = None,
+    scope: str | None = None,
+    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
+    metadata: Mapping[str, Any] | None = None,
+) -> BudgetedOpenAI:
+    """Wrap an ``OpenAI`` (with a :class:`~distbudget.Budget` or :class:`~distbudget.BudgetManager`) or an
+    ``AsyncOpenAI`` (with an ``AsyncBudget`` / ``AsyncBudgetManager``). ``scope`` names the manager's
+    scope; ``default_max_output_tokens`` is held when a request sets no output cap and the price
+    table knows no maximum for the model; ``metadata`` goes into every ledger entry."""
+    asynchronous = isinstance(client, openai.AsyncOpenAI)
+    if not asynchronous and not isinstance(client, openai.OpenAI):
+        raise TypeError(f"client must be an openai.OpenAI or openai.AsyncOpenAI, got {type(client).__name__}")
+    meter = Meter(
+        budget,
+        session_id=session_id,
+        scope=scope,
+        default_max_output_tokens=default_max_output_tokens,
+        metadata=metadata,
+        asynchronous=asynchronous,
+    )
+    return (BudgetedAsyncOpenAI if asynchronous else BudgetedOpenAI)(client, meter)
