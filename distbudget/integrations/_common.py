@@ -25,7 +25,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from distbudget._core.usage import Usage
 from distbudget._exceptions import BudgetExceededError, BudgetWarning, InvalidInputError
@@ -106,7 +106,9 @@ def estimate_request_tokens(model: str, *parts: Any) -> int:
         if part is not None:
             _walk(part, texts, counts)
     text = "\n".join(texts)
-    return estimate_text_tokens(model, text) + MESSAGE_OVERHEAD * counts[0] + IMAGE_TOKENS * counts[1] + REQUEST_OVERHEAD
+    return (
+        estimate_text_tokens(model, text) + MESSAGE_OVERHEAD * counts[0] + IMAGE_TOKENS * counts[1] + REQUEST_OVERHEAD
+    )
 
 
 def max_output_tokens(model: str) -> int | None:
@@ -203,8 +205,10 @@ class Meter:
     ) -> None:
         wanted: tuple[type, ...] = (AsyncBudget, AsyncBudgetManager) if asynchronous else (Budget, BudgetManager)
         if not isinstance(budget, wanted):
-            kind = "an async client needs an AsyncBudget or AsyncBudgetManager" if asynchronous else (
-                "a sync client needs a Budget or BudgetManager"
+            kind = (
+                "an async client needs an AsyncBudget or AsyncBudgetManager"
+                if asynchronous
+                else ("a sync client needs a Budget or BudgetManager")
             )
             raise TypeError(f"{kind}, got {type(budget).__name__}")
         if isinstance(default_max_output_tokens, bool) or not isinstance(default_max_output_tokens, int):
@@ -258,13 +262,16 @@ class Meter:
     # ---- sync ----
 
     def reserve(self, charge: Charge) -> Reservation:
-        args = (charge.model, charge.input_estimate, charge.max_output)
-        kw = {"session_id": charge.session_id, "request_id": charge.request_id}
+        c = charge
         if isinstance(self.budget, BudgetManager):
-            assert charge.scope is not None
-            return self.budget.reserve(charge.scope, *args, **kw)
+            assert c.scope is not None
+            return self.budget.reserve(
+                c.scope, c.model, c.input_estimate, c.max_output, session_id=c.session_id, request_id=c.request_id
+            )
         assert isinstance(self.budget, Budget)
-        return self.budget.reserve(*args, **kw)
+        return self.budget.reserve(
+            c.model, c.input_estimate, c.max_output, session_id=c.session_id, request_id=c.request_id
+        )
 
     @staticmethod
     def commit(
@@ -279,13 +286,16 @@ class Meter:
     # ---- async ----
 
     async def areserve(self, charge: Charge) -> AsyncReservation:
-        args = (charge.model, charge.input_estimate, charge.max_output)
-        kw = {"session_id": charge.session_id, "request_id": charge.request_id}
+        c = charge
         if isinstance(self.budget, AsyncBudgetManager):
-            assert charge.scope is not None
-            return await self.budget.reserve(charge.scope, *args, **kw)
+            assert c.scope is not None
+            return await self.budget.reserve(
+                c.scope, c.model, c.input_estimate, c.max_output, session_id=c.session_id, request_id=c.request_id
+            )
         assert isinstance(self.budget, AsyncBudget)
-        return await self.budget.reserve(*args, **kw)
+        return await self.budget.reserve(
+            c.model, c.input_estimate, c.max_output, session_id=c.session_id, request_id=c.request_id
+        )
 
     @staticmethod
     async def acommit(
@@ -509,3 +519,54 @@ async def call_async(
     usage, estimated = _response_usage(result, charge, to_usage)
     await meter.acommit(hold, charge, usage, estimated, attr(result, "id"))
     return result
+
+
+# ---- wrapped clients ---------------------------------------------------------------------------
+
+
+class Proxy:
+    """A view of an SDK object: what it does not override is the object's own."""
+
+    def __init__(self, inner: Any, meter: Meter) -> None:
+        self._inner = inner
+        self._meter = meter
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+C = TypeVar("C", bound="BudgetedClient")
+
+
+class BudgetedClient(Proxy):
+    """A budgeted SDK client: the budgeted resources are the subclass's, the rest is the client's."""
+
+    @property
+    def unbudgeted(self) -> Any:
+        """The wrapped client itself."""
+        return self._inner
+
+    def with_session(self: C, session_id: str | None = None, *, scope: str | None = None) -> C:
+        """A view of this client charging another session (and, with a manager, another scope)."""
+        return type(self)(self._inner, self._meter.view(session_id, scope))
+
+    def with_options(self: C, **options: Any) -> C:
+        """The SDK's ``with_options`` (timeouts, retries ...), still budgeted."""
+        return type(self)(self._inner.with_options(**options), self._meter)
+
+    copy = with_options
+
+
+def wrap_client(
+    client: Any,
+    budget: AnyBudget,
+    sdk: tuple[type, type],
+    wrappers: tuple[type[C], type[C]],
+    **options: Any,
+) -> C:
+    """``budgeted()`` of every SDK: ``sdk`` = (sync client class, async client class), ``wrappers``
+    likewise; ``options`` are :class:`Meter`'s."""
+    asynchronous = isinstance(client, sdk[1])
+    if not asynchronous and not isinstance(client, sdk[0]):
+        raise TypeError(f"client must be a {sdk[0].__name__} or {sdk[1].__name__}, got {type(client).__name__}")
+    return wrappers[asynchronous](client, Meter(budget, asynchronous=asynchronous, **options))

@@ -33,13 +33,16 @@ from distbudget._core.usage import Usage
 from distbudget.integrations._common import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     AnyBudget,
+    BudgetedClient,
     Charge,
     Meter,
+    Proxy,
     Tally,
     attr,
     call_async,
     call_sync,
     first_given,
+    wrap_client,
 )
 
 __all__ = ["BudgetedAsyncOpenAI", "BudgetedOpenAI", "budgeted"]
@@ -112,16 +115,7 @@ def _responses_charge(meter: Meter, kwargs: dict[str, Any]) -> Charge:
 # ---- sync --------------------------------------------------------------------------------------
 
 
-class _Proxy:
-    def __init__(self, inner: Any, meter: Meter) -> None:
-        self._inner = inner
-        self._meter = meter
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-class _Completions(_Proxy):
+class _Completions(Proxy):
     def create(self, **kwargs: Any) -> Any:
         charge = _chat_charge(self._meter, kwargs)
         return call_sync(
@@ -135,13 +129,13 @@ class _Completions(_Proxy):
         )
 
 
-class _Chat(_Proxy):
+class _Chat(Proxy):
     @property
     def completions(self) -> _Completions:
         return _Completions(self._inner.completions, self._meter)
 
 
-class _Responses(_Proxy):
+class _Responses(Proxy):
     def create(self, **kwargs: Any) -> Any:
         charge = _responses_charge(self._meter, kwargs)
         return call_sync(
@@ -155,7 +149,7 @@ class _Responses(_Proxy):
         )
 
 
-class BudgetedOpenAI(_Proxy):
+class BudgetedOpenAI(BudgetedClient):
     """An ``OpenAI`` client whose chat completions and responses are budgeted."""
 
     @property
@@ -166,25 +160,11 @@ class BudgetedOpenAI(_Proxy):
     def responses(self) -> _Responses:
         return _Responses(self._inner.responses, self._meter)
 
-    @property
-    def unbudgeted(self) -> Any:
-        """The wrapped client itself."""
-        return self._inner
-
-    def with_session(self, session_id: str | None = None, *, scope: str | None = None) -> BudgetedOpenAI:
-        """A view of this client charging another session (and, with a manager, scope)."""
-        return type(self)(self._inner, self._meter.view(session_id, scope))
-
-    def with_options(self, **options: Any) -> BudgetedOpenAI:
-        return type(self)(self._inner.with_options(**options), self._meter)
-
-    copy = with_options
-
 
 # ---- async -------------------------------------------------------------------------------------
 
 
-class _AsyncCompletions(_Proxy):
+class _AsyncCompletions(Proxy):
     async def create(self, **kwargs: Any) -> Any:
         charge = _chat_charge(self._meter, kwargs)
         return await call_async(
@@ -198,13 +178,13 @@ class _AsyncCompletions(_Proxy):
         )
 
 
-class _AsyncChat(_Proxy):
+class _AsyncChat(Proxy):
     @property
     def completions(self) -> _AsyncCompletions:
         return _AsyncCompletions(self._inner.completions, self._meter)
 
 
-class _AsyncResponses(_Proxy):
+class _AsyncResponses(Proxy):
     async def create(self, **kwargs: Any) -> Any:
         charge = _responses_charge(self._meter, kwargs)
         return await call_async(
@@ -243,15 +223,13 @@ def budgeted(
     ``AsyncOpenAI`` (with an ``AsyncBudget`` / ``AsyncBudgetManager``). ``scope`` names the manager's
     scope; ``default_max_output_tokens`` is held when a request sets no output cap and the price
     table knows no maximum for the model; ``metadata`` goes into every ledger entry."""
-    asynchronous = isinstance(client, openai.AsyncOpenAI)
-    if not asynchronous and not isinstance(client, openai.OpenAI):
-        raise TypeError(f"client must be an openai.OpenAI or openai.AsyncOpenAI, got {type(client).__name__}")
-    meter = Meter(
+    return wrap_client(
+        client,
         budget,
+        (openai.OpenAI, openai.AsyncOpenAI),
+        (BudgetedOpenAI, BudgetedAsyncOpenAI),
         session_id=session_id,
         scope=scope,
         default_max_output_tokens=default_max_output_tokens,
         metadata=metadata,
-        asynchronous=asynchronous,
     )
-    return (BudgetedAsyncOpenAI if asynchronous else BudgetedOpenAI)(client, meter)

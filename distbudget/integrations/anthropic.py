@@ -1,0 +1,253 @@
+"""Budget every message of an ``anthropic`` client in one line (``pip install 'distbudget[anthropic]'``)::
+
+    from anthropic import Anthropic
+    from distbudget import Budget, BudgetScope
+    from distbudget.integrations.anthropic import budgeted
+
+    client = budgeted(Anthropic(), Budget(BudgetScope("team", max_cost_per_day_usd=50.0)), session_id="run-1")
+    client.messages.create(model="claude-sonnet-4-5", max_tokens=1024, messages=[{"role": "user", "content": "hi"}])
+
+``messages.create`` (also ``stream=True``) and ``messages.stream(...)`` hold ``max_tokens`` and the
+input estimate before the request (refused: nothing is sent) and commit the reported usage. Anthropic
+reports cache reads and cache writes *beside* ``input_tokens``; they are added in
+(:meth:`distbudget.Usage.from_anthropic`) and priced at the cached / cache-write rates. A stream's
+``message_delta`` usage is cumulative: the latest one counts, never a sum. A stream closed before its
+final ``message_delta`` is charged the input it reported plus the output received so far, flagged
+``"estimated": true``. Everything else on the client is the client's own, unbudgeted.
+
+Per call: ``budget_session_id=``, ``budget_scope=``, ``budget_request_id=``, ``budget_metadata=``; or
+``client.with_session(...)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import anthropic
+
+from distbudget._core.usage import Usage
+from distbudget.budget import AsyncReservation, Reservation
+from distbudget.integrations._common import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    AnyBudget,
+    BudgetedClient,
+    Charge,
+    Meter,
+    Proxy,
+    Tally,
+    attr,
+    call_async,
+    call_sync,
+    wrap_client,
+)
+
+__all__ = ["BudgetedAnthropic", "BudgetedAsyncAnthropic", "budgeted"]
+
+_TIMEOUTS = (anthropic.APITimeoutError,)
+_USAGE_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "cache_creation",
+)
+
+
+def _content_text(blocks: Any) -> str:
+    """The text a message's content blocks hold so far (text, thinking, tool input)."""
+    parts: list[str] = []
+    for block in blocks or ():
+        for name in ("text", "thinking", "partial_json"):
+            value = attr(block, name)
+            if isinstance(value, str):
+                parts.append(value)
+        tool_input = attr(block, "input")
+        if tool_input:
+            parts.append(str(tool_input))
+    return "".join(parts)
+
+
+class MessageTally(Tally):
+    """Raw stream events: ``message_start`` (input and cache usage), text deltas, ``message_delta``
+    (cumulative usage: the latest value of each field wins)."""
+
+    def __init__(self, charge: Charge) -> None:
+        super().__init__(charge)
+        self.raw: dict[str, Any] = {}
+
+    def _update(self, usage: Any) -> None:
+        for name in _USAGE_FIELDS:
+            value = attr(usage, name)
+            if value is not None:
+                self.raw[name] = value
+        if self.raw:
+            self.usage = Usage.from_anthropic(self.raw)
+
+    def feed(self, event: Any) -> None:
+        kind = attr(event, "type")
+        if kind == "message_start":
+            message = attr(event, "message")
+            self.response_id = attr(message, "id")
+            self._update(attr(message, "usage"))
+        elif kind == "content_block_delta":
+            self.text.append(_content_text([attr(event, "delta")]))
+        elif kind == "message_delta":
+            self._update(attr(event, "usage"))
+            if attr(attr(event, "delta"), "stop_reason") is not None:
+                self.complete = True
+        elif kind == "message_stop":
+            self.complete = True
+
+
+def _charge(meter: Meter, kwargs: dict[str, Any]) -> Charge:
+    parts = [kwargs.get(k) for k in ("messages", "system", "tools")]
+    return meter.plan("anthropic.messages", kwargs.get("model"), kwargs, parts, kwargs.get("max_tokens"))
+
+
+def _stream_usage(stream: Any, charge: Charge) -> tuple[Usage, str | None, str | None]:
+    """What a ``messages.stream()`` block used, from the SDK's accumulated message."""
+    try:
+        snapshot = stream.current_message_snapshot
+    except AssertionError:  # no event arrived
+        return charge.estimated(), "stream closed before any event", None
+    usage = Usage.from_anthropic(snapshot.usage)
+    if snapshot.stop_reason is not None:
+        return usage, None, snapshot.id
+    return charge.estimated(_content_text(snapshot.content), usage), "stream closed early", snapshot.id
+
+
+# ---- sync --------------------------------------------------------------------------------------
+
+
+class _StreamManager:
+    """``messages.stream(...)``: holds on entering (before the request), commits on leaving."""
+
+    def __init__(self, inner: Any, meter: Meter, charge: Charge) -> None:
+        self._inner = inner
+        self._meter = meter
+        self._charge = charge
+        self._hold: Reservation | None = None
+        self._stream: Any = None
+
+    def __enter__(self) -> Any:
+        self._hold = self._meter.reserve(self._charge)
+        try:
+            self._stream = self._inner.__enter__()
+        except BaseException:
+            self._hold.release()
+            raise
+        return self._stream
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self._inner.__exit__(*exc)
+        finally:
+            assert self._hold is not None
+            usage, estimated, response_id = _stream_usage(self._stream, self._charge)
+            self._meter.commit(self._hold, self._charge, usage, estimated, response_id)
+
+
+class _Messages(Proxy):
+    def create(self, **kwargs: Any) -> Any:
+        charge = _charge(self._meter, kwargs)
+        return call_sync(
+            self._meter,
+            charge,
+            lambda: self._inner.create(**kwargs),
+            stream=bool(kwargs.get("stream")),
+            tally=MessageTally,
+            to_usage=Usage.from_anthropic,
+            timeouts=_TIMEOUTS,
+        )
+
+    def stream(self, **kwargs: Any) -> _StreamManager:
+        charge = _charge(self._meter, kwargs)
+        return _StreamManager(self._inner.stream(**kwargs), self._meter, charge)
+
+
+class BudgetedAnthropic(BudgetedClient):
+    """An ``Anthropic`` client whose ``messages.create`` and ``messages.stream`` are budgeted."""
+
+    @property
+    def messages(self) -> _Messages:
+        return _Messages(self._inner.messages, self._meter)
+
+
+# ---- async -------------------------------------------------------------------------------------
+
+
+class _AsyncStreamManager:
+    def __init__(self, inner: Any, meter: Meter, charge: Charge) -> None:
+        self._inner = inner
+        self._meter = meter
+        self._charge = charge
+        self._hold: AsyncReservation | None = None
+        self._stream: Any = None
+
+    async def __aenter__(self) -> Any:
+        self._hold = await self._meter.areserve(self._charge)
+        try:
+            self._stream = await self._inner.__aenter__()
+        except BaseException:
+            await self._hold.release()
+            raise
+        return self._stream
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self._inner.__aexit__(*exc)
+        finally:
+            assert self._hold is not None
+            usage, estimated, response_id = _stream_usage(self._stream, self._charge)
+            await self._meter.acommit(self._hold, self._charge, usage, estimated, response_id)
+
+
+class _AsyncMessages(Proxy):
+    async def create(self, **kwargs: Any) -> Any:
+        charge = _charge(self._meter, kwargs)
+        return await call_async(
+            self._meter,
+            charge,
+            lambda: self._inner.create(**kwargs),
+            stream=bool(kwargs.get("stream")),
+            tally=MessageTally,
+            to_usage=Usage.from_anthropic,
+            timeouts=_TIMEOUTS,
+        )
+
+    def stream(self, **kwargs: Any) -> _AsyncStreamManager:
+        charge = _charge(self._meter, kwargs)
+        return _AsyncStreamManager(self._inner.stream(**kwargs), self._meter, charge)
+
+
+class BudgetedAsyncAnthropic(BudgetedAnthropic):
+    """An ``AsyncAnthropic`` client whose ``messages.create`` and ``messages.stream`` are budgeted."""
+
+    @property
+    def messages(self) -> _AsyncMessages:  # type: ignore[override]
+        return _AsyncMessages(self._inner.messages, self._meter)
+
+
+def budgeted(
+    client: Any,
+    budget: AnyBudget,
+    *,
+    session_id: str | None = None,
+    scope: str | None = None,
+    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
+    metadata: Mapping[str, Any] | None = None,
+) -> BudgetedAnthropic:
+    """Wrap an ``Anthropic`` (with a ``Budget`` / ``BudgetManager``) or an ``AsyncAnthropic`` (with an
+    ``AsyncBudget`` / ``AsyncBudgetManager``); the arguments are those of
+    :func:`distbudget.integrations.openai.budgeted`."""
+    return wrap_client(
+        client,
+        budget,
+        (anthropic.Anthropic, anthropic.AsyncAnthropic),
+        (BudgetedAnthropic, BudgetedAsyncAnthropic),
+        session_id=session_id,
+        scope=scope,
+        default_max_output_tokens=default_max_output_tokens,
+        metadata=metadata,
+    )
