@@ -156,7 +156,7 @@ class Usage:
         """LiteLLM usage (OpenAI-shaped for every provider; ``prompt_tokens`` already include cache reads
         and writes): a ``ModelResponse``, its ``usage``, or the ``usage_object`` / fields of a
         ``standard_logging_object``. Cache writes: ``prompt_tokens_details.cache_write_tokens`` or
-        ``cache_creation_input_tokens``."""
+        ``cache_creation_input_tokens``, their 1-hour part in ``prompt_tokens_details.cache_creation_token_details``."""
         u = _usage_of(usage)
         logged = _field(_field(u, "metadata"), "usage_object")  # a standard_logging_object
         if logged:
@@ -166,12 +166,14 @@ class Usage:
         base = cls.from_openai(u)
         cached = base.cached_input_tokens or _count(u, "cache_read_input_tokens")
         written = base.cache_write_tokens or _count(u, "cache_creation_input_tokens")
+        one_hour = _count(u, "prompt_tokens_details", "cache_creation_token_details", "ephemeral_1h_input_tokens")
         return cls(
             input_tokens=base.input_tokens,
             output_tokens=base.output_tokens,
             cached_input_tokens=cached,
             cache_write_tokens=written,
             reasoning_tokens=base.reasoning_tokens,
+            cache_write_1h_tokens=min(one_hour, written),
         )
 
     @classmethod

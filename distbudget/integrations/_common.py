@@ -134,6 +134,20 @@ def output_cap(model: str, requested: Any, default: int) -> int:
     return max_output_tokens(model) or default
 
 
+def _choices(n: Any) -> int:
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidInputError(f"n must be a positive int, got {n!r}")
+    return n
+
+
+def force_stream_usage(kwargs: dict[str, Any]) -> None:
+    """Ask an OpenAI-shaped stream to end with a usage chunk (``stream_options.include_usage``)."""
+    options = kwargs.get("stream_options")
+    kwargs["stream_options"] = {**(options if isinstance(options, Mapping) else {}), "include_usage": True}
+
+
 def first_given(mapping: Mapping[str, Any], *keys: str) -> Any:
     for key in keys:
         value = mapping.get(key)
@@ -235,9 +249,16 @@ class Meter:
         return meter
 
     def plan(
-        self, api: str, model: Any, kwargs: dict[str, Any], input_parts: Iterable[Any], requested_cap: Any
+        self,
+        api: str,
+        model: Any,
+        kwargs: dict[str, Any],
+        input_parts: Iterable[Any],
+        requested_cap: Any,
+        choices: Any = None,
     ) -> Charge:
-        """Pop the per-call keywords from ``kwargs`` and fix the call's charge (pure)."""
+        """Pop the per-call keywords from ``kwargs`` and fix the call's charge (pure). ``choices``
+        (OpenAI's ``n``): that many answers, that many times the output cap held."""
         session_id = kwargs.pop("budget_session_id", None) or self.session_id
         scope = kwargs.pop("budget_scope", None) or self.scope
         request_id = kwargs.pop("budget_request_id", None) or uuid.uuid4().hex
@@ -252,7 +273,7 @@ class Meter:
             api=api,
             model=model,
             input_estimate=estimate_request_tokens(model, *input_parts),
-            max_output=output_cap(model, requested_cap, self.default_max_output_tokens),
+            max_output=output_cap(model, requested_cap, self.default_max_output_tokens) * _choices(choices),
             session_id=session_id,
             scope=scope,
             request_id=request_id,
@@ -341,6 +362,32 @@ def attr(obj: Any, name: str) -> Any:
     if isinstance(obj, Mapping):
         return obj.get(name)
     return getattr(obj, name, None)
+
+
+class ChatTally(Tally):
+    """OpenAI-shaped chat chunks (OpenAI, LiteLLM): text deltas, then (``include_usage``) a last chunk
+    with the usage."""
+
+    to_usage: Callable[[Any], Usage] = staticmethod(Usage.from_openai)
+
+    def feed(self, chunk: Any) -> None:
+        self.response_id = self.response_id or attr(chunk, "id")
+        usage = attr(chunk, "usage")
+        if usage is not None:
+            self.usage = self.to_usage(usage)
+            self.complete = True
+        for choice in attr(chunk, "choices") or ():
+            delta = attr(choice, "delta")
+            for name in ("content", "refusal", "reasoning_content"):
+                text = attr(delta, name)
+                if isinstance(text, str):
+                    self.text.append(text)
+            for call in attr(delta, "tool_calls") or ():
+                function = attr(call, "function")
+                for name in ("name", "arguments"):
+                    text = attr(function, name)
+                    if isinstance(text, str):
+                        self.text.append(text)
 
 
 class MeteredStream:

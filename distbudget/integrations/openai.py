@@ -24,7 +24,6 @@ Per call: ``budget_session_id=``, ``budget_scope=`` (with a :class:`~distbudget.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 import openai
@@ -35,6 +34,7 @@ from distbudget.integrations._common import (
     AnyBudget,
     BudgetedClient,
     Charge,
+    ChatTally,
     Meter,
     Proxy,
     Tally,
@@ -42,35 +42,13 @@ from distbudget.integrations._common import (
     call_async,
     call_sync,
     first_given,
+    force_stream_usage,
     wrap_client,
 )
 
 __all__ = ["BudgetedAsyncOpenAI", "BudgetedOpenAI", "budgeted"]
 
 _TIMEOUTS = (openai.APITimeoutError,)
-
-
-class ChatTally(Tally):
-    """Chat Completions chunks: text deltas, then (``include_usage``) a last chunk with the usage."""
-
-    def feed(self, chunk: Any) -> None:
-        self.response_id = self.response_id or attr(chunk, "id")
-        usage = attr(chunk, "usage")
-        if usage is not None:
-            self.usage = Usage.from_openai(usage)
-            self.complete = True
-        for choice in attr(chunk, "choices") or ():
-            delta = attr(choice, "delta")
-            for name in ("content", "refusal", "reasoning_content"):
-                text = attr(delta, name)
-                if isinstance(text, str):
-                    self.text.append(text)
-            for call in attr(delta, "tool_calls") or ():
-                function = attr(call, "function")
-                for name in ("name", "arguments"):
-                    text = attr(function, name)
-                    if isinstance(text, str):
-                        self.text.append(text)
 
 
 class ResponsesTally(Tally):
@@ -97,13 +75,9 @@ def _chat_charge(meter: Meter, kwargs: dict[str, Any]) -> Charge:
     model = kwargs.get("model")
     cap = first_given(kwargs, "max_completion_tokens", "max_tokens")
     parts = [kwargs.get(k) for k in ("messages", "tools", "functions", "response_format", "prediction")]
-    charge = meter.plan("openai.chat.completions", model, kwargs, parts, cap)
-    n = kwargs.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:  # n choices: n times the output
-        charge = replace(charge, max_output=charge.max_output * n)
+    charge = meter.plan("openai.chat.completions", model, kwargs, parts, cap, kwargs.get("n"))
     if kwargs.get("stream"):
-        options = kwargs.get("stream_options")
-        kwargs["stream_options"] = {**(options if isinstance(options, Mapping) else {}), "include_usage": True}
+        force_stream_usage(kwargs)
     return charge
 
 
