@@ -38,7 +38,7 @@ __all__ = [
     "ModelRates",
     "Reservation",
     "UnknownModelError",
+    "Usage",
     "UsageRecord",
     "WebhookSink",
-    "Usage",
 ]

@@ -64,7 +64,8 @@ def _result_usage(response: LLMResult, charge: Charge) -> tuple[Usage, str | Non
 def _response_id(response: LLMResult) -> str | None:
     for generations in response.generations:
         for generation in generations:
-            rid = attr(attr(generation, "message"), "id")
+            message = attr(generation, "message")
+            rid = attr(attr(message, "response_metadata"), "id") or attr(message, "id")
             if rid:
                 return str(rid)
     return None

@@ -111,12 +111,16 @@ class LLMServer:
                     server.requests += 1
                     status = server.fail_next.pop(0) if server.fail_next else 200
                 if status != 200:
-                    return self._json({"error": {"message": "injected failure", "type": "server_error"}}, status)
+                    self._json({"error": {"message": "injected failure", "type": "server_error"}}, status)
+                    return
                 path = self.path.split("?")[0]
                 anthropic = path.endswith("/messages")
-                api = {"/v1/chat/completions": "chat", "/v1/responses": "responses", "/v1/messages": "messages"}.get(path)
+                api = {"/v1/chat/completions": "chat", "/v1/responses": "responses", "/v1/messages": "messages"}.get(
+                    path
+                )
                 if api is None:
-                    return self._json({"error": {"message": f"no route {path}"}}, 404)
+                    self._json({"error": {"message": f"no route {path}"}}, 404)
+                    return
                 served = replace(plan_usage(body, anthropic), api=api)
                 with server.lock:
                     server.served.append(served)
@@ -167,7 +171,8 @@ class LLMServer:
                 if not s.stream:
                     message = {"role": "assistant", "content": "tok " * visible, "refusal": None}
                     choice = {"index": 0, "message": message, "finish_reason": "length", "logprobs": None}
-                    return self._json({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
+                    self._json({**base, "object": "chat.completion", "choices": [choice], "usage": usage})
+                    return
                 chunk = {**base, "object": "chat.completion.chunk"}
                 events: list[tuple[str | None, Any]] = []
                 first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
@@ -214,7 +219,8 @@ class LLMServer:
                     "usage": usage,
                 }
                 if not s.stream:
-                    return self._json(response)
+                    self._json(response)
+                    return
                 pending = {**response, "status": "in_progress", "output": [], "usage": None}
                 events: list[tuple[str | None, Any]] = [
                     ("response.created", {"type": "response.created", "sequence_number": 0, "response": pending})
@@ -260,7 +266,8 @@ class LLMServer:
                     "usage": usage,
                 }
                 if not s.stream:
-                    return self._json(message)
+                    self._json(message)
+                    return
                 start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
                 events: list[tuple[str | None, Any]] = [
                     ("message_start", {"type": "message_start", "message": start}),
