@@ -57,6 +57,10 @@ class LLMServer:
         self.served: list[Served] = []
         self.fail_next: list[int] = []  # status codes answered (in order) before serving again
         self.chunk_delay = 0.0  # seconds between stream chunks (lets a client close mid-stream)
+        # Anthropic streams: also send a cumulative message_delta mid-stream (its usage must replace,
+        # never add to, the one before). The real API sends one, at the end; LiteLLM ends the stream at
+        # the first one, so its tests turn this off.
+        self.mid_stream_delta = True
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -83,6 +87,7 @@ class LLMServer:
             self.served.clear()
             self.fail_next.clear()
             self.chunk_delay = 0.0
+            self.mid_stream_delta = True
 
     def totals(self) -> dict[str, int]:
         with self.lock:
@@ -280,7 +285,7 @@ class LLMServer:
                 for i in range(s.output_tokens):
                     delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "tok "}}
                     events.append(("content_block_delta", delta))
-                    if i + 1 == half:  # a cumulative usage update mid-stream: keep the latest, never sum
+                    if i + 1 == half and server.mid_stream_delta:  # cumulative: keep the latest, never sum
                         mid = {"type": "message_delta", "delta": {"stop_reason": None, "stop_sequence": None}}
                         events.append(("message_delta", {**mid, "usage": {"output_tokens": half}}))
                 events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
