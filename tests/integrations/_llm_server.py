@@ -48,6 +48,13 @@ def plan_usage(body: dict[str, Any], anthropic: bool) -> Served:
     return Served("", str(body.get("model")), prompt, output, cached, write, reasoning, bool(body.get("stream")))
 
 
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that close kept-alive connections or streams early are expected here
+
+
 class LLMServer:
     """Start with ``LLMServer().start()``; ``base_url`` for OpenAI (``.../v1``), ``url`` for Anthropic."""
 
@@ -61,8 +68,7 @@ class LLMServer:
         # never add to, the one before). The real API sends one, at the end; LiteLLM ends the stream at
         # the first one, so its tests turn this off.
         self.mid_stream_delta = True
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
+        self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def start(self) -> LLMServer:
