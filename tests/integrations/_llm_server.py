@@ -4,10 +4,11 @@ SSE streaming, with realistic usage blocks (cached input, cache writes with 5 mi
 reasoning). It counts every request that reaches it and what it served — the ground truth the
 ledger is compared with.
 
-Usage is a pure function of the request, so tests can also predict it: the prompt is 20 tokens plus
-one per 4 bytes of the request's messages; half of it (rounded down to 8) comes from the cache; the
-output is ``max_tokens`` (or 24), a quarter of it reasoning. Anthropic is told its cache writes and
-reads beside ``input_tokens`` (additive), as the real API does.
+Usage is a pure function of the request: the prompt is one token per 4 bytes of its text plus 4 per
+message and 3 (OpenAI's own rule of thumb, so distbudget's conservative estimate is above it, as it
+is for real text); half of it is read from the cache (Anthropic: a quarter more written to it, a third
+of that for 1 h); the output is ``max_tokens`` (or 24), a quarter of it reasoning (OpenAI). Anthropic
+is told its cache reads and writes beside ``input_tokens`` (additive), as the real API does.
 """
 
 from __future__ import annotations
@@ -37,11 +38,24 @@ class Served:
     stream: bool
 
 
+def _texts(value: Any, out: list[str]) -> int:
+    """Collect the strings of a request part; return how many messages it holds."""
+    if isinstance(value, str):
+        out.append(value)
+        return 0
+    if isinstance(value, dict):
+        return int("role" in value) + sum(_texts(v, out) for k, v in value.items() if k not in ("role", "type"))
+    if isinstance(value, list):
+        return sum(_texts(v, out) for v in value)
+    return 0
+
+
 def plan_usage(body: dict[str, Any], anthropic: bool) -> Served:
-    text = json.dumps(body.get("messages") or body.get("input") or "", sort_keys=True)
-    prompt = 20 + len(text.encode()) // 4
-    cached = (prompt // 2) // 8 * 8
-    write = 6 if anthropic else 0
+    texts: list[str] = []
+    messages = sum(_texts(body.get(k), texts) for k in ("messages", "input", "system", "instructions"))
+    prompt = 3 + 4 * max(messages, 1) + (len("".join(texts).encode()) + 3) // 4
+    cached = prompt // 2
+    write = prompt // 4 if anthropic else 0
     cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
     output = int(cap) if cap else DEFAULT_OUTPUT
     reasoning = 0 if anthropic else output // 4
