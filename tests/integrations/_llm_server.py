@@ -82,6 +82,7 @@ class LLMServer:
         # never add to, the one before). The real API sends one, at the end; LiteLLM ends the stream at
         # the first one, so its tests turn this off.
         self.mid_stream_delta = True
+        self.response_delay = 0.0  # seconds before answering (a client timeout shorter than it fires)
         self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -108,6 +109,7 @@ class LLMServer:
             self.fail_next.clear()
             self.chunk_delay = 0.0
             self.mid_stream_delta = True
+            self.response_delay = 0.0
 
     def totals(self) -> dict[str, int]:
         with self.lock:
@@ -149,6 +151,8 @@ class LLMServer:
                 served = replace(plan_usage(body, anthropic), api=api)
                 with server.lock:
                     server.served.append(served)
+                if server.response_delay:
+                    time.sleep(server.response_delay)
                 getattr(self, f"_{api}")(body, served)
 
             # -- plumbing --

@@ -1,0 +1,113 @@
+"""``Usage``: every provider's shape to one normal form (input includes cache reads and writes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anthropic.types as at
+import openai.types as ot
+import openai.types.responses as rt
+import pytest
+
+from distbudget import Budget, BudgetScope, InvalidInputError, Usage
+from tests.integrations.conftest import MODEL_RATES, RATES
+
+
+def test_openai_chat_and_responses_shapes() -> None:
+    chat = ot.CompletionUsage(
+        prompt_tokens=100,
+        completion_tokens=40,
+        total_tokens=140,
+        prompt_tokens_details={"cached_tokens": 64},
+        completion_tokens_details={"reasoning_tokens": 25},
+    )
+    assert Usage.from_openai(chat) == Usage(100, 40, cached_input_tokens=64, reasoning_tokens=25)
+    bare = ot.CompletionUsage(prompt_tokens=10, completion_tokens=2, total_tokens=12)  # details are None
+    assert bare.prompt_tokens_details is None
+    assert Usage.from_openai(bare) == Usage(10, 2)
+    responses = rt.ResponseUsage(
+        input_tokens=50,
+        output_tokens=30,
+        total_tokens=80,
+        input_tokens_details={"cached_tokens": 20, "cache_write_tokens": 5},
+        output_tokens_details={"reasoning_tokens": 10},
+    )
+    assert Usage.from_openai(responses) == Usage(
+        50, 30, cached_input_tokens=20, cache_write_tokens=5, reasoning_tokens=10
+    )
+    as_json: dict[str, Any] = {"usage": {"prompt_tokens": 5, "completion_tokens": 1, "prompt_tokens_details": None}}
+    assert Usage.from_openai(as_json) == Usage(5, 1)  # a response (JSON) carrying its usage
+
+
+def test_anthropic_cache_is_added_to_input() -> None:
+    usage = at.Usage(
+        input_tokens=12,
+        output_tokens=30,
+        cache_read_input_tokens=1000,
+        cache_creation_input_tokens=300,
+        cache_creation={"ephemeral_5m_input_tokens": 200, "ephemeral_1h_input_tokens": 100},
+    )
+    u = Usage.from_anthropic(usage)
+    assert u == Usage(1312, 30, cached_input_tokens=1000, cache_write_tokens=300, cache_write_1h_tokens=100)
+    assert u.cache_write_5m_tokens == 200 and u.total_tokens == 1342
+    assert Usage.from_anthropic(at.Usage(input_tokens=7, output_tokens=3)) == Usage(7, 3)  # cache fields None
+    # priced as such: every part at its own rate
+    budget = Budget(BudgetScope("t"), MODEL_RATES)
+    record = budget.record(None, "gpt-4o", u.input_tokens, u.output_tokens, **u.charge_kwargs())
+    assert record.cost_nano_usd == RATES.cost_nano(1312, 30, 1000, 300, 0)
+
+
+def test_litellm_and_langchain_shapes() -> None:
+    litellm_usage = {
+        "prompt_tokens": 40,
+        "completion_tokens": 9,
+        "prompt_tokens_details": {"cached_tokens": 16, "cache_write_tokens": None},
+        "cache_creation_input_tokens": 8,
+    }
+    assert Usage.from_litellm(litellm_usage) == Usage(40, 9, cached_input_tokens=16, cache_write_tokens=8)
+    logged = {"prompt_tokens": 40, "completion_tokens": 9, "metadata": {"usage_object": litellm_usage}}
+    assert Usage.from_litellm(logged) == Usage(40, 9, cached_input_tokens=16, cache_write_tokens=8)
+    metadata = {
+        "input_tokens": 350,
+        "output_tokens": 240,
+        "total_tokens": 590,
+        "input_token_details": {"cache_read": 100, "cache_creation": 200, "ephemeral_1h_input_tokens": 50},
+        "output_token_details": {"reasoning": 200},
+    }
+    assert Usage.from_langchain(metadata) == Usage(
+        350, 240, cached_input_tokens=100, cache_write_tokens=200, reasoning_tokens=200, cache_write_1h_tokens=50
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "source"),
+    [
+        (Usage.from_openai, None),
+        (Usage.from_openai, {"foo": 1}),
+        (Usage.from_openai, {"prompt_tokens": -1, "completion_tokens": 0}),
+        (Usage.from_openai, {"prompt_tokens": 1.5, "completion_tokens": 0}),
+        (
+            Usage.from_openai,
+            {"prompt_tokens": 10, "completion_tokens": 1, "prompt_tokens_details": {"cached_tokens": 11}},
+        ),
+        (
+            Usage.from_openai,
+            {"prompt_tokens": 10, "completion_tokens": 1, "completion_tokens_details": {"reasoning_tokens": 2}},
+        ),
+        (Usage.from_anthropic, {"output_tokens": True}),
+        (Usage.from_litellm, {"total_tokens": 3}),
+        (Usage.from_langchain, {}),
+    ],
+)
+def test_bad_usage_is_refused(build: Any, source: Any) -> None:
+    with pytest.raises(InvalidInputError):
+        build(source)
+
+
+def test_direct_construction_is_validated() -> None:
+    with pytest.raises(InvalidInputError, match="from_anthropic"):
+        Usage(10, 5, cached_input_tokens=8, cache_write_tokens=4)  # the natural Anthropic mistake
+    with pytest.raises(InvalidInputError):
+        Usage(10, 5, cache_write_tokens=2, cache_write_1h_tokens=3)
+    with pytest.raises(InvalidInputError):
+        Usage("10", 5)  # type: ignore[arg-type]
