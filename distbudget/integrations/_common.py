@@ -364,6 +364,14 @@ def attr(obj: Any, name: str) -> Any:
     return getattr(obj, name, None)
 
 
+def _delegate(wrapper: object, name: str) -> Any:
+    """``wrapper._inner.name`` (never recursing when ``_inner`` is not set yet)."""
+    inner = wrapper.__dict__.get("_inner")
+    if inner is None:
+        raise AttributeError(name)
+    return getattr(inner, name)
+
+
 class ChatTally(Tally):
     """OpenAI-shaped chat chunks (OpenAI, LiteLLM): text deltas, then (``include_usage``) a last chunk
     with the usage."""
@@ -436,7 +444,7 @@ class MeteredStream:
         self.close()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+        return _delegate(self, name)
 
     def __del__(self) -> None:
         if not getattr(self, "_done", True):
@@ -492,7 +500,7 @@ class MeteredAsyncStream:
         await self.close()
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+        return _delegate(self, name)
 
 
 # ---- one call, start to end --------------------------------------------------------------------
@@ -579,7 +587,7 @@ class Proxy:
         self._meter = meter
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+        return _delegate(self, name)
 
 
 C = TypeVar("C", bound="BudgetedClient")
