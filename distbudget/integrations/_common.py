@@ -18,6 +18,7 @@ reports.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import uuid
@@ -25,13 +26,14 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
 from typing import Any, TypeVar
 
+from distbudget._core.models import first_known
 from distbudget._core.usage import Usage
 from distbudget._exceptions import BudgetExceededError, BudgetWarning, InvalidInputError
 from distbudget.budget import AsyncBudget, AsyncReservation, Budget, Reservation
 from distbudget.manager import AsyncBudgetManager, BudgetManager
-from distbudget.pricing import _SUFFIX, price_table
 
 log = logging.getLogger("distbudget.integrations")
 
@@ -111,18 +113,25 @@ def estimate_request_tokens(model: str, *parts: Any) -> int:
     )
 
 
+@lru_cache(maxsize=1)
+def _max_outputs() -> dict[str, int]:
+    """Exact (lower-case) model name -> maximum output tokens, from the bundled price snapshot."""
+    data = json.loads((resources.files("distbudget") / "data" / "prices.json").read_text("utf-8"))
+    out: dict[str, int] = {}
+    for name, entry in data["models"].items():
+        value = entry.get("max_output_tokens")
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            out[name.lower()] = value
+    for alias, target in data.get("aliases", {}).items():
+        if target.lower() in out:
+            out.setdefault(alias.lower(), out[target.lower()])
+    return out
+
+
 def max_output_tokens(model: str) -> int | None:
-    """The model's maximum output tokens from the price table, None when it does not say. The one place
-    that reads it (the table resolves ``provider/`` prefixes, case, dated snapshots and aliases)."""
-    table = price_table()
-    models, aliases = table["models"], table.get("aliases", {})
-    name = model.rsplit("/", 1)[-1].lower()
-    for candidate in (model, name, _SUFFIX.sub("", name)):
-        entry = models.get(aliases.get(candidate, candidate))
-        if entry is not None:
-            value = entry.get("max_output_tokens")
-            return int(value) if value else None
-    return None
+    """The model's maximum output tokens from the price snapshot, None when it does not say. The one
+    place that reads it; names resolve as prices do (provider prefixes, case, dated snapshots)."""
+    return first_known(model, _max_outputs().get)
 
 
 def output_cap(model: str, requested: Any, default: int) -> int:

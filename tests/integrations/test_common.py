@@ -34,6 +34,9 @@ def test_input_estimate_without_tiktoken_encodings_is_conservative() -> None:
 def test_output_cap() -> None:
     assert C.output_cap(OPENAI_MODEL, 77, 4096) == 77
     assert C.output_cap("no-such-model", None, 1234) == 1234
+    assert C.output_cap("gpt-4o", None, 1234) == 16_384  # the price snapshot's maximum
+    assert C.output_cap("openai/GPT-4o-2024-08-06", None, 1234) == 16_384  # names resolve as prices do
+    assert C.output_cap("claude-haiku-4-5", None, 1234) == 64_000
     for bad in (-1, 1.5, True, "10"):
         with pytest.raises(InvalidInputError):
             C.output_cap(OPENAI_MODEL, bad, 4096)

@@ -188,9 +188,17 @@ def test_everything_else_passes_through(llm: LLMServer) -> None:
         budgeted(object(), Budget(BudgetScope("team")))
 
 
-def test_default_output_cap_is_configurable(llm: LLMServer) -> None:
-    budget = Budget(BudgetScope("team", max_tokens_per_day=600), MODEL_RATES)
+def test_output_cap_without_one_in_the_request(llm: LLMServer) -> None:
+    # the model's maximum output from the price snapshot (gpt-4o: 16,384) is held
+    budget = Budget(BudgetScope("team", max_tokens_per_day=16_000), MODEL_RATES)
     client = budgeted(_client(llm), budget, default_max_output_tokens=200)
-    client.chat.completions.create(**_request("chat", 1, None, False))  # holds ~220 tokens, fits
-    assert llm.served[0].output_tokens == DEFAULT_OUTPUT
-    assert_ledger_matches(budget.ledger(), llm)
+    with pytest.raises(BudgetExceededError):
+        client.chat.completions.create(**_request("chat", 1, None, False))
+    # a model the snapshot has no maximum for: the configurable default (here ~220 tokens held)
+    local = {"my-local-model": MODEL_RATES[OPENAI_MODEL]}
+    budget = Budget(BudgetScope("team", max_tokens_per_day=600), local)
+    client = budgeted(_client(llm), budget, default_max_output_tokens=200)
+    client.chat.completions.create(**{**_request("chat", 1, None, False), "model": "my-local-model"})
+    assert llm.requests == 1 and llm.served[0].output_tokens == DEFAULT_OUTPUT
+    (entry,) = budget.ledger()
+    assert entry.output_tokens == DEFAULT_OUTPUT and entry.metadata.get("estimated") is None
