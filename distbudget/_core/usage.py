@@ -112,22 +112,16 @@ class Usage:
         ``output_tokens_details.reasoning_tokens``). Cached and cache-write tokens are already inside
         the prompt count. Accepts the usage or a response carrying it."""
         u = _usage_of(usage)
-        if _field(u, "prompt_tokens") is not None or _field(u, "completion_tokens") is not None:
-            return cls(
-                input_tokens=_count(u, "prompt_tokens"),
-                output_tokens=_count(u, "completion_tokens"),
-                cached_input_tokens=_count(u, "prompt_tokens_details", "cached_tokens"),
-                cache_write_tokens=_count(u, "prompt_tokens_details", "cache_write_tokens"),
-                reasoning_tokens=_count(u, "completion_tokens_details", "reasoning_tokens"),
-            )
-        if _field(u, "input_tokens") is not None or _field(u, "output_tokens") is not None:
-            return cls(
-                input_tokens=_count(u, "input_tokens"),
-                output_tokens=_count(u, "output_tokens"),
-                cached_input_tokens=_count(u, "input_tokens_details", "cached_tokens"),
-                cache_write_tokens=_count(u, "input_tokens_details", "cache_write_tokens"),
-                reasoning_tokens=_count(u, "output_tokens_details", "reasoning_tokens"),
-            )
+        for inp, out in (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens")):
+            if _field(u, inp) is not None or _field(u, out) is not None:
+                details_in, details_out = inp + "_details", out + "_details"
+                return cls(
+                    input_tokens=_count(u, inp),
+                    output_tokens=_count(u, out),
+                    cached_input_tokens=_count(u, details_in, "cached_tokens"),
+                    cache_write_tokens=_count(u, details_in, "cache_write_tokens"),
+                    reasoning_tokens=_count(u, details_out, "reasoning_tokens"),
+                )
         raise InvalidInputError(f"not an OpenAI usage (no prompt_tokens or input_tokens): {usage!r}")
 
     @classmethod

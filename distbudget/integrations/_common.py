@@ -245,6 +245,7 @@ class Meter:
         self.scope = scope
         self.default_max_output_tokens = default_max_output_tokens
         self.metadata = dict(metadata or {})
+        self.asynchronous = asynchronous
         self.is_manager = isinstance(budget, (BudgetManager, AsyncBudgetManager))
 
     def view(self, session_id: str | None, scope: str | None) -> Meter:
@@ -519,6 +520,17 @@ NO_USAGE = "the response reported no usage"
 TIMED_OUT = "timed out: the provider may have served it"
 
 
+@dataclass(frozen=True)
+class Api:
+    """How one SDK method is metered: ``plan`` pops the per-call keywords and fixes the charge,
+    ``tally`` reads its stream, ``to_usage`` its response's usage; ``timeouts`` are the SDK's."""
+
+    plan: Callable[[Meter, dict[str, Any]], Charge]
+    tally: Callable[[Charge], Tally]
+    to_usage: ToUsage
+    timeouts: tuple[type[BaseException], ...]
+
+
 def _response_usage(result: Any, charge: Charge, to_usage: ToUsage) -> tuple[Usage, str | None]:
     usage = attr(result, "usage")
     if usage is None:
@@ -526,61 +538,45 @@ def _response_usage(result: Any, charge: Charge, to_usage: ToUsage) -> tuple[Usa
     return to_usage(usage), None
 
 
-def call_sync(
-    meter: Meter,
-    charge: Charge,
-    send: Callable[[], Any],
-    *,
-    stream: bool,
-    tally: Callable[[Charge], Tally],
-    to_usage: ToUsage,
-    timeouts: tuple[type[BaseException], ...],
-) -> Any:
+def call_sync(meter: Meter, api: Api, send: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     """Hold, send (the SDK retries inside: one hold, one commit), commit what was served. An error
     answer releases the hold; a timeout charges the input estimate (flagged: it may have been served)."""
+    charge = api.plan(meter, kwargs)
     hold = meter.reserve(charge)
     try:
-        result = send()
-    except timeouts:
+        result = send(**kwargs)
+    except api.timeouts:
         meter.commit(hold, charge, charge.estimated(), TIMED_OUT)
         raise
     except BaseException:
         hold.release()
         raise
-    if stream:
-        return MeteredStream(result, tally(charge), lambda u, est, rid: meter.commit(hold, charge, u, est, rid))
-    usage, estimated = _response_usage(result, charge, to_usage)
+    if kwargs.get("stream"):
+        return MeteredStream(result, api.tally(charge), lambda u, est, rid: meter.commit(hold, charge, u, est, rid))
+    usage, estimated = _response_usage(result, charge, api.to_usage)
     meter.commit(hold, charge, usage, estimated, attr(result, "id"))
     return result
 
 
-async def call_async(
-    meter: Meter,
-    charge: Charge,
-    send: Callable[[], Any],
-    *,
-    stream: bool,
-    tally: Callable[[Charge], Tally],
-    to_usage: ToUsage,
-    timeouts: tuple[type[BaseException], ...],
-) -> Any:
+async def call_async(meter: Meter, api: Api, send: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
     """The asyncio twin of :func:`call_sync` (``send`` returns an awaitable)."""
+    charge = api.plan(meter, kwargs)
     hold = await meter.areserve(charge)
     try:
-        result = await send()
-    except timeouts:
+        result = await send(**kwargs)
+    except api.timeouts:
         await meter.acommit(hold, charge, charge.estimated(), TIMED_OUT)
         raise
     except BaseException:
         await hold.release()
         raise
-    if stream:
+    if kwargs.get("stream"):
 
         async def finish(usage: Usage, estimated: str | None, response_id: str | None) -> None:
             await meter.acommit(hold, charge, usage, estimated, response_id)
 
-        return MeteredAsyncStream(result, tally(charge), finish)
-    usage, estimated = _response_usage(result, charge, to_usage)
+        return MeteredAsyncStream(result, api.tally(charge), finish)
+    usage, estimated = _response_usage(result, charge, api.to_usage)
     await meter.acommit(hold, charge, usage, estimated, attr(result, "id"))
     return result
 
@@ -599,11 +595,33 @@ class Proxy:
         return _delegate(self, name)
 
 
+class Endpoint(Proxy):
+    """An SDK resource whose ``create`` is metered (``api``); the rest is the resource's own."""
+
+    def __init__(self, inner: Any, meter: Meter, api: Api) -> None:
+        super().__init__(inner, meter)
+        self._api = api
+
+    def create(self, **kwargs: Any) -> Any:
+        return call_sync(self._meter, self._api, self._inner.create, kwargs)
+
+
+class AsyncEndpoint(Endpoint):
+    async def create(self, **kwargs: Any) -> Any:
+        return await call_async(self._meter, self._api, self._inner.create, kwargs)
+
+
+def endpoint(inner: Any, meter: Meter, api: Api) -> Endpoint:
+    """The metered view of a resource of a sync or an async client."""
+    return (AsyncEndpoint if meter.asynchronous else Endpoint)(inner, meter, api)
+
+
 C = TypeVar("C", bound="BudgetedClient")
 
 
 class BudgetedClient(Proxy):
-    """A budgeted SDK client: the budgeted resources are the subclass's, the rest is the client's."""
+    """A budgeted SDK client (sync or async): the budgeted resources are the subclass's, the rest is
+    the client's."""
 
     @property
     def unbudgeted(self) -> Any:
@@ -621,16 +639,11 @@ class BudgetedClient(Proxy):
     copy = with_options
 
 
-def wrap_client(
-    client: Any,
-    budget: AnyBudget,
-    sdk: tuple[type, type],
-    wrappers: tuple[type[C], type[C]],
-    **options: Any,
-) -> C:
-    """``budgeted()`` of every SDK: ``sdk`` = (sync client class, async client class), ``wrappers``
-    likewise; ``options`` are :class:`Meter`'s."""
+def wrap_client(client: Any, budget: AnyBudget, sdk: tuple[type, type], wrapper: type[C], **options: Any) -> C:
+    """``budgeted()`` of every SDK: ``sdk`` = (its sync client class, its async client class);
+    ``options`` are :class:`Meter`'s (``session_id``, ``scope``, ``default_max_output_tokens``,
+    ``metadata``)."""
     asynchronous = isinstance(client, sdk[1])
     if not asynchronous and not isinstance(client, sdk[0]):
         raise TypeError(f"client must be a {sdk[0].__name__} or {sdk[1].__name__}, got {type(client).__name__}")
-    return wrappers[asynchronous](client, Meter(budget, asynchronous=asynchronous, **options))
+    return wrapper(client, Meter(budget, asynchronous=asynchronous, **options))

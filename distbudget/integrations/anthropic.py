@@ -21,7 +21,6 @@ Per call: ``budget_session_id=``, ``budget_scope=``, ``budget_request_id=``, ``b
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import anthropic
@@ -29,22 +28,20 @@ import anthropic
 from distbudget._core.usage import Usage
 from distbudget.budget import AsyncReservation, Reservation
 from distbudget.integrations._common import (
-    DEFAULT_MAX_OUTPUT_TOKENS,
     AnyBudget,
+    Api,
+    AsyncEndpoint,
     BudgetedClient,
     Charge,
+    Endpoint,
     Meter,
-    Proxy,
     Tally,
     attr,
-    call_async,
-    call_sync,
     wrap_client,
 )
 
-__all__ = ["BudgetedAnthropic", "BudgetedAsyncAnthropic", "budgeted"]
+__all__ = ["BudgetedAnthropic", "budgeted"]
 
-_TIMEOUTS = (anthropic.APITimeoutError,)
 _USAGE_FIELDS = (
     "input_tokens",
     "output_tokens",
@@ -105,6 +102,9 @@ def _charge(meter: Meter, kwargs: dict[str, Any]) -> Charge:
     return meter.plan("anthropic.messages", kwargs.get("model"), kwargs, parts, kwargs.get("max_tokens"))
 
 
+MESSAGES = Api(_charge, MessageTally, Usage.from_anthropic, (anthropic.APITimeoutError,))
+
+
 def _stream_usage(stream: Any, charge: Charge) -> tuple[Usage, str | None, str | None]:
     """What a ``messages.stream()`` block used, from the SDK's accumulated message."""
     try:
@@ -117,17 +117,14 @@ def _stream_usage(stream: Any, charge: Charge) -> tuple[Usage, str | None, str |
     return charge.estimated(_content_text(snapshot.content), usage), "stream closed early", snapshot.id
 
 
-# ---- sync --------------------------------------------------------------------------------------
-
-
 class _StreamManager:
-    """``messages.stream(...)``: holds on entering (before the request), commits on leaving."""
+    """``messages.stream(...)`` (``with`` or ``async with``): holds on entering, before the SDK sends
+    the request; commits on leaving, from the message the SDK accumulated."""
 
     def __init__(self, inner: Any, meter: Meter, charge: Charge) -> None:
         self._inner = inner
         self._meter = meter
         self._charge = charge
-        self._hold: Reservation | None = None
         self._stream: Any = None
 
     def __enter__(self) -> Any:
@@ -143,54 +140,14 @@ class _StreamManager:
         try:
             self._inner.__exit__(*exc)
         finally:
-            assert self._hold is not None
-            usage, estimated, response_id = _stream_usage(self._stream, self._charge)
-            self._meter.commit(self._hold, self._charge, usage, estimated, response_id)
-
-
-class _Messages(Proxy):
-    def create(self, **kwargs: Any) -> Any:
-        charge = _charge(self._meter, kwargs)
-        return call_sync(
-            self._meter,
-            charge,
-            lambda: self._inner.create(**kwargs),
-            stream=bool(kwargs.get("stream")),
-            tally=MessageTally,
-            to_usage=Usage.from_anthropic,
-            timeouts=_TIMEOUTS,
-        )
-
-    def stream(self, **kwargs: Any) -> _StreamManager:
-        charge = _charge(self._meter, kwargs)
-        return _StreamManager(self._inner.stream(**kwargs), self._meter, charge)
-
-
-class BudgetedAnthropic(BudgetedClient):
-    """An ``Anthropic`` client whose ``messages.create`` and ``messages.stream`` are budgeted."""
-
-    @property
-    def messages(self) -> _Messages:
-        return _Messages(self._inner.messages, self._meter)
-
-
-# ---- async -------------------------------------------------------------------------------------
-
-
-class _AsyncStreamManager:
-    def __init__(self, inner: Any, meter: Meter, charge: Charge) -> None:
-        self._inner = inner
-        self._meter = meter
-        self._charge = charge
-        self._hold: AsyncReservation | None = None
-        self._stream: Any = None
+            self._meter.commit(self._hold, self._charge, *_stream_usage(self._stream, self._charge))
 
     async def __aenter__(self) -> Any:
-        self._hold = await self._meter.areserve(self._charge)
+        self._ahold = await self._meter.areserve(self._charge)
         try:
             self._stream = await self._inner.__aenter__()
         except BaseException:
-            await self._hold.release()
+            await self._ahold.release()
             raise
         return self._stream
 
@@ -198,56 +155,34 @@ class _AsyncStreamManager:
         try:
             await self._inner.__aexit__(*exc)
         finally:
-            assert self._hold is not None
-            usage, estimated, response_id = _stream_usage(self._stream, self._charge)
-            await self._meter.acommit(self._hold, self._charge, usage, estimated, response_id)
+            await self._meter.acommit(self._ahold, self._charge, *_stream_usage(self._stream, self._charge))
+
+    _hold: Reservation
+    _ahold: AsyncReservation
 
 
-class _AsyncMessages(Proxy):
-    async def create(self, **kwargs: Any) -> Any:
+class _Messages(Endpoint):
+    def stream(self, **kwargs: Any) -> _StreamManager:
         charge = _charge(self._meter, kwargs)
-        return await call_async(
-            self._meter,
-            charge,
-            lambda: self._inner.create(**kwargs),
-            stream=bool(kwargs.get("stream")),
-            tally=MessageTally,
-            to_usage=Usage.from_anthropic,
-            timeouts=_TIMEOUTS,
-        )
-
-    def stream(self, **kwargs: Any) -> _AsyncStreamManager:
-        charge = _charge(self._meter, kwargs)
-        return _AsyncStreamManager(self._inner.stream(**kwargs), self._meter, charge)
+        return _StreamManager(self._inner.stream(**kwargs), self._meter, charge)
 
 
-class BudgetedAsyncAnthropic(BudgetedAnthropic):
-    """An ``AsyncAnthropic`` client whose ``messages.create`` and ``messages.stream`` are budgeted."""
+class _AsyncMessages(AsyncEndpoint, _Messages):
+    pass
+
+
+class BudgetedAnthropic(BudgetedClient):
+    """An ``Anthropic`` or ``AsyncAnthropic`` client whose ``messages.create`` and ``messages.stream``
+    are budgeted."""
 
     @property
-    def messages(self) -> _AsyncMessages:  # type: ignore[override]
-        return _AsyncMessages(self._inner.messages, self._meter)
+    def messages(self) -> _Messages:
+        kind = _AsyncMessages if self._meter.asynchronous else _Messages
+        return kind(self._inner.messages, self._meter, MESSAGES)
 
 
-def budgeted(
-    client: Any,
-    budget: AnyBudget,
-    *,
-    session_id: str | None = None,
-    scope: str | None = None,
-    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
-    metadata: Mapping[str, Any] | None = None,
-) -> BudgetedAnthropic:
+def budgeted(client: Any, budget: AnyBudget, **options: Any) -> BudgetedAnthropic:
     """Wrap an ``Anthropic`` (with a ``Budget`` / ``BudgetManager``) or an ``AsyncAnthropic`` (with an
-    ``AsyncBudget`` / ``AsyncBudgetManager``); the arguments are those of
+    ``AsyncBudget`` / ``AsyncBudgetManager``); the options are those of
     :func:`distbudget.integrations.openai.budgeted`."""
-    return wrap_client(
-        client,
-        budget,
-        (anthropic.Anthropic, anthropic.AsyncAnthropic),
-        (BudgetedAnthropic, BudgetedAsyncAnthropic),
-        session_id=session_id,
-        scope=scope,
-        default_max_output_tokens=default_max_output_tokens,
-        metadata=metadata,
-    )
+    return wrap_client(client, budget, (anthropic.Anthropic, anthropic.AsyncAnthropic), BudgetedAnthropic, **options)

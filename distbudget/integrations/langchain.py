@@ -16,7 +16,6 @@ its input and output token details; else the ``llm_output`` token usage, else th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 from uuid import UUID
 
@@ -24,9 +23,7 @@ from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
 from langchain_core.outputs import LLMResult
 
 from distbudget._core.usage import Usage
-from distbudget.budget import AsyncReservation, Reservation
 from distbudget.integrations._common import (
-    DEFAULT_MAX_OUTPUT_TOKENS,
     AnyBudget,
     Charge,
     Meter,
@@ -72,41 +69,22 @@ def _response_id(response: LLMResult) -> str | None:
 
 
 class _Handler:
-    def _setup(
-        self,
-        budget: AnyBudget,
-        session_id: str | None,
-        scope: str | None,
-        default_max_output_tokens: int,
-        metadata: Mapping[str, Any] | None,
-        asynchronous: bool,
-    ) -> None:
-        self.meter = Meter(
-            budget,
-            session_id=session_id,
-            scope=scope,
-            default_max_output_tokens=default_max_output_tokens,
-            metadata=metadata,
-            asynchronous=asynchronous,
-        )
+    """What both handlers share: the meter (``asynchronous`` says which budgets it takes) and the
+    holds of the runs in flight, by run id."""
+
+    asynchronous = False
+
+    def __init__(self, budget: AnyBudget, **options: Any) -> None:
+        """``options``: ``session_id``, ``scope`` (a manager's), ``default_max_output_tokens``,
+        ``metadata`` (as :func:`distbudget.integrations.openai.budgeted` takes them)."""
+        self.meter = Meter(budget, asynchronous=self.asynchronous, **options)
+        self.holds: dict[UUID, tuple[Any, Charge]] = {}
 
 
-class BudgetCallbackHandler(BaseCallbackHandler, _Handler):
+class BudgetCallbackHandler(_Handler, BaseCallbackHandler):
     """Budget a LangChain chat model or LLM with a ``Budget`` / ``BudgetManager`` (see the module)."""
 
     raise_error = True
-
-    def __init__(
-        self,
-        budget: AnyBudget,
-        *,
-        session_id: str | None = None,
-        scope: str | None = None,
-        default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        self._setup(budget, session_id, scope, default_max_output_tokens, metadata, asynchronous=False)
-        self.holds: dict[UUID, tuple[Reservation, Charge]] = {}
 
     def _start(self, inputs: Any, run_id: UUID, metadata: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
         charge = _charge(self.meter, inputs, metadata, kwargs)
@@ -133,22 +111,11 @@ class BudgetCallbackHandler(BaseCallbackHandler, _Handler):
             held[0].release()
 
 
-class AsyncBudgetCallbackHandler(AsyncCallbackHandler, _Handler):
+class AsyncBudgetCallbackHandler(_Handler, AsyncCallbackHandler):
     """The asyncio twin of :class:`BudgetCallbackHandler`, for an ``AsyncBudget`` / ``AsyncBudgetManager``."""
 
     raise_error = True
-
-    def __init__(
-        self,
-        budget: AnyBudget,
-        *,
-        session_id: str | None = None,
-        scope: str | None = None,
-        default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> None:
-        self._setup(budget, session_id, scope, default_max_output_tokens, metadata, asynchronous=True)
-        self.holds: dict[UUID, tuple[AsyncReservation, Charge]] = {}
+    asynchronous = True
 
     async def _start(self, inputs: Any, run_id: UUID, metadata: dict[str, Any] | None, kwargs: dict[str, Any]) -> None:
         charge = _charge(self.meter, inputs, metadata, kwargs)

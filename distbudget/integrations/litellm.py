@@ -34,6 +34,7 @@ from distbudget.budget import AsyncBudget, AsyncReservation
 from distbudget.integrations._common import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     AnyBudget,
+    Api,
     Charge,
     ChatTally,
     Meter,
@@ -47,8 +48,6 @@ from distbudget.integrations._common import (
 from distbudget.manager import AsyncBudgetManager
 
 __all__ = ["BudgetLogger", "acompletion", "completion"]
-
-_TIMEOUTS = (litellm.exceptions.Timeout,)
 
 
 class LiteLLMTally(ChatTally):
@@ -64,38 +63,21 @@ def _charge(meter: Meter, kwargs: dict[str, Any]) -> Charge:
     return charge
 
 
+COMPLETION = Api(_charge, LiteLLMTally, Usage.from_litellm, (litellm.exceptions.Timeout,))
+
+
 def completion(*args: Any, budget: AnyBudget, **kwargs: Any) -> Any:
     """``litellm.completion`` with a budget: held before the call, the reported usage committed.
     ``budget_session_id``, ``budget_scope`` (with a manager), ``budget_request_id`` and
     ``budget_metadata`` are taken off before LiteLLM sees the call."""
     kwargs.update(zip(("model", "messages"), args, strict=False))
-    meter = Meter(budget, asynchronous=False)
-    charge = _charge(meter, kwargs)
-    return call_sync(
-        meter,
-        charge,
-        lambda: litellm.completion(**kwargs),
-        stream=bool(kwargs.get("stream")),
-        tally=LiteLLMTally,
-        to_usage=Usage.from_litellm,
-        timeouts=_TIMEOUTS,
-    )
+    return call_sync(Meter(budget, asynchronous=False), COMPLETION, litellm.completion, kwargs)
 
 
 async def acompletion(*args: Any, budget: AnyBudget, **kwargs: Any) -> Any:
     """``litellm.acompletion`` with an ``AsyncBudget`` / ``AsyncBudgetManager`` (see :func:`completion`)."""
     kwargs.update(zip(("model", "messages"), args, strict=False))
-    meter = Meter(budget, asynchronous=True)
-    charge = _charge(meter, kwargs)
-    return await call_async(
-        meter,
-        charge,
-        lambda: litellm.acompletion(**kwargs),
-        stream=bool(kwargs.get("stream")),
-        tally=LiteLLMTally,
-        to_usage=Usage.from_litellm,
-        timeouts=_TIMEOUTS,
-    )
+    return await call_async(Meter(budget, asynchronous=True), COMPLETION, litellm.acompletion, kwargs)
 
 
 # ---- proxy -------------------------------------------------------------------------------------

@@ -23,32 +23,29 @@ Per call: ``budget_session_id=``, ``budget_scope=`` (with a :class:`~distbudget.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import openai
 
 from distbudget._core.usage import Usage
 from distbudget.integrations._common import (
-    DEFAULT_MAX_OUTPUT_TOKENS,
     AnyBudget,
+    Api,
     BudgetedClient,
     Charge,
     ChatTally,
+    Endpoint,
     Meter,
     Proxy,
     Tally,
     attr,
-    call_async,
-    call_sync,
+    endpoint,
     first_given,
     force_stream_usage,
     wrap_client,
 )
 
-__all__ = ["BudgetedAsyncOpenAI", "BudgetedOpenAI", "budgeted"]
-
-_TIMEOUTS = (openai.APITimeoutError,)
+__all__ = ["BudgetedOpenAI", "budgeted"]
 
 
 class ResponsesTally(Tally):
@@ -72,10 +69,9 @@ class ResponsesTally(Tally):
 
 
 def _chat_charge(meter: Meter, kwargs: dict[str, Any]) -> Charge:
-    model = kwargs.get("model")
     cap = first_given(kwargs, "max_completion_tokens", "max_tokens")
     parts = [kwargs.get(k) for k in ("messages", "tools", "functions", "response_format", "prediction")]
-    charge = meter.plan("openai.chat.completions", model, kwargs, parts, cap, kwargs.get("n"))
+    charge = meter.plan("openai.chat.completions", kwargs.get("model"), kwargs, parts, cap, kwargs.get("n"))
     if kwargs.get("stream"):
         force_stream_usage(kwargs)
     return charge
@@ -86,124 +82,33 @@ def _responses_charge(meter: Meter, kwargs: dict[str, Any]) -> Charge:
     return meter.plan("openai.responses", kwargs.get("model"), kwargs, parts, kwargs.get("max_output_tokens"))
 
 
-# ---- sync --------------------------------------------------------------------------------------
-
-
-class _Completions(Proxy):
-    def create(self, **kwargs: Any) -> Any:
-        charge = _chat_charge(self._meter, kwargs)
-        return call_sync(
-            self._meter,
-            charge,
-            lambda: self._inner.create(**kwargs),
-            stream=bool(kwargs.get("stream")),
-            tally=ChatTally,
-            to_usage=Usage.from_openai,
-            timeouts=_TIMEOUTS,
-        )
+_TIMEOUTS = (openai.APITimeoutError,)
+CHAT = Api(_chat_charge, ChatTally, Usage.from_openai, _TIMEOUTS)
+RESPONSES = Api(_responses_charge, ResponsesTally, Usage.from_openai, _TIMEOUTS)
 
 
 class _Chat(Proxy):
     @property
-    def completions(self) -> _Completions:
-        return _Completions(self._inner.completions, self._meter)
-
-
-class _Responses(Proxy):
-    def create(self, **kwargs: Any) -> Any:
-        charge = _responses_charge(self._meter, kwargs)
-        return call_sync(
-            self._meter,
-            charge,
-            lambda: self._inner.create(**kwargs),
-            stream=bool(kwargs.get("stream")),
-            tally=ResponsesTally,
-            to_usage=Usage.from_openai,
-            timeouts=_TIMEOUTS,
-        )
+    def completions(self) -> Endpoint:
+        return endpoint(self._inner.completions, self._meter, CHAT)
 
 
 class BudgetedOpenAI(BudgetedClient):
-    """An ``OpenAI`` client whose chat completions and responses are budgeted."""
+    """An ``OpenAI`` or ``AsyncOpenAI`` client whose chat completions and responses are budgeted."""
 
     @property
     def chat(self) -> _Chat:
         return _Chat(self._inner.chat, self._meter)
 
     @property
-    def responses(self) -> _Responses:
-        return _Responses(self._inner.responses, self._meter)
+    def responses(self) -> Endpoint:
+        return endpoint(self._inner.responses, self._meter, RESPONSES)
 
 
-# ---- async -------------------------------------------------------------------------------------
-
-
-class _AsyncCompletions(Proxy):
-    async def create(self, **kwargs: Any) -> Any:
-        charge = _chat_charge(self._meter, kwargs)
-        return await call_async(
-            self._meter,
-            charge,
-            lambda: self._inner.create(**kwargs),
-            stream=bool(kwargs.get("stream")),
-            tally=ChatTally,
-            to_usage=Usage.from_openai,
-            timeouts=_TIMEOUTS,
-        )
-
-
-class _AsyncChat(Proxy):
-    @property
-    def completions(self) -> _AsyncCompletions:
-        return _AsyncCompletions(self._inner.completions, self._meter)
-
-
-class _AsyncResponses(Proxy):
-    async def create(self, **kwargs: Any) -> Any:
-        charge = _responses_charge(self._meter, kwargs)
-        return await call_async(
-            self._meter,
-            charge,
-            lambda: self._inner.create(**kwargs),
-            stream=bool(kwargs.get("stream")),
-            tally=ResponsesTally,
-            to_usage=Usage.from_openai,
-            timeouts=_TIMEOUTS,
-        )
-
-
-class BudgetedAsyncOpenAI(BudgetedOpenAI):
-    """An ``AsyncOpenAI`` client whose chat completions and responses are budgeted."""
-
-    @property
-    def chat(self) -> _AsyncChat:  # type: ignore[override]
-        return _AsyncChat(self._inner.chat, self._meter)
-
-    @property
-    def responses(self) -> _AsyncResponses:  # type: ignore[override]
-        return _AsyncResponses(self._inner.responses, self._meter)
-
-
-def budgeted(
-    client: Any,
-    budget: AnyBudget,
-    *,
-    session_id: str | None = None,
-    scope: str | None = None,
-    default_max_output_tokens: int = DEFAULT_MAX_OUTPUT_TOKENS,
-    metadata: Mapping[str, Any] | None = None,
-) -> BudgetedOpenAI:
-    """Wrap an ``OpenAI`` (with a :class:`~distbudget.Budget` or :class:`~distbudget.BudgetManager`) or an
-    ``AsyncOpenAI`` (with an ``AsyncBudget`` / ``AsyncBudgetManager``). ``scope`` names the manager's
-    scope; ``default_max_output_tokens`` is held when a request sets no output cap and the price
-    table knows no maximum for the model; ``metadata`` goes into every ledger entry."""
-    return wrap_client(
-        client,
-        budget,
-        (openai.OpenAI, openai.AsyncOpenAI),
-        (BudgetedOpenAI, BudgetedAsyncOpenAI),
-        session_id=session_id,
-        scope=scope,
-        default_max_output_tokens=default_max_output_tokens,
-        metadata=metadata,
-    )
+def budgeted(client: Any, budget: AnyBudget, **options: Any) -> BudgetedOpenAI:
+    """Wrap an ``OpenAI`` (with a :class:`~distbudget.Budget` or :class:`~distbudget.BudgetManager`) or
+    an ``AsyncOpenAI`` (with an ``AsyncBudget`` / ``AsyncBudgetManager``). Options: ``session_id``;
+    ``scope`` (the manager's scope); ``default_max_output_tokens`` (held when a request sets no output
+    cap and the price snapshot knows no maximum for the model; 4,096); ``metadata`` (into every
+    ledger entry)."""
+    return wrap_client(client, budget, (openai.OpenAI, openai.AsyncOpenAI), BudgetedOpenAI, **options)

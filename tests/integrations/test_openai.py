@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 import openai
@@ -202,3 +203,16 @@ def test_output_cap_without_one_in_the_request(llm: LLMServer) -> None:
     assert llm.requests == 1 and llm.served[0].output_tokens == DEFAULT_OUTPUT
     (entry,) = budget.ledger()
     assert entry.output_tokens == DEFAULT_OUTPUT and entry.metadata.get("estimated") is None
+
+
+def test_sync_stream_dropped_unclosed_is_charged_when_collected(llm: LLMServer) -> None:
+    budget = Budget(BudgetScope("team"), MODEL_RATES)
+    client = budgeted(_client(llm), budget)
+    stream = client.chat.completions.create(**_request("chat", 2, 50, True))
+    next(stream)
+    next(stream)
+    del stream
+    gc.collect()
+    (entry,) = budget.ledger()
+    assert entry.metadata["estimated"] is True and entry.metadata["estimate_reason"] == "stream dropped unclosed"
+    assert entry.input_tokens > 0
