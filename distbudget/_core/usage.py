@@ -19,7 +19,7 @@ from distbudget._core.money import check_tokens
 from distbudget._exceptions import InvalidInputError
 
 
-def _field(obj: Any, name: str) -> Any:
+def field_value(obj: Any, name: str) -> Any:
     """``obj.name`` or ``obj[name]``; None when absent (SDK objects and their JSON alike)."""
     if obj is None:
         return None
@@ -30,9 +30,9 @@ def _field(obj: Any, name: str) -> Any:
 
 def _count(obj: Any, name: str, *path: str) -> int:
     """A token count at ``obj.name[.path...]``: 0 when any step is missing or None."""
-    value = _field(obj, name)
+    value = field_value(obj, name)
     for step in path:
-        value = _field(value, step)
+        value = field_value(value, step)
     if value is None:
         return 0
     try:
@@ -45,7 +45,7 @@ def _usage_of(source: Any) -> Any:
     """A response (which carries ``usage``) or the usage itself."""
     if source is None:
         raise InvalidInputError("no usage reported")
-    inner = _field(source, "usage")
+    inner = field_value(source, "usage")
     if inner is not None and not isinstance(inner, (int, float, str)):
         return inner
     return source
@@ -113,7 +113,7 @@ class Usage:
         the prompt count. Accepts the usage or a response carrying it."""
         u = _usage_of(usage)
         for inp, out in (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens")):
-            if _field(u, inp) is not None or _field(u, out) is not None:
+            if field_value(u, inp) is not None or field_value(u, out) is not None:
                 details_in, details_out = inp + "_details", out + "_details"
                 return cls(
                     input_tokens=_count(u, inp),
@@ -130,7 +130,7 @@ class Usage:
         and ``cache_creation_input_tokens`` come on top and are added in here. The 1-hour part of the
         cache writes comes from ``cache_creation.ephemeral_1h_input_tokens``."""
         u = _usage_of(usage)
-        if _field(u, "input_tokens") is None and _field(u, "output_tokens") is None:
+        if field_value(u, "input_tokens") is None and field_value(u, "output_tokens") is None:
             raise InvalidInputError(f"not an Anthropic usage (no input_tokens or output_tokens): {usage!r}")
         read = _count(u, "cache_read_input_tokens")
         written = _count(u, "cache_creation_input_tokens")
@@ -152,10 +152,10 @@ class Usage:
         ``standard_logging_object``. Cache writes: ``prompt_tokens_details.cache_write_tokens`` or
         ``cache_creation_input_tokens``, their 1-hour part in ``prompt_tokens_details.cache_creation_token_details``."""
         u = _usage_of(usage)
-        logged = _field(_field(u, "metadata"), "usage_object")  # a standard_logging_object
+        logged = field_value(field_value(u, "metadata"), "usage_object")  # a standard_logging_object
         if logged:
             u = logged
-        if _field(u, "prompt_tokens") is None and _field(u, "completion_tokens") is None:
+        if field_value(u, "prompt_tokens") is None and field_value(u, "completion_tokens") is None:
             raise InvalidInputError(f"not a LiteLLM usage (no prompt_tokens): {usage!r}")
         base = cls.from_openai(u)
         cached = base.cached_input_tokens or _count(u, "cache_read_input_tokens")
@@ -175,8 +175,8 @@ class Usage:
         """LangChain ``usage_metadata`` (an ``AIMessage``'s, or the dict): ``input_tokens`` is the sum of
         every input type; ``input_token_details.cache_read`` / ``cache_creation`` (and
         ``ephemeral_1h_input_tokens``), ``output_token_details.reasoning``."""
-        u = _field(usage_metadata, "usage_metadata") or usage_metadata
-        if _field(u, "input_tokens") is None and _field(u, "output_tokens") is None:
+        u = field_value(usage_metadata, "usage_metadata") or usage_metadata
+        if field_value(u, "input_tokens") is None and field_value(u, "output_tokens") is None:
             raise InvalidInputError(f"not a LangChain usage_metadata (no input_tokens): {usage_metadata!r}")
         written = _count(u, "input_token_details", "cache_creation")
         return cls(

@@ -30,7 +30,7 @@ from importlib import resources
 from typing import Any, TypeVar
 
 from distbudget._core.models import first_known
-from distbudget._core.usage import Usage
+from distbudget._core.usage import Usage, field_value
 from distbudget._exceptions import BudgetExceededError, BudgetWarning, InvalidInputError
 from distbudget.budget import AsyncBudget, AsyncReservation, Budget, Reservation
 from distbudget.manager import AsyncBudgetManager, BudgetManager
@@ -47,6 +47,7 @@ REQUEST_OVERHEAD = 3
 CALL_KEYWORDS = ("budget_session_id", "budget_scope", "budget_request_id", "budget_metadata")
 
 AnyBudget = Budget | BudgetManager | AsyncBudget | AsyncBudgetManager
+attr = field_value  # ``obj.name`` or ``obj[name]``, None when absent: SDK objects and their JSON alike
 _IMAGE_TYPES = frozenset({"image", "image_url", "input_image", "image_file"})
 
 
@@ -364,14 +365,6 @@ class Tally:
         if self.complete and self.usage is not None:
             return self.usage, None
         return self.charge.estimated("".join(self.text), self.usage), reason
-
-
-def attr(obj: Any, name: str) -> Any:
-    if obj is None:
-        return None
-    if isinstance(obj, Mapping):
-        return obj.get(name)
-    return getattr(obj, name, None)
 
 
 def _delegate(wrapper: object, name: str) -> Any:
