@@ -324,3 +324,16 @@ class LLMServer:
                 self._sse(events)
 
         return Handler
+
+
+def sdk_environment(server: LLMServer) -> dict[str, str]:
+    """Environment variables that point the SDKs' default clients (``OpenAI()``, ``Anthropic()``,
+    LiteLLM's ``openai/`` and ``anthropic/`` models, LangChain's ``ChatOpenAI``) at ``server``: the
+    docs' examples run as users write them."""
+    return {
+        "OPENAI_BASE_URL": server.base_url,
+        "OPENAI_API_KEY": "test",
+        "ANTHROPIC_BASE_URL": server.url,
+        "ANTHROPIC_API_KEY": "test",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    }
