@@ -16,7 +16,7 @@ final ``message_delta`` is charged the input it reported plus the output receive
 ``"estimated": true``. Everything else on the client is the client's own, unbudgeted.
 
 Per call: ``budget_session_id=``, ``budget_scope=``, ``budget_request_id=``, ``budget_metadata=``; or
-``client.with_session(...)``.
+the budgeted client's ``with_session(...)``.
 """
 
 from __future__ import annotations

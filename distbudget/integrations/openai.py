@@ -18,7 +18,7 @@ the client's own, unbudgeted.
 
 Per call: ``budget_session_id=``, ``budget_scope=`` (with a :class:`~distbudget.BudgetManager`),
 ``budget_request_id=`` and ``budget_metadata=`` are taken off before the SDK sees the call; or
-``client.with_session("s-42", scope="alice")`` for a view charging elsewhere.
+the budgeted client's ``with_session("s-42", scope="alice")``, a view charging elsewhere.
 """
 
 from __future__ import annotations
