@@ -83,6 +83,7 @@ async def acompletion(*args: Any, budget: AnyBudget, **kwargs: Any) -> Any:
 # ---- proxy -------------------------------------------------------------------------------------
 
 Picker = str | Sequence[str] | Callable[[Any, dict[str, Any]], str | None]
+MAX_HOLDS = 100_000  # holds awaiting their success or failure event, per logger
 
 
 def _pick(source: Any, path: str) -> Any:
@@ -166,6 +167,8 @@ class BudgetLogger(CustomLogger):
         except BudgetExceededError as err:
             err.status_code = 429  # type: ignore[attr-defined]  # the proxy answers with it
             raise
+        if len(self.holds) >= MAX_HOLDS:  # events that never came: forget the oldest (its hold expires)
+            self.holds.pop(next(iter(self.holds)))
         self.holds[str(call_id)] = (hold, charge)
         return data
 
