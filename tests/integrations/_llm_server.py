@@ -83,6 +83,7 @@ class LLMServer:
         # the first one, so its tests turn this off.
         self.mid_stream_delta = True
         self.response_delay = 0.0  # seconds before answering (a client timeout shorter than it fires)
+        self.cut_stream_after: int | None = None  # drop the connection after this many stream events
         self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -110,6 +111,7 @@ class LLMServer:
             self.chunk_delay = 0.0
             self.mid_stream_delta = True
             self.response_delay = 0.0
+            self.cut_stream_after = None
 
     def totals(self) -> dict[str, int]:
         with self.lock:
@@ -173,6 +175,8 @@ class LLMServer:
                 self.send_header("connection", "close")
                 self.end_headers()
                 self.close_connection = True
+                if server.cut_stream_after is not None:  # the connection dies mid-stream
+                    events = events[: server.cut_stream_after]
                 try:
                     for name, data in events:
                         text = data if isinstance(data, str) else json.dumps(data)

@@ -11,6 +11,7 @@ import pytest
 
 from distbudget import AsyncBudget, Budget, BudgetExceededError, BudgetManager, BudgetScope
 from distbudget.integrations.openai import budgeted
+from tests._servers import free_port
 from tests.integrations._llm_server import DEFAULT_OUTPUT, LLMServer
 from tests.integrations.conftest import MODEL_RATES, OPENAI_MODEL, assert_ledger_matches
 
@@ -216,3 +217,30 @@ def test_sync_stream_dropped_unclosed_is_charged_when_collected(llm: LLMServer) 
     (entry,) = budget.ledger()
     assert entry.metadata["estimated"] is True and entry.metadata["estimate_reason"] == "stream dropped unclosed"
     assert entry.input_tokens > 0
+
+
+@pytest.mark.parametrize("api", ["chat", "responses"])
+def test_interrupted_stream_is_charged_an_estimate(llm: LLMServer, redis_url: str | None, api: str) -> None:
+    budget = Budget(BudgetScope("team"), MODEL_RATES, redis=redis_url)
+    client = budgeted(_client(llm), budget)
+    llm.cut_stream_after = 6  # the provider's connection drops after 6 events, before any usage
+    received = 0
+    try:
+        for _ in _create(client, api)(**_request(api, 2, 60, True)):
+            received += 1
+    except openai.APIError:
+        pass  # the SDK may raise on the cut or just end the stream: either way the stream ended early
+    assert received <= 6
+    (entry,) = budget.ledger()
+    assert entry.metadata["estimated"] is True
+    assert entry.metadata["estimate_reason"] in ("stream interrupted", "stream ended before its usage")
+    assert entry.input_tokens > 0 and 0 < entry.output_tokens < 60
+
+
+def test_unreachable_provider_releases_the_hold(redis_url: str | None) -> None:
+    budget = Budget(BudgetScope("team", max_tokens_per_day=300), MODEL_RATES, redis=redis_url)
+    client = budgeted(openai.OpenAI(base_url=f"http://127.0.0.1:{free_port()}/v1", api_key="t", max_retries=1), budget)
+    for _ in range(3):  # each would hold ~160 of 300: a hold left behind would refuse the next
+        with pytest.raises(openai.APIConnectionError):
+            client.chat.completions.create(**_request("chat", 1, 150, False))
+    assert budget.ledger() == []
