@@ -52,7 +52,7 @@ def _texts(value: Any, out: list[str]) -> int:
 
 def plan_usage(body: dict[str, Any], anthropic: bool) -> Served:
     texts: list[str] = []
-    messages = sum(_texts(body.get(k), texts) for k in ("messages", "input", "system", "instructions"))
+    messages = sum(_texts(body.get(k), texts) for k in ("messages", "input", "system", "instructions", "prompt"))
     prompt = 3 + 4 * max(messages, 1) + (len("".join(texts).encode()) + 3) // 4
     cached = prompt // 2
     write = prompt // 4 if anthropic else 0
@@ -144,13 +144,19 @@ class LLMServer:
                     return
                 path = self.path.split("?")[0]
                 anthropic = path.endswith("/messages")
-                api = {"/v1/chat/completions": "chat", "/v1/responses": "responses", "/v1/messages": "messages"}.get(
-                    path
-                )
+                routes = {
+                    "/v1/chat/completions": "chat",
+                    "/v1/completions": "completions",
+                    "/v1/responses": "responses",
+                    "/v1/messages": "messages",
+                }
+                api = routes.get(path)
                 if api is None:
                     self._json({"error": {"message": f"no route {path}"}}, 404)
                     return
                 served = replace(plan_usage(body, anthropic), api=api)
+                if api == "completions":  # the legacy endpoint reports no cache or reasoning details
+                    served = replace(served, cached_input_tokens=0, reasoning_tokens=0)
                 with server.lock:
                     server.served.append(served)
                 if server.response_delay:
@@ -218,6 +224,19 @@ class LLMServer:
                     events.append((None, {**chunk, "choices": [], "usage": usage}))
                 events.append((None, "[DONE]"))
                 self._sse(events)
+
+            # -- OpenAI (legacy) completions --
+
+            def _completions(self, body: dict[str, Any], s: Served) -> None:
+                usage = {
+                    "prompt_tokens": s.input_tokens,
+                    "completion_tokens": s.output_tokens,
+                    "total_tokens": s.input_tokens + s.output_tokens,
+                }
+                choice = {"index": 0, "text": "tok " * s.output_tokens, "finish_reason": "length", "logprobs": None}
+                rid = "cmpl-" + uuid.uuid4().hex[:12]
+                payload = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": s.model}
+                self._json({**payload, "choices": [choice], "usage": usage})
 
             # -- OpenAI responses --
 

@@ -28,7 +28,14 @@ RATES = ModelRates(
 )
 OPENAI_MODEL = "gpt-4o"
 ANTHROPIC_MODEL = "claude-haiku-4-5"
-MODEL_RATES = {OPENAI_MODEL: RATES, ANTHROPIC_MODEL: RATES, "openai/gpt-4o": RATES, "anthropic/claude-haiku-4-5": RATES}
+COMPLETION_MODEL = "gpt-3.5-turbo-instruct"
+MODEL_RATES = {
+    OPENAI_MODEL: RATES,
+    ANTHROPIC_MODEL: RATES,
+    COMPLETION_MODEL: RATES,
+    "openai/gpt-4o": RATES,
+    "anthropic/claude-haiku-4-5": RATES,
+}
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,12 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from langchain_openai import ChatOpenAI
+from langchain_openai import ChatOpenAI, OpenAI
 
 from distbudget import AsyncBudget, Budget, BudgetExceededError, BudgetManager, BudgetScope
 from distbudget.integrations.langchain import AsyncBudgetCallbackHandler, BudgetCallbackHandler
 from tests.integrations._llm_server import LLMServer
-from tests.integrations.conftest import MODEL_RATES, OPENAI_MODEL, assert_ledger_matches
+from tests.integrations.conftest import COMPLETION_MODEL, MODEL_RATES, OPENAI_MODEL, assert_ledger_matches
 
 
 def _chat(llm: LLMServer, handler: Any, **kw: Any) -> ChatOpenAI:
@@ -50,6 +50,28 @@ def test_async_chat_model_ledger_equals_served(llm: LLMServer, redis_url: str | 
         return await budget.ledger()
 
     assert_ledger_matches(asyncio.run(main()), llm)
+
+
+def test_completion_llm_on_llm_start(llm: LLMServer, redis_url: str | None) -> None:
+    budget = Budget(BudgetScope("team", max_cost_per_day_usd=5.0), MODEL_RATES, redis=redis_url)
+    model = OpenAI(
+        model=COMPLETION_MODEL,
+        base_url=llm.base_url,
+        api_key="test",
+        max_tokens=14,
+        callbacks=[BudgetCallbackHandler(budget)],
+    )
+    model.invoke("Say something")  # a plain LLM: on_llm_start, usage from llm_output's token_usage
+    assert_ledger_matches(budget.ledger(), llm)
+    with pytest.raises(BudgetExceededError):
+        OpenAI(
+            model=COMPLETION_MODEL,
+            base_url=llm.base_url,
+            api_key="t",
+            max_tokens=10**6,
+            callbacks=[BudgetCallbackHandler(budget)],
+        ).invoke("x")
+    assert llm.requests == 1
 
 
 def test_stream_without_usage_is_charged_an_estimate(llm: LLMServer) -> None:
