@@ -187,3 +187,22 @@ class Usage:
             reasoning_tokens=_count(u, "output_token_details", "reasoning"),
             cache_write_1h_tokens=min(written, _count(u, "input_token_details", "ephemeral_1h_input_tokens")),
         )
+
+
+def charge_args(
+    input_tokens: int | Usage,
+    output_tokens: int | None,
+    cached_input_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    reasoning_tokens: int = 0,
+) -> tuple[int, int, int, int, int]:
+    """``record()``/``commit()``'s token arguments, given as numbers or as one :class:`Usage` in place
+    of ``input_tokens``: (input, output, cached, cache write, reasoning). A ``Usage`` comes alone."""
+    if isinstance(input_tokens, Usage):
+        if output_tokens is not None or cached_input_tokens or cache_write_tokens or reasoning_tokens:
+            raise TypeError("pass either a Usage or token counts, not both")
+        u = input_tokens
+        return u.input_tokens, u.output_tokens, u.cached_input_tokens, u.cache_write_tokens, u.reasoning_tokens
+    if output_tokens is None:
+        raise TypeError("output_tokens is required (or pass a Usage instead of input_tokens)")
+    return input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens

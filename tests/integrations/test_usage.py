@@ -111,3 +111,17 @@ def test_direct_construction_is_validated() -> None:
         Usage(10, 5, cache_write_tokens=2, cache_write_1h_tokens=3)
     with pytest.raises(InvalidInputError):
         Usage("10", 5)  # type: ignore[arg-type]
+
+
+def test_charge_args() -> None:
+    from distbudget._core.usage import charge_args
+
+    u = Usage(100, 20, cached_input_tokens=50, cache_write_tokens=10, reasoning_tokens=5)
+    assert charge_args(u, None) == (100, 20, 50, 10, 5)
+    assert charge_args(7, 3, 1, 2, 0) == (7, 3, 1, 2, 0)
+    with pytest.raises(TypeError):
+        charge_args(u, 20)
+    with pytest.raises(TypeError):
+        charge_args(u, None, cached_input_tokens=1)
+    with pytest.raises(TypeError):
+        charge_args(7, None)
