@@ -37,14 +37,11 @@ from distbudget.manager import AsyncBudgetManager, BudgetManager
 
 log = logging.getLogger("distbudget.integrations")
 
-DEFAULT_MAX_OUTPUT_TOKENS = 4096  # held when the request sets no cap and the price table has no maximum
+DEFAULT_MAX_OUTPUT_TOKENS = 4096  # held when a request sets no cap and the price snapshot has no maximum
 IMAGE_TOKENS = 1600  # held per image part (OpenAI's high-detail 1024x1024 tile count is ~765; Claude ~1600)
 BYTES_PER_TOKEN = 3  # the fallback estimate: conservative against ~4 for English text
 MESSAGE_OVERHEAD = 4  # role and separators per message, as OpenAI's cookbook counts them
 REQUEST_OVERHEAD = 3
-
-# Keywords an integration takes per call and pops before the SDK sees them.
-CALL_KEYWORDS = ("budget_session_id", "budget_scope", "budget_request_id", "budget_metadata")
 
 AnyBudget = Budget | BudgetManager | AsyncBudget | AsyncBudgetManager
 attr = field_value  # ``obj.name`` or ``obj[name]``, None when absent: SDK objects and their JSON alike
@@ -268,7 +265,8 @@ class Meter:
         requested_cap: Any,
         choices: Any = None,
     ) -> Charge:
-        """Pop the per-call keywords from ``kwargs`` and fix the call's charge (pure). ``choices``
+        """Pop the per-call keywords (``budget_session_id``, ``budget_scope``, ``budget_request_id``,
+        ``budget_metadata``) from ``kwargs`` and fix the call's charge (pure). ``choices``
         (OpenAI's ``n``): that many answers, that many times the output cap held."""
         session_id = kwargs.pop("budget_session_id", None) or self.session_id
         scope = kwargs.pop("budget_scope", None) or self.scope
