@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from distbudget._core.errors import InvalidInputError
 from distbudget._core.money import check_tokens
-from distbudget._exceptions import InvalidInputError
 
 
 def field_value(obj: Any, name: str) -> Any:

@@ -29,9 +29,9 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any, TypeVar
 
+from distbudget._core.errors import BudgetExceededError, BudgetWarning, InvalidInputError
 from distbudget._core.models import first_known
 from distbudget._core.usage import Usage, field_value
-from distbudget._exceptions import BudgetExceededError, BudgetWarning, InvalidInputError
 from distbudget.budget import AsyncBudget, AsyncReservation, Budget, Reservation
 from distbudget.manager import AsyncBudgetManager, BudgetManager
 

@@ -28,8 +28,8 @@ from typing import Any
 import litellm
 from litellm.integrations.custom_logger import CustomLogger
 
+from distbudget._core.errors import BudgetExceededError
 from distbudget._core.usage import Usage
-from distbudget._exceptions import BudgetExceededError
 from distbudget.budget import AsyncBudget, AsyncReservation
 from distbudget.integrations._common import (
     DEFAULT_MAX_OUTPUT_TOKENS,
