@@ -96,14 +96,6 @@ class Usage:
     def cache_write_5m_tokens(self) -> int:
         return self.cache_write_tokens - self.cache_write_1h_tokens
 
-    def charge_kwargs(self) -> dict[str, int]:
-        """The keywords ``Budget.record`` / ``Reservation.commit`` take besides input and output."""
-        return {
-            "cached_input_tokens": self.cached_input_tokens,
-            "cache_write_tokens": self.cache_write_tokens,
-            "reasoning_tokens": self.reasoning_tokens,
-        }
-
     @classmethod
     def from_openai(cls, usage: Any) -> Usage:
         """OpenAI usage: Chat Completions (``prompt_tokens``, ``prompt_tokens_details.cached_tokens`` and
@@ -195,14 +187,22 @@ def charge_args(
     cached_input_tokens: int = 0,
     cache_write_tokens: int = 0,
     reasoning_tokens: int = 0,
-) -> tuple[int, int, int, int, int]:
+) -> tuple[int, int, int, int, int, int]:
     """``record()``/``commit()``'s token arguments, given as numbers or as one :class:`Usage` in place
-    of ``input_tokens``: (input, output, cached, cache write, reasoning). A ``Usage`` comes alone."""
+    of ``input_tokens``: (input, output, cached, cache write, reasoning, the 1-hour part of the cache
+    write). A ``Usage`` comes alone."""
     if isinstance(input_tokens, Usage):
         if output_tokens is not None or cached_input_tokens or cache_write_tokens or reasoning_tokens:
             raise TypeError("pass either a Usage or token counts, not both")
         u = input_tokens
-        return u.input_tokens, u.output_tokens, u.cached_input_tokens, u.cache_write_tokens, u.reasoning_tokens
+        return (
+            u.input_tokens,
+            u.output_tokens,
+            u.cached_input_tokens,
+            u.cache_write_tokens,
+            u.reasoning_tokens,
+            u.cache_write_1h_tokens,
+        )
     if output_tokens is None:
         raise TypeError("output_tokens is required (or pass a Usage instead of input_tokens)")
-    return input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+    return input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, 0

@@ -309,7 +309,7 @@ class Meter:
     ) -> None:
         meta = commit_metadata(charge, estimated, response_id)
         try:
-            hold.commit(usage.input_tokens, usage.output_tokens, meta, **usage.charge_kwargs())
+            hold.commit(usage, metadata=meta)
         except BudgetExceededError as err:
             _over_after_commit(err)
 
@@ -337,7 +337,7 @@ class Meter:
     ) -> None:
         meta = commit_metadata(charge, estimated, response_id)
         try:
-            await hold.commit(usage.input_tokens, usage.output_tokens, meta, **usage.charge_kwargs())
+            await hold.commit(usage, metadata=meta)
         except BudgetExceededError as err:
             _over_after_commit(err)
 

@@ -9,8 +9,7 @@ import openai.types as ot
 import openai.types.responses as rt
 import pytest
 
-from distbudget import Budget, BudgetScope, InvalidInputError, Usage
-from tests.integrations.conftest import MODEL_RATES, RATES
+from distbudget import Budget, BudgetScope, InvalidInputError, ModelRates, Usage
 
 
 def test_openai_chat_and_responses_shapes() -> None:
@@ -51,10 +50,6 @@ def test_anthropic_cache_is_added_to_input() -> None:
     assert u == Usage(1312, 30, cached_input_tokens=1000, cache_write_tokens=300, cache_write_1h_tokens=100)
     assert u.cache_write_5m_tokens == 200 and u.total_tokens == 1342
     assert Usage.from_anthropic(at.Usage(input_tokens=7, output_tokens=3)) == Usage(7, 3)  # cache fields None
-    # priced as such: every part at its own rate
-    budget = Budget(BudgetScope("t"), MODEL_RATES)
-    record = budget.record(None, "gpt-4o", u.input_tokens, u.output_tokens, **u.charge_kwargs())
-    assert record.cost_nano_usd == RATES.cost_nano(1312, 30, 1000, 300, 0)
 
 
 def test_litellm_and_langchain_shapes() -> None:
@@ -113,12 +108,30 @@ def test_direct_construction_is_validated() -> None:
         Usage("10", 5)  # type: ignore[arg-type]
 
 
+def test_record_and_commit_take_a_usage(redis_url: str | None) -> None:
+    """Every part priced at its own rate, 1-hour cache writes included, on both engines."""
+    rates = ModelRates.per_million(3.0, 15.0, cached_input=0.3, cache_write=3.75, cache_write_1h=6.0, reasoning=20.0)
+    budget = Budget(BudgetScope("t"), {"claude-haiku-4-5": rates}, redis=redis_url)
+    u = Usage(1312, 30, cached_input_tokens=1000, cache_write_tokens=300, cache_write_1h_tokens=100)
+    # 12 plain input, 1000 read, 200 written for 5 min, 100 for 1 h, 30 output
+    expected = 12 * 3000 + 1000 * 300 + 200 * 3750 + 100 * 6000 + 30 * 15000  # nano-USD
+    assert budget.record("s", "claude-haiku-4-5", u).cost_nano_usd == expected
+    with budget.reserve("claude-haiku-4-5", 2000, 100) as hold:
+        assert hold.commit(u, metadata={"k": "v"}).cost_nano_usd == expected
+    assert [e.cost_nano_usd for e in budget.ledger()] == [expected, expected]
+    with pytest.raises(TypeError):
+        budget.record("s", "claude-haiku-4-5", u, 30)  # a Usage comes alone
+    with pytest.raises(TypeError):
+        budget.record("s", "claude-haiku-4-5", 10)  # numbers need output_tokens
+    assert len(budget.ledger()) == 2  # the refused calls wrote nothing
+
+
 def test_charge_args() -> None:
     from distbudget._core.usage import charge_args
 
     u = Usage(100, 20, cached_input_tokens=50, cache_write_tokens=10, reasoning_tokens=5)
-    assert charge_args(u, None) == (100, 20, 50, 10, 5)
-    assert charge_args(7, 3, 1, 2, 0) == (7, 3, 1, 2, 0)
+    assert charge_args(u, None) == (100, 20, 50, 10, 5, 0)
+    assert charge_args(7, 3, 1, 2, 0) == (7, 3, 1, 2, 0, 0)
     with pytest.raises(TypeError):
         charge_args(u, 20)
     with pytest.raises(TypeError):
