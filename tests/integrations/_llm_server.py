@@ -36,6 +36,7 @@ class Served:
     cache_write_tokens: int
     reasoning_tokens: int
     stream: bool
+    cache_write_1h_tokens: int = 0  # the part of cache_write_tokens written for one hour
 
 
 def _texts(value: Any, out: list[str]) -> int:
@@ -59,7 +60,8 @@ def plan_usage(body: dict[str, Any], anthropic: bool) -> Served:
     cap = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
     output = int(cap) if cap else DEFAULT_OUTPUT
     reasoning = 0 if anthropic else output // 4
-    return Served("", str(body.get("model")), prompt, output, cached, write, reasoning, bool(body.get("stream")))
+    stream = bool(body.get("stream"))
+    return Served("", str(body.get("model")), prompt, output, cached, write, reasoning, stream, write // 3)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -295,7 +297,7 @@ class LLMServer:
 
             def _messages(self, body: dict[str, Any], s: Served) -> None:
                 rid = "msg_" + uuid.uuid4().hex[:12]
-                one_hour = s.cache_write_tokens // 3
+                one_hour = s.cache_write_1h_tokens
                 usage = {
                     "input_tokens": s.input_tokens - s.cached_input_tokens - s.cache_write_tokens,
                     "cache_creation_input_tokens": s.cache_write_tokens,

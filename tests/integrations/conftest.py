@@ -17,14 +17,15 @@ from tests.integrations._llm_server import LLMServer, Served
 # LiteLLM fetches its model price map from the internet at import unless told to use its bundled copy.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
-# Every kind of token priced differently: a cost that matches proves cached, cache-write and
-# reasoning tokens were each charged as such.
+# Every kind of token priced differently: a cost that matches proves cached, cache-write (5 min and
+# 1 h) and reasoning tokens were each charged as such.
 RATES = ModelRates(
     input_per_1k=0.002,
     output_per_1k=0.008,
     cached_input_per_1k=0.0005,
     cache_write_per_1k=0.003,
     reasoning_per_1k=0.012,
+    cache_write_1h_per_1k=0.005,
 )
 OPENAI_MODEL = "gpt-4o"
 ANTHROPIC_MODEL = "claude-haiku-4-5"
@@ -66,8 +67,9 @@ def served_cost(served: Served) -> int:
         served.input_tokens,
         served.output_tokens,
         served.cached_input_tokens,
-        served.cache_write_tokens,
+        served.cache_write_tokens - served.cache_write_1h_tokens,
         served.reasoning_tokens,
+        cache_write_1h_tokens=served.cache_write_1h_tokens,
     )
 
 
