@@ -94,6 +94,10 @@ def _walk(value: Any, texts: list[str], counts: list[int]) -> None:
     elif isinstance(value, Iterable) and not isinstance(value, (bytes, bytearray)):
         for item in value:
             _walk(item, texts, counts)
+    elif isinstance(value, type):  # a schema class (a pydantic response_format): its JSON schema is sent
+        schema = getattr(value, "model_json_schema", None)
+        if callable(schema):
+            _walk(schema(), texts, counts)
     elif hasattr(value, "model_dump"):  # a pydantic message (LangChain, SDK types)
         _walk(value.model_dump(), texts, counts)
 

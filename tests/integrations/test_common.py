@@ -77,3 +77,14 @@ def test_timeout_charges_the_input_estimate_flagged(llm: LLMServer) -> None:
     (entry,) = budget.ledger()
     assert entry.metadata["estimated"] is True and entry.metadata["estimate_reason"] == C.TIMED_OUT
     assert entry.input_tokens > 0 and entry.output_tokens == 0
+
+
+def test_estimate_reads_a_schema_class() -> None:
+    from pydantic import BaseModel
+
+    class Answer(BaseModel):
+        city_name_in_full: str
+        population_estimate: int
+
+    with_schema = C.estimate_request_tokens(OPENAI_MODEL, [{"role": "user", "content": "hi"}], Answer)
+    assert with_schema > C.estimate_request_tokens(OPENAI_MODEL, [{"role": "user", "content": "hi"}]) + 5
