@@ -429,3 +429,35 @@ def test_invalid_input_is_refused_at_the_call_even_while_redis_is_down() -> None
         with pytest.raises(InvalidInputError):
             call()
     assert budget.backend_status["journaled"] == 0
+
+
+# ---- the bounds themselves (pure) ------------------------------------------------------------------------
+
+
+def test_bounds_are_the_documented_ones() -> None:
+    from distbudget._core import bounds
+
+    assert (
+        bounds.check_duration(0.001, "ttl") == 0.001 and bounds.check_duration(MAX_DURATION_S, "ttl") == MAX_DURATION_S
+    )
+    for bad in (0.0009, MAX_DURATION_S * 1.001, float("inf"), float("nan"), -1):
+        with pytest.raises(InvalidInputError, match="between 1 ms and 10 years"):
+            bounds.check_duration(bad, "ttl")
+    with pytest.raises(TypeError):
+        bounds.check_duration("60", "ttl")
+    with pytest.raises(TypeError):
+        bounds.check_duration(True, "ttl")
+    assert bounds.check_text("été {x}:*", "name") == "été {x}:*"
+    with pytest.raises(InvalidInputError, match="surrogate"):
+        bounds.check_text("é\udc80", "name")
+    assert (
+        bounds.metadata_json({"k": "x" * (MAX_METADATA_BYTES - 8)}) == '{"k":"' + "x" * (MAX_METADATA_BYTES - 8) + '"}'
+    )
+    with pytest.raises(InvalidInputError, match="4097 bytes"):
+        bounds.metadata_json({"k": "x" * (MAX_METADATA_BYTES - 7)})
+    bounds.check_amounts(MAX_AMOUNT, MAX_AMOUNT)
+    with pytest.raises(InvalidInputError, match="cost"):
+        bounds.check_amounts(1, MAX_AMOUNT + 1)
+    bounds.check_after(MAX_AMOUNT - 5, 5, "day cost")
+    with pytest.raises(InvalidInputError, match="day cost"):
+        bounds.check_after(MAX_AMOUNT - 5, 6, "day cost")
