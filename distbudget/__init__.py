@@ -2,6 +2,7 @@
 
 from distbudget._core.scope import BudgetScope, Limit
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
+from distbudget._core.usage import Usage
 from distbudget._exceptions import (
     BackendError,
     BudgetExceededError,
@@ -9,6 +10,7 @@ from distbudget._exceptions import (
     DistBudgetError,
     InvalidInputError,
     UnknownModelError,
+    UnknownScopeError,
 )
 from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
 from distbudget.budget import AsyncBudget, AsyncReservation, Budget, Reservation
@@ -37,6 +39,8 @@ __all__ = [
     "ModelRates",
     "Reservation",
     "UnknownModelError",
+    "UnknownScopeError",
+    "Usage",
     "UsageRecord",
     "WebhookSink",
 ]

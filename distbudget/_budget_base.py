@@ -22,15 +22,26 @@ from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import IO, Any, TypeVar
 
 from distbudget import _degraded as D
+from distbudget._core import bounds as B
 from distbudget._core import ledger as L
+from distbudget._core import model_policy as MP
 from distbudget._core import plan as P
 from distbudget._core import registry as R
 from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, model_prefix
 from distbudget._core.money import MAX_AMOUNT, NANO, check_tokens, nano_to_usd
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
-from distbudget._exceptions import BackendError, BudgetExceededError, BudgetWarning, InvalidInputError
-from distbudget.pricing import ModelRates, PriceBook
+from distbudget._core.usage import Usage
+from distbudget._exceptions import (
+    BackendError,
+    BudgetExceededError,
+    BudgetWarning,
+    InvalidInputError,
+    UnknownModelError,
+    UnknownScopeError,
+)
+from distbudget.pricing import ModelRates, PriceBook, price_table
+from distbudget.pricing import _table_id as table_id
 
 log = logging.getLogger("distbudget")
 
@@ -40,6 +51,8 @@ Call = tuple[str, tuple[Any, ...]]
 Flow = Generator[Call, Any, T]
 
 DEFAULT_SESSION = "default"
+# What leaving a reservation's `with` block without commit() (and without an exception) does.
+ON_UNCOMMITTED = ("release", "charge_hold")
 MAX_LOCAL_RECORDS = 10_000
 _PLAN_CACHE_SIZE = 4096
 HOLD_RETRY_US = 50_000
@@ -48,6 +61,36 @@ LEDGER_PAGE = 1000
 
 LedgerSince = str | float | datetime.datetime | None
 ExportTarget = str | os.PathLike[str] | IO[str]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CallView:
+    """One charge as the caller gave it (what its UsageRecord and ledger entry show)."""
+
+    model: str
+    input_tokens: int
+    output_tokens: int
+    extra: tuple[int, int, int]  # cached input, cache write, reasoning tokens
+    metadata: dict[str, Any] | None
+    request_id: str | None
+
+
+def tokens_of(
+    input_tokens: int | Usage,
+    output_tokens: int | None,
+    cached_input_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    reasoning_tokens: int = 0,
+) -> tuple[int, int, int, int, int]:
+    """(input, output, cached input, cache write, reasoning) from token counts or one ``Usage``."""
+    if isinstance(input_tokens, Usage):
+        if output_tokens is not None or cached_input_tokens or cache_write_tokens or reasoning_tokens:
+            raise TypeError("pass either a Usage or token counts, not both")
+        u = input_tokens
+        return u.input_tokens, u.output_tokens, u.cached_input_tokens, u.cache_write_tokens, u.reasoning_tokens
+    if output_tokens is None:
+        raise TypeError("output_tokens is required (or pass one Usage value instead of the token counts)")
+    return input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
 
 
 def write_jsonl(entries: list[L.LedgerEntry], target: ExportTarget) -> int:
@@ -73,8 +116,9 @@ _set_attr = object.__setattr__
 
 # One call of record_many(): record()'s arguments as a tuple (positional) or a dict (keywords).
 RecordCall = tuple[Any, ...] | Mapping[str, Any]
-_RECORD_REQUIRED = frozenset({"session_id", "model", "input_tokens", "output_tokens"})
+_RECORD_REQUIRED = frozenset({"session_id", "model", "input_tokens"})
 _RECORD_PARAMETERS = _RECORD_REQUIRED | {
+    "output_tokens",
     "metadata",
     "request_id",
     "cached_input_tokens",
@@ -83,10 +127,7 @@ _RECORD_PARAMETERS = _RECORD_REQUIRED | {
 }
 
 
-def _seconds(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise InvalidInputError(f"{what} must be a positive number of seconds, got {value!r}")
-    return float(value)
+_seconds = B.check_duration  # every duration: 1 ms ... 10 years (_core/bounds.py)
 
 
 class BudgetCore:
@@ -110,10 +151,23 @@ class BudgetCore:
         fail_open_max_cost_usd: float | None = None,
         fail_open_max_tokens: int | None = None,
         journal_size: int = D.DEFAULT_JOURNAL_SIZE,
+        on_uncommitted: str = "release",
+        strict_models: bool = False,
         _registry: tuple[str, float, tuple[str, ...]] | None = None,
     ) -> None:
         if not isinstance(scope, BudgetScope):
             raise TypeError("scope must be a BudgetScope")
+        if isinstance(rates, str):
+            raise TypeError(
+                f"rates must be a dict of model name -> ModelRates, got the str {rates!r}: to use Redis, pass "
+                "it by keyword, redis=... (the second positional argument of a budget is rates)"
+            )
+        if on_uncommitted not in ON_UNCOMMITTED:
+            raise InvalidInputError(f"on_uncommitted must be one of {ON_UNCOMMITTED}, got {on_uncommitted!r}")
+        if not isinstance(strict_models, bool):
+            raise TypeError("strict_models must be a bool")
+        self.on_uncommitted = on_uncommitted
+        self.strict_models = strict_models
         if session_id is not None:
             check_name(session_id, "session_id")
         if clock is not None and not callable(clock):
@@ -140,6 +194,8 @@ class BudgetCore:
         self._alerts: deque[BudgetAlert] = deque(maxlen=MAX_LOCAL_RECORDS)
         self._local_lock = threading.Lock()
         self._announced = False
+        # holds that ended without a plain commit, through this object (summary()["holds"])
+        self._hold_stats = dict.fromkeys(("released_uncommitted", "charged_uncommitted", "expired_before_commit"), 0)
         # What happens when Redis is unavailable (see _degraded.py); the shells bind it to their engine.
         self._guard = D.Guard(self, on_backend_error, fail_open_max_cost_usd, fail_open_max_tokens, journal_size)
 
@@ -161,6 +217,16 @@ class BudgetCore:
                 "a BudgetManager, or pass the parent BudgetScope itself"
             )
         self.keyspace = KeySpace(self.prefix, chain[-1].name)
+        named = [(s.name, lim.limit_type, lim.model) for s in chain for lim in s.all_limits() if lim.model is not None]
+        problems = MP.unknown_model_problems(
+            named,
+            self.prices.custom,
+            self.prices.model_id,
+            table_id,
+            price_table()["models"],
+            self.default_rates is not None,
+        )
+        MP.check_models(problems, self.strict_models)
         longest = max([lim.window for s in chain for lim in s.all_limits() if isinstance(lim.window, int)], default=0)
         ttl = self._request_ttl
         self.request_ttl_ms = int(ttl * 1000) if ttl else max(longest, 86400) * 1000
@@ -181,7 +247,7 @@ class BudgetCore:
         if err is not None:
             raise err
         if not chain:
-            raise KeyError(f"unknown scope {self.name!r} (removed from the registry)")
+            raise UnknownScopeError(f"unknown scope {self.name!r} (removed from the registry)")
         key, ttl, old = self._registry
         if tuple(chain) != old:
             scope, rates = R.from_chain(chain)
@@ -222,8 +288,31 @@ class BudgetCore:
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.clear()
-            plan = self._plans[key] = P.build_plan(self.scope, session_id, model, self.keyspace, self.session_ttl_ms)
+            plan = self._plans[key] = P.build_plan(
+                self.scope,
+                session_id,
+                None if model is None else self.model_id(model),
+                self.keyspace,
+                self.session_ttl_ms,
+                model,
+                self.model_id,
+            )
         return plan
+
+    def _rates(self, model: str) -> ModelRates:
+        try:
+            return self.prices.rates_for(model)
+        except UnknownModelError as err:
+            if self._registry is None:
+                raise
+            raise UnknownModelError(
+                f"{err} (with a BudgetManager: register(scope, rates={{{model!r}: ModelRates(...)}}), or give the "
+                "manager default_rates=)"
+            ) from None
+
+    def model_id(self, model: str) -> str:
+        """The canonical id of a model name: limits, per-model totals and summaries use it."""
+        return self.prices.model_id(model) or model
 
     def usage(
         self,
@@ -246,24 +335,31 @@ class BudgetCore:
             and type(cache_write_tokens) is int
             and type(reasoning_tokens) is int
             and not (cached_input_tokens or cache_write_tokens or reasoning_tokens)
+            and model.isascii()
         ):
-            return input_tokens + output_tokens, self.prices.rates_for(model).cost_nano(input_tokens, output_tokens), 1
+            tokens = input_tokens + output_tokens
+            cost = self._rates(model).cost_nano(input_tokens, output_tokens)
+            if tokens > MAX_AMOUNT or cost > MAX_AMOUNT:
+                B.check_amounts(tokens, cost)
+            return tokens, cost, 1
         check_name(model, "model")
         check_tokens(input_tokens, "input_tokens")
         check_tokens(output_tokens, "output_tokens")
         check_tokens(cached_input_tokens, "cached_input_tokens")
         check_tokens(cache_write_tokens, "cache_write_tokens")
         check_tokens(reasoning_tokens, "reasoning_tokens")
-        cost = self.prices.rates_for(model).cost_nano(
+        cost = self._rates(model).cost_nano(
             input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
         )
+        B.check_amounts(input_tokens + output_tokens, cost)
         return input_tokens + output_tokens, cost, 1
 
     def worst_case(self, model: str, input_tokens: int, max_output_tokens: int) -> tuple[int, int, int]:
         check_name(model, "model")
         check_tokens(input_tokens, "input_tokens")
         check_tokens(max_output_tokens, "max_output_tokens")
-        cost = self.prices.rates_for(model).worst_case_nano(input_tokens, max_output_tokens)
+        cost = self._rates(model).worst_case_nano(input_tokens, max_output_tokens)
+        B.check_amounts(input_tokens + max_output_tokens, cost, "reservation")
         return input_tokens + max_output_tokens, cost, 1
 
     def request_key(self, request_id: str | None) -> str | None:
@@ -287,8 +383,12 @@ class BudgetCore:
         lim = plan.limits[i]
         used, limit = self._display(lim, amount), self._display(lim, lim.value)
         verb = "is over" if record is not None else "would exceed"
-        where = "" if lim.scope == self.name else f" (ancestor scope {lim.scope!r})"
-        msg = f"Budget {verb} {lim.limit_type} for scope {lim.scope!r}{where}: {used} > {limit}"
+        if lim.scope == self.name:
+            msg = f"Budget {verb} {lim.limit_type} for scope {self.name!r}: {used} > {limit}"
+        else:  # the requesting scope, then the ancestor whose limit blocks it
+            what = "refused" if record is None else "exceeded"
+            msg = f"Budget {what} for scope {self.name!r}: ancestor {lim.scope!r} {verb} {lim.limit_type}: "
+            msg += f"{used} > {limit}"
         retry = retry_us / P.US if retry_us >= 0 else None
         return BudgetExceededError(msg, lim.scope, lim.limit_type, used, limit, retry_after=retry, record=record)
 
@@ -333,29 +433,31 @@ class BudgetCore:
         self,
         plan: P.Plan,
         result: P.ChargeResult,
-        model: str,
         usage: tuple[int, int, int],
-        input_tokens: int,
-        output_tokens: int,
-        metadata: dict[str, Any] | None,
-        request_id: str | None,
+        call: CallView,
         over_hold: bool = False,
+        hold_expired: bool = False,
     ) -> UsageRecord:
         """Turn an engine's charge answer into the record; fire alerts; raise/warn if over a limit."""
+        cached, written, reasoning = call.extra
         if isinstance(result, D.LocalCharge):  # Redis unavailable: the charge waits in the journal
             record = UsageRecord(
                 plan.session_id,
-                model,
-                input_tokens,
-                output_tokens,
+                call.model,
+                call.input_tokens,
+                call.output_tokens,
                 nano_to_usd(usage[1]),
                 result.timestamp,
-                dict(metadata or {}),
+                dict(call.metadata or {}),
                 self.name,
                 usage[1],
-                request_id,
+                call.request_id,
                 over_hold,
                 journaled=True,
+                cached_input_tokens=cached,
+                cache_write_tokens=written,
+                reasoning_tokens=reasoning,
+                canonical_model=plan.model or call.model,
             )
             with self._local_lock:
                 self._records.append(record)
@@ -364,17 +466,21 @@ class BudgetCore:
             ts, _tok, cost = result.original
             return UsageRecord(
                 plan.session_id,
-                model,
-                input_tokens,
-                output_tokens,
+                call.model,
+                call.input_tokens,
+                call.output_tokens,
                 nano_to_usd(cost),
                 ts / P.US,
-                dict(metadata or {}),
+                dict(call.metadata or {}),
                 self.name,
                 cost,
-                request_id,
+                call.request_id,
                 over_hold,
                 True,
+                cached_input_tokens=cached,
+                cache_write_tokens=written,
+                reasoning_tokens=reasoning,
+                canonical_model=plan.model or call.model,
             )
         record = _new_object(UsageRecord)  # UsageRecord(...), twice as fast (see _RECORD_DEFAULTS)
         _set_attr(
@@ -383,23 +489,30 @@ class BudgetCore:
             {
                 **_RECORD_DEFAULTS,
                 "session_id": plan.session_id,
-                "model": model,
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
+                "model": call.model,
+                "input_tokens": call.input_tokens,
+                "output_tokens": call.output_tokens,
                 "cost_usd": usage[1] / NANO,
                 "timestamp": result.now_us / P.US,
-                "metadata": dict(metadata) if metadata else {},
+                "metadata": dict(call.metadata) if call.metadata else {},
                 "scope": self.scope.name,
                 "cost_nano_usd": usage[1],
-                "request_id": request_id,
+                "request_id": call.request_id,
                 "over_hold": over_hold,
                 "ledger_id": result.ledger_id or None,
+                "cached_input_tokens": cached,
+                "cache_write_tokens": written,
+                "reasoning_tokens": reasoning,
+                "canonical_model": plan.model or call.model,
+                "hold_expired": hold_expired,
             },
         )
         with self._local_lock:
             self._records.append(record)
         if result.alerts:
-            self._dispatch(self._make_alerts(plan, result, model))
+            self._dispatch(self._make_alerts(plan, result, call.model))
+        if hold_expired:
+            self._hold_expired(plan, record)
         totals = result.totals
         for i, (c, m, value, _first) in enumerate(plan.checks):
             if totals[3 * c + m] > value:  # the first limit now over (P.exceeded()[0])
@@ -475,6 +588,7 @@ class BudgetCore:
             "per_model": per_model,
             "limits": limits,
             "hard_stop": self.scope.hard_stop,
+            "holds": dict(self._hold_stats),
             "backend": self._guard.status(),
         }
 
@@ -498,15 +612,15 @@ class BudgetCore:
         self,
         session_id: str | None,
         model: str,
-        input_tokens: int,
-        output_tokens: int,
+        input_tokens: int | Usage,
+        output_tokens: int | None,
         metadata: dict[str, Any] | None,
         request_id: str | None,
         cached_input_tokens: int,
         cache_write_tokens: int,
         reasoning_tokens: int,
     ) -> Flow[UsageRecord]:
-        args = self._record_args(
+        args, call = self._record_args(
             session_id,
             model,
             input_tokens,
@@ -518,32 +632,30 @@ class BudgetCore:
             reasoning_tokens,
         )
         result = yield "record", args
-        return self.finish_charge(args[0], result, model, args[2], input_tokens, output_tokens, metadata, request_id)
+        return self.finish_charge(args[0], result, args[2], call)
 
     def _record_args(
         self,
         session_id: str | None,
         model: str,
-        input_tokens: int,
-        output_tokens: int,
+        input_tokens: int | Usage,
+        output_tokens: int | None = None,
         metadata: dict[str, Any] | None = None,
         request_id: str | None = None,
         cached_input_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
-    ) -> tuple[Any, ...]:
-        """Validate one record() call; the engine's "record" arguments
-        ``(plan, now µs, usage, request key, request TTL ms, ledger entry)``."""
-        usage = self.usage(
-            model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
-        )
-        if metadata is not None and not isinstance(metadata, dict):
-            raise TypeError("metadata must be a dict")
+    ) -> tuple[tuple[Any, ...], CallView]:
+        """Validate one record() call: the engine's "record" arguments
+        ``(plan, now µs, usage, request key, request TTL ms, ledger entry)`` and the call as given."""
+        tokens = tokens_of(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
+        usage = self.usage(model, *tokens)
+        B.check_metadata(metadata)
         rkey = None if request_id is None else self.request_key(request_id)
         plan = self.plan(self._session(session_id, True), model)
-        extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
-        entry = self.ledger_entry(plan, input_tokens, output_tokens, extra, request_id, None, metadata)
-        return plan, self.now_us(), usage, rkey, self.request_ttl_ms, entry
+        call = CallView(model, tokens[0], tokens[1], tokens[2:], metadata, request_id)
+        entry = self.ledger_entry(plan, call, None)
+        return (plan, self.now_us(), usage, rkey, self.request_ttl_ms, entry), call
 
     def record_many_flow(self, calls: Iterable[RecordCall]) -> Flow[list[UsageRecord]]:
         """``record()`` for each call, in order, in one engine call (Redis: one pipelined round
@@ -553,7 +665,7 @@ class BudgetCore:
         if isinstance(calls, (str, bytes, Mapping)):
             raise TypeError("calls must be an iterable of record() calls (tuples or dicts of its arguments)")
         batch: list[tuple[Any, ...]] = []
-        shown: list[tuple[Any, ...]] = []  # (model, input_tokens, output_tokens, metadata, request_id)
+        shown: list[CallView] = []
         session = self._last_session  # a batch that fails validation leaves the current session alone
         try:
             self._check_calls(calls, batch, shown)
@@ -567,15 +679,9 @@ class BudgetCore:
         results = yield "record_many", (tuple(batch),)
         records: list[UsageRecord] = []
         first: BudgetExceededError | None = None
-        for args, result, (model, input_tokens, output_tokens, metadata, request_id) in zip(
-            batch, results, shown, strict=True
-        ):
+        for args, result, call in zip(batch, results, shown, strict=True):
             try:
-                records.append(
-                    self.finish_charge(
-                        args[0], result, model, args[2], input_tokens, output_tokens, metadata, request_id
-                    )
-                )
+                records.append(self.finish_charge(args[0], result, args[2], call))
             except BudgetExceededError as err:
                 assert err.record is not None
                 records.append(err.record)
@@ -586,32 +692,22 @@ class BudgetCore:
             raise first
         return records
 
-    def _check_calls(
-        self, calls: Iterable[RecordCall], batch: list[tuple[Any, ...]], shown: list[tuple[Any, ...]]
-    ) -> None:
+    def _check_calls(self, calls: Iterable[RecordCall], batch: list[tuple[Any, ...]], shown: list[CallView]) -> None:
         """Validate record_many()'s calls into ``batch`` (engine arguments) and ``shown``."""
         for call in calls:
-            if isinstance(call, tuple | list) and 4 <= len(call) <= 6:  # record()'s positional arguments
-                args = self._record_args(*call)
-                shown.append((call[1], call[2], call[3], *call[4:6], *(None,) * (6 - len(call))))
+            if isinstance(call, tuple | list) and 3 <= len(call) <= 6:  # record()'s positional arguments
+                args, view = self._record_args(*call)
             elif isinstance(call, Mapping) and _RECORD_REQUIRED <= call.keys() <= _RECORD_PARAMETERS:
-                args = self._record_args(**call)
-                shown.append(
-                    (
-                        call["model"],
-                        call["input_tokens"],
-                        call["output_tokens"],
-                        call.get("metadata"),
-                        call.get("request_id"),
-                    )
-                )
+                args, view = self._record_args(**call)
             else:
                 raise TypeError(
                     "each record_many() call must be record()'s arguments: a tuple (session_id, model, "
-                    "input_tokens, output_tokens[, metadata[, request_id]]) or a dict of them (keywords "
-                    f"cached_input_tokens, cache_write_tokens, reasoning_tokens too), got {call!r}"
+                    "input_tokens, output_tokens[, metadata[, request_id]]) or (session_id, model, Usage) or a "
+                    "dict of them (keywords cached_input_tokens, cache_write_tokens, reasoning_tokens too), "
+                    f"got {call!r}"
                 )
             batch.append(args)
+            shown.append(view)
 
     def reserve_flow(
         self,
@@ -629,7 +725,9 @@ class BudgetCore:
         hold_id = uuid.uuid4().hex
         result = yield "reserve", (plan, self.now_us(), usage, hold_id, ttl_us)
         admitted = self.finish_admit(plan, result, usage)
-        return Hold(plan, model, usage, hold_id, request_id, admitted, rkey)
+        hold = Hold(plan, model, usage, hold_id, request_id, admitted, rkey)
+        hold.requested = (input_tokens, max_output_tokens)
+        return hold
 
     def acquire_flow(
         self,
@@ -656,16 +754,31 @@ class BudgetCore:
     def commit_flow(
         self,
         hold: Hold,
-        input_tokens: int,
-        output_tokens: int,
+        input_tokens: int | Usage,
+        output_tokens: int | None,
         metadata: dict[str, Any] | None,
         cached_input_tokens: int,
         cache_write_tokens: int,
         reasoning_tokens: int,
     ) -> Flow[UsageRecord]:
-        usage = self.usage(
-            hold.model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
-        )
+        try:  # validated before the hold is touched: a refused commit leaves it held
+            tokens = tokens_of(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
+            usage = self.usage(hold.model, *tokens)
+            B.check_metadata(metadata)
+        except (InvalidInputError, TypeError):
+            hold.refused = True  # a `with` block this error leaves charges the hold (Reservation.__exit__)
+            raise
+        call = CallView(hold.model, tokens[0], tokens[1], tokens[2:], metadata, hold.request_id)
+        return (yield from self._settle(hold, usage, call, None))
+
+    def charge_hold_flow(self, hold: Hold, why: str) -> Flow[UsageRecord]:
+        """Charge what the hold holds, as a commit flagged ``uncommitted=why`` in the ledger."""
+        call = CallView(hold.model, hold.requested[0], hold.requested[1], (0, 0, 0), None, hold.request_id)
+        return (yield from self._settle(hold, hold.held, call, why))
+
+    def _settle(
+        self, hold: Hold, usage: tuple[int, int, int], call: CallView, uncommitted: str | None
+    ) -> Flow[UsageRecord]:
         if hold.record is not None:
             raise InvalidInputError("reservation already committed")
         if hold.committing:  # a first commit raised after it was sent or journaled: never charge twice
@@ -673,37 +786,67 @@ class BudgetCore:
                 "reservation already committed: its first commit failed after it was sent or journaled "
                 "(a journaled charge is replayed when Redis answers)"
             )
-        rkey = hold.request_key
-        extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
-        entry = self.ledger_entry(
-            hold.plan, input_tokens, output_tokens, extra, hold.request_id, hold.hold_id, metadata
-        )
+        entry = self.ledger_entry(hold.plan, call, hold.hold_id, uncommitted)
         hold.committing = True
-        result = yield "commit", (hold.plan, self.now_us(), usage, hold.hold_id, rkey, self.request_ttl_ms, entry)
+        args = (hold.plan, self.now_us(), usage, hold.hold_id, hold.request_key, self.request_ttl_ms, entry)
+        result = yield "commit", args
         hold.open = False
+        hold.refused = False
         over = usage[0] > hold.held[0] or usage[1] > hold.held[1]
+        expired = isinstance(result, P.ChargeResult) and result.original is None and not result.hold_found
+        if uncommitted is not None:
+            self._count_hold("charged_uncommitted")
         try:
-            hold.record = self.finish_charge(
-                hold.plan,
-                result,
-                hold.model,
-                usage,
-                input_tokens,
-                output_tokens,
-                metadata,
-                hold.request_id,
-                over_hold=over,
-            )
+            hold.record = self.finish_charge(hold.plan, result, usage, call, over, expired and uncommitted is None)
         except BudgetExceededError as err:
             hold.record = err.record
             raise
         return hold.record
 
-    def release_flow(self, hold: Hold) -> Flow[bool]:
+    def release_flow(self, hold: Hold, uncommitted: bool = False) -> Flow[bool]:
+        """Free the hold. ``uncommitted``: a ``with`` block was left without a commit: the release
+        is written to the ledger (``kind="released_uncommitted"``) in the same step, and counted."""
         if not hold.open:
             return False
         hold.open = False
-        return bool((yield "release", (hold.plan, hold.hold_id)))
+        entry = (0, "")
+        if uncommitted:
+            self._count_hold("released_uncommitted")
+            if self.ledger_maxlen:
+                entry = (self.ledger_maxlen, L.released_entry(hold.plan.ledger_head, hold.hold_id, hold.request_id))
+        return bool((yield "release", (hold.plan, hold.hold_id, self.now_us(), hold.held, entry)))
+
+    def extend_flow(self, hold: Hold, ttl: float) -> Flow[bool]:
+        """Move a live hold's lease end to ``ttl`` seconds from now (one step); False if it had lapsed."""
+        ttl_us = int(_seconds(ttl, "ttl") * P.US)
+        if not hold.open:
+            return False
+        return bool((yield "extend", (hold.plan, hold.hold_id, self.now_us(), ttl_us)))
+
+    def _count_hold(self, what: str) -> None:
+        with self._local_lock:
+            self._hold_stats[what] += 1
+
+    def _hold_expired(self, plan: P.Plan, record: UsageRecord) -> None:
+        """A commit found its hold lapsed: count it and fire a WARNING alert for the scope (local)."""
+        self._count_hold("expired_before_commit")
+        message = (
+            f"Budget warning for scope {self.name!r}: a reservation's hold expired before its commit; the "
+            f"commit was charged all the same ({record.total_tokens} tokens, ${record.cost_usd:.6f}) but was not "
+            "held meanwhile: give long calls a longer ttl= or call Reservation.extend(ttl)"
+        )
+        alert = BudgetAlert(
+            self.name,
+            AlertLevel.WARNING,
+            message,
+            float(record.total_tokens),
+            0.0,
+            record.timestamp,
+            "hold_expired",
+            session_id=plan.session_id,
+            model=record.model,
+        )
+        self._dispatch([alert])
 
     def summary_flow(self, session_id: str | None) -> Flow[dict[str, Any]]:
         plan = self.plan(self._session(session_id, False), None)
@@ -726,11 +869,11 @@ class BudgetCore:
     def reset_model_flow(self, model: str) -> Flow[None]:
         """Zero this scope's counters of one model: its cumulative totals (the seed's per-model
         limits) and its rolling per-model windows."""
-        check_name(model, "model")
+        model = self.model_id(check_name(model, "model"))
         ks = self.keyspace
         keys = [ks.ledger, ks.totals(self.name)]
         for lim in self.scope.all_limits():
-            if lim.model == model and isinstance(lim.window, int):
+            if lim.model is not None and self.model_id(lim.model) == model and isinstance(lim.window, int):
                 keys.extend(k for k in ks.window(self.name, lim.window, model) if k not in keys)
         yield "reset", ("model", keys, self.now_us(), model_prefix(model), self._reset_entry("model", None, model))
 
@@ -742,7 +885,8 @@ class BudgetCore:
         keys = [ks.ledger, ks.totals(self.name), *ks.window(self.name, P.DAY, None)]
         for lim in self.scope.all_limits():
             if isinstance(lim.window, int):
-                keys.extend(k for k in ks.window(self.name, lim.window, lim.model) if k not in keys)
+                lim_model = None if lim.model is None else self.model_id(lim.model)
+                keys.extend(k for k in ks.window(self.name, lim.window, lim_model) if k not in keys)
         keys.append(ks.session(self.name, sid))
         yield "reset", ("scope", keys, self.now_us(), "", self._reset_entry("scope", sid, None))
 
@@ -767,20 +911,20 @@ class BudgetCore:
         return out if limit is None else out[:limit]
 
     def ledger_entry(
-        self,
-        plan: P.Plan,
-        input_tokens: int,
-        output_tokens: int,
-        extra: tuple[int, int, int],
-        request_id: str | None,
-        hold_id: str | None,
-        metadata: dict[str, Any] | None,
+        self, plan: P.Plan, call: CallView, hold_id: str | None, uncommitted: str | None = None
     ) -> tuple[int, str]:
         """(MAXLEN, entry JSON) for a charge's ledger append; (0, "") when the ledger is off."""
         if not self.ledger_maxlen:
             return 0, ""
         return self.ledger_maxlen, L.charge_entry(
-            plan.ledger_head, input_tokens, output_tokens, extra, request_id, hold_id, metadata
+            plan.ledger_head,
+            call.input_tokens,
+            call.output_tokens,
+            call.extra,
+            call.request_id,
+            hold_id,
+            call.metadata,
+            uncommitted,
         )
 
     # ---- local state ----------------------------------------------------------------------------
@@ -816,8 +960,10 @@ class Hold:
         "open",
         "plan",
         "record",
+        "refused",
         "request_id",
         "request_key",
+        "requested",
     )
 
     def __init__(
@@ -840,6 +986,8 @@ class Hold:
         self.open = admitted
         self.record: UsageRecord | None = None
         self.committing = False  # a commit was sent (or journaled)
+        self.refused = False  # the latest commit was refused (bad usage): the hold is still held
+        self.requested = (0, 0)  # (input tokens, max output tokens) reserved
 
 
 class ReservationBase:
@@ -885,6 +1033,31 @@ class ReservationBase:
     def record(self) -> UsageRecord | None:
         """The charge, once committed."""
         return self.hold.record
+
+    def exit_flow(self, exc: BaseException | None) -> Flow[Any] | None:
+        """What leaving the ``with`` block does to a hold still open: released quietly when an
+        exception (the call failed) left it; charged, flagged ``commit_refused``, when the exception
+        is a refused commit's (the call happened: its money is never dropped); else, left without a
+        commit, a ``BudgetWarning`` and ``on_uncommitted``: released (in the ledger as
+        ``released_uncommitted``) or the hold charged (flagged ``exit``)."""
+        hold, budget = self.hold, self.budget
+        if not hold.open:
+            return None
+        if hold.refused and isinstance(exc, (InvalidInputError, TypeError)):
+            return budget.charge_hold_flow(hold, "commit_refused")  # type: ignore[no-any-return]
+        if exc is not None:
+            return budget.release_flow(hold)  # type: ignore[no-any-return]
+        charge = budget.on_uncommitted == "charge_hold"
+        warnings.warn(
+            f"a reservation of scope {budget.name!r} ({hold.held[0]} tokens, ${nano_to_usd(hold.held[1]):.6f}) was "
+            f"left without commit(): its hold was {'charged' if charge else 'released, nothing charged'} "
+            "(on_uncommitted=...)",
+            BudgetWarning,
+            stacklevel=4,
+        )
+        if charge:
+            return budget.charge_hold_flow(hold, "exit")  # type: ignore[no-any-return]
+        return budget.release_flow(hold, uncommitted=True)  # type: ignore[no-any-return]
 
     def commit_failed(self, exc: BaseException) -> None:
         """A commit raised. It may be committed again unless that could charge twice: refused while

@@ -3,6 +3,7 @@
 DistBudgetError                      root: catch this to catch everything below
 ├── BudgetExceededError              a call was refused or usage went over a limit
 ├── UnknownModelError (+ KeyError)   no price for a model and no fallback rates given
+├── UnknownScopeError (+ KeyError)   a BudgetManager has no scope of that name
 ├── InvalidInputError (+ ValueError) bad tokens, names, limits; raised before anything is written
 └── BackendError                     Redis failed (connection, timeout, script error); wraps the cause
 
@@ -70,6 +71,13 @@ def _rebuild_exceeded(
 
 class UnknownModelError(DistBudgetError, KeyError):
     """No price is known for a model and the budget has no ``default_rates``."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class UnknownScopeError(DistBudgetError, KeyError):
+    """A :class:`BudgetManager` call named a scope no process registered (or one since removed)."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""

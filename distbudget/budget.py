@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from typing import Any
 
@@ -28,7 +29,8 @@ from distbudget._budget_base import (
 from distbudget._core.ledger import LedgerEntry
 from distbudget._core.scope import BudgetScope
 from distbudget._core.types import UsageRecord
-from distbudget._exceptions import BackendError
+from distbudget._core.usage import Usage
+from distbudget._exceptions import BackendError, BudgetExceededError, BudgetWarning
 from distbudget.engines.memory import AsyncMemoryEngine, MemoryEngine
 from distbudget.pricing import ModelRates
 
@@ -137,8 +139,8 @@ class Budget(BudgetCore):
         self,
         session_id: str | None,
         model: str,
-        input_tokens: int,
-        output_tokens: int,
+        input_tokens: int | Usage,
+        output_tokens: int | None = None,
         metadata: dict[str, Any] | None = None,
         request_id: str | None = None,
         *,
@@ -235,8 +237,8 @@ class Reservation(ReservationBase):
 
     def commit(
         self,
-        input_tokens: int,
-        output_tokens: int,
+        input_tokens: int | Usage,
+        output_tokens: int | None = None,
         metadata: dict[str, Any] | None = None,
         *,
         cached_input_tokens: int = 0,
@@ -265,11 +267,21 @@ class Reservation(ReservationBase):
         """Free the hold; True if it was still live."""
         return self.budget._drive(self.budget.release_flow(self.hold), settle=True)
 
+    def extend(self, ttl: float) -> bool:
+        """Keep a long call (a stream) held: its lease now ends ``ttl`` seconds from now (one round
+        trip). False if the hold had already lapsed (a later commit is charged, flagged ``hold_expired``)."""
+        return self.budget._drive(self.budget.extend_flow(self.hold, ttl), settle=True)
+
     def __enter__(self) -> Reservation:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        flow = self.exit_flow(exc)
+        if flow is not None:
+            try:
+                self.budget._drive(flow, settle=True)
+            except BudgetExceededError as err:  # charged (money spent): nothing to raise on leaving
+                warnings.warn(err.message, BudgetWarning, stacklevel=2)
 
 
 class AsyncBudget(BudgetCore):
@@ -341,8 +353,8 @@ class AsyncBudget(BudgetCore):
         self,
         session_id: str | None,
         model: str,
-        input_tokens: int,
-        output_tokens: int,
+        input_tokens: int | Usage,
+        output_tokens: int | None = None,
         metadata: dict[str, Any] | None = None,
         request_id: str | None = None,
         *,
@@ -429,8 +441,8 @@ class AsyncReservation(ReservationBase):
 
     async def commit(
         self,
-        input_tokens: int,
-        output_tokens: int,
+        input_tokens: int | Usage,
+        output_tokens: int | None = None,
         metadata: dict[str, Any] | None = None,
         *,
         cached_input_tokens: int = 0,
@@ -465,11 +477,30 @@ class AsyncReservation(ReservationBase):
             await asyncio.wait([task])  # finish freeing the hold, then let the cancellation through
             raise
 
+    async def extend(self, ttl: float) -> bool:
+        """See :meth:`Reservation.extend`."""
+        return await self.budget._drive(self.budget.extend_flow(self.hold, ttl), settle=True)
+
+    async def leave(self, exc: BaseException | None) -> None:
+        """Leaving an ``async with`` block (see ``ReservationBase.exit_flow``); runs to completion
+        even if the calling task is cancelled meanwhile."""
+        flow = self.exit_flow(exc)
+        if flow is None:
+            return
+        task = asyncio.ensure_future(self.budget._drive(flow, settle=True))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])
+            raise
+        except BudgetExceededError as err:  # charged (money spent): nothing to raise on leaving
+            warnings.warn(err.message, BudgetWarning, stacklevel=2)
+
     async def __aenter__(self) -> AsyncReservation:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.release()
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        await self.leave(exc)
 
 
 class PendingReservation:
@@ -496,6 +527,6 @@ class PendingReservation:
     async def __aenter__(self) -> AsyncReservation:
         return await self._get()
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if self._reservation is not None:
-            await self._reservation.release()
+            await self._reservation.leave(exc)

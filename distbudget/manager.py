@@ -21,7 +21,7 @@ from distbudget._core import registry as R
 from distbudget._core.keys import registry_key
 from distbudget._core.scope import BudgetScope, check_name
 from distbudget._core.types import UsageRecord
-from distbudget._exceptions import BackendError
+from distbudget._exceptions import BackendError, UnknownScopeError
 from distbudget.budget import (
     AsyncBudget,
     Budget,
@@ -56,7 +56,7 @@ class ManagerBase(Generic[B]):
         if err is not None:
             raise err
         if not chain:
-            raise KeyError(f"unknown scope {name!r}")
+            raise UnknownScopeError(f"unknown scope {name!r}: register it first (BudgetManager.register)")
         with self._lock:
             budget = self._budgets.get(name)
             if budget is not None:
@@ -102,7 +102,7 @@ class ManagerBase(Generic[B]):
                 raise
         return budget
 
-    def remove_flow(self, name: str) -> Flow[None]:
+    def remove_flow(self, name: str) -> Flow[bool]:
         check_name(name, "scope name")
         reply = yield "registry", (self._key, "remove", name)
         err = R.refusal(reply)
@@ -110,8 +110,7 @@ class ManagerBase(Generic[B]):
             raise err
         with self._lock:
             self._budgets.pop(name, None)
-        if not reply:
-            raise KeyError(f"unknown scope {name!r}")
+        return bool(reply)
 
     def names_flow(self) -> Flow[list[str]]:
         return sorted((yield "registry_names", (self._key,)))
@@ -140,14 +139,21 @@ class BudgetManager(ManagerBase[Budget]):
         registered first if it is not. Cycles, missing parents and a changed parent are refused."""
         return self._run(self.register_flow(scope, rates))
 
-    def get(self, name: str) -> Budget:
-        """The budget of a scope registered by any process; ``KeyError`` if unknown."""
+    def get(self, name: str) -> Budget | None:
+        """The budget of a scope registered by any process; ``None`` if unknown (as agent-budget's)."""
+        try:
+            return self._budget(name)
+        except UnknownScopeError:
+            return None
+
+    def _budget(self, name: str) -> Budget:
+        """The budget of a scope; ``UnknownScopeError`` (a ``KeyError``) if unknown."""
         return self._run(self.get_flow(name))
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> bool:
         """Remove a scope from the registry (its counters in the store are left as they are);
-        refused while it has children. ``KeyError`` if unknown."""
-        self._run(self.remove_flow(name))
+        refused while it has children. True if it was registered, False if not."""
+        return self._run(self.remove_flow(name))
 
     def names(self) -> list[str]:
         """Every registered scope, sorted."""
@@ -156,16 +162,12 @@ class BudgetManager(ManagerBase[Budget]):
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        try:
-            self.get(name)
-        except KeyError:
-            return False
-        return True
+        return self.get(name) is not None
 
     def check(
         self, scope_name: str, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
     ) -> bool:
-        return self.get(scope_name).check(model, input_tokens, output_tokens, session_id)
+        return self._budget(scope_name).check(model, input_tokens, output_tokens, session_id)
 
     def record(
         self,
@@ -178,35 +180,35 @@ class BudgetManager(ManagerBase[Budget]):
         request_id: str | None = None,
         **kwargs: Any,
     ) -> UsageRecord:
-        return self.get(scope_name).record(
+        return self._budget(scope_name).record(
             session_id, model, input_tokens, output_tokens, metadata, request_id, **kwargs
         )
 
     def reserve(
         self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int, **kwargs: Any
     ) -> Reservation:
-        return self.get(scope_name).reserve(model, input_tokens, max_output_tokens, **kwargs)
+        return self._budget(scope_name).reserve(model, input_tokens, max_output_tokens, **kwargs)
 
     def acquire(
         self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int, **kwargs: Any
     ) -> Reservation:
-        return self.get(scope_name).acquire(model, input_tokens, max_output_tokens, **kwargs)
+        return self._budget(scope_name).acquire(model, input_tokens, max_output_tokens, **kwargs)
 
     def summary(self, name: str, session_id: str | None = None) -> dict[str, Any]:
-        return self.get(name).summary(session_id)
+        return self._budget(name).summary(session_id)
 
     def all_summaries(self) -> dict[str, dict[str, Any]]:
         """Summaries of every registered scope (from the registry: no keyspace scan)."""
-        return {name: self.get(name).summary() for name in self.names()}
+        return {name: self._budget(name).summary() for name in self.names()}
 
     def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         """Charges counting against a scope (its own and its descendants'), from the shared ledger."""
-        budget = self.get(name)
+        budget = self._budget(name)
         return [e.as_record() for e in budget._drive(budget.ledger_flow(since, limit, charges_only=True))]
 
     def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
         """A scope's ledger as JSON lines (path or text file); returns the number of lines."""
-        return write_jsonl(self.get(name).ledger(since), target)
+        return write_jsonl(self._budget(name).ledger(since), target)
 
 
 class AsyncBudgetManager(ManagerBase[AsyncBudget]):
@@ -225,11 +227,18 @@ class AsyncBudgetManager(ManagerBase[AsyncBudget]):
     async def register(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None = None) -> AsyncBudget:
         return await self._run_async(self.register_flow(scope, rates))
 
-    async def get(self, name: str) -> AsyncBudget:
+    async def get(self, name: str) -> AsyncBudget | None:
+        """The budget of a scope registered by any process; ``None`` if unknown."""
+        try:
+            return await self._budget(name)
+        except UnknownScopeError:
+            return None
+
+    async def _budget(self, name: str) -> AsyncBudget:
         return await self._run_async(self.get_flow(name))
 
-    async def remove(self, name: str) -> None:
-        await self._run_async(self.remove_flow(name))
+    async def remove(self, name: str) -> bool:
+        return await self._run_async(self.remove_flow(name))
 
     async def names(self) -> list[str]:
         return await self._run_async(self.names_flow())
@@ -237,7 +246,7 @@ class AsyncBudgetManager(ManagerBase[AsyncBudget]):
     async def check(
         self, scope_name: str, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
     ) -> bool:
-        return await (await self.get(scope_name)).check(model, input_tokens, output_tokens, session_id)
+        return await (await self._budget(scope_name)).check(model, input_tokens, output_tokens, session_id)
 
     async def record(
         self,
@@ -250,7 +259,7 @@ class AsyncBudgetManager(ManagerBase[AsyncBudget]):
         request_id: str | None = None,
         **kwargs: Any,
     ) -> UsageRecord:
-        budget = await self.get(scope_name)
+        budget = await self._budget(scope_name)
         return await budget.record(session_id, model, input_tokens, output_tokens, metadata, request_id, **kwargs)
 
     def reserve(
@@ -266,7 +275,7 @@ class AsyncBudgetManager(ManagerBase[AsyncBudget]):
         """``r = await manager.reserve(...)`` or ``async with manager.reserve(...) as r:``."""
 
         async def start() -> tuple[AsyncBudget, Flow[Hold]]:
-            budget = await self.get(scope_name)
+            budget = await self._budget(scope_name)
             return budget, budget.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
 
         return PendingReservation(start)
@@ -284,21 +293,21 @@ class AsyncBudgetManager(ManagerBase[AsyncBudget]):
         ttl: float | None = None,
     ) -> PendingReservation:
         async def start() -> tuple[AsyncBudget, Flow[Hold]]:
-            budget = await self.get(scope_name)
+            budget = await self._budget(scope_name)
             flow = budget.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id, request_id, ttl)
             return budget, flow
 
         return PendingReservation(start)
 
     async def summary(self, name: str, session_id: str | None = None) -> dict[str, Any]:
-        return await (await self.get(name)).summary(session_id)
+        return await (await self._budget(name)).summary(session_id)
 
     async def all_summaries(self) -> dict[str, dict[str, Any]]:
-        return {name: await (await self.get(name)).summary() for name in await self.names()}
+        return {name: await (await self._budget(name)).summary() for name in await self.names()}
 
     async def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
-        budget = await self.get(name)
+        budget = await self._budget(name)
         return [e.as_record() for e in await budget._drive(budget.ledger_flow(since, limit, charges_only=True))]
 
     async def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
-        return write_jsonl(await (await self.get(name)).ledger(since), target)
+        return write_jsonl(await (await self._budget(name)).ledger(since), target)

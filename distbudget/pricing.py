@@ -120,6 +120,12 @@ def _from_entry(entry: Mapping[str, Any]) -> ModelRates:
 
 @lru_cache(maxsize=1024)
 def _lookup(model: str) -> ModelRates | None:
+    name = _table_id(model)
+    return None if name is None else _from_entry(price_table()["models"][name])
+
+
+@lru_cache(maxsize=4096)
+def _table_id(model: str) -> str | None:
     table = price_table()
     models, aliases = table["models"], table["aliases"]
     candidates = [model, model.lower()]
@@ -132,7 +138,7 @@ def _lookup(model: str) -> ModelRates | None:
     for candidate in candidates:
         name = aliases.get(candidate, candidate)
         if name in models:
-            return _from_entry(models[name])
+            return str(name)
     return None
 
 
@@ -152,8 +158,18 @@ class PriceBook:
         self.default_rates = default_rates
         self._warned: set[str] = set()
 
+    def model_id(self, model: str) -> str | None:
+        """The canonical id of ``model``: a custom rate's name, else the table's, else None."""
+        if model in self.custom:
+            return model
+        return _table_id(model)
+
+    def models(self) -> list[str]:
+        return sorted({*price_table()["models"], *self.custom})
+
     def rates_for(self, model: str) -> ModelRates:
-        r = self.custom.get(model) or _lookup(model)
+        canonical = _table_id(model)
+        r = self.custom.get(model) or (canonical and self.custom.get(canonical)) or _lookup(model)
         if r is not None:
             return r
         if self.default_rates is None:

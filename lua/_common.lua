@@ -30,6 +30,7 @@
 -- them (`s + 0`), and the totals go back to the client as decimal strings.
 
 local M = {'t', 'c', 'r'}
+local MAXN = 9007199254740991  -- 2^53 - 1: the largest integer a Lua number holds exactly
 local sformat = string.format
 
 local function fmt(n)
@@ -84,6 +85,11 @@ local function scan(now, amt, charging, first, nows)
   local ids, lims
   if not charging then ids, lims = {}, {} end
   local S = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}  -- pending HSET field, value, ...
+  -- The charge's writes wait in S and W until every counter is known to stay exact (below 2^53):
+  -- a script never writes and then fails (Redis would not roll the earlier writes back).
+  -- W: per hash with writes: key, first and last index in S, TTL to set or false, window zset or
+  -- false, new bucket id, its TTL or false
+  local W, nw, n, over = {}, 0, 0, nil
   local a1, a2, a3 = 0, 0, 0    -- the amounts charged (none when only reading)
   if charging then a1, a2, a3 = amt[1], amt[2], amt[3] end
   local k, x, ki = 7, 9, first or 3  -- next shape byte, next ARGV string, next KEYS index
@@ -96,7 +102,8 @@ local function scan(now, amt, charging, first, nows)
     local h = KEYS[ki]
     local lit = kind > 0 and 3 or 0   -- field names of the first counter given as literals
     local nn = 3 * nc - lit + nl      -- field names in ARGV, from A[x]
-    local n = 0                       -- S[1..n] pending
+    local n0 = n                      -- S[n0 + 1 .. n]: this hash's pending writes
+    local zadd, zttl = false, false   -- a new bucket to add to the window's sorted set
     -- V[j] is the value of field A[fb + j] (or of a literal field); counter totals from V[d + 1],
     -- alert states from V[ai + 1]
     local V, d, fb, ai, z, bs, w, b, bk
@@ -157,6 +164,8 @@ local function scan(now, amt, charging, first, nows)
           call('HDEL', h, 'o')
           V[7] = false
         end
+        -- ageing is written at once, whatever the charge: it is true of the window already
+        if n > n0 then call('HSET', h, unpack(S, n0 + 1, n)); n = n0 end
       end
     elseif ttl then                   -- V[1] is the last TTL refresh ('x'), then as below
       ki = ki + 1
@@ -192,6 +201,7 @@ local function scan(now, amt, charging, first, nows)
         if c - d >= lit then f1, f2, f3 = A[fb + c + 1], A[fb + c + 2], A[fb + c + 3] end
         -- new totals: written (and formatted, fmt() inlined) only where the amount is not 0
         local v1, v2, v3 = (V[c + 1] or 0) + a1, (V[c + 2] or 0) + a2, (V[c + 3] or 0) + a3
+        if v1 > MAXN or v2 > MAXN or v3 > MAXN then over = over or o + (v1 > MAXN and 0 or v2 > MAXN and 1 or 2) end
         local s
         if a1 ~= 0 then s = sformat('%d', v1); S[n + 1] = f1; S[n + 2] = s; n = n + 2
         else s = V[c + 1] or '0' end
@@ -205,9 +215,9 @@ local function scan(now, amt, charging, first, nows)
         if z then                     -- the window's counter: its current bucket
           local new = not V[8]
           if new then
-            call('ZADD', z, bk, bk)
+            zadd = bk
             if ttl then                 -- once per bucket (see above)
-              call('PEXPIRE', z, ttl)
+              zttl = ttl
               refresh = ttl
             end
             local oldest = V[7]
@@ -270,8 +280,21 @@ local function scan(now, amt, charging, first, nows)
         end
       end
     end
-    if n > 0 then call('HSET', h, unpack(S, 1, n)) end
-    if refresh then call('PEXPIRE', h, refresh) end
+    if n > n0 or refresh or zadd then
+      W[nw + 1], W[nw + 2], W[nw + 3], W[nw + 4], W[nw + 5], W[nw + 6], W[nw + 7] =
+        h, n0 + 1, n, refresh or false, z or false, zadd, zttl
+      nw = nw + 7
+    end
+  end
+  if over then return nil, over end
+  for j = 1, nw, 7 do
+    local h, z = W[j], W[j + 4]
+    if W[j + 2] >= W[j + 1] then call('HSET', h, unpack(S, W[j + 1], W[j + 2])) end
+    if W[j + 3] then call('PEXPIRE', h, W[j + 3]) end
+    if W[j + 5] then
+      call('ZADD', z, W[j + 5], W[j + 5])
+      if W[j + 6] then call('PEXPIRE', z, W[j + 6]) end
+    end
   end
   return out, fired, ids, lims
 end
@@ -408,6 +431,24 @@ end
 local function remember_request(nows)
   if ARGV[5] == '' then return end
   redis.call('SET', KEYS[#KEYS], nows .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[5])
+end
+
+local function whole(s, lo, hi)
+  local v = tonumber(s)
+  return v ~= nil and v == math.floor(v) and v >= lo and v <= hi
+end
+
+-- Before the first write, the arguments a write could fail on (the client checks them too; this
+-- guards any other caller): the clock, the amounts, the request id's TTL (ms) and, at ARGV[lease],
+-- a lease TTL (µs): durations from 1 ms to 10 years.
+local function bad_args(lease)
+  if ARGV[1] ~= '' and not whole(ARGV[1], 0, MAXN) then return 'distbudget: invalid clock' end
+  for k = 2, 4 do
+    if not whole(ARGV[k], 0, MAXN) then return 'distbudget: invalid amounts' end
+  end
+  if ARGV[5] ~= '' and not whole(ARGV[5], 1, 315360000000) then return 'distbudget: invalid request TTL' end
+  if lease and not whole(ARGV[lease], 1000, 315360000000000) then return 'distbudget: invalid lease TTL' end
+  return nil
 end
 
 local function amounts()

@@ -8,6 +8,8 @@
 --           {held, 3 per counter, before this hold}, refusing limit index (0 none),
 --           µs until a rolling window frees enough (-1: never)}
 local _, reap, read_held, admit = holds()
+local bad = bad_args(7)
+if bad then return redis.error_reply(bad) end
 local now = now_us()
 reap(now)
 local amt = amounts()

@@ -11,6 +11,7 @@ tokens, cost (nano-USD) and requests.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -18,6 +19,7 @@ from distbudget._core import ledger
 from distbudget._core.keys import KeySpace, alert_channels, model_prefix
 from distbudget._core.money import MAX_AMOUNT
 from distbudget._core.scope import BudgetScope, Limit, bucket_seconds
+from distbudget._exceptions import InvalidInputError
 
 TOKENS, COST, REQUESTS = 0, 1, 2
 METRIC_INDEX = {"tokens": TOKENS, "cost": COST, "requests": REQUESTS}
@@ -117,8 +119,16 @@ def build_plan(
     model: str | None,
     keyspace: KeySpace,
     session_ttl_ms: int,
+    raw_model: str | None = None,
+    canonical: Callable[[str], str] | None = None,
 ) -> Plan:
-    """The plan for a call on ``model`` (``None``: every limit, for summaries) in ``session_id``."""
+    """The plan for a call on ``model`` (``None``: every limit, for summaries) in ``session_id``.
+    ``model`` is the canonical id; ``raw_model`` the name as the caller gave it (for the ledger);
+    ``canonical`` maps a limit's model to its canonical id (see _core/model_policy.py)."""
+
+    def limit_model(lim: Limit) -> str | None:
+        return lim.model if lim.model is None or canonical is None else canonical(lim.model)
+
     keys: list[str] = [keyspace.holds, keyspace.leases]
     key_index: dict[str, int] = {k: i + 1 for i, k in enumerate(keys)}
     counters: list[Counter] = []
@@ -148,12 +158,13 @@ def build_plan(
         return counter(hash_key, "", zset_key, seconds)
 
     def limit_counter(sc: BudgetScope, lim: Limit) -> int:
+        lim_model = limit_model(lim)
         if lim.window == "session":
-            return counter(keyspace.session(sc.name, session_id), model_prefix(lim.model), ttl_ms=session_ttl_ms)
+            return counter(keyspace.session(sc.name, session_id), model_prefix(lim_model), ttl_ms=session_ttl_ms)
         if lim.window == "total":
-            return counter(keyspace.totals(sc.name), model_prefix(lim.model))
+            return counter(keyspace.totals(sc.name), model_prefix(lim_model))
         assert isinstance(lim.window, int)
-        return window(sc.name, lim.window, lim.model)
+        return window(sc.name, lim.window, lim_model)
 
     limits: list[LimitSpec] = []
     chain = [scope, *scope.ancestors()]
@@ -171,7 +182,7 @@ def build_plan(
             }
         warn = sc.warn_threshold()
         for lim in sc.all_limits():
-            if model is not None and lim.model is not None and lim.model != model:
+            if model is not None and lim.model is not None and limit_model(lim) != model:
                 continue
             value = lim.amount
             limits.append(
@@ -277,7 +288,7 @@ def build_plan(
         totals_counter=own["totals"],
         keyspace=keyspace,
         alert_meta=alert_meta(keyspace, session_id, model, limits).encode(),
-        ledger_head=ledger.head("charge", scope.name, [s.name for s in chain], session_id, model),
+        ledger_head=ledger.head("charge", scope.name, [s.name for s in chain], session_id, raw_model or model, model),
         charge_keys=charge_keys,
         record_keys=charge_keys[2:],
         checks=tuple(
@@ -395,6 +406,12 @@ def parse_charge(raw: object) -> ChargeResult:
     parts = text.split("|")
     parts += [""] * (8 - len(parts))
     status, now, totals, fired, original, found, ids, ledger_id = parts[:8]
+    if status == "2":  # refused before anything was written: a counter would pass 2**53 - 1
+        position = int(totals) - 1
+        raise InvalidInputError(
+            f"counter #{position // 3} ({('tokens', 'nano-USD', 'requests')[position % 3]}) would pass "
+            f"{MAX_AMOUNT} (the largest amount a counter holds exactly): nothing was charged; reset the counter"
+        )
     if status == "1":
         return ChargeResult(int(now), (), (), _original(original), found == "1")
     if not fired:  # the common answer: no alert crossed

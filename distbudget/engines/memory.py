@@ -16,9 +16,12 @@ from itertools import chain
 from typing import Any
 
 from distbudget._core import registry
+from distbudget._core.bounds import check_after
 from distbudget._core.plan import AdmitResult, ChargeResult, Counter, Plan, SummaryResult
 
 _METRIC_SUFFIX = ("t", "c", "r")
+_METRIC_NAMES = ("tokens", "nano-USD", "requests")
+_HALF = 2**52
 
 
 class _Window:
@@ -107,6 +110,7 @@ class MemoryEngine:
         self._streams: dict[str, _Stream] = {}
         self._registries: dict[str, dict[str, str]] = {}
         self._sweep_at = 0
+        self._high = False  # some counter has passed 2**52 (see _check_room)
 
     # ---- state helpers (mirroring lua/_common.lua) ---------------------------------------------
 
@@ -276,7 +280,21 @@ class MemoryEngine:
     ) -> ChargeResult:
         with self._lock:
             now = _server_now() if now_us is None else now_us
+            if self._seen(request_key, now) is None:
+                self._check_room(plan, now, amt)
             return self._charge_plan(plan, now, amt, request_key, request_ttl_ms, False, ledger)
+
+    def _check_room(self, plan: Plan, now: int, amt: tuple[int, int, int]) -> None:
+        """Refuse a charge that would push a counter past what it holds exactly (2**53 - 1), before
+        anything is written (as the scripts do); counters are read as a charge sees them (expired
+        buckets aged out). Only looked at once a counter or the amount is past half of that: until
+        then no charge can overflow."""
+        if not self._high and amt[0] <= _HALF and amt[1] <= _HALF:
+            return
+        for c in plan.counters:
+            total = self._counter(c, now)
+            for m in (0, 1, 2):
+                check_after(total[m], amt[m], f"counter {c.hash_key!r} ({_METRIC_NAMES[m]})")
 
     def record_many(self, batch: tuple[tuple[Any, ...], ...]) -> list[ChargeResult]:
         """``record`` for each argument tuple, in order, under one lock hold (each its own step)."""
@@ -284,6 +302,8 @@ class MemoryEngine:
             out = []
             for plan, now_us, amt, request_key, request_ttl_ms, ledger in batch:
                 now = _server_now() if now_us is None else now_us
+                if self._seen(request_key, now) is None:
+                    self._check_room(plan, now, amt)
                 out.append(self._charge_plan(plan, now, amt, request_key, request_ttl_ms, False, ledger))
             return out
 
@@ -302,7 +322,10 @@ class MemoryEngine:
             tree = self._tree(plan)
             if self._seen(request_key, now) is not None:
                 self._drop_hold(tree, hold_id)
-            found = self._drop_hold(tree, hold_id)
+                return self._charge_plan(plan, now, amt, request_key, request_ttl_ms, False, ledger)
+            self._check_room(plan, now, amt)  # before anything changes (as lua/commit.lua)
+            live = tree.leases.get(hold_id, now) > now  # a lapsed lease not yet reaped is not found
+            found = self._drop_hold(tree, hold_id) and live
             return self._charge_plan(plan, now, amt, request_key, request_ttl_ms, found, ledger)
 
     def _append(self, key: str, ledger: tuple[int, str], now: int, amt: tuple[int, int, int]) -> str:
@@ -384,6 +407,8 @@ class MemoryEngine:
                     bucket[0] += a0
                     bucket[1] += a1
                     bucket[2] += a2
+            if tot[0] > _HALF or tot[1] > _HALF:
+                self._high = True  # from now on every charge looks before it writes (_check_room)
             hashes.append(h)
             rows.append(tot)
         fired = self._alerts(plan, rows, hashes, amt)
@@ -421,10 +446,31 @@ class MemoryEngine:
                 tree.leases[hold_id] = now + ttl_us
             return AdmitResult(now, totals, held, refused, retry)
 
-    def release(self, plan: Plan, hold_id: str) -> bool:
+    def release(
+        self,
+        plan: Plan,
+        hold_id: str,
+        now_us: int | None = None,
+        amt: tuple[int, int, int] = (0, 0, 0),
+        ledger: tuple[int, str] = (0, ""),
+    ) -> bool:
+        """Free a hold; with a ledger entry (a hold left uncommitted), append it in the same step."""
         with self._lock:
             tree = self._trees.get(plan.keys[0])
-            return tree is not None and self._drop_hold(tree, hold_id)
+            found = tree is not None and self._drop_hold(tree, hold_id)
+            if ledger[1]:
+                self._append(plan.keyspace.ledger, ledger, _server_now() if now_us is None else now_us, amt)
+            return found
+
+    def extend(self, plan: Plan, hold_id: str, now_us: int | None, ttl_us: int) -> bool:
+        """``lua/extend.lua``: a live hold's lease now ends ``ttl_us`` from now; False if it lapsed."""
+        with self._lock:
+            now = _server_now() if now_us is None else now_us
+            tree = self._trees.get(plan.keys[0])
+            if tree is None or tree.leases.get(hold_id, now) <= now:
+                return False
+            tree.leases[hold_id] = now + ttl_us
+            return True
 
     def summary(self, plan: Plan, now_us: int | None) -> SummaryResult:
         with self._lock:

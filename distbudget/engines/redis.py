@@ -25,7 +25,7 @@ from distbudget._core.plan import Plan, parse_admit, parse_charge, parse_summary
 from distbudget._exceptions import BackendError, BatchError
 from distbudget.engines import connect as _connect
 
-OPERATIONS = ("record", "commit", "check", "reserve", "release", "summary", "reset", "registry")
+OPERATIONS = ("record", "commit", "check", "reserve", "release", "extend", "summary", "reset", "registry")
 
 _DOING = {
     "announce": "registering the alert stream",
@@ -112,6 +112,18 @@ def _reset(args: tuple[Any, ...]) -> Wire:
     return "reset", keys, ["" if now is None else now, mode, field_prefix, maxlen, entry], _parse_reset
 
 
+def _release(
+    plan: Plan,
+    hold_id: str,
+    now: int | None = None,
+    amt: tuple[int, int, int] = (0, 0, 0),
+    ledger: tuple[int, str] = (0, ""),
+) -> Wire:
+    maxlen, entry = ledger
+    keys = (*plan.keys[:2], plan.keyspace.ledger) if entry else plan.keys[:2]
+    return "release", keys, ["" if now is None else now, *amt, "", hold_id, "", maxlen, entry], bool
+
+
 def _admit(name: str) -> Callable[[tuple[Any, ...]], Wire]:
     def build(args: tuple[Any, ...]) -> Wire:
         if name == "check":
@@ -128,7 +140,8 @@ _WIRES: dict[str, Callable[[tuple[Any, ...]], Wire]] = {
     "commit": _charge("commit"),
     "check": _admit("check"),
     "reserve": _admit("reserve"),
-    "release": lambda a: ("release", a[0].keys[:2], ["", 0, 0, 0, "", a[1], ""], bool),
+    "release": lambda a: _release(*a),
+    "extend": lambda a: ("extend", a[0].keys[:2], ["" if a[2] is None else a[2], a[1], a[3]], bool),
     "summary": lambda a: (
         "summary",
         a[0].keys,
