@@ -792,17 +792,19 @@ def replay_flow(st: EngineState, force: bool = False) -> Generator[Call, Any, tu
                 e.maybe_sent = True  # from here on this attempt may have run (cancellation included)
                 try:
                     answer = yield e.name, e.args
-                except BackendError as err:
-                    outage, maybe_sent = classify(err)
+                except Exception as err:  # noqa: BLE001  (one entry never stalls the replay: dead letters)
+                    outage, maybe_sent = classify(err) if isinstance(err, BackendError) else (False, False)
                     e.maybe_sent = was or maybe_sent
                     if outage:
+                        assert isinstance(err, BackendError)
                         st.fail(err)
                         stop = err
                         break
                     log.error(
-                        "distbudget: Redis refused a journaled charge of scope %r on replay (%s); it is kept "
-                        "in the engine state's `rejected` list and NOT counted: %s %s",
+                        "distbudget: a journaled charge of scope %r failed on replay (%s: %s); it is set aside "
+                        "in the dead-letter list (summary()['backend']['rejected']) and NOT counted: %s %s",
                         e.scope,
+                        type(err).__name__,
                         err,
                         e.name,
                         e.args[-1][1] or e.args[2],
@@ -862,7 +864,7 @@ def run_sync(engine: Any, flow: Generator[Call, Any, Any]) -> Any:
                 continue
             try:
                 answer = engine.apply(name, args)
-            except BackendError as err:
+            except Exception as err:  # noqa: BLE001  (the flow decides: a replay sets the entry aside)
                 name, args = flow.throw(err)
             else:
                 name, args = flow.send(answer)
@@ -883,7 +885,7 @@ async def run_async(engine: Any, flow: Generator[Call, Any, Any]) -> Any:
                 continue
             try:
                 answer = await engine.apply(name, args)
-            except BackendError as err:
+            except Exception as err:  # noqa: BLE001  (the flow decides: a replay sets the entry aside)
                 name, args = flow.throw(err)
             else:
                 name, args = flow.send(answer)

@@ -110,7 +110,7 @@ class MemoryEngine:
         self._streams: dict[str, _Stream] = {}
         self._registries: dict[str, dict[str, str]] = {}
         self._sweep_at = 0
-        self._high = False  # some counter has passed 2**52 (see _check_room)
+        self._high = False  # some counter has reached 2**52 (see _check_room)
 
     # ---- state helpers (mirroring lua/_common.lua) ---------------------------------------------
 
@@ -287,9 +287,9 @@ class MemoryEngine:
     def _check_room(self, plan: Plan, now: int, amt: tuple[int, int, int]) -> None:
         """Refuse a charge that would push a counter past what it holds exactly (2**53 - 1), before
         anything is written (as the scripts do); counters are read as a charge sees them (expired
-        buckets aged out). Only looked at once a counter or the amount is past half of that: until
-        then no charge can overflow."""
-        if not self._high and amt[0] <= _HALF and amt[1] <= _HALF:
+        buckets aged out). Only looked at once a counter or the amount reaches 2**52: below that no
+        charge can overflow (requests grow by one per call: never near)."""
+        if not self._high and amt[0] < _HALF and amt[1] < _HALF:  # then no counter can pass 2**53 - 1
             return
         for c in plan.counters:
             total = self._counter(c, now)
@@ -407,7 +407,7 @@ class MemoryEngine:
                     bucket[0] += a0
                     bucket[1] += a1
                     bucket[2] += a2
-            if tot[0] > _HALF or tot[1] > _HALF:
+            if tot[0] >= _HALF or tot[1] >= _HALF:
                 self._high = True  # from now on every charge looks before it writes (_check_room)
             hashes.append(h)
             rows.append(tot)
