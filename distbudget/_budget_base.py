@@ -28,6 +28,7 @@ from distbudget._core import model_policy as MP
 from distbudget._core import plan as P
 from distbudget._core import registry as R
 from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, model_prefix
+from distbudget._core.models import first_known
 from distbudget._core.money import MAX_AMOUNT, NANO, check_tokens, nano_to_usd
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
@@ -40,8 +41,7 @@ from distbudget._exceptions import (
     UnknownModelError,
     UnknownScopeError,
 )
-from distbudget.pricing import ModelRates, PriceBook, price_table
-from distbudget.pricing import _table_id as table_id
+from distbudget.pricing import ModelRates, PriceBook
 
 log = logging.getLogger("distbudget")
 
@@ -218,12 +218,13 @@ class BudgetCore:
             )
         self.keyspace = KeySpace(self.prefix, chain[-1].name)
         named = [(s.name, lim.limit_type, lim.model) for s in chain for lim in s.all_limits() if lim.model is not None]
+        table = self.prices.table.ids
         problems = MP.unknown_model_problems(
             named,
             self.prices.custom,
             self.prices.model_id,
-            table_id,
-            price_table()["models"],
+            lambda name: first_known(name, table.get),
+            set(table.values()),
             self.default_rates is not None,
         )
         MP.check_models(problems, self.strict_models)

@@ -792,7 +792,7 @@ def replay_flow(st: EngineState, force: bool = False) -> Generator[Call, Any, tu
                 e.maybe_sent = True  # from here on this attempt may have run (cancellation included)
                 try:
                     answer = yield e.name, e.args
-                except Exception as err:  # noqa: BLE001  (one entry never stalls the replay: dead letters)
+                except Exception as err:
                     outage, maybe_sent = classify(err) if isinstance(err, BackendError) else (False, False)
                     e.maybe_sent = was or maybe_sent
                     if outage:
@@ -864,7 +864,7 @@ def run_sync(engine: Any, flow: Generator[Call, Any, Any]) -> Any:
                 continue
             try:
                 answer = engine.apply(name, args)
-            except Exception as err:  # noqa: BLE001  (the flow decides: a replay sets the entry aside)
+            except Exception as err:
                 name, args = flow.throw(err)
             else:
                 name, args = flow.send(answer)
@@ -885,7 +885,7 @@ async def run_async(engine: Any, flow: Generator[Call, Any, Any]) -> Any:
                 continue
             try:
                 answer = await engine.apply(name, args)
-            except Exception as err:  # noqa: BLE001  (the flow decides: a replay sets the entry aside)
+            except Exception as err:
                 name, args = flow.throw(err)
             else:
                 name, args = flow.send(answer)

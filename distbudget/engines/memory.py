@@ -112,7 +112,7 @@ class MemoryEngine:
         self._sweep_at = 0
         self._high = False  # some counter has reached 2**52 (see _check_room)
 
-    # ---- state helpers (mirroring lua/_common.lua) ---------------------------------------------
+    # ---- state helpers (mirroring lua/include/scan.lua) ----------------------------------------
 
     def _lookup(self, key: str, now: int) -> dict[Any, Any] | None:
         """The hash at ``key`` as a read sees it (HMGET, HGETALL): None when absent or expired.
@@ -164,7 +164,7 @@ class MemoryEngine:
         return tot
 
     def _refresh(self, h: dict[Any, Any], c: Counter, now: int) -> None:
-        """An idle-TTL hash (a session) charged: refresh its TTL when due, as lua/_common.lua does
+        """An idle-TTL hash (a session) charged: refresh its TTL when due, as lua/include/scan.lua does
         (when the last refresh, kept under the key None, is older than the slack: min(ttl / 16, 60 s);
         the hash then lives ttl + slack)."""
         last = h.get(None)
