@@ -680,7 +680,11 @@ class BudgetCore:
         results = yield "record_many", (tuple(batch),)
         records: list[UsageRecord] = []
         first: BudgetExceededError | None = None
+        refused: InvalidInputError | None = None
         for args, result, call in zip(batch, results, shown, strict=True):
+            if isinstance(result, InvalidInputError):  # a counter would pass 2**53 - 1: not charged
+                refused = refused or result
+                continue
             try:
                 records.append(self.finish_charge(args[0], result, args[2], call))
             except BudgetExceededError as err:
@@ -689,6 +693,8 @@ class BudgetCore:
                 first = first or err
         if isinstance(results, D.BatchAnswers):
             raise results.error
+        if refused is not None:
+            raise refused
         if first is not None:
             raise first
         return records

@@ -461,3 +461,13 @@ def test_bounds_are_the_documented_ones() -> None:
     bounds.check_after(MAX_AMOUNT - 5, 5, "day cost")
     with pytest.raises(InvalidInputError, match="day cost"):
         bounds.check_after(MAX_AMOUNT - 5, 6, "day cost")
+
+
+def test_a_record_many_charge_a_counter_cannot_hold_is_refused_alone(backend: Backend) -> None:
+    budget = backend.budget(BudgetScope("s"), {"h": ModelRates(input_per_1k=4_000_000, output_per_1k=0)})
+    calls = [("a", "h", 1000, 0), ("a", "h", 1000, 0), ("a", "h", 1000, 0), ("a", "h", 1, 0)]
+    with pytest.raises(InvalidInputError, match="2\\*\\*53|9007199254740991"):
+        budget.record_many(calls)  # the third would pass 2**53 - 1 nano-USD: refused, the others stand
+    total = budget.summary("a")["total"]
+    assert (total["tokens"], total["requests"]) == (2001, 3)
+    assert [e.tokens for e in budget.ledger()] == [1000, 1000, 1]

@@ -17,6 +17,7 @@ from typing import Any
 
 from distbudget._core import registry
 from distbudget._core.bounds import check_after
+from distbudget._exceptions import InvalidInputError
 from distbudget._core.plan import AdmitResult, ChargeResult, Counter, Plan, SummaryResult
 
 _METRIC_SUFFIX = ("t", "c", "r")
@@ -296,14 +297,18 @@ class MemoryEngine:
             for m in (0, 1, 2):
                 check_after(total[m], amt[m], f"counter {c.hash_key!r} ({_METRIC_NAMES[m]})")
 
-    def record_many(self, batch: tuple[tuple[Any, ...], ...]) -> list[ChargeResult]:
+    def record_many(self, batch: tuple[tuple[Any, ...], ...]) -> list[ChargeResult | InvalidInputError]:
         """``record`` for each argument tuple, in order, under one lock hold (each its own step)."""
         with self._lock:
-            out = []
+            out: list[ChargeResult | InvalidInputError] = []
             for plan, now_us, amt, request_key, request_ttl_ms, ledger in batch:
                 now = _server_now() if now_us is None else now_us
                 if self._seen(request_key, now) is None:
-                    self._check_room(plan, now, amt)
+                    try:
+                        self._check_room(plan, now, amt)
+                    except InvalidInputError as err:  # refused, nothing written; the others stand
+                        out.append(err)
+                        continue
                 out.append(self._charge_plan(plan, now, amt, request_key, request_ttl_ms, False, ledger))
             return out
 

@@ -19,7 +19,7 @@ import redis.asyncio.cluster
 import redis.exceptions
 
 from distbudget._core.plan import Plan, parse_admit, parse_charge, parse_summary, script_args
-from distbudget._exceptions import BackendError, BatchError
+from distbudget._exceptions import BackendError, BatchError, InvalidInputError
 from distbudget.engines import connect as _connect
 from distbudget.engines.scripts import OPERATIONS
 from distbudget.engines.scripts import source as script_source
@@ -196,13 +196,22 @@ def _by_node(client: Any, commands: list[tuple[Any, ...]], replies: list[Any]) -
     return groups
 
 
+def _charged(raw: Any) -> Any:
+    """One charge of a batch: its answer, or the InvalidInputError of a charge the script refused
+    (a counter would pass 2**53 - 1; nothing of it written) in its place: the others stand."""
+    try:
+        return parse_charge(raw)
+    except InvalidInputError as err:
+        return err
+
+
 def _outcomes(results: list[Any]) -> list[Any]:
     """A record_many batch's parsed answers. When the round trip itself failed (every call has the
     same error) that error is raised; when only some calls failed, a :class:`BatchError` carrying
     each call's answer or error (the failure policy settles them one by one)."""
     failed = [r for r in results if isinstance(r, Exception)]
     if not failed:
-        return [parse_charge(r) for r in results]
+        return [_charged(r) for r in results]
     first = failed[0]
     if all(r is first for r in results):
         raise first
@@ -213,7 +222,7 @@ def _outcomes(results: list[Any]) -> list[Any]:
             err.__cause__ = r
             per_call.append(err)
         else:
-            per_call.append(parse_charge(r))
+            per_call.append(_charged(r))
     msg = f"Redis record_many: {len(failed)} of {len(results)} charges failed (first: {first})"
     raise BatchError(msg, per_call) from first
 
