@@ -466,7 +466,7 @@ def test_bounds_are_the_documented_ones() -> None:
 def test_a_record_many_charge_a_counter_cannot_hold_is_refused_alone(backend: Backend) -> None:
     budget = backend.budget(BudgetScope("s"), {"h": ModelRates(input_per_1k=4_000_000, output_per_1k=0)})
     calls = [("a", "h", 1000, 0), ("a", "h", 1000, 0), ("a", "h", 1000, 0), ("a", "h", 1, 0)]
-    with pytest.raises(InvalidInputError, match="2\\*\\*53|9007199254740991"):
+    with pytest.raises(InvalidInputError, match="9007199254740991"):
         budget.record_many(calls)  # the third would pass 2**53 - 1 nano-USD: refused, the others stand
     total = budget.summary("a")["total"]
     assert (total["tokens"], total["requests"]) == (2001, 3)

@@ -17,8 +17,8 @@ from typing import Any
 
 from distbudget._core import registry
 from distbudget._core.bounds import check_after
-from distbudget._exceptions import InvalidInputError
 from distbudget._core.plan import AdmitResult, ChargeResult, Counter, Plan, SummaryResult
+from distbudget._exceptions import InvalidInputError
 
 _METRIC_SUFFIX = ("t", "c", "r")
 _METRIC_NAMES = ("tokens", "nano-USD", "requests")
