@@ -471,3 +471,23 @@ def test_a_record_many_charge_a_counter_cannot_hold_is_refused_alone(backend: Ba
     total = budget.summary("a")["total"]
     assert (total["tokens"], total["requests"]) == (2001, 3)
     assert [e.tokens for e in budget.ledger()] == [1000, 1000, 1]
+
+
+def test_async_with_on_a_pending_reservation_settles_like_with() -> None:
+    import asyncio
+
+    from distbudget import AsyncBudget
+
+    async def main() -> dict[str, Any]:
+        budget = AsyncBudget(BudgetScope("s", max_tokens_per_session=1000), RATES, session_id="a")
+        with pytest.warns(BudgetWarning, match="without commit"):
+            async with budget.reserve("m", 100, 200):
+                pass
+        with pytest.raises(InvalidInputError):
+            async with budget.reserve("m", 100, 200) as res:
+                await res.commit(100, 50, cached_input_tokens=200)
+        return await budget.summary()
+
+    summary = asyncio.run(main())
+    assert summary["holds"] == {"released_uncommitted": 1, "charged_uncommitted": 1, "expired_before_commit": 0}
+    assert summary["session"]["tokens"] == 300 and summary["limits"]["session_tokens"]["held"] == 0
