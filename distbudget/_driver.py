@@ -8,7 +8,7 @@ A job is prepared (validated, planned) before anything is sent. The driver then 
 * a generator of steps (:data:`~distbudget._core.ops.Steps`), for the operations that really take
   several engine steps (``acquire``'s wait loop, a ledger read page by page, the journal's replay).
   The contract, the same in both drivers: each yielded operation's result is sent back; its
-  ``BackendError`` is thrown in at the ``yield`` (the generator may catch it); a yielded
+  error (a ``BackendError``, or any other) is thrown in at the ``yield`` (the generator may catch it); a yielded
   :class:`~distbudget._core.ops.Sleep` is slept (``None`` is sent back); the generator's return
   value is the job's result, and it is closed in ``finally`` whatever happens.
 
@@ -75,7 +75,7 @@ class Driver:
                     continue
                 try:
                     answer = self.execute(step)
-                except BackendError as err:
+                except Exception as err:
                     step = job.throw(err)
                 else:
                     step = job.send(answer)
@@ -127,7 +127,7 @@ class AsyncDriver:
                     continue
                 try:
                     answer = await self.execute(step)
-                except BackendError as err:
+                except Exception as err:
                     step = job.throw(err)
                 else:
                     step = job.send(answer)
