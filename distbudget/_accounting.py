@@ -944,7 +944,7 @@ class Accounting:
             f"left without commit(): its hold was {'charged' if charge else 'released, nothing charged'} "
             "(on_uncommitted=...)",
             BudgetWarning,
-            stacklevel=4,
+            stacklevel=3,
         )
         return self.charge_hold(hold, "exit") if charge else self.release(hold, uncommitted=True)
 

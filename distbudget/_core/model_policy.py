@@ -72,4 +72,4 @@ def check_models(problems: list[str], strict: bool) -> None:
     if problems and strict:
         raise UnknownModelError("; ".join(problems) + " (strict_models=True)")
     for problem in problems:
-        warnings.warn(problem + "; pass strict_models=True to make this an error", BudgetWarning, stacklevel=4)
+        warnings.warn(problem + "; pass strict_models=True to make this an error", BudgetWarning, stacklevel=5)
