@@ -63,11 +63,11 @@ from distbudget._core.ops import (
     Summary,
     SummaryResult,
 )
+from distbudget._core.prices import ModelRates, PriceBook
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
 from distbudget._core.usage import Usage
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
-from distbudget.pricing import ModelRates, PriceBook
 
 log = logging.getLogger("distbudget")
 

@@ -69,20 +69,22 @@ class Driver:
         try:
             step = next(job)
             while True:
-                if isinstance(step, Sleep):
-                    self.sleep(step.seconds)
-                    step = job.send(None)
-                    continue
-                try:
-                    answer = self.execute(step)
-                except Exception as err:
-                    step = job.throw(err)
-                else:
-                    step = job.send(answer)
+                answer, error = self._attempt(step)
+                step = job.send(answer) if error is None else job.throw(error)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
         finally:
             job.close()
+
+    def _attempt(self, step: Operation[Any] | Sleep) -> tuple[Any, Exception | None]:
+        """One step of a multi-step job: (its answer, None), or (None, the error to throw in)."""
+        if isinstance(step, Sleep):
+            self.sleep(step.seconds)
+            return None, None
+        try:
+            return self.execute(step), None
+        except Exception as err:  # thrown in: the journal's replay sets an entry aside
+            return None, err
 
 
 class AsyncDriver:
@@ -119,19 +121,20 @@ class AsyncDriver:
         try:
             step = next(job)
             while True:
-                if isinstance(step, Sleep):
-                    slept = self.sleep(step.seconds)
-                    if inspect.isawaitable(slept):
-                        await slept
-                    step = job.send(None)
-                    continue
-                try:
-                    answer = await self.execute(step)
-                except Exception as err:
-                    step = job.throw(err)
-                else:
-                    step = job.send(answer)
+                answer, error = await self._attempt(step)
+                step = job.send(answer) if error is None else job.throw(error)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
         finally:
             job.close()
+
+    async def _attempt(self, step: Operation[Any] | Sleep) -> tuple[Any, Exception | None]:
+        if isinstance(step, Sleep):
+            slept = self.sleep(step.seconds)
+            if inspect.isawaitable(slept):
+                await slept
+            return None, None
+        try:
+            return await self.execute(step), None
+        except Exception as err:  # thrown in: the journal's replay sets an entry aside
+            return None, err

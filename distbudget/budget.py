@@ -23,6 +23,7 @@ from distbudget._core import ledger as L
 from distbudget._core.errors import BackendError, BudgetExceededError, BudgetWarning
 from distbudget._core.money import nano_to_usd
 from distbudget._core.ops import Job, Step
+from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope
 from distbudget._core.types import BudgetAlert, UsageRecord
 from distbudget._driver import AsyncDriver, Driver
@@ -30,7 +31,6 @@ from distbudget._policy.guard import Kept, connect_options
 from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE, flush
 from distbudget.engines.base import AsyncEngine, Engine
 from distbudget.engines.memory import AsyncMemoryEngine, MemoryEngine
-from distbudget.pricing import ModelRates
 
 P = ParamSpec("P")
 T = TypeVar("T")

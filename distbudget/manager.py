@@ -23,6 +23,7 @@ from distbudget._core import registry as R
 from distbudget._core.errors import UnknownScopeError
 from distbudget._core.keys import registry_key
 from distbudget._core.ops import RegistryChain, RegistryNames, RegistryPut, RegistryRemove, Step
+from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope, check_name
 from distbudget._core.types import UsageRecord
 from distbudget._driver import AsyncDriver, Driver
@@ -30,7 +31,6 @@ from distbudget._policy.guard import check_options, connect_options
 from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE, flush, state_for
 from distbudget.budget import AsyncBudget, Budget, PendingReservation, make_async_engine, make_engine
 from distbudget.engines.base import AsyncEngine, Engine
-from distbudget.pricing import ModelRates
 
 B = TypeVar("B", Budget, AsyncBudget)
 E = TypeVar("E", Engine, AsyncEngine)
@@ -256,6 +256,7 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
     def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         """Charges counting against a scope (its own and its descendants'), from the shared ledger."""
         budget = self._budget(name)
+        budget._before()  # a journal due for replay is replayed first, as before any budget call
         return [e.as_record() for e in budget._driver.run(budget._core.ledger_pages(since, limit, charges_only=True))]
 
     def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
@@ -315,6 +316,7 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
 
     async def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         budget = await self._budget(name)
+        await budget._before()
         pages = budget._core.ledger_pages(since, limit, charges_only=True)
         return [e.as_record() for e in await budget._driver.run(pages)]
 

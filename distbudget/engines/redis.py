@@ -86,11 +86,18 @@ def _evalsha(sha: str, keys: Any, argv: list[Any]) -> tuple[Any, ...]:
     return ("EVALSHA", sha, len(keys), *keys, *argv)
 
 
-def _settle(results: list[Any], todo: list[int], raw: list[Any]) -> list[int]:
-    """Put the replies of the commands ``todo`` in place; those to send again (NOSCRIPT: not run)."""
-    for i, r in zip(todo, raw, strict=True):
-        results[i] = r
-    return [i for i in todo if isinstance(results[i], redis.exceptions.NoScriptError)]
+def _noscript(replies: list[Any]) -> list[int]:
+    """The commands answered NOSCRIPT (the script was flushed: they did not run)."""
+    return [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+
+
+def _with_sha(command: tuple[Any, ...], sha: str) -> tuple[Any, ...]:
+    return (command[0], sha, *command[2:])
+
+
+def _put(replies: list[Any], indexes: list[int], answers: list[Any]) -> None:
+    for i, answer in zip(indexes, answers, strict=True):
+        replies[i] = answer
 
 
 def _redirected(replies: list[Any]) -> list[int]:
@@ -214,20 +221,16 @@ class RedisEngine(_Base):
         did not run: the script is loaded and those charges alone are sent again. Nothing else is
         ever sent twice. Each call's outcome is its own (see ``codec.charges``)."""
         commands = self._encode_many(op)
-        results: list[Any] = [None] * len(commands)
-        todo = list(range(len(commands)))
-        for attempt in range(2):
+        replies = self._send_many(commands)
+        again = _noscript(replies)
+        if again:
             try:
-                if attempt:
-                    sha = self.scripts["record"].sha = self.client.script_load(self.scripts["record"].script)
-                    commands = [(c[0], sha, *c[2:]) for c in commands]
-                raw = self._send_many([commands[i] for i in todo])
+                sha = self.scripts["record"].sha = self.client.script_load(self.scripts["record"].script)
+                resent = self._send_many([_with_sha(commands[i], sha) for i in again])
             except ERRORS as exc:  # loading the script failed: those charges did not run
-                raw = [exc] * len(todo)
-            todo = _settle(results, todo, raw)
-            if not todo:
-                break
-        return charges(results)
+                resent = [exc] * len(again)
+            _put(replies, again, resent)
+        return charges(replies)
 
     def _send_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Commands in one round trip: their replies, an error reply in place of its command's. When
@@ -324,20 +327,16 @@ class AsyncRedisEngine(_Base):
     async def _record_many(self, op: RecordMany) -> list[Any]:
         """See :meth:`RedisEngine._record_many`."""
         commands = self._encode_many(op)
-        results: list[Any] = [None] * len(commands)
-        todo = list(range(len(commands)))
-        for attempt in range(2):
+        replies = await self._send_many(commands)
+        again = _noscript(replies)
+        if again:
             try:
-                if attempt:
-                    sha = self.scripts["record"].sha = await self.client.script_load(self.scripts["record"].script)
-                    commands = [(c[0], sha, *c[2:]) for c in commands]
-                raw = await self._send_many([commands[i] for i in todo])
+                sha = self.scripts["record"].sha = await self.client.script_load(self.scripts["record"].script)
+                resent = await self._send_many([_with_sha(commands[i], sha) for i in again])
             except ERRORS as exc:
-                raw = [exc] * len(todo)
-            todo = _settle(results, todo, raw)
-            if not todo:
-                break
-        return charges(results)
+                resent = [exc] * len(again)
+            _put(replies, again, resent)
+        return charges(replies)
 
     async def _send_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """See :meth:`RedisEngine._send_many`."""
