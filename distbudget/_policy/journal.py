@@ -348,7 +348,7 @@ def replay(st: EngineState, force: bool = False) -> Steps[tuple[int, BackendErro
                 e.maybe_sent = True  # from here on this attempt may have run (cancellation included)
                 try:
                     answer: ChargeResult = yield e.op
-                except Exception as err:
+                except Exception as err:  # one entry never stalls the replay: it goes to the dead letters
                     outage = isinstance(err, BackendError) and err.outage
                     e.maybe_sent = was or (isinstance(err, BackendError) and err.maybe_sent)
                     if outage:
