@@ -39,7 +39,7 @@ T = TypeVar("T")
 class Driver:
     """Runs jobs on a sync engine, under ``guard`` (a budget's failure policy) if given."""
 
-    def __init__(self, engine: Engine, guard: Guard | None = None, sleep: Callable[[float], Any] | None = None):
+    def __init__(self, engine: Engine, guard: Guard | None = None, sleep: Callable[[float], Any] | None = None) -> None:
         self.engine = engine
         self.guard = guard
         self.sleep = sleep or time.sleep

@@ -318,55 +318,55 @@ class _ReservationBase(Generic[B]):
     """What sync and async reservations share: the hold and its read-only views."""
 
     def __init__(self, budget: B, hold: Hold) -> None:
-        self.budget: B = budget
-        self.hold = hold
+        self._budget: B = budget
+        self._hold = hold
 
     @property
     def admitted(self) -> bool:
-        return self.hold.admitted
+        return self._hold.admitted
 
     @property
     def model(self) -> str:
-        return self.hold.model
+        return self._hold.model
 
     @property
     def session_id(self) -> str:
-        return self.hold.plan.session_id
+        return self._hold.plan.session_id
 
     @property
     def request_id(self) -> str | None:
-        return self.hold.request_id
+        return self._hold.request_id
 
     @property
     def hold_id(self) -> str:
-        return self.hold.hold_id
+        return self._hold.hold_id
 
     @property
     def held_tokens(self) -> int:
-        return self.hold.held[0]
+        return self._hold.held[0]
 
     @property
     def held_nano_usd(self) -> int:
-        return self.hold.held[1]
+        return self._hold.held[1]
 
     @property
     def held_cost_usd(self) -> float:
-        return nano_to_usd(self.hold.held[1])
+        return nano_to_usd(self._hold.held[1])
 
     @property
     def record(self) -> UsageRecord | None:
         """The charge, once committed."""
-        return self.hold.record
+        return self._hold.record
 
     def _commit_failed(self, exc: BaseException) -> None:
         """A commit raised. It may be committed again unless that could charge twice: refused while
         its charge is journaled (replayed later) or may have run (a cancellation, a lost reply)
         without a request id to deduplicate it. An error Redis answered ran nothing."""
-        if self.hold.record is not None:
+        if self._hold.record is not None:
             return
         journaled = isinstance(exc, BackendError) and exc.journaled
-        if self.hold.request_key is not None or (isinstance(exc, BackendError) and not journaled):
-            self.hold.committing = False
+        if self._hold.request_key is not None or (isinstance(exc, BackendError) and not journaled):
+            self._hold.committing = False
 
 
 def _committing(
@@ -376,10 +376,10 @@ def _committing(
 
     @functools.wraps(prepare)
     def method(self: Reservation, /, *args: P.args, **kwargs: P.kwargs) -> UsageRecord:
-        budget = self.budget
+        budget = self._budget
         try:
             budget._before(settle=True)
-            return budget._driver.run(prepare(budget._core, self.hold, *args, **kwargs))
+            return budget._driver.run(prepare(budget._core, self._hold, *args, **kwargs))
         except BaseException as exc:
             self._commit_failed(exc)
             raise
@@ -394,10 +394,10 @@ def _async_committing(
 
     @functools.wraps(prepare)
     async def method(self: AsyncReservation, /, *args: P.args, **kwargs: P.kwargs) -> UsageRecord:
-        budget = self.budget
+        budget = self._budget
         try:
             await budget._before(settle=True)
-            return await budget._driver.run(prepare(budget._core, self.hold, *args, **kwargs))
+            return await budget._driver.run(prepare(budget._core, self._hold, *args, **kwargs))
         except BaseException as exc:
             self._commit_failed(exc)
             raise
@@ -413,8 +413,8 @@ class Reservation(_ReservationBase[Budget]):
 
     def release(self) -> bool:
         """Free the hold; True if it was still live."""
-        self.budget._before(settle=True)
-        return self.budget._driver.run(self.budget._core.release(self.hold))
+        self._budget._before(settle=True)
+        return self._budget._driver.run(self._budget._core.release(self._hold))
 
     def extend(self, ttl: float) -> bool:
         """Keep a long call (a stream) held: its lease now ends ``ttl`` seconds from now (one round
@@ -446,7 +446,7 @@ class AsyncReservation(_ReservationBase[AsyncBudget]):
 
     async def release(self) -> bool:
         """Free the hold; runs to completion even if the calling task is cancelled meanwhile."""
-        if not self.hold.open:
+        if not self._hold.open:
             return False
         task = asyncio.ensure_future(self._release())
         try:
@@ -456,8 +456,8 @@ class AsyncReservation(_ReservationBase[AsyncBudget]):
             raise
 
     async def _release(self) -> bool:
-        await self.budget._before(settle=True)
-        return await self.budget._driver.run(self.budget._core.release(self.hold))
+        await self._budget._before(settle=True)
+        return await self._budget._driver.run(self._budget._core.release(self._hold))
 
     async def extend(self, ttl: float) -> bool:
         """See :meth:`Reservation.extend`."""

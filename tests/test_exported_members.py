@@ -58,6 +58,21 @@ MANAGER_API = {
 }
 
 
+RESERVATION_API = {
+    "admitted",
+    "commit",
+    "held_cost_usd",
+    "held_nano_usd",
+    "held_tokens",
+    "hold_id",
+    "model",
+    "record",
+    "release",
+    "request_id",
+    "session_id",
+}
+
+
 def public(obj: object) -> set[str]:
     return {name for name in dir(obj) if not name.startswith("_")}
 
@@ -83,6 +98,14 @@ def test_budgets_show_exactly_their_documented_api() -> None:
     assert public(AsyncBudget) | {"engine"} == BUDGET_API
     budget = Budget(distbudget.BudgetScope("s"))
     assert public(budget) == BUDGET_API
+
+
+def test_reservations_show_exactly_their_documented_api() -> None:
+    assert public(distbudget.Reservation) == RESERVATION_API
+    assert public(distbudget.AsyncReservation) == RESERVATION_API
+    rates = {"m": distbudget.ModelRates(0.001, 0.002)}
+    reservation = Budget(distbudget.BudgetScope("s"), rates).reserve("m", 1, 1)
+    assert public(reservation) == RESERVATION_API
 
 
 def test_managers_show_exactly_their_documented_api() -> None:

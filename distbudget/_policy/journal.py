@@ -31,7 +31,6 @@ import weakref
 from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any
 
 from distbudget._core.errors import BackendError
 from distbudget._core.ops import Charge, ChargeResult, Commit, LedgerRead, LedgerRow, Sleep, Steps
@@ -245,11 +244,11 @@ class EngineState:
             self._update()
 
 
-_states: weakref.WeakKeyDictionary[Any, EngineState] = weakref.WeakKeyDictionary()
+_states: weakref.WeakKeyDictionary[object, EngineState] = weakref.WeakKeyDictionary()
 _states_lock = threading.Lock()
 
 
-def state_for(engine: Any, capacity: int = DEFAULT_JOURNAL_SIZE) -> EngineState:
+def state_for(engine: object, capacity: int = DEFAULT_JOURNAL_SIZE) -> EngineState:
     """The state shared by every budget on ``engine`` (its journal holds at least ``capacity``)."""
     with _states_lock:
         try:
