@@ -419,9 +419,9 @@ class Reservation(_ReservationBase[Budget]):
     def extend(self, ttl: float) -> bool:
         """Keep a long call (a stream) held: its lease now ends ``ttl`` seconds from now (one round
         trip). False if the hold had lapsed already (a later commit is flagged ``hold_expired``)."""
-        job = self.budget._core.extend(self.hold, ttl)
-        self.budget._before(settle=True)
-        return self.budget._driver.run(job)
+        job = self._budget._core.extend(self._hold, ttl)
+        self._budget._before(settle=True)
+        return self._budget._driver.run(job)
 
     def __enter__(self) -> Reservation:
         return self
@@ -429,12 +429,12 @@ class Reservation(_ReservationBase[Budget]):
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         """Leaving the block: see ``Accounting.leave`` (a hold left uncommitted warns, and is released
         or charged per ``on_uncommitted``; a refused commit's error charges it)."""
-        job = self.budget._core.leave(self.hold, exc)
+        job = self._budget._core.leave(self._hold, exc)
         if job is None:
             return
-        self.budget._before(settle=True)
+        self._budget._before(settle=True)
         try:
-            self.budget._driver.run(job)
+            self._budget._driver.run(job)
         except BudgetExceededError as err:  # charged (money spent): nothing to raise on leaving
             warnings.warn(err.message, BudgetWarning, stacklevel=2)
 
@@ -461,14 +461,14 @@ class AsyncReservation(_ReservationBase[AsyncBudget]):
 
     async def extend(self, ttl: float) -> bool:
         """See :meth:`Reservation.extend`."""
-        job = self.budget._core.extend(self.hold, ttl)
-        await self.budget._before(settle=True)
-        return await self.budget._driver.run(job)
+        job = self._budget._core.extend(self._hold, ttl)
+        await self._budget._before(settle=True)
+        return await self._budget._driver.run(job)
 
-    async def leave(self, exc: BaseException | None) -> None:
+    async def _leave(self, exc: BaseException | None) -> None:
         """Leaving an ``async with`` block (see :meth:`Reservation.__exit__`); runs to completion even
         if the calling task is cancelled meanwhile."""
-        job = self.budget._core.leave(self.hold, exc)
+        job = self._budget._core.leave(self._hold, exc)
         if job is None:
             return
         task = asyncio.ensure_future(self._settle(job))
@@ -481,14 +481,14 @@ class AsyncReservation(_ReservationBase[AsyncBudget]):
             warnings.warn(err.message, BudgetWarning, stacklevel=2)
 
     async def _settle(self, job: Job[Any]) -> None:
-        await self.budget._before(settle=True)
-        await self.budget._driver.run(job)
+        await self._budget._before(settle=True)
+        await self._budget._driver.run(job)
 
     async def __aenter__(self) -> AsyncReservation:
         return self
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        await self.leave(exc)
+        await self._leave(exc)
 
 
 class PendingReservation:
@@ -516,4 +516,4 @@ class PendingReservation:
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if self._reservation is not None:
-            await self._reservation.leave(exc)
+            await self._reservation._leave(exc)

@@ -61,6 +61,7 @@ MANAGER_API = {
 RESERVATION_API = {
     "admitted",
     "commit",
+    "extend",
     "held_cost_usd",
     "held_nano_usd",
     "held_tokens",
