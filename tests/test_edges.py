@@ -491,3 +491,25 @@ def test_async_with_on_a_pending_reservation_settles_like_with() -> None:
     summary = asyncio.run(main())
     assert summary["holds"] == {"released_uncommitted": 1, "charged_uncommitted": 1, "expired_before_commit": 0}
     assert summary["session"]["tokens"] == 300 and summary["limits"]["session_tokens"]["held"] == 0
+
+
+def test_the_scripts_refuse_what_would_fail_after_a_write(redis_server: Any) -> None:
+    """The client never sends them, but a script checks the arguments a late write could fail on (a
+    request TTL of 0 ms would make SET PX fail after the counters were charged) before its first write."""
+    import dataclasses
+
+    from distbudget import BackendError
+
+    admin = redis_server.client()
+    admin.flushall()
+    budget = Budget(BudgetScope("s", max_tokens_per_session=100), RATES, redis=admin, session_id="a")
+    budget.record(None, "m", 1, 1)
+    before = sorted((k, admin.dump(k)) for k in admin.keys("*") if b"alert-streams" not in k)
+    op = budget._core.record(None, "m", 1, 1, request_id="r").op
+    with pytest.raises(BackendError, match="invalid request TTL"):
+        budget.engine.execute(dataclasses.replace(op, request_ttl_ms=0))
+    assert sorted((k, admin.dump(k)) for k in admin.keys("*") if b"alert-streams" not in k) == before
+    hold = budget._core.reserve("m", 1, 1).op
+    with pytest.raises(BackendError, match="invalid lease TTL"):
+        budget.engine.execute(dataclasses.replace(hold, ttl_us=10**17))
+    assert sorted((k, admin.dump(k)) for k in admin.keys("*") if b"alert-streams" not in k) == before

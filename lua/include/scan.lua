@@ -66,12 +66,15 @@ local function scan(now, amt, charging, first, nows)
   local fired, nfired = {}, 0
   local ids, lims
   if not charging then ids, lims = {}, {} end
-  local S = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}  -- pending HSET field, value, ...
-  -- A charge's writes wait in S and W until every counter is known to stay exact (at most 2^53 - 1):
-  -- a script never writes and then fails (Redis would not roll the earlier writes back). W, per hash
-  -- with writes: key, first and last index of its fields in S, TTL to set or false, window sorted
-  -- set or false, new bucket id or false, its TTL or false.
-  local W, nw, n, over = {}, 0, 0, nil
+  -- pending HSET field, value, ... of every hash (sized once: growing a table rehashes it)
+  local S = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+  -- A charge's writes wait in S, W and X until every counter is known to stay exact (at most
+  -- 2^53 - 1): a script never writes and then fails (Redis would not roll earlier writes back).
+  -- W, per hash with fields to set: key, first and last index of its fields in S. X (rare: a new
+  -- bucket, a TTL due), per such hash: key, TTL to set or false, window sorted set, new bucket id or
+  -- false, its TTL or false.
+  local W, X, nw, nx, n, over = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, nil, 0, 0, 0, nil
   local a1, a2, a3 = 0, 0, 0    -- the amounts charged (none when only reading)
   if charging then a1, a2, a3 = amt[1], amt[2], amt[3] end
   local k, x, ki = 7, 9, first or 3  -- next shape byte, next ARGV string, next KEYS index
@@ -268,20 +271,24 @@ local function scan(now, amt, charging, first, nows)
         end
       end
     end
-    if n > n0 or refresh or zadd then
-      W[nw + 1], W[nw + 2], W[nw + 3], W[nw + 4], W[nw + 5], W[nw + 6], W[nw + 7] =
-        h, n0 + 1, n, refresh or false, z or false, zadd, zttl
-      nw = nw + 7
+    if n > n0 then
+      W[nw + 1], W[nw + 2], W[nw + 3] = h, n0 + 1, n
+      nw = nw + 3
+    end
+    if refresh or zadd then
+      X = X or {}
+      X[nx + 1], X[nx + 2], X[nx + 3], X[nx + 4], X[nx + 5] = h, refresh or false, z, zadd, zttl
+      nx = nx + 5
     end
   end
   if over then return nil, over end  -- the totals position of the first counter that would overflow
-  for j = 1, nw, 7 do
-    local h, z, bk = W[j], W[j + 4], W[j + 5]
-    if W[j + 2] >= W[j + 1] then call('HSET', h, unpack(S, W[j + 1], W[j + 2])) end
-    if W[j + 3] then call('PEXPIRE', h, W[j + 3]) end
+  for j = 1, nw, 3 do call('HSET', W[j], unpack(S, W[j + 1], W[j + 2])) end
+  for j = 1, nx, 5 do
+    local z, bk = X[j + 2], X[j + 3]
+    if X[j + 1] then call('PEXPIRE', X[j], X[j + 1]) end
     if bk then
       call('ZADD', z, bk, bk)
-      if W[j + 6] then call('PEXPIRE', z, W[j + 6]) end
+      if X[j + 4] then call('PEXPIRE', z, X[j + 4]) end
     end
   end
   return out, fired, ids, lims
