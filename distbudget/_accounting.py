@@ -66,7 +66,7 @@ from distbudget._core.ops import (
 from distbudget._core.prices import ModelRates, PriceBook
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
-from distbudget._core.usage import Usage
+from distbudget._core.usage import Usage, charge_args
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
 
 log = logging.getLogger("distbudget")
@@ -135,24 +135,6 @@ class CallView:
     extra: tuple[int, int, int]  # cached input, cache write, reasoning tokens
     metadata: dict[str, Any] | None
     request_id: str | None
-
-
-def tokens_of(
-    input_tokens: int | Usage,
-    output_tokens: int | None,
-    cached_input_tokens: int = 0,
-    cache_write_tokens: int = 0,
-    reasoning_tokens: int = 0,
-) -> tuple[int, int, int, int, int]:
-    """(input, output, cached input, cache write, reasoning) from token counts or one ``Usage``."""
-    if isinstance(input_tokens, Usage):
-        if output_tokens is not None or cached_input_tokens or cache_write_tokens or reasoning_tokens:
-            raise TypeError("pass either a Usage or token counts, not both")
-        u = input_tokens
-        return u.input_tokens, u.output_tokens, u.cached_input_tokens, u.cache_write_tokens, u.reasoning_tokens
-    if output_tokens is None:
-        raise TypeError("output_tokens is required (or pass one Usage value instead of the token counts)")
-    return input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
 
 
 @dataclass(frozen=True)
@@ -370,8 +352,10 @@ class Accounting:
         cached_input_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
     ) -> Amounts:
-        """Validated (tokens, nano-USD, requests) of one call."""
+        """Validated (tokens, nano-USD, requests) of one call. ``cache_write_1h_tokens``: the part of
+        ``cache_write_tokens`` written for one hour (a :class:`~distbudget.Usage` knows it)."""
         if (  # the common call, valid at a glance: the checks below would all pass
             type(input_tokens) is int
             and type(output_tokens) is int
@@ -396,8 +380,15 @@ class Accounting:
         check_tokens(cached_input_tokens, "cached_input_tokens")
         check_tokens(cache_write_tokens, "cache_write_tokens")
         check_tokens(reasoning_tokens, "reasoning_tokens")
+        if not 0 <= cache_write_1h_tokens <= cache_write_tokens:  # Usage validated it: never from a caller
+            raise InvalidInputError("cache_write_1h_tokens must be a part of cache_write_tokens")
         cost = self._rates(model).cost_nano(
-            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+            cache_write_tokens - cache_write_1h_tokens,
+            reasoning_tokens,
+            cache_write_1h_tokens=cache_write_1h_tokens,
         )
         B.check_amounts(input_tokens + output_tokens, cost)
         return input_tokens + output_tokens, cost, 1
@@ -705,12 +696,12 @@ class Accounting:
     ) -> Step[ChargeResult, UsageRecord]:
         """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit.
         ``input_tokens`` may be one :class:`Usage` value instead of the token counts."""
-        tokens = tokens_of(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
+        tokens = charge_args(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
         usage = self.usage(model, *tokens)
         B.check_metadata(metadata)
         rkey = None if request_id is None else self.request_key(request_id)
         plan = self.plan(self._session(session_id, True), model)
-        call = CallView(model, tokens[0], tokens[1], tokens[2:], metadata, request_id)
+        call = CallView(model, tokens[0], tokens[1], tokens[2:5], metadata, request_id)
         maxlen, entry = self._ledger_entry(plan, call, None)
 
         def finish(result: ChargeResult) -> UsageRecord:
@@ -859,13 +850,13 @@ class Accounting:
         ``cached_input_tokens + cache_write_tokens > input_tokens``) leaves the hold held: commit
         corrected numbers (a ``with`` block its error leaves charges the hold, flagged)."""
         try:  # validated before the hold is touched
-            tokens = tokens_of(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
+            tokens = charge_args(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
             usage = self.usage(hold.model, *tokens)
             B.check_metadata(metadata)
         except (InvalidInputError, TypeError):
             hold.refused = True
             raise
-        call = CallView(hold.model, tokens[0], tokens[1], tokens[2:], metadata, hold.request_id)
+        call = CallView(hold.model, tokens[0], tokens[1], tokens[2:5], metadata, hold.request_id)
         return self._settle(hold, usage, call, None)
 
     def charge_hold(self, hold: Hold, why: str) -> Step[ChargeResult, UsageRecord]:

@@ -19,7 +19,7 @@ from distbudget._core.errors import InvalidInputError
 from distbudget._core.money import check_tokens
 
 
-def _field(obj: Any, name: str) -> Any:
+def field_value(obj: Any, name: str) -> Any:
     """``obj.name`` or ``obj[name]``; None when absent (SDK objects and their JSON alike)."""
     if obj is None:
         return None
@@ -30,9 +30,9 @@ def _field(obj: Any, name: str) -> Any:
 
 def _count(obj: Any, name: str, *path: str) -> int:
     """A token count at ``obj.name[.path...]``: 0 when any step is missing or None."""
-    value = _field(obj, name)
+    value = field_value(obj, name)
     for step in path:
-        value = _field(value, step)
+        value = field_value(value, step)
     if value is None:
         return 0
     try:
@@ -45,7 +45,7 @@ def _usage_of(source: Any) -> Any:
     """A response (which carries ``usage``) or the usage itself."""
     if source is None:
         raise InvalidInputError("no usage reported")
-    inner = _field(source, "usage")
+    inner = field_value(source, "usage")
     if inner is not None and not isinstance(inner, (int, float, str)):
         return inner
     return source
@@ -96,14 +96,6 @@ class Usage:
     def cache_write_5m_tokens(self) -> int:
         return self.cache_write_tokens - self.cache_write_1h_tokens
 
-    def charge_kwargs(self) -> dict[str, int]:
-        """The keywords ``Budget.record`` / ``Reservation.commit`` take besides input and output."""
-        return {
-            "cached_input_tokens": self.cached_input_tokens,
-            "cache_write_tokens": self.cache_write_tokens,
-            "reasoning_tokens": self.reasoning_tokens,
-        }
-
     @classmethod
     def from_openai(cls, usage: Any) -> Usage:
         """OpenAI usage: Chat Completions (``prompt_tokens``, ``prompt_tokens_details.cached_tokens`` and
@@ -112,22 +104,16 @@ class Usage:
         ``output_tokens_details.reasoning_tokens``). Cached and cache-write tokens are already inside
         the prompt count. Accepts the usage or a response carrying it."""
         u = _usage_of(usage)
-        if _field(u, "prompt_tokens") is not None or _field(u, "completion_tokens") is not None:
-            return cls(
-                input_tokens=_count(u, "prompt_tokens"),
-                output_tokens=_count(u, "completion_tokens"),
-                cached_input_tokens=_count(u, "prompt_tokens_details", "cached_tokens"),
-                cache_write_tokens=_count(u, "prompt_tokens_details", "cache_write_tokens"),
-                reasoning_tokens=_count(u, "completion_tokens_details", "reasoning_tokens"),
-            )
-        if _field(u, "input_tokens") is not None or _field(u, "output_tokens") is not None:
-            return cls(
-                input_tokens=_count(u, "input_tokens"),
-                output_tokens=_count(u, "output_tokens"),
-                cached_input_tokens=_count(u, "input_tokens_details", "cached_tokens"),
-                cache_write_tokens=_count(u, "input_tokens_details", "cache_write_tokens"),
-                reasoning_tokens=_count(u, "output_tokens_details", "reasoning_tokens"),
-            )
+        for inp, out in (("prompt_tokens", "completion_tokens"), ("input_tokens", "output_tokens")):
+            if field_value(u, inp) is not None or field_value(u, out) is not None:
+                details_in, details_out = inp + "_details", out + "_details"
+                return cls(
+                    input_tokens=_count(u, inp),
+                    output_tokens=_count(u, out),
+                    cached_input_tokens=_count(u, details_in, "cached_tokens"),
+                    cache_write_tokens=_count(u, details_in, "cache_write_tokens"),
+                    reasoning_tokens=_count(u, details_out, "reasoning_tokens"),
+                )
         raise InvalidInputError(f"not an OpenAI usage (no prompt_tokens or input_tokens): {usage!r}")
 
     @classmethod
@@ -136,7 +122,7 @@ class Usage:
         and ``cache_creation_input_tokens`` come on top and are added in here. The 1-hour part of the
         cache writes comes from ``cache_creation.ephemeral_1h_input_tokens``."""
         u = _usage_of(usage)
-        if _field(u, "input_tokens") is None and _field(u, "output_tokens") is None:
+        if field_value(u, "input_tokens") is None and field_value(u, "output_tokens") is None:
             raise InvalidInputError(f"not an Anthropic usage (no input_tokens or output_tokens): {usage!r}")
         read = _count(u, "cache_read_input_tokens")
         written = _count(u, "cache_creation_input_tokens")
@@ -156,22 +142,24 @@ class Usage:
         """LiteLLM usage (OpenAI-shaped for every provider; ``prompt_tokens`` already include cache reads
         and writes): a ``ModelResponse``, its ``usage``, or the ``usage_object`` / fields of a
         ``standard_logging_object``. Cache writes: ``prompt_tokens_details.cache_write_tokens`` or
-        ``cache_creation_input_tokens``."""
+        ``cache_creation_input_tokens``, their 1-hour part in ``prompt_tokens_details.cache_creation_token_details``."""
         u = _usage_of(usage)
-        logged = _field(_field(u, "metadata"), "usage_object")  # a standard_logging_object
+        logged = field_value(field_value(u, "metadata"), "usage_object")  # a standard_logging_object
         if logged:
             u = logged
-        if _field(u, "prompt_tokens") is None and _field(u, "completion_tokens") is None:
+        if field_value(u, "prompt_tokens") is None and field_value(u, "completion_tokens") is None:
             raise InvalidInputError(f"not a LiteLLM usage (no prompt_tokens): {usage!r}")
         base = cls.from_openai(u)
         cached = base.cached_input_tokens or _count(u, "cache_read_input_tokens")
         written = base.cache_write_tokens or _count(u, "cache_creation_input_tokens")
+        one_hour = _count(u, "prompt_tokens_details", "cache_creation_token_details", "ephemeral_1h_input_tokens")
         return cls(
             input_tokens=base.input_tokens,
             output_tokens=base.output_tokens,
             cached_input_tokens=cached,
             cache_write_tokens=written,
             reasoning_tokens=base.reasoning_tokens,
+            cache_write_1h_tokens=min(one_hour, written),
         )
 
     @classmethod
@@ -179,8 +167,8 @@ class Usage:
         """LangChain ``usage_metadata`` (an ``AIMessage``'s, or the dict): ``input_tokens`` is the sum of
         every input type; ``input_token_details.cache_read`` / ``cache_creation`` (and
         ``ephemeral_1h_input_tokens``), ``output_token_details.reasoning``."""
-        u = _field(usage_metadata, "usage_metadata") or usage_metadata
-        if _field(u, "input_tokens") is None and _field(u, "output_tokens") is None:
+        u = field_value(usage_metadata, "usage_metadata") or usage_metadata
+        if field_value(u, "input_tokens") is None and field_value(u, "output_tokens") is None:
             raise InvalidInputError(f"not a LangChain usage_metadata (no input_tokens): {usage_metadata!r}")
         written = _count(u, "input_token_details", "cache_creation")
         return cls(
@@ -191,3 +179,30 @@ class Usage:
             reasoning_tokens=_count(u, "output_token_details", "reasoning"),
             cache_write_1h_tokens=min(written, _count(u, "input_token_details", "ephemeral_1h_input_tokens")),
         )
+
+
+def charge_args(
+    input_tokens: int | Usage,
+    output_tokens: int | None,
+    cached_input_tokens: int = 0,
+    cache_write_tokens: int = 0,
+    reasoning_tokens: int = 0,
+) -> tuple[int, int, int, int, int, int]:
+    """``record()``/``commit()``'s token arguments, given as numbers or as one :class:`Usage` in place
+    of ``input_tokens``: (input, output, cached, cache write, reasoning, the 1-hour part of the cache
+    write). A ``Usage`` comes alone."""
+    if isinstance(input_tokens, Usage):
+        if output_tokens is not None or cached_input_tokens or cache_write_tokens or reasoning_tokens:
+            raise TypeError("pass either a Usage or token counts, not both")
+        u = input_tokens
+        return (
+            u.input_tokens,
+            u.output_tokens,
+            u.cached_input_tokens,
+            u.cache_write_tokens,
+            u.reasoning_tokens,
+            u.cache_write_1h_tokens,
+        )
+    if output_tokens is None:
+        raise TypeError("output_tokens is required (or pass a Usage instead of input_tokens)")
+    return input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, 0
