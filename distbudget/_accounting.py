@@ -210,6 +210,7 @@ class Accounting:
             raise TypeError("prices must be a PriceBook")
         self.book, self.fleet = settings.prices, settings.fleet
         self._fleet_rev = -1  # the fleet book revision this budget prices with (-1: not read yet)
+        self._prices_fresh_until = 0.0
         # A budget of a BudgetManager follows the shared registry: (registry key, seconds a config
         # is trusted, the config chain it was built from).
         self._registry = registry
@@ -286,14 +287,18 @@ class Accounting:
         return PriceBook(rates, self.default_rates, table=table)
 
     def prices_refresh(self) -> Step[tuple[int, str | None], None] | None:
-        """The fleet price book's revision read (the book itself when it changed), for a manager's
-        budget without its own ``prices=``: before its first call, then with each registry refresh."""
-        if self.fleet is None or self.book is not None:
+        """The fleet price book's revision read (the book itself when it changed), due for a
+        manager's budget without its own ``prices=`` before its first call, then once its last read
+        is older than the registry's ``registry_ttl``."""
+        if self.fleet is None or self.book is not None or self._registry is None:
+            return None
+        if self._fleet_rev >= 0 and time.monotonic() < self._prices_fresh_until:
             return None
         return Step(PricesRead(prices_key(self.prefix), self.fleet.rev), self._prices_read)
 
     def _prices_read(self, reply: tuple[int, str | None]) -> None:
-        assert self.fleet is not None
+        assert self.fleet is not None and self._registry is not None
+        self._prices_fresh_until = time.monotonic() + self._registry[1]
         self.fleet.update(*reply)
         if self.fleet.rev != self._fleet_rev:
             self._fleet_rev = self.fleet.rev
@@ -717,9 +722,7 @@ class Accounting:
         alert stream's announcement."""
         if self.announced and self._registry is None:
             return ()
-        refresh = None if settle else self.refresh()
-        prices = self.prices_refresh() if refresh is not None or self._fleet_rev < 0 else None
-        steps = (refresh, prices, self.announcement())
+        steps = (None if settle else self.refresh(), None if settle else self.prices_refresh(), self.announcement())
         return tuple(step for step in steps if step is not None)
 
     def announcement(self) -> Step[None, None] | None:

@@ -5,6 +5,7 @@ charges, and ``distbudget prices push FILE`` / ``prices show MODEL``."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,11 @@ from distbudget.pricing import PriceBook
 from tests.conftest import Backend, Clock
 
 M = 1_000_000
+TTL = 0.001  # the shortest registry_ttl: the refresh runs on the wall clock, waited for below
+
+
+def refresh_due() -> None:
+    time.sleep(2 * TTL)  # the one wait: a worker re-reads the registry (and the book) on its own clock
 
 
 def litellm(input_per_token: float) -> dict[str, Any]:
@@ -31,14 +37,16 @@ def litellm(input_per_token: float) -> dict[str, Any]:
 
 
 def test_a_pushed_book_prices_every_worker(backend: Backend, clock: Clock) -> None:
-    admin = backend.manager(clock=clock, registry_ttl=1e-9)
+    admin = backend.manager(clock=clock, registry_ttl=TTL)
     admin.register(BudgetScope("team"))
-    worker = backend.manager(clock=clock, registry_ttl=1e-9)
+    worker = backend.manager(clock=clock, registry_ttl=TTL)
     with pytest.raises(UnknownModelError):
         worker.record("team", "s", "acme-large", 1_000, 0)
     assert admin.push_prices(PriceBook.from_litellm(litellm(3e-06), as_of="2026-11-01")) == 1
+    refresh_due()
     assert worker.record("team", "s", "acme/acme-large", M, 0).cost_usd == pytest.approx(3.0)
     assert admin.push_prices(PriceBook.from_litellm(litellm(5e-06), as_of="2026-11-02")) == 2
+    refresh_due()
     assert worker.record("team", "s", "acme-large", M, 0).cost_usd == pytest.approx(5.0)
     assert worker.prices().as_of.isoformat() == "2026-11-02"
 
