@@ -55,6 +55,9 @@ def test_rows_by_day_and_model(backend: Backend, clock: Clock) -> None:
 
 
 @pytest.mark.redis
+@pytest.mark.xfail(
+    strict=True, reason="distbudget report/update/prices push|show join the cli package when it is on main"
+)
 def test_cli_report_formats(redis_server: Any, clock: Clock, capsys: pytest.CaptureFixture[str]) -> None:
     from distbudget.cli import main
 

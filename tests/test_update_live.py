@@ -83,6 +83,9 @@ def test_an_update_reaches_three_other_processes(redis_server: Any, ttl: float) 
 
 
 @pytest.mark.redis
+@pytest.mark.xfail(
+    strict=True, reason="distbudget report/update/prices push|show join the cli package when it is on main"
+)
 def test_cli_update(redis_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from distbudget.cli import main
 
