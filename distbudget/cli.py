@@ -13,6 +13,7 @@ run; what never varies is the invariant the last line checks: spend <= cap, for 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import math
 import multiprocessing
 import queue
@@ -29,8 +30,13 @@ from typing import Any
 
 import distbudget
 from distbudget import BudgetExceededError, BudgetManager, BudgetScope, DistBudgetError, ModelRates
+from distbudget._core.errors import InvalidInputError
 from distbudget._core.keys import check_prefix
-from distbudget.pricing import price_table
+from distbudget._core.report import FORMATS as REPORT_FORMATS
+from distbudget._core.report import check_by, total_of
+from distbudget._core.report import render as render_report
+from distbudget._core.update import parse_assignments
+from distbudget.pricing import PriceBook, price_table
 
 SESSION_ID = "demo-session"
 ALERT_AT = 0.8
@@ -628,7 +634,9 @@ def _latency(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distbudget", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"distbudget {distbudget.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prices,watch,scopes,ledger}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,prices,watch,scopes,ledger,report,update}"
+    )
     demo = sub.add_parser(
         "demo",
         help="a simulated agent fleet spending against hard caps",
@@ -673,11 +681,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="simulated model latency between reserve and commit (default 1)",
     )
-    sub.add_parser(
+    prices = sub.add_parser(
         "prices",
-        help="list the built-in model price table",
-        description="List the built-in model prices (USD per 1M tokens).",
+        help="list the built-in model price table; push or show the fleet's price book",
+        description="List the built-in model prices (USD per 1M tokens); with push or show, the fleet's book.",
     )
+    add_fleet_prices_parsers(prices)
     watch = sub.add_parser(
         "watch",
         help="print (or post to a webhook) every alert of the fleet, once",
@@ -707,7 +716,144 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--prefix", default="distbudget")
     ledger.add_argument("--since", help="a ledger id (exclusive) or seconds since the epoch")
     ledger.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
+    add_report_parser(sub)
+    add_update_parser(sub)
     return parser
+
+
+# ---- report, update, prices push|show (issue 16) ------------------------------------------------
+
+
+def _fleet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/0")
+    parser.add_argument("--prefix", default="distbudget")
+
+
+def add_report_parser(sub: Any) -> None:
+    report = sub.add_parser(
+        "report",
+        help="a scope's spend rolled up by day, model, session",
+        description="Roll a scope's ledger (its own and its descendants' charges) up into rows: requests, "
+        "tokens by kind, cost and refusals where recorded, grouped by any of day, model, session, scope. "
+        "Reads the ledger page by page.",
+    )
+    report.add_argument("scope", help="a registered scope")
+    _fleet(report)
+    report.add_argument("--by", default="", type=_report_groups, help="groups, comma-separated (e.g. day,model)")
+    report.add_argument("--since", type=_iso_time, help="ISO date or time (UTC unless it has an offset), inclusive")
+    report.add_argument("--until", type=_iso_time, help="ISO date or time, exclusive")
+    report.add_argument("--tz", help="the time zone of the days (IANA name; default UTC)")
+    report.add_argument("--format", choices=REPORT_FORMATS, default="table", help="output (default: table)")
+
+
+def _report_groups(text: str) -> tuple[str, ...]:
+    try:
+        return check_by(text)
+    except DistBudgetError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _iso_time(text: str) -> dt.datetime:
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date or time: {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def run_report(args: argparse.Namespace) -> int:
+    mgr = BudgetManager(redis=args.redis, prefix=args.prefix)
+    rows = mgr.report(args.scope, since=args.since, until=args.until, by=args.by, tz=args.tz)
+    print(render_report(rows, args.by, args.format, total_of(rows) if args.format == "table" else None))
+    return 0
+
+
+def add_update_parser(sub: Any) -> None:
+    update = sub.add_parser(
+        "update",
+        help="change some fields of a registered scope",
+        description="Change only the named fields of a registered scope (BudgetManager.update), keeping the "
+        "rest: FIELD=VALUE pairs, values as JSON (2.5, true, null, [...]); limits as a list of Limit "
+        'objects, rates as {"model": {"input": 3, "output": 15}} in USD per 1M tokens. A cap lowered under '
+        "current usage alerts at once. Workers see the change within their registry_ttl. Asks for "
+        "confirmation unless --yes.",
+    )
+    update.add_argument("scope", help="a registered scope")
+    update.add_argument("fields", nargs="+", metavar="FIELD=VALUE", help="e.g. max_cost_per_day_usd=40")
+    _fleet(update)
+    update.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def run_update(args: argparse.Namespace) -> int:
+    changes = parse_assignments(args.fields)  # bad input fails before connecting
+    mgr = BudgetManager(redis=args.redis, prefix=args.prefix)
+    mgr.get(args.scope)  # an unknown scope fails before the question
+    question = f"Change {', '.join(sorted(changes))} of scope {args.scope!r} under prefix {args.prefix!r}? [y/N] "
+    if not args.yes and not (sys.stdin.isatty() and input(question).strip().lower() in ("y", "yes")):
+        print("distbudget update: nothing changed (confirm, or pass --yes)", file=sys.stderr)
+        return 1
+    budget = mgr.update(args.scope, **changes)
+    print(f"scope {args.scope!r} updated: {', '.join(sorted(changes))}")
+    for alert in budget.alerts:
+        print(f"  {alert.level.value.upper()}: {alert.message}")
+    return 0
+
+
+def add_fleet_prices_parsers(prices: argparse.ArgumentParser) -> None:
+    actions = prices.add_subparsers(dest="action", metavar="{push,show}")
+    push = actions.add_parser(
+        "push",
+        help="store a LiteLLM price file as the fleet's price book",
+        description="Store FILE (LiteLLM's model_prices_and_context_window.json format) as the price book of "
+        "every worker under --prefix; workers use it within their registry_ttl.",
+    )
+    push.add_argument("file", help="a LiteLLM price file")
+    push.add_argument("--as-of", metavar="DATE", help="the prices' date (default: the file's modification date)")
+    _fleet(push)
+    show = actions.add_parser(
+        "show",
+        help="the fleet's price of one model",
+        description="The rates the fleet prices MODEL with (its pushed book, else the bundled snapshot).",
+    )
+    show.add_argument("model")
+    _fleet(show)
+
+
+def run_prices(args: argparse.Namespace) -> int:
+    if args.action is None:
+        return print_prices()
+    mgr = BudgetManager(redis=args.redis, prefix=args.prefix)
+    if args.action == "push":
+        book = PriceBook.from_litellm(args.file, as_of=args.as_of)
+        print(f"pushed {len(book.models())} models dated {book.as_of or 'undated'} as revision {mgr.push_prices(book)}")
+        return 0
+    book = mgr.prices()
+    hit = book.resolve(args.model)
+    if hit is None:
+        raise InvalidInputError(f"no price for {args.model!r} in prices dated {book.as_of or 'undated'}")
+    model_id, rates = hit
+    print(f"{model_id}: prices dated {book.as_of or 'undated'} ({book.table.source}), USD per 1M tokens")
+    for line in _table(rate_rows(rates), {1, 2, 3, 4, 5, 6}):
+        print(line)
+    return 0
+
+
+def rate_rows(rates: ModelRates) -> list[list[str]]:
+    """One row per tier of a model's rates: standard, each long-context threshold, each service tier."""
+
+    def row(name: str, r: ModelRates) -> list[str]:
+        per_1k = r.to_dict()
+        cells = [
+            per_1k.get(f"{k}_per_1k") for k in ("input", "output", "cached_input", "cache_write", "cache_write_1h")
+        ]
+        cells.append(per_1k.get("reasoning_per_1k"))
+        return [name, *("-" if v is None else f"{Decimal(str(v)) * 1000:f}".rstrip("0").rstrip(".") for v in cells)]
+
+    rows = [["tier", "input", "output", "cached input", "cache write", "cache write 1h", "reasoning"]]
+    rows.append(row("standard", rates))
+    rows += [row(f"above {t:,} tokens", r) for t, r in rates.long_context]
+    rows += [row(name, r) for name, r in rates.service_tiers]
+    return rows
 
 
 def list_scopes(args: argparse.Namespace) -> int:
@@ -781,10 +927,12 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, usage errors: report the code, do not exit
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     tools: dict[str, Callable[[argparse.Namespace], int]] = {
-        "prices": lambda _args: print_prices(),
+        "prices": run_prices,
         "watch": watch_alerts,
         "scopes": list_scopes,
         "ledger": export_ledger,
+        "report": run_report,
+        "update": run_update,
     }
     if args.command in tools:
         try:

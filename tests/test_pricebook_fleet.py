@@ -75,10 +75,9 @@ def test_prices_and_service_tier(backend: Backend, clock: Clock) -> None:
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(
-    strict=True, reason="distbudget report/update/prices push|show join the cli package when it is on main"
-)
-def test_cli_push_and_show(redis_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_push_and_show(
+    redis_server: Any, redis_client: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from distbudget.cli import main
 
     path = tmp_path / "prices.json"

@@ -55,10 +55,9 @@ def test_rows_by_day_and_model(backend: Backend, clock: Clock) -> None:
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(
-    strict=True, reason="distbudget report/update/prices push|show join the cli package when it is on main"
-)
-def test_cli_report_formats(redis_server: Any, clock: Clock, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_report_formats(
+    redis_server: Any, redis_client: Any, clock: Clock, capsys: pytest.CaptureFixture[str]
+) -> None:
     from distbudget.cli import main
 
     m = BudgetManager(redis=redis_server.url, clock=clock)
@@ -79,7 +78,7 @@ def test_cli_report_formats(redis_server: Any, clock: Clock, capsys: pytest.Capt
 
 
 @pytest.mark.redis
-def test_100k_ledger_entries_stream_and_equal_the_counters(redis_server: Any, clock: Clock) -> None:
+def test_100k_ledger_entries_stream_and_equal_the_counters(redis_server: Any, redis_client: Any, clock: Clock) -> None:
     n = 100_000
     m = BudgetManager(redis=redis_server.url, clock=clock, ledger_maxlen=200_000)
     m.register(BudgetScope("big"), RATES)

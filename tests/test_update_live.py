@@ -59,7 +59,7 @@ def _worker(url: str, ttl: float, seen: Any, ready: Any) -> None:
 
 @pytest.mark.redis
 @pytest.mark.parametrize("ttl", [0.05, 1.0])
-def test_an_update_reaches_three_other_processes(redis_server: Any, ttl: float) -> None:
+def test_an_update_reaches_three_other_processes(redis_server: Any, redis_client: Any, ttl: float) -> None:
     url = redis_server.url
     BudgetManager(redis=url).register(BudgetScope("team", max_tokens_per_day=1_000))
     ctx = mp.get_context("spawn")
@@ -83,10 +83,7 @@ def test_an_update_reaches_three_other_processes(redis_server: Any, ttl: float) 
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(
-    strict=True, reason="distbudget report/update/prices push|show join the cli package when it is on main"
-)
-def test_cli_update(redis_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_update(redis_server: Any, redis_client: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from distbudget.cli import main
 
     url = redis_server.url
