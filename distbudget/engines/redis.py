@@ -12,6 +12,7 @@ test injects a clock.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from typing import Any, TypeVar, cast
 
@@ -19,9 +20,19 @@ import redis
 import redis.asyncio.cluster
 import redis.exceptions
 
-from distbudget._core.ops import Announce, LedgerRead, Operation, RecordMany, RegistryNames
+from distbudget._core.ops import Announce, Commit, LedgerRead, Operation, Record, RecordMany, RegistryNames
 from distbudget.engines import connect as _connect
-from distbudget.engines.codec import ERRORS, Codec, ScriptCall, backend_error, charges, doing, ledger_rows, texts
+from distbudget.engines.codec import (
+    ERRORS,
+    Codec,
+    ScriptCall,
+    backend_error,
+    charges,
+    doing,
+    ledger_rows,
+    parse_charge,
+    texts,
+)
 from distbudget.engines.scripts import OPERATIONS as SCRIPTS
 from distbudget.engines.scripts import source as script_source
 
@@ -144,6 +155,20 @@ def warn_if_retrying(client: Any) -> None:
         )
 
 
+def _direct_pool(client: Any, wait: tuple[int, int] | None) -> Any:
+    """The connection pool a charge is sent through by hand (``Codec.packed_charge``), or None to
+    send it through redis-py's command path: only a plain standalone (or Sentinel) client without
+    WAIT and without a single dedicated connection qualifies."""
+    plain = type(client) in (redis.Redis, redis.asyncio.Redis)
+    if not plain or wait is not None or getattr(client, "connection", None) is not None:
+        return None
+    pool = client.connection_pool
+    named = inspect.signature(pool.get_connection).parameters.get("command_name")
+    if named is not None and named.default is inspect.Parameter.empty:
+        return None  # redis-py < 5.3 wants a command name here
+    return pool
+
+
 class _Base:
     """What both engines keep: the client, its scripts, the codec, the WAIT setting."""
 
@@ -154,6 +179,7 @@ class _Base:
         self.codec = Codec()
         self.client: Any = client
         self.scripts: dict[str, Any] = {}
+        self._direct = _direct_pool(client, self.wait)
 
     def _register(self, client: Any) -> None:
         self.scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
@@ -186,10 +212,36 @@ class RedisEngine(_Base):
                 return cast("R", self._record_many(op))
             if isinstance(op, (LedgerRead, RegistryNames, Announce)):
                 return cast("R", self._command(op))
+            if self._direct is not None and isinstance(op, (Record, Commit)):
+                return cast("R", parse_charge(self._charge_direct(op)))
             call = self.codec.encode(op)
             return call.parse(self._run(call))
         except ERRORS as exc:
             raise backend_error(doing(op), exc) from exc
+
+    def _charge_direct(self, op: Record | Commit) -> Any:
+        """A charge's ``EVALSHA`` packed by the codec and sent on a pooled connection (one round
+        trip, as redis-py would, without its per-call packing); after NOSCRIPT (the script did not
+        run) the script is loaded and the charge sent once more."""
+        script = self.scripts["commit" if isinstance(op, Commit) else "record"]
+        try:
+            return self._send_packed(self.codec.packed_charge(op, script.sha))
+        except redis.exceptions.NoScriptError:
+            script.sha = self.client.script_load(script.script)
+            return self._send_packed(self.codec.packed_charge(op, script.sha))
+
+    def _send_packed(self, data: bytes) -> Any:
+        pool = self._direct
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command([data], check_health=False)
+            return conn.read_response()
+        except BaseException as exc:
+            if not isinstance(exc, redis.exceptions.ResponseError):  # the reply may be unread: drop it
+                conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
 
     def _command(self, op: LedgerRead | RegistryNames | Announce) -> object:
         if isinstance(op, LedgerRead):
@@ -296,10 +348,34 @@ class AsyncRedisEngine(_Base):
                 return cast("R", await self._record_many(op))
             if isinstance(op, (LedgerRead, RegistryNames, Announce)):
                 return cast("R", await self._command(op))
+            if self._direct is not None and isinstance(op, (Record, Commit)):
+                return cast("R", parse_charge(await self._charge_direct(op)))
             call = self.codec.encode(op)
             return call.parse(await self._run(call))
         except ERRORS as exc:
             raise backend_error(doing(op), exc) from exc
+
+    async def _charge_direct(self, op: Record | Commit) -> Any:
+        """See :meth:`RedisEngine._charge_direct`."""
+        script = self.scripts["commit" if isinstance(op, Commit) else "record"]
+        try:
+            return await self._send_packed(self.codec.packed_charge(op, script.sha))
+        except redis.exceptions.NoScriptError:
+            script.sha = await self.client.script_load(script.script)
+            return await self._send_packed(self.codec.packed_charge(op, script.sha))
+
+    async def _send_packed(self, data: bytes) -> Any:
+        pool = self._direct
+        conn = await pool.get_connection()
+        try:
+            await conn.send_packed_command([data], check_health=False)
+            return await conn.read_response()
+        except BaseException as exc:
+            if not isinstance(exc, redis.exceptions.ResponseError):  # cancelled or failed mid-reply
+                await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
 
     async def _command(self, op: LedgerRead | RegistryNames | Announce) -> object:
         if isinstance(op, LedgerRead):
