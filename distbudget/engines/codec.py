@@ -260,6 +260,12 @@ class Codec:
             raise TypeError(f"{type(op).__name__} is not sent as a script")
         return cast("ScriptCall[R]", call)  # each branch encodes its own operation's result
 
+    @staticmethod
+    def packed_call(call: ScriptCall[Any], sha: str) -> bytes:
+        """A script call's ``EVALSHA`` (``sha``: its script's) as the bytes sent on the connection."""
+        head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(call.keys) + len(call.argv) + 3)
+        return b"".join((head, _bulk(sha), _bulk(len(call.keys)), *map(_bulk, call.keys), *map(_bulk, call.argv)))
+
     def packed_charge(self, op: ops.Record | ops.Commit, sha: str) -> bytes:
         """The ``EVALSHA`` of :meth:`encode`'s charge call, as the bytes sent on the connection: the
         plan's keys and arguments were packed once (``PlanWire``), the call's own values are packed

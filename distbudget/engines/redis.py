@@ -14,6 +14,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import redis
@@ -169,10 +172,112 @@ def _direct_pool(client: Any, wait: tuple[int, int] | None) -> Any:
     return pool
 
 
+def _packing(codec: Codec, op: Operation[R]) -> tuple[str, Callable[[str], bytes], Callable[[Any], R]]:
+    """How an operation goes out packed by hand: its script, its bytes given the script's sha, its
+    reply's parser."""
+    if isinstance(op, (Record, Commit)):
+        charge = op
+        name = "commit" if isinstance(op, Commit) else "record"
+        return name, lambda sha: codec.packed_charge(charge, sha), cast("Callable[[Any], R]", parse_charge)
+    call = codec.encode(op)
+    return call.script, lambda sha: codec.packed_call(call, sha), call.parse
+
+
+class _Slot:
+    __slots__ = ("data", "done", "reply")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.reply: Any = None
+        self.done = threading.Event()
+
+
+class Coalescer:
+    """Concurrent calls of one process's threads, sent together (``batch_window_us``): the first
+    caller of a batch waits the window, then, once the previous batch is answered, sends every call
+    queued meanwhile in one pipelined round trip (each still its own script); each caller gets its
+    own reply or error reply, and raises it as a call alone would."""
+
+    def __init__(self, send_all: Callable[[list[bytes]], list[Any]], window_us: int) -> None:
+        self._send_all = send_all
+        self._window = window_us / 1e6
+        self._lock = threading.Lock()  # guards the queue
+        self._sending = threading.Lock()  # one batch in flight at a time
+        self._queue: list[_Slot] = []
+
+    def submit(self, data: bytes) -> Any:
+        slot = _Slot(data)
+        with self._lock:
+            self._queue.append(slot)
+            lead = len(self._queue) == 1
+        if lead:
+            if self._window:
+                time.sleep(self._window)
+            with self._sending:
+                with self._lock:
+                    batch, self._queue = self._queue, []
+                try:
+                    replies = self._send_all([s.data for s in batch])
+                except BaseException as exc:  # every caller of the batch gets it
+                    replies = [exc] * len(batch)
+                for s, reply in zip(batch, replies, strict=True):
+                    s.reply = reply
+                    s.done.set()
+        else:
+            slot.done.wait()
+        if isinstance(slot.reply, BaseException):
+            raise slot.reply
+        return slot.reply
+
+
+class AsyncCoalescer:
+    """The same for the tasks of one event loop: the batch is sent by a task of its own, so that a
+    caller cancelled meanwhile cancels neither the batch nor the others' calls."""
+
+    def __init__(self, send_all: Callable[[list[bytes]], Awaitable[list[Any]]], window_us: int) -> None:
+        self._send_all = send_all
+        self._window = window_us / 1e6
+        self._sending: asyncio.Lock | None = None
+        self._queue: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, data: bytes) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((data, future))
+        if len(self._queue) == 1:
+            task = asyncio.ensure_future(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        if self._window:
+            await asyncio.sleep(self._window)
+        if self._sending is None:
+            self._sending = asyncio.Lock()
+        async with self._sending:
+            batch, self._queue = self._queue, []
+            try:
+                replies = await self._send_all([data for data, _ in batch])
+            except BaseException as exc:  # every caller of the batch gets it
+                replies = [exc] * len(batch)
+            for (_, future), reply in zip(batch, replies, strict=True):
+                if future.done():  # its caller was cancelled
+                    continue
+                if isinstance(reply, BaseException):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+
 class _Base:
     """What both engines keep: the client, its scripts, the codec, the WAIT setting."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None) -> None:
+    def __init__(self, client: Any, wait: tuple[int, int] | None, batch_window_us: int | None) -> None:
+        if batch_window_us is not None and (
+            isinstance(batch_window_us, bool) or not isinstance(batch_window_us, int) or batch_window_us < 0
+        ):
+            raise ValueError(f"batch_window_us must be an int >= 0 (None: no coalescing), got {batch_window_us!r}")
         warn_if_retrying(client)
         self.wait = _check_wait(client, wait)
         self.under_replicated = 0  # charges WAIT returned on before enough replicas acknowledged
@@ -193,8 +298,13 @@ class _Base:
 class RedisEngine(_Base):
     """Applies operations on one redis-py client (``Redis``, ``RedisCluster``)."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
-        super().__init__(client, wait)
+    def __init__(self, client: Any, wait: tuple[int, int] | None = None, batch_window_us: int | None = None) -> None:
+        super().__init__(client, wait, batch_window_us)
+        # Coalescing needs the hand-packed path (a plain standalone client without WAIT): elsewhere
+        # every call goes alone.
+        self._batch = (
+            None if batch_window_us is None or self._direct is None else Coalescer(self._send_all, batch_window_us)
+        )
         # A Cluster client that could not be built (no node answered; see connect(lazy=True)) is
         # built at the first call instead: until then ``client`` is that PendingClient.
         self._pending = client if isinstance(client, _connect.PendingClient) else None
@@ -212,36 +322,56 @@ class RedisEngine(_Base):
                 return cast("R", self._record_many(op))
             if isinstance(op, (LedgerRead, RegistryNames, Announce)):
                 return cast("R", self._command(op))
-            if self._direct is not None and isinstance(op, (Record, Commit)):
-                return cast("R", parse_charge(self._charge_direct(op)))
+            if self._direct is not None:
+                return self._direct_call(op)
             call = self.codec.encode(op)
             return call.parse(self._run(call))
         except ERRORS as exc:
             raise backend_error(doing(op), exc) from exc
 
-    def _charge_direct(self, op: Record | Commit) -> Any:
-        """A charge's ``EVALSHA`` packed by the codec and sent on a pooled connection (one round
-        trip, as redis-py would, without its per-call packing); after NOSCRIPT (the script did not
-        run) the script is loaded and the charge sent once more."""
-        script = self.scripts["commit" if isinstance(op, Commit) else "record"]
+    def _direct_call(self, op: Operation[R]) -> R:
+        """The operation's ``EVALSHA`` packed by the codec and sent on a pooled connection (one
+        round trip, as redis-py would, without its per-call packing), through the coalescer when
+        there is one; after NOSCRIPT (the script did not run) the script is loaded and the call
+        sent once more, alone."""
+        name, pack, parse = _packing(self.codec, op)
+        script = self.scripts[name]
+        send = self._send_packed if self._batch is None else self._batch.submit
         try:
-            return self._send_packed(self.codec.packed_charge(op, script.sha))
+            return parse(send(pack(script.sha)))
         except redis.exceptions.NoScriptError:
             script.sha = self.client.script_load(script.script)
-            return self._send_packed(self.codec.packed_charge(op, script.sha))
+            return parse(self._send_packed(pack(script.sha)))
 
     def _send_packed(self, data: bytes) -> Any:
+        reply = self._send_all([data])[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def _send_all(self, commands: list[bytes]) -> list[Any]:
+        """Packed commands in one round trip on one pooled connection: their replies, an error reply
+        in place. When the connection fails, its error is the reply of every command not answered
+        (each may have run: the failure policy treats it as a lost reply, as for a call alone)."""
         pool = self._direct
         conn = pool.get_connection()
+        replies: list[Any] = []
         try:
-            conn.send_packed_command([data], check_health=False)
-            return conn.read_response()
-        except BaseException as exc:
-            if not isinstance(exc, redis.exceptions.ResponseError):  # the reply may be unread: drop it
-                conn.disconnect()
+            conn.send_packed_command([b"".join(commands)], check_health=False)
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+        except ERRORS as exc:
+            conn.disconnect()
+            replies += [exc] * (len(commands) - len(replies))
+        except BaseException:
+            conn.disconnect()  # replies may be left unread on it
             raise
         finally:
             pool.release(conn)
+        return replies
 
     def _command(self, op: LedgerRead | RegistryNames | Announce) -> object:
         if isinstance(op, LedgerRead):
@@ -328,8 +458,11 @@ class RedisEngine(_Base):
 class AsyncRedisEngine(_Base):
     """The same on a ``redis.asyncio`` client: never blocks the event loop."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
-        super().__init__(client, wait)
+    def __init__(self, client: Any, wait: tuple[int, int] | None = None, batch_window_us: int | None = None) -> None:
+        super().__init__(client, wait, batch_window_us)
+        self._batch = (
+            None if batch_window_us is None or self._direct is None else AsyncCoalescer(self._send_all, batch_window_us)
+        )
         self._register(client)
         # redis.asyncio's RedisCluster breaks connections when many tasks make its first calls at once
         # (they all wait on its slot-map initialisation, then race): initialise once, first.
@@ -348,34 +481,51 @@ class AsyncRedisEngine(_Base):
                 return cast("R", await self._record_many(op))
             if isinstance(op, (LedgerRead, RegistryNames, Announce)):
                 return cast("R", await self._command(op))
-            if self._direct is not None and isinstance(op, (Record, Commit)):
-                return cast("R", parse_charge(await self._charge_direct(op)))
+            if self._direct is not None:
+                return await self._direct_call(op)
             call = self.codec.encode(op)
             return call.parse(await self._run(call))
         except ERRORS as exc:
             raise backend_error(doing(op), exc) from exc
 
-    async def _charge_direct(self, op: Record | Commit) -> Any:
-        """See :meth:`RedisEngine._charge_direct`."""
-        script = self.scripts["commit" if isinstance(op, Commit) else "record"]
+    async def _direct_call(self, op: Operation[R]) -> R:
+        """See :meth:`RedisEngine._direct_call`."""
+        name, pack, parse = _packing(self.codec, op)
+        script = self.scripts[name]
+        send = self._send_packed if self._batch is None else self._batch.submit
         try:
-            return await self._send_packed(self.codec.packed_charge(op, script.sha))
+            return parse(await send(pack(script.sha)))
         except redis.exceptions.NoScriptError:
             script.sha = await self.client.script_load(script.script)
-            return await self._send_packed(self.codec.packed_charge(op, script.sha))
+            return parse(await self._send_packed(pack(script.sha)))
 
     async def _send_packed(self, data: bytes) -> Any:
+        reply = (await self._send_all([data]))[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    async def _send_all(self, commands: list[bytes]) -> list[Any]:
+        """See :meth:`RedisEngine._send_all`."""
         pool = self._direct
         conn = await pool.get_connection()
+        replies: list[Any] = []
         try:
-            await conn.send_packed_command([data], check_health=False)
-            return await conn.read_response()
-        except BaseException as exc:
-            if not isinstance(exc, redis.exceptions.ResponseError):  # cancelled or failed mid-reply
-                await conn.disconnect(nowait=True)
+            await conn.send_packed_command([b"".join(commands)], check_health=False)
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+        except ERRORS as exc:
+            await conn.disconnect(nowait=True)
+            replies += [exc] * (len(commands) - len(replies))
+        except BaseException:
+            await conn.disconnect(nowait=True)  # cancelled mid-reply: replies left unread on it
             raise
         finally:
             await pool.release(conn)
+        return replies
 
     async def _command(self, op: LedgerRead | RegistryNames | Announce) -> object:
         if isinstance(op, LedgerRead):
