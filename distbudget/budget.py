@@ -223,6 +223,11 @@ class Budget(_BudgetBase[Engine]):
 
     ``redis``: ``None`` (embedded, in-process), a ``redis://`` / ``rediss://`` URL, or a redis-py
     client. ``clock``: a testing hook returning seconds; ``None`` uses the server's time.
+    ``batch_window_us``: on Redis, coalesce the concurrent calls of this budget's threads (or, on an
+    ``AsyncBudget``, tasks): each batch waits that many µs for company (``0``: none; calls queue
+    behind the batch in flight anyway), then goes out as one pipelined round trip, each call still its
+    own atomic script with its own answer. ``None`` (the default): every call its own round trip.
+    A plain standalone or Sentinel client without ``wait`` only; elsewhere calls go alone.
     """
 
     def _connect(self, redis: object, options: dict[str, Any], batch_window_us: int | None) -> Engine:

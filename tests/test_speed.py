@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from distbudget import AsyncBudget, Budget, BudgetExceededError, BudgetScope, ModelRates
+from distbudget import AsyncBudget, Budget, BudgetExceededError, BudgetScope, InvalidInputError, ModelRates
 from tests._faults import AofRedis
 from tests.conftest import RedisServer
 from tests.test_failure_policy import MODEL, Books, big_scope
@@ -132,7 +132,7 @@ def test_coalesced_tasks_each_get_their_own_answer(redis_server: RedisServer) ->
 @pytest.mark.redis
 def test_batch_window_us_is_checked(redis_server: RedisServer) -> None:
     for bad in (-1, 1.5, True, "10"):
-        with pytest.raises(ValueError, match="batch_window_us"):
+        with pytest.raises(InvalidInputError, match="batch_window_us"):
             Budget(scope("bad"), RATES, redis=redis_server.url, batch_window_us=bad)  # type: ignore[arg-type]
 
 

@@ -23,6 +23,7 @@ import redis
 import redis.asyncio.cluster
 import redis.exceptions
 
+from distbudget._core.errors import InvalidInputError
 from distbudget._core.ops import Announce, Commit, LedgerRead, Operation, Record, RecordMany, RegistryNames
 from distbudget.engines import connect as _connect
 from distbudget.engines.codec import (
@@ -277,7 +278,9 @@ class _Base:
         if batch_window_us is not None and (
             isinstance(batch_window_us, bool) or not isinstance(batch_window_us, int) or batch_window_us < 0
         ):
-            raise ValueError(f"batch_window_us must be an int >= 0 (None: no coalescing), got {batch_window_us!r}")
+            raise InvalidInputError(
+                f"batch_window_us must be an int >= 0 (None: no coalescing), got {batch_window_us!r}"
+            )
         warn_if_retrying(client)
         self.wait = _check_wait(client, wait)
         self.under_replicated = 0  # charges WAIT returned on before enough replicas acknowledged
