@@ -540,7 +540,7 @@ class Bench:
 
     # row 5: embedded engine vs the seed's architecture ------------------------------------------------
     def embedded(self) -> None:
-        self.say("embedded record() vs a dict-and-lock tracker")
+        self.say("embedded record() vs agent-budget's own record()")
         n = self.sizes.embedded_calls
         probe = Budget(bench_scope(), RATES, session_id=SESSION)
         usage = probe._core.usage("m", IN_TOKENS, OUT_TOKENS)
@@ -1134,7 +1134,7 @@ def build_rows(raw: dict[str, Any], sizes: Sizes) -> tuple[list[Row], list[str]]
         f"Where embedded `record()`'s time goes (rows 5a/5b, µs per call): {emb_us:.1f} in all with the "
         f"ledger ({emb_nl:.1f} without), of which the flow alone (validation, plan, the record, alerts, "
         f"the ledger entry's JSON; the engine's answer canned) {flow_us:.1f} and the memory engine the "
-        f"remaining {emb_us - flow_us:.1f}; the dict-and-lock tracker takes "
+        f"remaining {emb_us - flow_us:.1f}; agent-budget's `record()` takes "
         f"{1e6 / med(emb['seed'], 'rate'):.1f}."
     )
     return rows, notes

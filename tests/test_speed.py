@@ -188,3 +188,21 @@ def test_an_outage_mid_batch_journals_each_charge_once(tmp_path: Path) -> None:
         assert figures["lost"] == figures["twice"] == 0
     finally:
         server.stop()
+
+
+@pytest.mark.redis
+def test_coalesced_calls_recover_from_a_script_flush(redis_server: RedisServer) -> None:
+    """NOSCRIPT in a batch (SCRIPT FLUSH, a restart, a failover): those calls did not run; each is
+    sent again alone once the script is loaded, nothing twice."""
+    admin = redis_server.client()
+
+    async def main() -> dict[str, Any]:
+        budget = AsyncBudget(scope("flushed"), RATES, redis=redis_server.url, session_id="s", batch_window_us=0)
+        await budget.record("s", "m", 1, 0)
+        for _ in range(3):
+            admin.script_flush()
+            await asyncio.gather(*(budget.record("s", "m", 10, 0) for _ in range(32)))
+            await asyncio.gather(*(budget.reserve("m", 1, 0) for _ in range(4)))
+        return await budget.summary("s")
+
+    assert asyncio.run(main())["session"]["tokens"] == 1 + 3 * 32 * 10

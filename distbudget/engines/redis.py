@@ -106,10 +106,6 @@ def _noscript(replies: list[Any]) -> list[int]:
     return [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
 
 
-def _with_sha(command: tuple[Any, ...], sha: str) -> tuple[Any, ...]:
-    return (command[0], sha, *command[2:])
-
-
 def _put(replies: list[Any], indexes: list[int], answers: list[Any]) -> None:
     for i, answer in zip(indexes, answers, strict=True):
         replies[i] = answer
@@ -292,10 +288,13 @@ class _Base:
     def _register(self, client: Any) -> None:
         self.scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
 
-    def _encode_many(self, op: RecordMany) -> list[tuple[Any, ...]]:
-        """A batch's record scripts as raw ``EVALSHA`` commands (for a pipeline)."""
-        sha = self.scripts["record"].sha
-        return [_evalsha(sha, c.keys, c.argv) for c in map(self.codec.encode, op.records)]
+    def _encode_many(self, op: RecordMany, sha: str, indexes: list[int] | None = None) -> list[Any]:
+        """A batch's record scripts (or those at ``indexes``), packed by the codec when sent by hand,
+        else as raw ``EVALSHA`` commands for a redis-py pipeline."""
+        records = op.records if indexes is None else [op.records[i] for i in indexes]
+        if self._direct is not None:
+            return [self.codec.packed_charge(r, sha) for r in records]
+        return [_evalsha(sha, c.keys, c.argv) for c in map(self.codec.encode, records)]
 
 
 class RedisEngine(_Base):
@@ -405,13 +404,14 @@ class RedisEngine(_Base):
         WAIT when configured. A NOSCRIPT reply (SCRIPT FLUSH, restart, failover) means that charge
         did not run: the script is loaded and those charges alone are sent again. Nothing else is
         ever sent twice. Each call's outcome is its own (see ``codec.charges``)."""
-        commands = self._encode_many(op)
-        replies = self._send_many(commands)
+        script = self.scripts["record"]
+        send = self._send_all if self._direct is not None else self._send_many
+        replies = send(self._encode_many(op, script.sha))
         again = _noscript(replies)
         if again:
             try:
-                sha = self.scripts["record"].sha = self.client.script_load(self.scripts["record"].script)
-                resent = self._send_many([_with_sha(commands[i], sha) for i in again])
+                script.sha = self.client.script_load(script.script)
+                resent = send(self._encode_many(op, script.sha, again))
             except ERRORS as exc:  # loading the script failed: those charges did not run
                 resent = [exc] * len(again)
             _put(replies, again, resent)
@@ -555,13 +555,14 @@ class AsyncRedisEngine(_Base):
 
     async def _record_many(self, op: RecordMany) -> list[Any]:
         """See :meth:`RedisEngine._record_many`."""
-        commands = self._encode_many(op)
-        replies = await self._send_many(commands)
+        script = self.scripts["record"]
+        send = self._send_all if self._direct is not None else self._send_many
+        replies = await send(self._encode_many(op, script.sha))
         again = _noscript(replies)
         if again:
             try:
-                sha = self.scripts["record"].sha = await self.client.script_load(self.scripts["record"].script)
-                resent = await self._send_many([_with_sha(commands[i], sha) for i in again])
+                script.sha = await self.client.script_load(script.script)
+                resent = await send(self._encode_many(op, script.sha, again))
             except ERRORS as exc:
                 resent = [exc] * len(again)
             _put(replies, again, resent)
