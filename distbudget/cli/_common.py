@@ -156,7 +156,8 @@ def _any_exists(client: Any, keys: list[str]) -> bool:
     from distbudget.engines.redis import ERRORS
 
     try:
+        # HKEYS, not EXISTS: a worker's least-privilege ACL (engines/connect.py) grants only the former;
         # one key at a time: on Redis Cluster the keys may live on different shards
-        return any(client.exists(key) for key in keys)
+        return any(client.hkeys(key) for key in keys)
     except ERRORS as exc:
         raise BackendError(f"Redis unreachable: {exc}") from exc

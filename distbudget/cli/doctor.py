@@ -67,9 +67,16 @@ def diagnose(conn: Connection) -> list[Check]:
     for name, step in steps:
         try:
             out.append(step(conn))
-        except Exception as exc:  # one check's failure (NOPERM, a lost connection) is that check's line
-            out.append(Check(FAIL, name, f"{type(exc).__name__}: {exc}"))
+        except Exception as exc:  # one check's failure (a lost connection) is that check's line
+            if _denied(exc):  # an admin command a worker's ACL does not grant: not the server's fault
+                out.append(Check(WARN, name, f"not permitted for this user, run doctor as an admin: {exc}"))
+            else:
+                out.append(Check(FAIL, name, f"{type(exc).__name__}: {exc}"))
     return out
+
+
+def _denied(exc: Exception) -> bool:
+    return "NOPERM" in str(exc) or "no permissions" in str(exc).lower()
 
 
 def _info(client: Any, section: str) -> dict[str, Any]:
@@ -117,7 +124,7 @@ def _acl(conn: Connection) -> Check:
     needed: dict[str, Callable[[], object]] = {
         "HGETALL registry": lambda: client.hgetall(conn.registry),
         "HGETALL alert-streams": lambda: client.hgetall(alert_index_key(conn.prefix)),
-        "SCRIPT EXISTS": lambda: client.script_exists("0" * 40),
+        "XREVRANGE (ledger)": lambda: [client.xrevrange(key, count=1) for key in _ledger_keys(conn)[:1]],
         "EVALSHA (summary)": lambda: _summary_probe(conn),
     }
     denied = []
@@ -125,13 +132,13 @@ def _acl(conn: Connection) -> Check:
         try:
             call()
         except Exception as exc:
-            if "NOPERM" in str(exc) or "no permissions" in str(exc).lower():
+            if _denied(exc):
                 denied.append(what)
             else:
                 raise
     if denied:
         return Check(FAIL, "acl", f"user {user} may not run: {', '.join(denied)}")
-    return Check(PASS, "acl", f"user {user} may read the registry and alert index and run the scripts")
+    return Check(PASS, "acl", f"user {user} may read the registry, the alert index and the ledger, and run the scripts")
 
 
 def _summary_probe(conn: Connection) -> None:
@@ -161,7 +168,7 @@ def _clock(conn: Connection) -> Check:
 
 
 def _registry(conn: Connection) -> Check:
-    names = conn.client.hlen(conn.registry)
+    names = len(conn.client.hkeys(conn.registry))
     if not names:
         return Check(FAIL, "registry", f"no registry under prefix {conn.prefix!r}: no scope was registered")
     size = _memory(conn.client, conn.registry)
@@ -169,8 +176,7 @@ def _registry(conn: Connection) -> Check:
 
 
 def _ledgers(conn: Connection) -> Check:
-    configs = [json.loads(_text(v)) for v in conn.client.hvals(conn.registry)]
-    ledgers = sorted(KeySpace(conn.prefix, c["name"]).ledger for c in configs if c["parent"] is None)
+    ledgers = _ledger_keys(conn)
     if not ledgers:
         return Check(WARN, "ledger", "no scope tree registered")
     lengths = [conn.client.xlen(key) for key in ledgers]
@@ -181,6 +187,12 @@ def _ledgers(conn: Connection) -> Check:
         f"{len(ledgers):,} trees, {sum(lengths):,} entries; largest {ledgers[largest]} "
         f"({lengths[largest]:,}{_memory(conn.client, ledgers[largest])})",
     )
+
+
+def _ledger_keys(conn: Connection) -> list[str]:
+    """The ledger stream of every registered tree (one per root scope)."""
+    configs = [json.loads(_text(v)) for v in conn.client.hgetall(conn.registry).values()]
+    return sorted(KeySpace(conn.prefix, c["name"]).ledger for c in configs if c["parent"] is None)
 
 
 def _memory(client: Any, key: str) -> str:

@@ -52,7 +52,7 @@ def add_parser(sub: Any) -> None:
         aliases=["scopes"],
         help="the scope tree with usage per limit, sorted by %%",
         description="Show every registered scope (as a tree) with, per limit, used / held / limit / % and "
-        "refusals, highest %% first. Limits counted per session show their top sessions (the busiest "
+        "refusals, highest % first. Limits counted per session show their top sessions (the busiest "
         "among those charged recently, from the ledger).",
     )
     add_connection(status)
