@@ -99,12 +99,17 @@ def _scopes(snap: Snapshot) -> dict[str, Any]:
 
 
 class FleetReader:
-    """Reads snapshots of one prefix through a manager (``redis``: a URL or a ready client). Budgets
-    are built once per scope config and kept between reads (a changed config is picked up)."""
+    """Reads snapshots of one prefix (``redis``: a ``BudgetManager``, whose prefix it reads, or a URL
+    or ready client). Budgets are built once per scope config and kept between reads (a changed
+    config is picked up)."""
 
     def __init__(self, redis: Any, prefix: str = "distbudget", *, top_sessions: int = 0) -> None:
-        self.prefix = prefix
-        self.manager = redis if isinstance(redis, BudgetManager) else BudgetManager(redis=redis, prefix=prefix)
+        if isinstance(redis, BudgetManager):  # its engine and prefix
+            self.manager = redis
+            self.prefix = redis._options.get("prefix", "distbudget")
+        else:
+            self.manager = BudgetManager(redis=redis, prefix=prefix)
+            self.prefix = prefix
         self.top_sessions = top_sessions
 
     @property

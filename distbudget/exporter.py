@@ -99,10 +99,11 @@ def instrument(target: Any, metrics: ClientMetrics | None = None) -> ClientMetri
 
 
 class BudgetCollector(Collector):
-    """Collects the metrics above; ``reader`` reads the fleet, ``client`` adds this process's own."""
+    """Collects the metrics above. ``fleet``: a ``BudgetManager`` (its Redis and prefix), a Redis URL or
+    client (with ``prefix``), or None (only client metrics); ``client``: from :func:`instrument`."""
 
-    def __init__(self, reader: FleetReader | None = None, client: ClientMetrics | None = None) -> None:
-        self.reader = reader
+    def __init__(self, fleet: Any = None, *, prefix: str = "distbudget", client: ClientMetrics | None = None) -> None:
+        self.reader = fleet if isinstance(fleet, FleetReader) or fleet is None else FleetReader(fleet, prefix)
         self.client = client
 
     def collect(self) -> Iterator[Metric]:
@@ -205,9 +206,10 @@ def registry_for(collectors: Iterable[Collector]) -> CollectorRegistry:
     return registry
 
 
-def serve(reader: FleetReader, port: int, addr: str = "127.0.0.1") -> Any:
-    """Serve ``/metrics`` for the reader's prefix in a background thread; returns the server."""
+def serve(fleet: Any, port: int = 9464, addr: str = "127.0.0.1", *, prefix: str = "distbudget") -> Any:
+    """Serve ``/metrics`` for a whole prefix (``fleet`` as for :class:`BudgetCollector`) in a background
+    thread; returns the server (``server.shutdown()`` stops it)."""
     from prometheus_client import start_http_server
 
-    server, _thread = start_http_server(port, addr, registry=registry_for([BudgetCollector(reader)]))
+    server, _thread = start_http_server(port, addr, registry=registry_for([BudgetCollector(fleet, prefix=prefix)]))
     return server

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -184,3 +186,27 @@ def test_page_in_headless_chromium(board: tuple[Dashboard, str], fleet: BudgetMa
             shutil.copy(tmp_path / "dashboard.png", SCREENSHOT)
     finally:
         driver.quit()
+
+
+def test_dashboard_command_serves_the_page_and_the_api(fleet: BudgetManager, redis_server: RedisServer) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distbudget.cli", "dashboard", "--redis", redis_server.url, "--prefix", PREFIX,
+         "--port", "0", "--token", TOKEN],
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        assert proc.stderr.readline().startswith("distbudget dashboard: reading redis://***@")
+        url = proc.stderr.readline().strip().rsplit(" ", 1)[1]
+        with urllib.request.urlopen(url, timeout=30) as response:
+            assert (
+                response.headers["Content-Type"].startswith("text/html")
+                and b"<title>distbudget</title>" in response.read()
+            )
+        assert _get(url + "api/snapshot")[0] == 401
+        status, snap = _get(url + "api/snapshot", {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and [s["name"] for s in snap["scopes"]] == ["acme", "support", "research"]  # by peak %
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -16,7 +16,6 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from distbudget import BudgetManager, BudgetScope, Limit, ModelRates
-from distbudget._fleet import FleetReader
 from distbudget.exporter import BudgetCollector, instrument, registry_for
 from tests.conftest import RedisServer
 
@@ -50,7 +49,7 @@ def fleet(redis_server: RedisServer, redis_client: redis.Redis) -> BudgetManager
 
 def test_exposition_parses_and_equals_the_counters(fleet: BudgetManager, redis_server: RedisServer) -> None:
     hold = fleet.reserve("team {a}", "m", 100, 50, session_id="u1")
-    text = generate_latest(registry_for([BudgetCollector(FleetReader(redis_server.url, PREFIX))])).decode()
+    text = generate_latest(registry_for([BudgetCollector(redis_server.url, prefix=PREFIX)])).decode()
     got = samples(text)
     assert value(got, "distbudget_up") == 1 and value(got, "distbudget_scopes") == 2
     for scope in ("org", "team {a}"):
@@ -84,7 +83,7 @@ def test_a_lost_server_is_up_0_not_an_error(tmp_path: Any) -> None:
     server = RedisServer(tmp_path)
     mgr = BudgetManager(redis=server.url, prefix=PREFIX)
     mgr.register(BudgetScope("org", max_tokens_per_day=10), RATES)
-    collector = BudgetCollector(FleetReader(mgr, PREFIX))
+    collector = BudgetCollector(mgr)
     assert value(samples(generate_latest(registry_for([collector])).decode()), "distbudget_up") == 1
     server.stop()
     got = samples(generate_latest(registry_for([collector])).decode())
@@ -174,7 +173,7 @@ def test_a_scrape_of_1000_scopes_is_one_registry_read_and_one_pipeline(
     mgr.get("team-0").record_many([("s", "m", 10, 10)])
     for i in range(0, 1000, 100):
         mgr.record(f"team-{i}", "s", "m", i // 2, 1)
-    collector = BudgetCollector(FleetReader(redis_server.url, PREFIX))
+    collector = BudgetCollector(redis_server.url, prefix=PREFIX)
     registry = registry_for([collector])
     generate_latest(registry)  # the first scrape builds the budgets
     trips = RoundTrips(monkeypatch)

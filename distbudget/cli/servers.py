@@ -63,10 +63,8 @@ def run_exporter(args: argparse.Namespace) -> int:
         raise CommandError(
             f"the exporter needs prometheus_client: pip install 'distbudget[prometheus]' ({exc})"
         ) from exc
-    from distbudget._fleet import FleetReader
-
     conn = connect(args)
-    server = exporter.serve(FleetReader(conn.manager(), conn.prefix), args.port, args.host)
+    server = exporter.serve(conn.manager(), args.port, args.host)
     host, port = server.server_address[:2]
     print(f"distbudget exporter: serving http://{host}:{port}/metrics", file=sys.stderr, flush=True)
     try:
