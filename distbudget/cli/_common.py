@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from distbudget._core.keys import alert_index_key, check_prefix, registry_key
 from distbudget._exceptions import DistBudgetError
@@ -16,6 +17,7 @@ from distbudget._exceptions import DistBudgetError
 REDIS_ENV = "DISTBUDGET_REDIS_URL"
 PREFIX_ENV = "DISTBUDGET_PREFIX"
 FALLBACK_URL = "redis://127.0.0.1:6379/0"
+N = TypeVar("N", int, float)
 
 
 class CommandError(DistBudgetError):
@@ -87,6 +89,22 @@ def level_colour(fraction: float, thresholds: list[float]) -> str:
     if thresholds and fraction >= thresholds[0]:
         return YELLOW
     return GREEN
+
+
+def bounded(convert: Callable[[str], N], lo: N, hi: N, unit: str = "") -> Callable[[str], N]:
+    """An argparse ``type``: ``convert`` (int or float) the text, then check ``lo <= value <= hi``."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            kind = "a whole number" if convert is int else "a number"
+            raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}{unit}, got {text}")
+        return value
+
+    return parse
 
 
 # ---- connection ------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import Any
 import distbudget
 from distbudget import BudgetExceededError, BudgetManager, BudgetScope, DistBudgetError, ModelRates
 from distbudget._core.keys import check_prefix
-from distbudget.cli._common import amount, redact, table, usd
+from distbudget.cli._common import amount, bounded, redact, table, usd
 
 SESSION_ID = "demo-session"
 ALERT_AT = 0.8
@@ -530,19 +530,6 @@ def render(report: DemoReport) -> tuple[list[str], int]:
 # ---- command line -------------------------------------------------------------------------------
 
 
-def _bounded(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not lo <= n <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {n}")
-        return n
-
-    return parse
-
-
 def _prefix(text: str) -> str:
     try:
         check_prefix(f"{text}-{'0' * RUN_SUFFIX_LENGTH}")  # the library's rule, with the run suffix
@@ -551,16 +538,6 @@ def _prefix(text: str) -> str:
             f"must be 1-{64 - RUN_SUFFIX_LENGTH - 1} characters without braces, spaces or '|': {text!r}"
         ) from None
     return text
-
-
-def _latency(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= v <= 1000:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1000 ms, got {text}")
-    return v
 
 
 def add_parser(sub: Any) -> None:
@@ -578,18 +555,18 @@ def add_parser(sub: Any) -> None:
         "Not read from DISTBUDGET_REDIS_URL: the demo writes, so it uses a server only when told.",
     )
     demo.add_argument(
-        "--workers", type=_bounded(1, MAX_WORKERS), default=4, metavar="N", help="agent workers (default 4)"
+        "--workers", type=bounded(int, 1, MAX_WORKERS), default=4, metavar="N", help="agent workers (default 4)"
     )
     demo.add_argument(
         "--calls",
-        type=_bounded(1, 100_000),
+        type=bounded(int, 1, 100_000),
         default=50,
         metavar="N",
         help="calls per worker on each scope (default 50)",
     )
     demo.add_argument(
         "--scopes",
-        type=_bounded(1, MAX_SCOPES),
+        type=bounded(int, 1, MAX_SCOPES),
         default=3,
         metavar="N",
         help="team scopes team-a, team-b, ... (default 3)",
@@ -608,7 +585,7 @@ def add_parser(sub: Any) -> None:
     demo.add_argument("--seed", type=int, default=0, help="seed of the simulated token counts (default 0)")
     demo.add_argument(
         "--latency-ms",
-        type=_latency,
+        type=bounded(float, 0.0, 1000.0, " ms"),
         default=1.0,
         metavar="MS",
         help="simulated model latency between reserve and commit (default 1)",

@@ -9,19 +9,9 @@ import sys
 import time
 from typing import Any
 
-from distbudget.cli._common import CommandError, add_connection, connect
+from distbudget.cli._common import CommandError, add_connection, bounded, connect
 
 TOKEN_ENV = "DISTBUDGET_DASHBOARD_TOKEN"
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 65535, got {port}")
-    return port
 
 
 def add_parser(sub: Any) -> None:
@@ -34,7 +24,7 @@ def add_parser(sub: Any) -> None:
         "pip install 'distbudget[prometheus]'.",
     )
     add_connection(exporter)
-    exporter.add_argument("--port", type=_port, default=9464, help="port to listen on (default 9464)")
+    exporter.add_argument("--port", type=bounded(int, 0, 65535), default=9464, help="port to listen on (default 9464)")
     exporter.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     exporter.set_defaults(func=run_exporter)
 
@@ -47,7 +37,7 @@ def add_parser(sub: Any) -> None:
         "needs it as a bearer token (the page asks for it once).",
     )
     add_connection(dashboard)
-    dashboard.add_argument("--port", type=_port, default=8080, help="port to listen on (default 8080)")
+    dashboard.add_argument("--port", type=bounded(int, 0, 65535), default=8080, help="port to listen on (default 8080)")
     dashboard.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     dashboard.add_argument("--allow-writes", action="store_true", help="allow reset from the page")
     dashboard.add_argument(

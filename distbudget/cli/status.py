@@ -16,6 +16,7 @@ from distbudget.cli._common import (
     RESET,
     add_connection,
     amount,
+    bounded,
     connect,
     level_colour,
     pct,
@@ -24,26 +25,6 @@ from distbudget.cli._common import (
 )
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: --watch redraws in place
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= value <= 10:
-        raise argparse.ArgumentTypeError(f"a fraction of the limit (0.8 = 80 %), got {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.1 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be between 0.1 and 3600 seconds, got {text}")
-    return value
 
 
 def add_parser(sub: Any) -> None:
@@ -58,15 +39,17 @@ def add_parser(sub: Any) -> None:
     add_connection(status)
     status.add_argument(
         "--near",
-        type=_fraction,
+        type=bounded(float, 0.0, 10.0),
         metavar="FRACTION",
         help="only limits at or above this fraction of their value (0.8 = 80 %%)",
     )
-    status.add_argument("--sessions", type=int, default=3, metavar="N", help="top sessions per session limit (3)")
+    status.add_argument(
+        "--sessions", type=bounded(int, 0, 100), default=3, metavar="N", help="top sessions per session limit (3)"
+    )
     status.add_argument("--json", action="store_true", help="one JSON document (schema: docs/operate.md)")
     status.add_argument(
         "--watch",
-        type=_seconds,
+        type=bounded(float, 0.1, 3600.0, " s"),
         nargs="?",
         const=2.0,
         metavar="SECONDS",
@@ -80,7 +63,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     conn = connect(args)
-    reader = FleetReader(conn.manager(), conn.prefix, top_sessions=max(args.sessions, 0))
+    reader = FleetReader(conn.manager(), conn.prefix, top_sessions=args.sessions)
     colour = use_colour(sys.stdout, args.color) and not args.json
     while True:
         snap = reader.read()
