@@ -105,10 +105,13 @@ class BudgetCollector(Collector):
     def __init__(self, fleet: Any = None, *, prefix: str = "distbudget", client: ClientMetrics | None = None) -> None:
         self.reader = fleet if isinstance(fleet, FleetReader) or fleet is None else FleetReader(fleet, prefix)
         self.client = client
+        self._reading = threading.Lock()  # concurrent scrapes share the reader's cached budgets
 
     def collect(self) -> Iterator[Metric]:
         if self.reader is not None:
-            yield from self._fleet(self.reader)
+            with self._reading:
+                families = list(self._fleet(self.reader))
+            yield from families
         if self.client is not None:
             yield from self._client(self.client)
 

@@ -278,3 +278,26 @@ def test_help_is_plain_text_and_names_only_real_options(capsys: pytest.CaptureFi
         mentioned = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", text))
         assert mentioned <= real, (name, mentioned - real)  # e.g. watch's old --from-ids
     assert "--from-start" in _subcommands()["watch"].format_help()
+
+
+@pytest.mark.slow
+def test_status_on_redis_cluster_reads_every_tree(redis_cluster: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Trees live on different shards: the summaries pipeline goes node by node, the ledger tails
+    tree by tree; the numbers are the store's."""
+    redis_cluster.flushall()
+    url = redis_cluster.user_url
+    mgr = BudgetManager(redis=url, prefix=PREFIX)
+    for t in range(6):  # six trees: their hash tags spread over the three masters
+        mgr.register(BudgetScope(f"org-{t}", max_tokens_per_day=10_000), RATES)
+        mgr.register(BudgetScope(f"team-{t}", parent=f"org-{t}", max_tokens_per_session=1000), RATES)
+        mgr.record(f"team-{t}", f"user-{t}", "m", 100 * (t + 1), 0)
+    assert main(["status", "--redis", url, "--prefix", PREFIX, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [s["name"] for s in doc["scopes"]] == [n for t in range(5, -1, -1) for n in (f"org-{t}", f"team-{t}")]
+    for scope in doc["scopes"]:
+        (lim,) = scope["limits"]
+        if scope["name"].startswith("org"):
+            assert lim["used"] == mgr.summary(scope["name"])["limits"]["day_tokens"]["used"]
+        else:
+            t = int(scope["name"].split("-")[1])
+            assert [(s["session_id"], s["used"]) for s in lim["sessions"]] == [(f"user-{t}", 100 * (t + 1))]
