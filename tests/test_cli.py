@@ -338,6 +338,7 @@ def test_watch_prints_fleet_alerts_once(tmp_path: Any) -> None:
         assert len(lines) == 2
         assert "[warning]" in lines[0] and "[critical]" in lines[1]
         assert all("'watched'" in line and "session_tokens" in line for line in lines)
+        assert all(line.endswith("(session s, model m)") for line in lines)  # the call that drove it
         ids = [line.split()[0] for line in lines]
         stream = redis.Redis(port=server.port).hget("distbudget:alert-streams", "watched")
         assert ids == [i.decode() for i, _ in redis.Redis(port=server.port).xrange(stream)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from distbudget._core.types import BudgetAlert
 from distbudget.cli._common import add_connection, connect
 
 
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     seen = 0
     try:
         for alert in listener:
-            print(f"{alert.alert_id} [{alert.level.value}] {alert.message}", flush=True)
+            print(f"{alert.alert_id} [{alert.level.value}] {alert.message}{_driver(alert)}", flush=True)
             if sink is not None:
                 sink(alert)
             seen += 1
@@ -44,3 +45,10 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     return 0
+
+
+def _driver(alert: BudgetAlert) -> str:
+    """Which call drove the crossing: its session and model, when the alert carries them."""
+    parts = [f"session {alert.session_id}" if alert.session_id else "", f"model {alert.model}" if alert.model else ""]
+    shown = ", ".join(p for p in parts if p)
+    return f" ({shown})" if shown else ""
