@@ -214,13 +214,14 @@ def test_doctor_checks_the_server(
     assert main(["doctor", "--redis", admin, "--prefix", PREFIX, "--color", "never"]) == 0
     out = capsys.readouterr().out.splitlines()
     checks = {line.split()[1]: (line.split()[0], line) for line in out}
-    assert list(checks) == ["server", "eviction", "acl", "scripts", "clock", "registry", "ledger"]
+    assert list(checks) == ["server", "eviction", "acl", "scripts", "clock", "registry", "ledger", "prices"]
     assert all(status in ("PASS", "WARN") for status, _ in checks.values()), out
     version = redis.Redis.from_url(admin).info("server")["redis_version"]
     assert f"Redis {version}" in checks["server"][1]
     assert "noeviction" in checks["eviction"][1] and checks["eviction"][0] == "PASS"
     assert "3 scopes registered" in checks["registry"][1]
     assert "1 trees, 5 entries" in checks["ledger"][1]
+    assert re.search(r"bundled prices as of \d{4}-\d\d-\d\d \(\d+ days old, [\d,]+ models\)", checks["prices"][1])
     # the least-privilege user: the workers' rights pass, admin-only reads are warnings, not failures
     assert main(["doctor", "--redis", redis_server.url, "--prefix", PREFIX, "--color", "never"]) == 0
     out = capsys.readouterr().out.splitlines()

@@ -62,6 +62,7 @@ def diagnose(conn: Connection) -> list[Check]:
         ("clock", _clock),
         ("registry", _registry),
         ("ledger", _ledgers),
+        ("prices", _prices),
     ]
     out = []
     for name, step in steps:
@@ -187,6 +188,22 @@ def _ledgers(conn: Connection) -> Check:
         f"{len(ledgers):,} trees, {sum(lengths):,} entries; largest {ledgers[largest]} "
         f"({lengths[largest]:,}{_memory(conn.client, ledgers[largest])})",
     )
+
+
+def _prices(_conn: Connection) -> Check:
+    """The bundled price table's age: prices go stale (a fleet-wide book is checked by its owner)."""
+    import datetime as dt
+
+    from distbudget._core.prices import DEFAULT_MAX_AGE_DAYS, bundled_table
+
+    table = bundled_table()
+    if table.as_of is None:
+        return Check(WARN, "prices", f"the bundled prices carry no date ({table.source})")
+    age = (dt.date.today() - table.as_of).days
+    detail = f"bundled prices as of {table.as_of.isoformat()} ({age} days old, {len(table.rates):,} models)"
+    if age > DEFAULT_MAX_AGE_DAYS:
+        return Check(WARN, "prices", f"{detail}: older than {DEFAULT_MAX_AGE_DAYS} days, upgrade or load a PriceBook")
+    return Check(PASS, "prices", detail)
 
 
 def _ledger_keys(conn: Connection) -> list[str]:
