@@ -302,3 +302,30 @@ def test_status_on_redis_cluster_reads_every_tree(redis_cluster: Any, capsys: py
         else:
             t = int(scope["name"].split("-")[1])
             assert [(s["session_id"], s["used"]) for s in lim["sessions"]] == [(f"user-{t}", 100 * (t + 1))]
+
+
+def test_status_watch_outlives_an_outage(tmp_path: Any) -> None:
+    server = RedisServer(tmp_path)
+    mgr = BudgetManager(redis=server.url, prefix=PREFIX)
+    mgr.register(BudgetScope("org", max_tokens_per_day=1000), RATES)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distbudget.cli", "status", "--redis", server.url, "--prefix", PREFIX, "--watch", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        seen = b""
+        deadline = time.monotonic() + 60  # a bound on a hung process, not a speed requirement
+        while b"day_tokens" not in seen and time.monotonic() < deadline:
+            seen += proc.stdout.read1(65536)
+        server.stop()
+        while b"(retrying)" not in seen and time.monotonic() < deadline:
+            seen += proc.stdout.read1(65536)
+        last = seen.decode().split(CLEAR)[-1]
+        assert "distbudget status: error: Redis" in last and last.rstrip().endswith("(retrying)")
+        assert proc.poll() is None  # still watching
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        server.stop()

@@ -9,6 +9,7 @@ import sys
 import time
 from typing import Any
 
+from distbudget._exceptions import BackendError
 from distbudget._fleet import FleetReader, LimitRow, ScopeRow, SessionRow, Snapshot
 from distbudget.cli._common import (
     BOLD,
@@ -66,11 +67,14 @@ def run(args: argparse.Namespace) -> int:
     reader = FleetReader(conn.manager(), conn.prefix, top_sessions=args.sessions)
     colour = use_colour(sys.stdout, args.color) and not args.json
     while True:
-        snap = reader.read()
-        if args.json:
-            text = json.dumps(filter_near(snap, args.near).as_json(), indent=2)
+        try:
+            snap = filter_near(reader.read(), args.near)
+        except BackendError as exc:
+            if not args.watch:
+                raise
+            text = f"distbudget status: error: {exc} (retrying)"  # a watch outlives an outage
         else:
-            text = "\n".join(render(filter_near(snap, args.near), colour))
+            text = json.dumps(snap.as_json(), indent=2) if args.json else "\n".join(render(snap, colour))
         if args.watch:
             sys.stdout.write(CLEAR + f"distbudget status, prefix {conn.prefix!r}, every {args.watch:g} s\n\n")
         print(text, flush=True)
