@@ -22,9 +22,7 @@ import pytest
 import redis
 
 from distbudget import BudgetManager, BudgetScope, Limit, ModelRates
-from distbudget.cli._common import Connection
 from distbudget.dashboard import Dashboard
-from distbudget.engines.connect import connect
 from tests.conftest import RedisServer
 
 PREFIX = "pfx"
@@ -55,8 +53,7 @@ def board(fleet: BudgetManager, redis_server: RedisServer) -> Iterator[tuple[Das
 
 
 def _serve(server: RedisServer, token: str | None, allow_writes: bool) -> tuple[Dashboard, str]:
-    conn = Connection(server.url, PREFIX, connect(server.url))
-    dashboard = Dashboard(conn, allow_writes=allow_writes, token=token)
+    dashboard = Dashboard(BudgetManager(redis=server.url, prefix=PREFIX), allow_writes=allow_writes, token=token)
     http = dashboard.serve(0)
     threading.Thread(target=http.serve_forever, daemon=True).start()
     return dashboard, f"http://127.0.0.1:{http.server_address[1]}"

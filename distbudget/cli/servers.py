@@ -68,8 +68,7 @@ def run_exporter(args: argparse.Namespace) -> int:
 def run_dashboard(args: argparse.Namespace) -> int:
     from distbudget.dashboard import Dashboard
 
-    conn = connect(args)
-    board = Dashboard(conn, allow_writes=args.allow_writes, token=args.token)
+    board = Dashboard(connect(args).manager(), allow_writes=args.allow_writes, token=args.token)
     server = board.serve(args.port, args.host)
     host, port = server.server_address[:2]
     host = host.decode() if isinstance(host, bytes) else host

@@ -32,7 +32,7 @@ from distbudget._core import ledger as L
 from distbudget._core.keys import KeySpace
 from distbudget._core.types import BudgetAlert
 from distbudget._fleet import FleetReader, read_ledger_tails
-from distbudget.cli._common import Connection
+from distbudget.manager import BudgetManager
 
 TOP_SESSIONS = 3
 RECENT_ALERTS = 50
@@ -74,19 +74,19 @@ class AlertFeed:
 
 
 class Dashboard:
-    """The dashboard of one prefix (``conn``: see ``distbudget.cli._common.connect``)."""
+    """The dashboard of a manager's prefix (a manager on Redis: the alert feed reads its streams)."""
 
-    def __init__(self, conn: Connection, *, allow_writes: bool = False, token: str | None = None) -> None:
+    def __init__(self, manager: BudgetManager, *, allow_writes: bool = False, token: str | None = None) -> None:
         from distbudget.alerts import AlertListener
 
-        self.conn = conn
-        self.manager = conn.manager()
-        self.reader = FleetReader(self.manager, conn.prefix, top_sessions=TOP_SESSIONS)
+        self.manager = manager
+        self.reader = FleetReader(manager, top_sessions=TOP_SESSIONS)
+        self.prefix = self.reader.prefix
         self.read_lock = threading.Lock()  # one reader, its budgets cached between reads
         self.allow_writes = allow_writes
         self.token = token or None
         self.feed = AlertFeed()
-        self.listener = AlertListener(redis=conn.client, prefix=conn.prefix, from_start=False)
+        self.listener = AlertListener(redis=self.reader.client, prefix=self.prefix, from_start=False)
         self.listener.start(self.feed.add)
         self.page = (resources.files(__package__) / "page.html").read_bytes()
 
@@ -104,7 +104,7 @@ class Dashboard:
         """The newest ``n`` entries over every tree of the registry, newest first."""
         with self.read_lock:
             configs = [json.loads(c) for c in self.reader.registry().values()]
-        keys = sorted(KeySpace(self.conn.prefix, c["name"]).ledger for c in configs if c["parent"] is None)
+        keys = sorted(KeySpace(self.prefix, c["name"]).ledger for c in configs if c["parent"] is None)
         tails = read_ledger_tails(self.manager._engine, keys, n)
         entries = [L.parse_entry(i, f) for tail in tails for i, f in tail]
         entries.sort(key=lambda e: (e.timestamp, e.id), reverse=True)
