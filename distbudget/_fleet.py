@@ -16,9 +16,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from distbudget._budget_base import DEFAULT_SESSION
+from distbudget._accounting import DEFAULT_SESSION
 from distbudget._core import plan as P
 from distbudget._core.keys import registry_key
+from distbudget._core.ops import LedgerRead, LedgerRow, RegistryChain, RegistryNames, Step, SummaryResult
 from distbudget._exceptions import BackendError
 from distbudget.budget import Budget
 from distbudget.manager import BudgetManager
@@ -106,7 +107,7 @@ class FleetReader:
     def __init__(self, redis: Any, prefix: str = "distbudget", *, top_sessions: int = 0) -> None:
         if isinstance(redis, BudgetManager):  # its engine and prefix
             self.manager = redis
-            self.prefix = redis._options.get("prefix", "distbudget")
+            self.prefix = redis._settings.prefix
         else:
             self.manager = BudgetManager(redis=redis, prefix=prefix)
             self.prefix = prefix
@@ -122,12 +123,12 @@ class FleetReader:
         candidates = self._candidates(budgets) if self.top_sessions else {}
         wanted: list[tuple[str, str]] = [(name, DEFAULT_SESSION) for name in budgets]
         wanted += [(name, sid) for name, sids in candidates.items() for sid in sids]
-        plans = [budgets[name].plan(sid, None) for name, sid in wanted]
-        results = read_summaries(self.manager._engine, plans)
+        steps = [budgets[name]._core.summary(sid) for name, sid in wanted]
+        results = read_summaries(self.manager._engine, steps)
         summaries: dict[tuple[str, str], dict[str, Any]] = {}
         now_us = 0
-        for (name, sid), plan, result in zip(wanted, plans, results, strict=True):
-            summaries[name, sid] = budgets[name].make_summary(plan, result)
+        for (name, sid), step, result in zip(wanted, steps, results, strict=True):
+            summaries[name, sid] = step.finish(result)
             now_us = max(now_us, result.now_us)
         rows = {
             name: _scope_row(budget, summaries, candidates.get(name, []), self.top_sessions)
@@ -142,7 +143,9 @@ class FleetReader:
         engine = self.manager._engine
         key = registry_key(self.prefix)
         if self.client is None:  # the embedded engine (a manager of this process)
-            return {n: engine.apply("registry", (key, "chain", n))[0] for n in engine.apply("registry_names", (key,))}
+            return {n: engine.execute(RegistryChain(key, n))[0] for n in engine.execute(RegistryNames(key))}
+        if getattr(engine, "_pending", None) is not None:  # a Cluster client built at its first call
+            engine.execute(RegistryNames(key))
         try:
             raw = self.client.hgetall(key)
         except _errors() as exc:
@@ -163,11 +166,11 @@ class FleetReader:
         wanted = {name for name, b in budgets.items() if any(lim.window == "session" for lim in b.scope.all_limits())}
         if not wanted:
             return {}
-        ledgers = sorted({budgets[name].keyspace.ledger for name in wanted})
+        ledgers = sorted({budgets[name]._core.keyspace.ledger for name in wanted})
         out: dict[str, list[str]] = {name: [] for name in wanted}
         for entries in read_ledger_tails(self.manager._engine, ledgers, LEDGER_TAIL):
             for _id, fields in entries:
-                d = json.loads(_text(fields.get(b"d", fields.get("d", "{}"))))
+                d = json.loads(fields.get("d", "{}"))
                 sid = d.get("session_id")
                 if d.get("kind") != "charge" or sid is None:
                     continue
@@ -256,48 +259,50 @@ def _text(value: Any) -> str:
 
 
 def _errors() -> tuple[type[BaseException], ...]:
-    from distbudget.engines.redis import ERRORS
+    from distbudget.engines.codec import ERRORS
 
     return ERRORS
 
 
-def read_summaries(engine: Any, plans: Sequence[P.Plan]) -> list[P.SummaryResult]:
-    """The ``summary`` of every plan: on Redis one pipeline (per Cluster node) of the script; on the
-    embedded engine, in turn under its lock."""
+def read_summaries(engine: Any, steps: Sequence[Step[SummaryResult, dict[str, Any]]]) -> list[SummaryResult]:
+    """The answer of every ``Summary`` step: on Redis one pipeline (per Cluster node) of the script; on
+    the embedded engine, one after the other."""
     if getattr(engine, "client", None) is None:
-        return [engine.apply("summary", (plan, None)) for plan in plans]
+        return [engine.execute(step.op) for step in steps]
     from redis.exceptions import NoScriptError
 
     from distbudget.engines import redis as R
 
-    engine._ready()
     script = engine.scripts["summary"]
-    commands = [R._evalsha(script.sha, *R.wire("summary", (plan, None))[1:3]) for plan in plans]
+    calls = [engine.codec.encode(step.op) for step in steps]
+    commands = [R._evalsha(script.sha, call.keys, call.argv) for call in calls]
     replies = engine._send_many(commands)
     again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
     if again:  # SCRIPT FLUSH, a restart or a failover since the script was loaded: a read, safe to resend
         script.sha = engine.client.script_load(script.script)
-        for i, r in zip(again, engine._send_many([commands[i] for i in again]), strict=True):
+        commands = [R._evalsha(script.sha, calls[i].keys, calls[i].argv) for i in again]
+        for i, r in zip(again, engine._send_many(commands), strict=True):
             replies[i] = r
     for r in replies:
         if isinstance(r, Exception):
             raise BackendError(f"Redis summary failed: {r}") from r
-    return [P.parse_summary(r) for r in replies]
+    return [call.parse(r) for call, r in zip(calls, replies, strict=True)]
 
 
-def read_ledger_tails(engine: Any, ledgers: Sequence[str], count: int) -> list[list[tuple[Any, dict[Any, Any]]]]:
+def read_ledger_tails(engine: Any, ledgers: Sequence[str], count: int) -> list[list[LedgerRow]]:
     """The newest ``count`` entries of each ledger stream (newest first), in one pipeline."""
     client = getattr(engine, "client", None)
     if client is None:
-        return [engine.apply("ledger_read", (key, "-", 10**9))[-count:][::-1] for key in ledgers]
+        return [engine.execute(LedgerRead(key, "-", 10**9))[-count:][::-1] for key in ledgers]
+    from distbudget.engines.codec import ledger_rows
     from distbudget.engines.connect import is_cluster_client
 
     try:
         if is_cluster_client(client):  # each tree's ledger on its own shard: the client routes each read
-            return [list(client.xrevrange(key, count=count)) for key in ledgers]
+            return [ledger_rows(client.xrevrange(key, count=count)) for key in ledgers]
         pipe = client.pipeline(transaction=False)
         for key in ledgers:
             pipe.xrevrange(key, count=count)
-        return [list(r) for r in pipe.execute()]
+        return [ledger_rows(r) for r in pipe.execute()]
     except _errors() as exc:
         raise BackendError(f"Redis reading the ledger failed: {exc}") from exc

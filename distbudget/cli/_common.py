@@ -171,7 +171,7 @@ def connect(args: argparse.Namespace, *, need: str = "registry") -> Connection:
 
 def _any_exists(client: Any, keys: list[str]) -> bool:
     from distbudget._exceptions import BackendError
-    from distbudget.engines.redis import ERRORS
+    from distbudget.engines.codec import ERRORS
 
     try:
         # HKEYS, not EXISTS: a worker's least-privilege ACL (engines/connect.py) grants only the former;
