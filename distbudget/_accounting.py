@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
+from distbudget import otel
 from distbudget._core import ledger as L
 from distbudget._core import plan as P
 from distbudget._core import registry as R
@@ -390,8 +391,10 @@ class Accounting:
         metadata: dict[str, Any] | None,
         request_id: str | None,
         over_hold: bool = False,
+        cached: tuple[int, int] = (0, 0),
     ) -> UsageRecord:
-        """Turn an engine's charge answer into the record; fire alerts; raise/warn if over a limit."""
+        """Turn an engine's charge answer into the record; fire alerts; raise/warn if over a limit.
+        ``cached``: (cached input tokens, cache write tokens), for the current span (``otel``)."""
         if isinstance(result, LocalCharge):  # Redis unavailable: the charge waits in the journal
             record = UsageRecord(
                 plan.session_id,
@@ -408,6 +411,7 @@ class Accounting:
                 journaled=True,
             )
             self._records.append(record)
+            otel.charged(record, *cached)
             return record
         if result.original is not None:
             ts, _tok, cost = result.original
@@ -446,12 +450,14 @@ class Accounting:
             },
         )
         self._records.append(record)
+        otel.charged(record, *cached)
         if result.alerts:
             self._dispatch(self._make_alerts(plan, result, model))
         totals = result.totals
         for i, (k, value) in enumerate(plan.used_at):
             if totals[k] > value:  # the first limit now over (P.exceeded()[0])
                 err = self._exceeded_error(plan, i, totals[k], record=record)
+                otel.refused(err, model, plan.session_id)
                 if self.scope.hard_stop:
                     raise err
                 warnings.warn(err.message, BudgetWarning, stacklevel=3)
@@ -475,6 +481,7 @@ class Accounting:
         if retry_us < 0 and result.held[k] and result.totals[k] + usage[lim.metric] <= lim.value:
             retry_us = HOLD_RETRY_US  # only in-flight holds block: they settle soon, look again then
         err = self._exceeded_error(plan, result.refused, projected, retry_us)
+        otel.refused(err, plan.model, plan.session_id)
         if self.scope.hard_stop:
             raise err
         warnings.warn(err.message, BudgetWarning, stacklevel=3)
@@ -583,7 +590,17 @@ class Accounting:
             entry = L.charge_entry(plan.ledger_head, input_tokens, output_tokens, extra, request_id, None, metadata)
 
         def finish(result: ChargeResult) -> UsageRecord:
-            return self._finish_charge(plan, result, model, usage, input_tokens, output_tokens, metadata, request_id)
+            return self._finish_charge(
+                plan,
+                result,
+                model,
+                usage,
+                input_tokens,
+                output_tokens,
+                metadata,
+                request_id,
+                cached=(cached_input_tokens, cache_write_tokens),
+            )
 
         return Step(Record(plan, self.now_us(), usage, rkey, self.request_ttl_ms, maxlen, entry), finish)
 
@@ -723,7 +740,16 @@ class Accounting:
             over = usage[0] > hold.held[0] or usage[1] > hold.held[1]
             try:
                 hold.record = self._finish_charge(
-                    hold.plan, result, hold.model, usage, input_tokens, output_tokens, metadata, hold.request_id, over
+                    hold.plan,
+                    result,
+                    hold.model,
+                    usage,
+                    input_tokens,
+                    output_tokens,
+                    metadata,
+                    hold.request_id,
+                    over,
+                    cached=(cached_input_tokens, cache_write_tokens),
                 )
             except BudgetExceededError as err:
                 hold.record = err.record

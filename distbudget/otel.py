@@ -13,8 +13,9 @@ Once instrumented, each charge adds the GenAI semantic-convention attributes to 
 A span covers one model call in the conventions, so a second charge in the same span overwrites
 them. Each refusal (``BudgetExceededError`` from ``check``/``reserve``/``record``) becomes a span
 event ``distbudget.refused`` with the scope, limit, used and limit. Nothing is recorded when no
-span is recording. The budget shells call :func:`charged` and :func:`refused`; both return at once
-when tracing is off, and never import OpenTelemetry then.
+span is recording. The accounting core (``_accounting.py``, shared by the sync and async budgets)
+calls :func:`charged` and :func:`refused`; both return at once when tracing is off, and never import
+OpenTelemetry then.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ _switch = _Switch()
 
 def instrument() -> None:
     """Turn tracing on for this process (needs the ``otel`` extra: ``opentelemetry-api``)."""
-    from opentelemetry import trace
+    try:
+        from opentelemetry import trace
+    except ImportError as exc:
+        raise ImportError(f"tracing needs the OpenTelemetry API: pip install 'distbudget[otel]' ({exc})") from exc
 
     with _switch.lock:
         _switch.trace = trace
