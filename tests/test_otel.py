@@ -60,6 +60,21 @@ def test_record_puts_genai_usage_on_the_current_span(spans: Spans) -> None:
     assert not span.events
 
 
+def test_a_usage_value_is_annotated_alike(spans: Spans) -> None:
+    """``record(session, model, Usage(...))`` (what the SDK integrations pass) shows the same attributes."""
+    from distbudget import Usage
+
+    budget = Budget(BudgetScope("team"), RATES)
+    with spans.tracer.start_as_current_span("llm call"):
+        budget.record(
+            "s1", "m", Usage(input_tokens=800, output_tokens=90, cached_input_tokens=500, cache_write_tokens=40)
+        )
+    (span,) = spans.finished()
+    got = usage(span)
+    assert (got["gen_ai.usage.input_tokens"], got["gen_ai.usage.output_tokens"]) == (800, 90)
+    assert (got["gen_ai.usage.cache_read.input_tokens"], got["gen_ai.usage.cache_creation.input_tokens"]) == (500, 40)
+
+
 def test_commit_and_record_many_annotate_their_spans(spans: Spans) -> None:
     budget = Budget(BudgetScope("team", max_tokens_per_day=10_000), RATES)
     with spans.tracer.start_as_current_span("reserved call"):
