@@ -20,7 +20,7 @@ from distbudget._accounting import DEFAULT_SESSION
 from distbudget._core import plan as P
 from distbudget._core.keys import registry_key
 from distbudget._core.ops import LedgerRead, LedgerRow, RegistryChain, RegistryNames, Step, SummaryResult
-from distbudget._exceptions import BackendError
+from distbudget._exceptions import BackendError, UnknownScopeError
 from distbudget.budget import Budget
 from distbudget.manager import BudgetManager
 
@@ -97,6 +97,15 @@ def _scopes(snap: Snapshot) -> dict[str, Any]:
         row["peak_pct"] = s.peak
         out.append(row)
     return {"scopes": out}
+
+
+def budget_of(manager: BudgetManager, name: str) -> Budget:
+    """The budget of a registered scope; ``UnknownScopeError`` (a ``KeyError``) if unknown
+    (``manager.get`` answers None there, as agent-budget's)."""
+    budget = manager.get(name)
+    if budget is None:
+        raise UnknownScopeError(f"unknown scope {name!r}")
+    return budget
 
 
 class FleetReader:

@@ -7,6 +7,7 @@ import argparse
 import sys
 from typing import Any
 
+from distbudget._fleet import budget_of
 from distbudget.cli._common import CommandError, add_connection, connect
 
 
@@ -39,7 +40,7 @@ def confirm(question: str, yes: bool) -> None:
 def run_reset(args: argparse.Namespace) -> int:
     conn = connect(args)
     mgr = conn.manager()
-    budget = mgr.get(args.scope)
+    budget = budget_of(mgr, args.scope)
     if args.session is None:
         confirm(f"Reset scope {args.scope!r} (totals, every window) under prefix {args.prefix!r}?", args.yes)
         budget.reset()

@@ -28,6 +28,7 @@ from typing import Any
 import distbudget
 from distbudget import BudgetExceededError, BudgetManager, BudgetScope, DistBudgetError, ModelRates
 from distbudget._core.keys import check_prefix
+from distbudget._fleet import budget_of
 from distbudget.cli._common import amount, bounded, redact, table, usd
 
 SESSION_ID = "demo-session"
@@ -239,7 +240,7 @@ def run_worker(worker: int, mgr: BudgetManager, cfg: DemoConfig, start: Callable
 
     names = [s.name for s in cfg.scopes]
     for name in names:
-        mgr.get(name).on_alert(collect)
+        mgr._budget(name).on_alert(collect)
     plan = plan_calls(cfg.seed, worker, cfg.calls, cfg.models)
     tallies = {name: Tally() for name in names}
     active = list(names)

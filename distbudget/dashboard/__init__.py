@@ -31,7 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 from distbudget._core import ledger as L
 from distbudget._core.keys import KeySpace
 from distbudget._core.types import BudgetAlert
-from distbudget._fleet import FleetReader, read_ledger_tails
+from distbudget._fleet import FleetReader, budget_of, read_ledger_tails
 from distbudget.manager import BudgetManager
 
 TOP_SESSIONS = 3
@@ -111,7 +111,7 @@ class Dashboard:
         return [asdict(e) for e in entries[:n]]
 
     def reset(self, scope: str, session: str | None) -> str:
-        budget = self.manager.get(scope)
+        budget = budget_of(self.manager, scope)
         if session:
             budget.reset_session(session)
             return f"session {session!r} of scope {scope!r} reset"
