@@ -11,6 +11,7 @@ Nothing scans the keyspace.
 
 from __future__ import annotations
 
+import importlib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -153,8 +154,8 @@ class FleetReader:
         key = registry_key(self.prefix)
         if self.client is None:  # the embedded engine (a manager of this process)
             return {n: engine.execute(RegistryChain(key, n))[0] for n in engine.execute(RegistryNames(key))}
-        if getattr(engine, "_pending", None) is not None:  # a Cluster client built at its first call
-            engine.execute(RegistryNames(key))
+        if getattr(engine, "_pending", None) is not None or getattr(engine, "path", "") is None:
+            engine.execute(RegistryNames(key))  # the engine's first call: its checks, its path (functions.py)
         try:
             raw = self.client.hgetall(key)
         except _errors() as exc:
@@ -274,28 +275,29 @@ def _errors() -> tuple[type[BaseException], ...]:
 
 
 def read_summaries(engine: Any, steps: Sequence[Step[SummaryResult, dict[str, Any]]]) -> list[SummaryResult]:
-    """The answer of every ``Summary`` step: on Redis one pipeline (per Cluster node) of the script; on
-    the embedded engine, one after the other."""
+    """The answer of every ``Summary`` step: on Redis one pipeline (per Cluster node) of the script
+    (``FCALL`` or ``EVALSHA``, the engine's path); on the embedded engine, one after the other. A
+    summary the pipeline could not run (the script flushed, a redirection) is run again alone by the
+    engine, which recovers as for any call: a read, safe to send twice."""
     if getattr(engine, "client", None) is None:
         return [engine.execute(step.op) for step in steps]
-    from redis.exceptions import NoScriptError
-
-    from distbudget.engines import redis as R
-
     script = engine.scripts["summary"]
     calls = [engine.codec.encode(step.op) for step in steps]
-    commands = [R._evalsha(script.sha, call.keys, call.argv) for call in calls]
-    replies = engine._send_many(commands)
-    again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-    if again:  # SCRIPT FLUSH, a restart or a failover since the script was loaded: a read, safe to resend
-        script.sha = engine.client.script_load(script.script)
-        commands = [R._evalsha(script.sha, calls[i].keys, calls[i].argv) for i in again]
-        for i, r in zip(again, engine._send_many(commands), strict=True):
-            replies[i] = r
-    for r in replies:
-        if isinstance(r, Exception):
-            raise BackendError(f"Redis summary failed: {r}") from r
-    return [call.parse(r) for call, r in zip(calls, replies, strict=True)]
+    replies = engine._send_many([_script_command(script, call.keys, call.argv) for call in calls])
+    return [
+        engine.execute(step.op) if isinstance(reply, Exception) else call.parse(reply)
+        for step, call, reply in zip(steps, calls, replies, strict=True)
+    ]
+
+
+def _script_command(script: Any, keys: Sequence[Any], argv: Sequence[Any]) -> tuple[Any, ...]:
+    """The raw command (for a pipeline) that runs one of the engine's scripts."""
+    try:  # the Functions path (FCALL) arrives with issue 14's engines/functions.py
+        functions = importlib.import_module("distbudget.engines.functions")
+    except ImportError:
+        return ("EVALSHA", script.sha, len(keys), *keys, *argv)
+    command: tuple[Any, ...] = functions.command(script, keys, argv)
+    return command
 
 
 def read_ledger_tails(engine: Any, ledgers: Sequence[str], count: int) -> list[list[LedgerRow]]:
