@@ -28,7 +28,6 @@ from typing import Any
 import distbudget
 from distbudget import BudgetExceededError, BudgetManager, BudgetScope, DistBudgetError, ModelRates
 from distbudget._core.keys import check_prefix
-from distbudget._fleet import budget_of
 from distbudget.cli._common import amount, bounded, redact, table, usd
 
 SESSION_ID = "demo-session"
