@@ -329,3 +329,53 @@ def test_status_watch_outlives_an_outage(tmp_path: Any) -> None:
         proc.terminate()
         proc.wait(timeout=30)
         server.stop()
+
+
+def test_install_then_a_least_privilege_worker_reads_through_fcall(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``distbudget install`` loads the Functions library; a worker holding no script rights (the
+    rules ``distbudget acl`` prints) then reads the fleet with FCALL: status, doctor."""
+    functions = pytest.importorskip("distbudget.engines.functions")  # issue 14's Functions path
+    from distbudget.engines.scripts import library
+
+    acl_rules = functions.acl_rules
+    server = RedisServer(tmp_path)
+    try:
+        admin = server.admin_url
+        assert main(["install", "--redis", admin]) == 0
+        assert capsys.readouterr().out.strip() == f"127.0.0.1:{server.port}: {library()[0]} installed"
+        assert main(["install", "--redis", admin]) == 0
+        assert capsys.readouterr().out.strip().endswith("present")
+        server.client().execute_command("ACL", "SETUSER", "w", "reset", "on", ">pw", *acl_rules(PREFIX))
+        worker = f"redis://w:pw@127.0.0.1:{server.port}/0"
+        mgr = BudgetManager(redis=worker, prefix=PREFIX)
+        mgr.register(BudgetScope("org", max_tokens_per_day=1000, max_tokens_per_session=800), RATES)
+        mgr.record("org", "u1", "m", 300, 0)
+        assert mgr._engine.path == "functions"  # type: ignore[attr-defined]
+        assert main(["status", "--redis", worker, "--prefix", PREFIX, "--json"]) == 0
+        (org,) = json.loads(capsys.readouterr().out)["scopes"]
+        assert [(lim["limit_type"], lim["used"]) for lim in org["limits"]] == [
+            ("session_tokens", 300),
+            ("day_tokens", 300),
+        ]
+        assert main(["doctor", "--redis", worker, "--prefix", PREFIX, "--color", "never"]) == 0
+        out = capsys.readouterr().out
+        assert re.search(
+            rf"^PASS  scripts     calls the Redis Functions library {library()[0]} \(FCALL\)", out, re.M
+        ), out
+        assert re.search(r"^PASS  acl ", out, re.M), out
+        assert main(["install", "--redis", worker]) == 2  # a worker may not load functions
+        assert "distbudget install: error:" in capsys.readouterr().err
+    finally:
+        server.stop()
+
+
+def test_acl_prints_a_worker_and_an_admin(capsys: pytest.CaptureFixture[str]) -> None:
+    acl_rules = pytest.importorskip("distbudget.engines.functions").acl_rules
+
+    assert main(["acl", "--prefix", "acme", "--user", "acme"]) == 0
+    worker, admin = capsys.readouterr().out.splitlines()
+    assert worker.split() == ["ACL", "SETUSER", "acme-worker", "reset", "on", ">PASSWORD", *acl_rules("acme")]
+    assert admin.split() == ["ACL", "SETUSER", "acme-admin", "reset", "on", ">PASSWORD", *acl_rules("acme", "admin")]
+    assert "+fcall" in worker and "+evalsha" not in worker and "+function|load" in admin

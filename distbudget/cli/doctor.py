@@ -4,6 +4,7 @@ check; exit status 1 when any check fails."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import time
 from collections.abc import Callable
@@ -126,7 +127,7 @@ def _acl(conn: Connection) -> Check:
         "HGETALL registry": lambda: client.hgetall(conn.registry),
         "HGETALL alert-streams": lambda: client.hgetall(alert_index_key(conn.prefix)),
         "XREVRANGE (ledger)": lambda: [client.xrevrange(key, count=1) for key in _ledger_keys(conn)[:1]],
-        "EVALSHA (summary)": lambda: _summary_probe(conn),
+        "the summary script (FCALL or EVALSHA)": lambda: _summary_probe(conn),
     }
     denied = []
     for what, call in needed.items():
@@ -149,12 +150,15 @@ def _summary_probe(conn: Connection) -> None:
 
 
 def _scripts(conn: Connection) -> Check:
+    """Which path workers take: the Functions library (FCALL) when this version is on every master,
+    else the scripts (EVALSHA); a library on some masters only is a half-done install."""
     try:
-        libraries = conn.client.execute_command("FUNCTION", "LIST", "LIBRARYNAME", "distbudget")
-    except Exception:
-        libraries = []
-    functions = "a distbudget Functions library is loaded" if libraries else "no Functions library loaded"
-    return Check(PASS, "scripts", f"this client uses EVALSHA scripts (loaded on first use); {functions}")
+        functions = importlib.import_module("distbudget.engines.functions")  # issue 14's Functions path
+    except ImportError:
+        return Check(PASS, "scripts", "workers call the scripts (EVALSHA, loaded on first use)")
+    server = functions.probe(conn.client)
+    partial = server.path != functions.FUNCTIONS and bool(server.installed)
+    return Check(WARN if partial else PASS, "scripts", server.describe())
 
 
 def _clock(conn: Connection) -> Check:

@@ -9,19 +9,23 @@ from types import ModuleType
 
 import distbudget
 from distbudget._exceptions import DistBudgetError
-from distbudget.cli import admin, demo, doctor, ledger, prices, servers, status, watch
+from distbudget.cli import admin, demo, doctor, install, ledger, prices, servers, status, watch
 from distbudget.cli._common import CommandError
+from distbudget.engines.codec import ERRORS as REDIS_ERRORS
 
 DESCRIPTION = (
-    "Operate distbudget fleets: see the budgets (status), reset them, check a "
-    "server (doctor), follow alerts (watch), export the ledger, serve metrics and a dashboard, or run "
-    "the demo. Commands that read a fleet take --redis (default: $DISTBUDGET_REDIS_URL) and --prefix."
+    "Operate distbudget fleets: see the budgets (status), reset them, check a server (doctor), follow "
+    "alerts (watch), export the ledger, serve metrics and a dashboard, install the Functions library "
+    "and print least-privilege ACLs, or run the demo. Commands that read a fleet take --redis "
+    "(default: $DISTBUDGET_REDIS_URL) and --prefix."
 )
 # In the order `distbudget --help` lists them.
-COMMANDS: tuple[ModuleType, ...] = (status, admin, doctor, watch, ledger, servers, prices, demo)
+COMMANDS: tuple[ModuleType, ...] = (status, admin, doctor, watch, ledger, servers, install, prices, demo)
 # Exit status when the reader of our output went away (`distbudget ledger | head`): as if killed by
 # SIGPIPE, like any Unix filter, without a traceback.
 BROKEN_PIPE = 141
+# What a command reports as one error line (exit status 2), never a traceback.
+USER_ERRORS: tuple[type[Exception], ...] = (DistBudgetError, KeyError, ValueError, TypeError, *REDIS_ERRORS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         _error(args.command, exc)
         return exc.code
-    except (DistBudgetError, KeyError, ValueError, TypeError) as exc:
+    except USER_ERRORS as exc:  # bad input, an unreachable server, a command Redis refused (NOPERM ...)
         _error(args.command, exc)
         return 2
     except KeyboardInterrupt:
