@@ -397,7 +397,7 @@ class AsyncBudget(BudgetCore):
             flow = self.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id, request_id, ttl)
             return self, flow
 
-        return PendingReservation(start)
+        return PendingReservation(start, waits=True)
 
     async def summary(self, session_id: str | None = None) -> dict[str, Any]:
         return await self._drive(self.summary_flow(session_id))
@@ -477,9 +477,10 @@ class PendingReservation:
     as ``async with``, which releases the hold on leaving the block uncommitted (even when the task
     is cancelled inside it)."""
 
-    def __init__(self, start: Callable[[], Awaitable[tuple[AsyncBudget, Flow[Hold]]]]) -> None:
+    def __init__(self, start: Callable[[], Awaitable[tuple[AsyncBudget, Flow[Hold]]]], waits: bool = False) -> None:
         self._start: Callable[[], Awaitable[tuple[AsyncBudget, Flow[Hold]]]] | None = start
         self._reservation: AsyncReservation | None = None
+        self._waits = waits  # acquire: may sleep on rolling windows, so a cancellation interrupts it
 
     async def _get(self) -> AsyncReservation:
         if self._reservation is None:
@@ -487,8 +488,25 @@ class PendingReservation:
                 raise RuntimeError("this reservation was already awaited")
             start, self._start = self._start, None
             budget, flow = await start()
-            self._reservation = AsyncReservation(budget, await budget._drive(flow))
+            self._reservation = AsyncReservation(budget, await self._hold(budget, flow, self._waits))
         return self._reservation
+
+    @staticmethod
+    async def _hold(budget: AsyncBudget, flow: Flow[Hold], waits: bool = False) -> Hold:
+        """Run the reserve in its own task and let a cancellation of the caller through as
+        ``CancelledError``, after freeing any hold the reserve made. Before Python 3.12, redis-py's
+        ``asyncio.wait_for`` around a send swallows a cancellation that arrives as the send ends,
+        and a reserve cancelled mid-reply has made a hold its caller never hears of: both end here."""
+        task = asyncio.ensure_future(budget._drive(flow))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if waits:
+                task.cancel()  # an acquire sleeping on a window stops waiting
+            await asyncio.wait([task])
+            if not task.cancelled() and task.exception() is None:
+                await AsyncReservation(budget, task.result()).release()
+            raise
 
     def __await__(self) -> Generator[Any, None, AsyncReservation]:
         return self._get().__await__()
