@@ -12,6 +12,8 @@ percent-encoded so no user string can contain ``:``, ``{`` or ``}``):
     <p>:{<tag>}:rq:<scope>:<request id>    string an idempotency marker (per scope); TTL
     <p>:{<tag>}:alerts                     stream the tree's alerts, capped (MAXLEN ~ 10,000); owned
     <p>:{<tag>}:ledger                     stream the tree's charges and resets, capped (MAXLEN ~); owned
+    <p>:{<tag>}:alerts:done:<group>        zset   alert ids a listener group handled, capped; TTL 7 days
+    <p>:{<tag>}:alerts:dead:<group>        stream alerts a listener group gave up on, capped; owned
     <p>:alert-streams                      hash   scope -> its tree's alert stream (for listeners); owned
     <p>:registry                           hash   scope -> its config JSON (the shared registry); owned
 
@@ -83,6 +85,11 @@ class KeySpace:
 
 def alert_index_key(prefix: str) -> str:
     return f"{check_prefix(prefix)}:alert-streams"
+
+
+def alert_group_keys(stream: str, group: str) -> tuple[str, str]:
+    """A listener group's keys beside a tree's alert stream (same hash tag): (handled ids, dead letters)."""
+    return f"{stream}:done:{encode(group)}", f"{stream}:dead:{encode(group)}"
 
 
 def registry_key(prefix: str) -> str:

@@ -380,6 +380,17 @@ ACL_COMMANDS = (
     "xread",
     "ping",
     "wait",
+    # alert listeners in a consumer group (alerts.py), and any listener looking for a gap (xinfo|stream)
+    "xinfo|stream",
+    "xinfo|groups",
+    "xgroup|create",
+    "xgroup|setid",
+    "xreadgroup",
+    "xpending",
+    "xclaim",
+    "xack",
+    "zmscore",
+    "zremrangebyrank",
     # called inside the scripts (lua/)
     "time",
     "get",
