@@ -56,7 +56,7 @@ import redis.exceptions
 from redis.crc import key_slot
 from redis.exceptions import ClusterError, RedisClusterException, SlotNotCoveredError
 
-from distbudget._core.keys import alert_group_keys, alert_index_key
+from distbudget._core.keys import alert_group_key, alert_index_key
 from distbudget._core.money import nano_to_usd
 from distbudget._core.types import AlertLevel, BudgetAlert, alert_message
 from distbudget._exceptions import InvalidInputError
@@ -180,6 +180,17 @@ class StreamInfo(NamedTuple):
         return cls(int(info["entries-added"]), int(info["length"]), first_id, _text(info["last-generated-id"]))
 
 
+def _group_missing(group: dict[str, Any], info: StreamInfo) -> int | None:
+    """How many entries the stream ever had that a group has not read (Redis counts its reads;
+    ``None``: the group's counter is unknown, or it is behind within what the stream keeps)."""
+    read, delivered = group.get("entries-read"), _text(group.get("last-delivered-id", "0-0"))
+    if read is None:
+        return None
+    if info.first is not None and _id(delivered) < info.first:
+        return info.added - info.length - int(read)
+    return info.added - int(read) if delivered == info.last else None
+
+
 def _raise(reply: Any) -> Any:
     if isinstance(reply, Exception):
         raise reply
@@ -274,10 +285,10 @@ class _ListenerBase:
         return out
 
     def _begin(self, streams: list[str]) -> Flow:
-        """A new tail starts at the oldest entry kept, or (new-only, first look) after the newest;
-        a group is created there unless it exists, told how many entries lie before its position
-        (``ENTRIESREAD``: Redis counts the group's reads from it, which is how a gap is counted).
-        Either way the stream is looked at for a gap before it is read."""
+        """A new tail starts at the oldest entry kept, or (new-only, first look) after the newest.
+        A group is created there unless it exists, told how many entries lie before its position
+        (``ENTRIESREAD``): from then on Redis counts the entries the group read, which is how a gap
+        is counted. Either way the stream is looked at for a gap before it is read."""
         new_only = not (self.from_start or self.started)
         if self.group is None:
             for s in streams:
@@ -288,54 +299,61 @@ class _ListenerBase:
             for s, info in zip(streams, infos, strict=True):
                 start, read = (info.last, info.added) if new_only else ("0", info.added - info.length)
                 cmds.append(Command(s, ("XGROUP CREATE", s, self.group, start, "MKSTREAM", "ENTRIESREAD", read)))
-            for reply in (yield "run", cmds):
+            created = []
+            for s, reply in zip(streams, (yield "run", cmds), strict=True):
                 if not _error(reply, "BUSYGROUP"):  # BUSYGROUP: the group exists, keep its position
                     _raise(reply)
+                    created.append(Command(s, ("DEL", self._group_key(s, "gaps"))))  # a new group missed nothing
+            if created:
+                yield "run", created
         self.known.update(streams)
         self.due.update(streams)
 
     def _check(self, streams: list[str]) -> Flow:
-        """Compare each position with what its stream still holds (``XINFO``): the stream counts the
-        entries ever added; a group counts the entries it read; what lies between them and the oldest
-        entry kept was trimmed unread. A tail counts for itself (``counts``)."""
+        """Look for a gap: entries the stream dropped before this listener read them. The stream
+        counts the entries ever added (``XINFO STREAM``); a group counts the entries it read (Redis,
+        ``XINFO GROUPS``), a tail for itself (``counts``). Positioned before the oldest entry kept,
+        or at the newest, the difference is what was skipped (so far: a group stores the number it
+        reported, ``<stream>:gaps:<group>``). Done before a read that follows a non-empty one."""
         cmds = [Command(s, ("XINFO STREAM", s)) for s in streams]
         if self.group is not None:
             cmds += [Command(s, ("XINFO GROUPS", s)) for s in streams]
+            cmds += [Command(s, ("GET", self._group_key(s, "gaps"))) for s in streams]
         replies = yield "run", cmds
+        n = len(streams)
         for i, stream in enumerate(streams):
             self.due.discard(stream)
             info = StreamInfo.of(replies[i])
             if self.group is None:
-                self._tail_gap(stream, info)
+                self._gap(stream, self._tail_missing(stream, info))
                 continue
-            groups = [] if _error(replies[len(streams) + i], "no such key") else _raise(replies[len(streams) + i])
-            mine = next((_mapping(g) for g in groups or [] if _text(_mapping(g).get("name")) == self.group), None)
+            groups = [] if _error(replies[n + i], "no such key") else _raise(replies[n + i]) or []
+            mine = next((g for g in map(_mapping, groups) if _text(g.get("name")) == self.group), None)
             if mine is None:  # the stream was deleted with its group: set it up again
                 self.known.discard(stream)
-            else:
-                yield from self._group_gap(stream, mine, info)
+                continue
+            missing = _group_missing(mine, info)
+            reported = int(_raise(replies[2 * n + i]) or 0)
+            if missing is not None and missing > reported:
+                self._gap(stream, missing - reported)
+                yield "run", [Command(stream, ("SET", self._group_key(stream, "gaps"), missing))]
 
-    def _group_gap(self, stream: str, group: dict[str, Any], info: StreamInfo) -> Flow:
-        read, delivered = group.get("entries-read"), _text(group.get("last-delivered-id", "0-0"))
-        before_first = info.added - info.length  # entries trimmed from the stream
-        if read is None or info.first is None or _id(delivered) >= info.first or before_first <= int(read):
-            return
-        self._gap(stream, before_first - int(read))
-        # Count the skipped entries as read (Redis counts on from the group's counter as if nothing
-        # were missing), so the counter stays exact for the next gap.
-        setid = ("XGROUP SETID", stream, self.group, delivered, "ENTRIESREAD", before_first)
-        _raise((yield "run", [Command(stream, setid)])[0])
-
-    def _tail_gap(self, stream: str, info: StreamInfo) -> None:
+    def _tail_missing(self, stream: str, info: StreamInfo) -> int | None:
+        """How many entries a tail skipped since it last looked (0: none; None: some, not counted)."""
         position, known = self.last_ids[stream], self.counts.get(stream)
         if position == "$":  # a new-only tail's first look: after the newest entry
-            self.last_ids[stream], self.counts[stream] = info.last, info.added
-        elif position == info.last:
-            self.counts[stream] = info.added
-        elif info.first is not None and _id(position) < info.first:
-            if known is not None or position != "0-0":  # else: a new tail, it reads from the oldest kept
-                self._gap(stream, None if known is None else info.added - info.length - known)
+            self.last_ids[stream], position, known = info.last, info.last, info.added
+        elif known is None and position == "0-0":  # a new tail: from the oldest entry kept
+            known = info.added - info.length
+        if info.first is not None and _id(position) < info.first:  # trimmed past its position
             self.counts[stream] = info.added - info.length
+            return None if known is None else info.added - info.length - known
+        if position == info.last:
+            self.counts[stream] = info.added
+            return None if known is None else info.added - known
+        if known is not None:
+            self.counts[stream] = known
+        return 0
 
     def _gap(self, stream: str, skipped: int | None) -> None:
         if skipped is not None and skipped <= 0:
@@ -371,11 +389,7 @@ class _ListenerBase:
             entries = yield from self._read_slots(self._slots(positions))
         else:
             entries = _entries(self._answer((yield "run", [self._read_command(positions, self.block_ms)]))[0])
-        batch = TAIL_BATCH if self.group is None else GROUP_BATCH
-        for stream in streams:
-            n = sum(e.stream == stream for e in entries)
-            if n >= batch or (n and self.group is None and stream not in self.counts):
-                self.due.add(stream)  # behind (a gap may open), or a tail that does not know its count yet
+        self.due.update(e.stream for e in entries)  # before the next read of these: a gap may open
         return entries
 
     @staticmethod
@@ -450,7 +464,7 @@ class _ListenerBase:
     def _bury(self, entries: list[Entry], deliveries: dict[str, int]) -> Flow:
         cmds = []
         for e in entries:
-            dead_key = alert_group_keys(e.stream, self.group or "")[1]
+            dead_key = self._group_key(e.stream, "dead")
             fields = ("alert", e.payload(), "id", e.id, "deliveries", deliveries[e.id])
             cmds.append(Command(e.stream, ("XADD", dead_key, "MAXLEN", "~", DEAD_CAP, "*", *fields)))
             cmds.append(Command(e.stream, ("XACK", e.stream, self.group, e.id)))
@@ -476,7 +490,7 @@ class _ListenerBase:
             by_stream: dict[str, list[str]] = {}
             for e in entries:
                 by_stream.setdefault(e.stream, []).append(e.id)
-            cmds = [Command(s, ("ZMSCORE", self._done_key(s), *ids)) for s, ids in by_stream.items()]
+            cmds = [Command(s, ("ZMSCORE", self._group_key(s, "done"), *ids)) for s, ids in by_stream.items()]
             for ids, scores in zip(by_stream.values(), (yield "run", cmds), strict=True):
                 done |= {i for i, score in zip(ids, _raise(scores), strict=True) if score is not None}
         for entry in entries:
@@ -494,11 +508,11 @@ class _ListenerBase:
             else:
                 log.warning("alert %s not handled by group %r: delivered again later", entry.id, self.group)
 
-    def _done_key(self, stream: str) -> str:
-        return alert_group_keys(stream, self.group or "")[0]
+    def _group_key(self, stream: str, kind: str) -> str:
+        return alert_group_key(stream, self.group or "", kind)
 
     def _ack(self, entry: Entry, mark: bool) -> Flow:
-        done = self._done_key(entry.stream)
+        done = self._group_key(entry.stream, "done")
         cmds = []
         if mark:
             cmds = [

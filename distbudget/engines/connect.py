@@ -384,7 +384,6 @@ ACL_COMMANDS = (
     "xinfo|stream",
     "xinfo|groups",
     "xgroup|create",
-    "xgroup|setid",
     "xreadgroup",
     "xpending",
     "xclaim",
