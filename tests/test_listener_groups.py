@@ -90,7 +90,7 @@ def test_resume_pattern_with_a_slow_callback_delivers_each_alert_once(redis_serv
         else:  # a new member of the group each time; the stopped one's unread alerts are taken over
             listener = AlertListener(redis=redis_server.url, block_ms=100, group="resume", claim_idle_ms=300)
         listener.start(recorder)
-        assert wait_for(lambda: len(delivered) + len(recorder.ids) >= target, timeout=60)  # noqa: B023
+        assert wait_for(lambda: len(delivered) + len(recorder.ids) >= target, timeout=60)
         listener.stop()
         recorder.closed.set()
         saved = dict(listener.last_ids)
@@ -116,7 +116,7 @@ def test_async_group_resumes_after_aclose(redis_server: RedisServer) -> None:
                 await asyncio.sleep(0.02)
                 delivered.append(key(alert))
                 if closed:
-                    late.append(key(alert))  # noqa: B023
+                    late.append(key(alert))
 
             task = asyncio.create_task(listener.run(slow))
             while len(delivered) < target:
