@@ -273,7 +273,7 @@ class _ListenerBase:
             entries = yield from self._claim(streams)
         if not entries:
             entries = yield from self._read(streams)
-        yield from self._deliver(entries)
+        yield from self._deliver(entries, time.monotonic())
 
     def _streams(self, index: dict[Any, Any]) -> list[str]:
         """Every stream of interest (a tree's stream carries the alerts of all its scopes)."""
@@ -481,32 +481,47 @@ class _ListenerBase:
 
     # ---- delivering -----------------------------------------------------------------------------
 
-    def _deliver(self, entries: list[Entry]) -> Flow:
+    def _deliver(self, entries: list[Entry], since: float) -> Flow:
         """Each entry to the callback (``deliver``), then its position moves: a tail's last id, a
         group's acknowledgement with the id marked handled (first the mark, then the ack: a member
-        that dies between the two leaves a pending alert that the next one acknowledges unseen)."""
-        done: set[str] = set()
-        if self.group is not None and entries:
-            by_stream: dict[str, list[str]] = {}
-            for e in entries:
-                by_stream.setdefault(e.stream, []).append(e.id)
-            cmds = [Command(s, ("ZMSCORE", self._group_key(s, "done"), *ids)) for s, ids in by_stream.items()]
-            for ids, scores in zip(by_stream.values(), (yield "run", cmds), strict=True):
-                done |= {i for i, score in zip(ids, _raise(scores), strict=True) if score is not None}
+        that dies between the two leaves a pending alert that the next one acknowledges unseen).
+        ``since``: when the entries were read (monotonic seconds)."""
         for entry in entries:
             data = json.loads(entry.payload())
             wanted = self.scopes is None or data.get("scope") in self.scopes
-            handled = True
-            if wanted and entry.id not in done:
-                handled = yield "deliver", alert_from_payload(data, entry.id)
             if self.group is None:
+                if wanted:
+                    yield "deliver", alert_from_payload(data, entry.id)  # a tail moves on either way
                 self.last_ids[entry.stream] = entry.id
                 if entry.stream in self.counts:
                     self.counts[entry.stream] += 1
-            elif handled:
-                yield from self._ack(entry, mark=wanted and entry.id not in done)
-            else:
+                continue
+            fresh = wanted and (yield from self._hold(entry, since))
+            if fresh is None:
+                continue  # another member took the alert over: it delivers it
+            if fresh and not (yield "deliver", alert_from_payload(data, entry.id)):
                 log.warning("alert %s not handled by group %r: delivered again later", entry.id, self.group)
+            else:
+                yield from self._ack(entry, mark=fresh)
+
+    def _hold(self, entry: Entry, since: float) -> Flow:
+        """Just before a group's callback: is the alert still this member's, and not handled yet?
+        ``XCLAIM`` with the time it has been ours as the minimum idle time succeeds only if no other
+        member claimed it meanwhile, and restarts its idle time, so none takes it over while its
+        callback runs (unless that takes ``claim_idle_ms``). True: deliver it; False: acknowledge it
+        unseen (handled before, by a member that died before its ack); None: not ours any more."""
+        held_ms = int((time.monotonic() - since) * 1000)
+        claim = ("XCLAIM", entry.stream, self.group, self.consumer, held_ms, entry.id, "JUSTID")
+        done, mine = yield (
+            "run",
+            [
+                Command(entry.stream, ("ZSCORE", self._group_key(entry.stream, "done"), entry.id)),
+                Command(entry.stream, claim, {"parse_justid": True}),
+            ],
+        )
+        if not _raise(mine):
+            return None
+        return _raise(done) is None
 
     def _group_key(self, stream: str, kind: str) -> str:
         return alert_group_key(stream, self.group or "", kind)

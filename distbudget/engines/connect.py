@@ -388,7 +388,7 @@ ACL_COMMANDS = (
     "xpending",
     "xclaim",
     "xack",
-    "zmscore",
+    "zscore",
     "zremrangebyrank",
     # called inside the scripts (lua/)
     "time",
