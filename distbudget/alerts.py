@@ -652,7 +652,8 @@ class AsyncAlertListener(_ListenerBase):
     ``stop()`` (no callback starts after it), or by cancelling the task. Same options as
     :class:`AlertListener`; ``callback`` may be a coroutine function."""
 
-    _calling: asyncio.Lock | None = None  # held while a callback runs (made by run(): it binds to a loop)
+    _idle: asyncio.Event | None = None  # clear while run()'s callback runs (made by run(): it binds to a loop)
+    _runner: asyncio.Task[Any] | None = None
 
     def _connect(self, redis: Any) -> Any:
         return redis if not isinstance(redis, str) else _async_client(redis)
@@ -661,11 +662,10 @@ class AsyncAlertListener(_ListenerBase):
         self.stopped = True
 
     async def aclose(self) -> None:
-        """Stop, once a callback in progress has returned."""
+        """Stop, and return once a callback in progress has returned (at once from the callback)."""
         self.stopped = True
-        if self._calling is not None:
-            async with self._calling:
-                pass
+        if self._idle is not None and asyncio.current_task() is not self._runner:
+            await self._idle.wait()
 
     async def _alerts(self) -> AsyncGenerator[BudgetAlert, Any]:
         while not self.stopped:
@@ -697,21 +697,23 @@ class AsyncAlertListener(_ListenerBase):
 
     async def run(self, callback: Callable[[BudgetAlert], Any]) -> None:
         """Hand each alert to ``callback`` until stopped or cancelled."""
-        self._calling = calling = asyncio.Lock()
+        idle = self._idle = asyncio.Event()
+        idle.set()
+        self._runner = asyncio.current_task()
         alerts = self._alerts()
         try:
             alert = await alerts.__anext__()
-            while True:
-                async with calling:
-                    if self.stopped:
-                        return
+            while not self.stopped:
+                idle.clear()
+                try:
                     handled = _handled(alert, callback)
                     if inspect.isawaitable(handled):
-                        try:
-                            handled = await handled
-                        except Exception:
-                            log.exception("alert callback %r failed on %s", callback, alert.alert_id)
-                            handled = False
+                        handled = await handled
+                except Exception:
+                    log.exception("alert callback %r failed on %s", callback, alert.alert_id)
+                    handled = False
+                finally:
+                    idle.set()
                 alert = await alerts.asend(handled)
         except StopAsyncIteration:
             pass

@@ -19,7 +19,7 @@ import redis
 
 from distbudget import Budget, BudgetScope, ModelRates
 from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
-from tests.conftest import RedisServer
+from tests.conftest import Cluster, RedisServer
 from tests.test_alerts import wait_for
 
 RATES = {"m": ModelRates(0.001, 0.002)}
@@ -296,3 +296,54 @@ def test_webhook_failures_stay_pending_then_go_to_the_dead_letter_stream(
     assert all(json.loads(f[b"alert"])["scope"] == "doomed" and f[b"deliveries"] == b"4" for _, f in dead)
     assert client.xpending(doomed, "hooks")["pending"] == 0
     assert sum("moved to" in r.getMessage() for r in caplog.records) == 2
+
+
+# ---- Redis Cluster: a group spans every shard, read slot by slot -----------------------------------
+
+
+def test_groups_on_a_cluster_sync_and_async(redis_cluster: Cluster) -> None:
+    redis_cluster.flushall()
+    url = redis_cluster.user_url
+    names = [f"cl-group-{i}" for i in range(9)]
+    for node in redis_cluster.nodes:
+        node.client().config_resetstat()
+
+    def cross(batch: list[str]) -> None:
+        for name in batch:
+            budget = Budget(BudgetScope(name, max_tokens_per_session=100, hard_stop=False), RATES, redis=url)
+            budget.record("s", "m", 85, 0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                budget.record("s", "m", 30, 0)
+
+    cross(names[:5])
+    heard = Recorder()
+    listener = AlertListener(redis=url, block_ms=100, group="ops", claim_idle_ms=300).start(heard)
+    assert wait_for(lambda: len(heard.ids) == 10)
+    listener.stop()
+    cross(names[5:])  # while the group has no member
+    heard_async: list[str] = []
+
+    async def member() -> None:
+        alisten = AsyncAlertListener(redis=url, block_ms=100, group="ops", claim_idle_ms=300)
+
+        async def note(alert: Any) -> None:
+            heard_async.append(key(alert))
+            if len(heard_async) == 8:
+                await alisten.aclose()
+
+        await asyncio.wait_for(alisten.run(note), 60)
+
+    asyncio.run(member())
+    admin = redis_cluster.client()
+    everything = {
+        f"{json.loads(fields[b'alert'])['scope']}/{eid.decode()}"
+        for stream in admin.hvals("distbudget:alert-streams")
+        for eid, fields in admin.xrange(stream)
+    }
+    both = heard.ids + heard_async
+    assert len(both) == len(set(both)) == 18 and set(both) == everything
+    for node in redis_cluster.nodes:  # each command went straight to its node: no COMMAND GETKEYS first
+        stats = node.client().info("commandstats")
+        assert "cmdstat_command|getkeys" not in stats
+        assert stats.get("cmdstat_xreadgroup", {}).get("calls", 0) > 0
