@@ -106,6 +106,7 @@ class BudgetCore:
         request_ttl: float | None = None,
         sleep: Callable[[float], Any] | None = None,
         ledger_maxlen: int = L.DEFAULT_MAXLEN,
+        alert_stream_maxlen: int = P.ALERT_STREAM_MAXLEN,
         on_backend_error: str = "raise",
         fail_open_max_cost_usd: float | None = None,
         fail_open_max_tokens: int | None = None,
@@ -120,6 +121,8 @@ class BudgetCore:
             raise TypeError("clock must be a callable returning seconds")
         if isinstance(ledger_maxlen, bool) or not isinstance(ledger_maxlen, int) or ledger_maxlen < 0:
             raise InvalidInputError(f"ledger_maxlen must be an int >= 0 (0: no ledger), got {ledger_maxlen!r}")
+        if isinstance(alert_stream_maxlen, bool) or not isinstance(alert_stream_maxlen, int) or alert_stream_maxlen < 1:
+            raise InvalidInputError(f"alert_stream_maxlen must be an int >= 1, got {alert_stream_maxlen!r}")
         self.prefix = check_prefix(prefix)
         self.default_rates = default_rates
         self.clock = clock
@@ -128,6 +131,7 @@ class BudgetCore:
         self.hold_ttl_us = int(_seconds(hold_ttl, "hold_ttl") * P.US)
         self._request_ttl = None if request_ttl is None else _seconds(request_ttl, "request_ttl")
         self.ledger_maxlen = ledger_maxlen
+        self.alert_stream_maxlen = alert_stream_maxlen
         self._configure(scope, rates)
         # A budget of a BudgetManager follows the shared registry: (registry key, seconds a config
         # is trusted, the config chain it was built from).
@@ -222,7 +226,9 @@ class BudgetCore:
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.clear()
-            plan = self._plans[key] = P.build_plan(self.scope, session_id, model, self.keyspace, self.session_ttl_ms)
+            plan = self._plans[key] = P.build_plan(
+                self.scope, session_id, model, self.keyspace, self.session_ttl_ms, self.alert_stream_maxlen
+            )
         return plan
 
     def usage(

@@ -1,11 +1,12 @@
 """Fleet-wide alerts: listeners that hear every threshold crossing, and a webhook sink.
 
-The atomic step that decides a crossing also appends it to the scope tree's capped alert stream
-(``<prefix>:{<root>}:alerts``, ``MAXLEN ~ 10000``) and ``PUBLISH``es it on ``<prefix>:alerts`` (every
-scope) and ``<prefix>:alerts:<scope>`` (one scope). Budgets register their tree's stream in the
-``<prefix>:alert-streams`` hash, which is how a listener finds every stream without scanning the
-keyspace. On Redis Cluster the trees' streams live on different shards, and one read may name keys
-of one hash slot only, so a listener reads them slot by slot (``_ListenerBase._read_slots``).
+The atomic step that decides a crossing also appends it to the scope tree's alert stream
+(``<prefix>:{<root>}:alerts``, capped at about ``Budget(alert_stream_maxlen=)``, 10,000 by default)
+and ``PUBLISH``es it on ``<prefix>:alerts`` (every scope) and ``<prefix>:alerts:<scope>`` (one scope).
+Budgets register their tree's stream in the ``<prefix>:alert-streams`` hash, which is how a listener
+finds every stream without scanning the keyspace. On Redis Cluster the trees' streams live on
+different shards, and one read may name keys of one hash slot only, so a listener reads them slot by
+slot (``_ListenerBase._read_slots``).
 
 Two ways to listen, one poll flow (``_ListenerBase._cycle``, sans-I/O: the sync and the async
 listener only run its steps):
@@ -21,7 +22,7 @@ listener only run its steps):
 
 Either way a position moves only after the callback for that alert returned, and no callback starts
 after ``stop()`` returned. A listener whose position fell behind what the stream keeps (down longer
-than ~10,000 alerts) logs a WARNING with the number of alerts it skipped and calls ``on_gap(skipped)``.
+than the stream's cap) logs a WARNING with the number of alerts it skipped and calls ``on_gap(skipped)``.
 
 Payload (JSON; the stream entry's field ``alert`` and each pub/sub message)::
 
@@ -361,8 +362,8 @@ class _ListenerBase:
         self.skipped += skipped or 0
         count = "an unknown number of" if skipped is None else str(skipped)
         log.warning(
-            "alert listener%s skipped %s alerts of %s: the stream dropped them (it keeps the newest ~10,000) "
-            "before they were read",
+            "alert listener%s skipped %s alerts of %s: the stream dropped them before they were read "
+            "(it keeps the newest alert_stream_maxlen, 10,000 by default)",
             f" group {self.group!r}" if self.group else "",
             count,
             stream,

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import pytest
 import redis
 
-from distbudget import Budget, BudgetScope, ModelRates
+from distbudget import Budget, BudgetScope, DistBudgetError, ModelRates
 from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
 from tests.conftest import Cluster, RedisServer
 from tests.test_alerts import wait_for
@@ -347,3 +347,37 @@ def test_groups_on_a_cluster_sync_and_async(redis_cluster: Cluster) -> None:
         stats = node.client().info("commandstats")
         assert "cmdstat_command|getkeys" not in stats
         assert stats.get("cmdstat_xreadgroup", {}).get("calls", 0) > 0
+
+
+def test_the_stream_cap_is_a_budget_option_and_a_group_counts_what_it_dropped(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    client.flushall()
+    org = BudgetScope("capped-org")
+
+    def cross(first: int, last: int) -> None:  # children of one tree: their alerts share its stream
+        user = redis.Redis.from_url(redis_server.url)
+        for i in range(first, last):
+            scope = BudgetScope(f"capped-{i}", parent=org, max_tokens_per_session=100, hard_stop=False)
+            budget = Budget(scope, RATES, redis=user, alert_stream_maxlen=10)
+            budget.record("s", "m", 85, 0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                budget.record("s", "m", 30, 0)
+        user.close()
+
+    gaps: list[int | None] = []
+    heard = Recorder()
+    cross(0, 1)
+    listener = AlertListener(redis=redis_server.url, block_ms=100, group="g", on_gap=gaps.append).start(heard)
+    assert wait_for(lambda: len(heard.ids) == 2)
+    listener.stop()
+    cross(1, 150)  # 298 more alerts while no member runs
+    stream = client.hget("distbudget:alert-streams", "capped-0")
+    info = client.xinfo_stream(stream)
+    assert info["entries-added"] == 300 and info["length"] < 200  # capped (MAXLEN ~ 10: whole 100-entry nodes)
+    listener = AlertListener(redis=redis_server.url, block_ms=100, group="g", on_gap=gaps.append).start(heard)
+    assert wait_for(lambda: len(heard.ids) == 2 + info["length"])
+    listener.stop()
+    assert gaps == [300 - info["length"] - 2]
+    with pytest.raises(DistBudgetError):
+        Budget(org, RATES, alert_stream_maxlen=0)

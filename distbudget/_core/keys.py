@@ -10,7 +10,7 @@ percent-encoded so no user string can contain ``:``, ``{`` or ``}``):
     <p>:{<tag>}:holds                      hash   live reservations and held amounts per counter
     <p>:{<tag>}:leases                     zset   reservation id -> expiry (µs)
     <p>:{<tag>}:rq:<scope>:<request id>    string an idempotency marker (per scope); TTL
-    <p>:{<tag>}:alerts                     stream the tree's alerts, capped (MAXLEN ~ 10,000); owned
+    <p>:{<tag>}:alerts                     stream the tree's alerts, capped (MAXLEN ~ alert_stream_maxlen); owned
     <p>:{<tag>}:ledger                     stream the tree's charges and resets, capped (MAXLEN ~); owned
     <p>:{<tag>}:alerts:done:<group>        zset   alert ids a listener group handled, capped; TTL 7 days
     <p>:{<tag>}:alerts:dead:<group>        stream alerts a listener group gave up on, capped; owned

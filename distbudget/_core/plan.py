@@ -22,6 +22,9 @@ from distbudget._core.scope import BudgetScope, Limit, bucket_seconds
 TOKENS, COST, REQUESTS = 0, 1, 2
 METRIC_INDEX = {"tokens": TOKENS, "cost": COST, "requests": REQUESTS}
 DAY = 86400
+# A tree's alert stream keeps about this many alerts (XADD MAXLEN ~; Budget(alert_stream_maxlen=)):
+# a listener down for longer misses the oldest, and says how many (distbudget.alerts).
+ALERT_STREAM_MAXLEN = 10_000
 WARNING, CRITICAL = 1, 2  # alert levels as the engines report them (bits of the alert state)
 # A fired alert re-arms only once usage is back below 90 % of its threshold (or on reset),
 # so usage hovering around a threshold in a rolling window does not fire it again and again.
@@ -117,6 +120,7 @@ def build_plan(
     model: str | None,
     keyspace: KeySpace,
     session_ttl_ms: int,
+    alert_maxlen: int = ALERT_STREAM_MAXLEN,
 ) -> Plan:
     """The plan for a call on ``model`` (``None``: every limit, for summaries) in ``session_id``."""
     keys: list[str] = [keyspace.holds, keyspace.leases]
@@ -276,7 +280,7 @@ def build_plan(
         day_counter=own["day"],
         totals_counter=own["totals"],
         keyspace=keyspace,
-        alert_meta=alert_meta(keyspace, session_id, model, limits).encode(),
+        alert_meta=alert_meta(keyspace, session_id, model, limits, alert_maxlen).encode(),
         ledger_head=ledger.head("charge", scope.name, [s.name for s in chain], session_id, model),
         charge_keys=charge_keys,
         record_keys=charge_keys[2:],
@@ -287,11 +291,13 @@ def build_plan(
     )
 
 
-def alert_meta(keyspace: KeySpace, session_id: str, model: str | None, limits: list[LimitSpec]) -> str:
+def alert_meta(
+    keyspace: KeySpace, session_id: str, model: str | None, limits: list[LimitSpec], maxlen: int = ALERT_STREAM_MAXLEN
+) -> str:
     """What the scripts need to publish an alert: per limit (scope, limit type, metric, value,
     position of its usage in the totals, the scope's channel, the level of its lower threshold),
-    the session, the model, the all-scopes channel. Values are strings: Lua's JSON would print big
-    integers in exponent form."""
+    the session, the model, the all-scopes channel, the alert stream's cap. Values are strings:
+    Lua's JSON would print big integers in exponent form."""
     everyone = alert_channels(keyspace.prefix, "")[0]
     rows = [
         [
@@ -305,7 +311,9 @@ def alert_meta(keyspace: KeySpace, session_id: str, model: str | None, limits: l
         ]
         for lim in limits
     ]
-    return json.dumps({"l": rows, "s": session_id, "m": model, "all": everyone}, separators=(",", ":"))
+    return json.dumps(
+        {"l": rows, "s": session_id, "m": model, "all": everyone, "n": str(maxlen)}, separators=(",", ":")
+    )
 
 
 # ---- what the engines answer (both engines return exactly these shapes) -------------------------
