@@ -173,8 +173,6 @@ def test_a_group_starts_new_only_when_asked(redis_server: RedisServer) -> None:
 
 
 def test_bad_listener_options_are_refused(redis_server: RedisServer) -> None:
-    from distbudget import DistBudgetError
-
     for kwargs in ({"group": ""}, {"group": "g", "last_ids": {"s": "1-0"}}, {"max_deliveries": 0}):
         with pytest.raises(DistBudgetError):
             AlertListener(redis=redis_server.url, **kwargs)
