@@ -126,7 +126,6 @@ class Command(NamedTuple):
 
 
 # The steps of the poll flow, answered by the shells:
-#   ("index", key)      -> HGETALL key
 #   ("run", [Command])  -> their replies in order (error replies as exception objects), pipelined per node
 #   ("sleep", seconds)  -> None
 #   ("deliver", alert)  -> whether the callback handled it (False: it raised or returned False)
@@ -138,6 +137,20 @@ Flow = Generator[Step, Any, Any]
 # no node answers (it raises RedisClusterException, not a RedisError, when it cannot read the slot map)
 # or while the cluster is not serving (CLUSTERDOWN, slots not covered yet, redirections exhausted).
 _LOST = (redis.ConnectionError, redis.TimeoutError, RedisClusterException, SlotNotCoveredError, ClusterError)
+
+
+class _Lost(NamedTuple):
+    """A shell's answer to a step whose connection was lost."""
+
+    error: Exception
+
+
+def _next(flow: Flow, answer: Any) -> Step | None:
+    """The flow's next step (None: it ended)."""
+    try:
+        return flow.send(answer)
+    except StopIteration:
+        return None
 
 
 def _entries(reply: Any) -> list[Entry]:
@@ -251,12 +264,37 @@ class _ListenerBase:
         """The shell's client for ``redis`` (a URL or a ready client)."""
         raise NotImplementedError
 
+    def _session(self) -> Flow:
+        """Look after look until stopped. The shells answer each step; a connection they lost comes
+        back as a :class:`_Lost` answer, and is retried with backoff. A ``deliver`` step's answer
+        is whether the alert was handled: False only if the callback said so (or raised)."""
+        while not self.stopped:
+            cycle = self._cycle()
+            answer: Any = None
+            try:
+                while True:
+                    kind, arg = cycle.send(answer)
+                    if kind == "deliver" and self.stopped:
+                        return  # no callback starts after stop(); the alert stays where it was
+                    answer = yield kind, arg
+                    if isinstance(answer, _Lost):
+                        raise answer.error
+                    if kind == "deliver":
+                        answer = answer is not False
+            except StopIteration:
+                self.backoff = 0.0
+            except _LOST as exc:
+                yield "sleep", self._lost(exc)
+            finally:
+                cycle.close()
+
     # ---- one look at the streams ----------------------------------------------------------------
 
     def _cycle(self) -> Flow:
         """Read the index (new scope trees appear in it), set up new streams, look for gaps where one
         may have opened, take back a group's pending alerts that are due again, read, deliver."""
-        index = yield "index", self.index_key
+        (index,) = yield "run", [Command(self.index_key, ("HGETALL", self.index_key))]
+        index = _raise(index)
         streams = self._streams(index)
         if not streams:
             self.started = True
@@ -380,8 +418,9 @@ class _ListenerBase:
         wait = [] if block is None else ["BLOCK", block]
         if self.group is None:
             head: tuple[Any, ...] = ("XREAD", "COUNT", TAIL_BATCH, *wait)
-        else:
-            head = ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", GROUP_BATCH, *wait)
+        else:  # COUNT is per stream: a member takes about GROUP_BATCH in all, the rest stay for the others
+            count = max(1, GROUP_BATCH // len(positions))
+            head = ("XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, *wait)
         return Command(next(iter(positions)), (*head, "STREAMS", *positions, *positions.values()))
 
     def _read(self, streams: list[str]) -> Flow:
@@ -586,34 +625,16 @@ class AlertListener(_ListenerBase):
         return _sync_client(redis)
 
     def _alerts(self) -> Generator[BudgetAlert, Any, None]:
-        """Run look after look until stopped; yield each alert, the answer sent back (or None from a
-        ``for`` loop) says whether it was handled."""
-        while not self.stopped:
-            flow = self._cycle()
-            try:
-                kind, arg = next(flow)
-                while True:
-                    if kind == "deliver":
-                        if self.stopped:
-                            return
-                        answer: Any = (yield arg) is not False
-                    elif kind == "sleep":
-                        time.sleep(arg)
-                        answer = None
-                    else:
-                        answer = self._step(kind, arg)
-                    kind, arg = flow.send(answer)
-            except StopIteration:
-                self.backoff = 0.0
-            except _LOST as exc:
-                time.sleep(self._lost(exc))
-            finally:
-                flow.close()
+        """Each alert; the answer sent back (None from a ``for`` loop) says whether it was handled."""
+        flow, answer = self._session(), None
+        while (step := _next(flow, answer)) is not None:
+            answer = (yield step[1]) if step[0] == "deliver" else self._io(*step)
 
-    def _step(self, kind: str, arg: Any) -> Any:
-        if kind == "index":
-            return self.client.hgetall(arg)
-        return _run_sync(self.client, arg, self.cluster)
+    def _io(self, kind: str, arg: Any) -> Any:
+        try:
+            return time.sleep(arg) if kind == "sleep" else _run_sync(self.client, arg, self.cluster)
+        except _LOST as exc:
+            return _Lost(exc)
 
     def __iter__(self) -> Iterator[BudgetAlert]:
         return self._alerts()
@@ -669,29 +690,15 @@ class AsyncAlertListener(_ListenerBase):
             await self._idle.wait()
 
     async def _alerts(self) -> AsyncGenerator[BudgetAlert, Any]:
-        while not self.stopped:
-            flow = self._cycle()
-            try:
-                kind, arg = next(flow)
-                while True:
-                    if kind == "deliver":
-                        if self.stopped:
-                            return
-                        answer: Any = (yield arg) is not False
-                    elif kind == "sleep":
-                        await asyncio.sleep(arg)
-                        answer = None
-                    elif kind == "index":
-                        answer = await self.client.hgetall(arg)
-                    else:
-                        answer = await _run_async(self.client, arg, self.cluster)
-                    kind, arg = flow.send(answer)
-            except StopIteration:
-                self.backoff = 0.0
-            except _LOST as exc:
-                await asyncio.sleep(self._lost(exc))
-            finally:
-                flow.close()
+        flow, answer = self._session(), None
+        while (step := _next(flow, answer)) is not None:
+            answer = (yield step[1]) if step[0] == "deliver" else await self._io(*step)
+
+    async def _io(self, kind: str, arg: Any) -> Any:
+        try:
+            return await (asyncio.sleep(arg) if kind == "sleep" else _run_async(self.client, arg, self.cluster))
+        except _LOST as exc:
+            return _Lost(exc)
 
     def __aiter__(self) -> AsyncIterator[BudgetAlert]:
         return self._alerts()
@@ -763,6 +770,8 @@ async def _run_async(client: Any, commands: list[Command], cluster: bool) -> lis
         for c in commands:
             pipe.execute_command(*c.args, **c.options)
         return list(await pipe.execute(raise_on_error=False))
+
+    await client.initialize()  # reads the slot map the first time; later a no-op unless redis-py asked for a refresh
 
     async def one(c: Command) -> Any:
         try:
