@@ -72,7 +72,7 @@ tail resumed with ``last_ids`` and a group that already exists continue from the
 
 TAIL_BATCH = 100  # entries per stream per read; a tail holds nothing, so it may read ahead
 GROUP_BATCH = 10  # a group member takes few at a time: the rest stay for the group's other members
-DONE_KEPT = 20_000  # handled ids a group remembers per stream (twice the stream's cap)
+DONE_KEPT = 20_000  # handled ids a group remembers per stream (a redelivery comes soon after, if at all)
 DONE_TTL_MS = 7 * 24 * 3600 * 1000
 DEAD_CAP = 10_000
 MAX_BACKOFF_MS = 60_000
@@ -114,6 +114,15 @@ class Entry(NamedTuple):
 
     def payload(self) -> str:
         return _text(self.fields.get(b"alert", self.fields.get("alert", "{}")))
+
+
+def _alert(entry: Entry) -> BudgetAlert | None:
+    """An entry's alert, or None (logged) for one that is not an alert: it is passed over."""
+    try:
+        return alert_from_payload(json.loads(entry.payload()), entry.id)
+    except (ValueError, KeyError, TypeError):
+        log.warning("entry %s of %s is not an alert: passed over", entry.id, entry.stream)
+        return None
 
 
 class Command(NamedTuple):
@@ -527,11 +536,11 @@ class _ListenerBase:
         that dies between the two leaves a pending alert that the next one acknowledges unseen).
         ``since``: when the entries were read (monotonic seconds)."""
         for entry in entries:
-            data = json.loads(entry.payload())
-            wanted = self.scopes is None or data.get("scope") in self.scopes
+            alert = _alert(entry)
+            wanted = alert is not None and (self.scopes is None or alert.scope in self.scopes)
             if self.group is None:
                 if wanted:
-                    yield "deliver", alert_from_payload(data, entry.id)  # a tail moves on either way
+                    yield "deliver", alert  # a tail moves on either way
                 self.last_ids[entry.stream] = entry.id
                 if entry.stream in self.counts:
                     self.counts[entry.stream] += 1
@@ -539,7 +548,7 @@ class _ListenerBase:
             fresh = wanted and (yield from self._hold(entry, since))
             if fresh is None:
                 continue  # another member took the alert over: it delivers it
-            if fresh and not (yield "deliver", alert_from_payload(data, entry.id)):
+            if fresh and not (yield "deliver", alert):
                 log.warning("alert %s not handled by group %r: delivered again later", entry.id, self.group)
             else:
                 yield from self._ack(entry, mark=fresh)

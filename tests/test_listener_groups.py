@@ -379,3 +379,23 @@ def test_the_stream_cap_is_a_budget_option_and_a_group_counts_what_it_dropped(re
     assert gaps == [300 - info["length"] - 2]
     with pytest.raises(DistBudgetError):
         Budget(org, RATES, alert_stream_maxlen=0)
+
+
+@pytest.mark.parametrize("group", [None, "g"])
+def test_an_entry_that_is_not_an_alert_is_passed_over(redis_server: RedisServer, group: str | None) -> None:
+    client = redis_server.client()
+    client.flushall()
+    fire(redis_server.url, ["junk"])
+    stream = client.hget("distbudget:alert-streams", "junk")
+    client.xadd(stream, {"alert": "not json"})
+    client.xadd(stream, {"other": "field"})
+    fire(redis_server.url, ["after-junk"])
+    heard = Recorder()
+    listener = AlertListener(redis=redis_server.url, block_ms=100, group=group).start(heard)
+    try:
+        assert wait_for(lambda: len(heard.ids) == 4)
+    finally:
+        listener.stop()
+    assert {i.split("/")[0] for i in heard.ids} == {"junk", "after-junk"}
+    if group:
+        assert client.xpending(stream, group)["pending"] == 0
