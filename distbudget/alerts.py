@@ -48,7 +48,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Generator, Iterator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, NamedTuple
 
 import redis
@@ -146,6 +146,9 @@ Flow = Generator[Step, Any, Any]
 # no node answers (it raises RedisClusterException, not a RedisError, when it cannot read the slot map)
 # or while the cluster is not serving (CLUSTERDOWN, slots not covered yet, redirections exhausted).
 _LOST = (redis.ConnectionError, redis.TimeoutError, RedisClusterException, SlotNotCoveredError, ClusterError)
+
+
+NOT_CALLED = object()  # a shell's answer to "deliver" once stopped: the callback was not called
 
 
 class _Lost(NamedTuple):
@@ -276,7 +279,8 @@ class _ListenerBase:
     def _session(self) -> Flow:
         """Look after look until stopped. The shells answer each step; a connection they lost comes
         back as a :class:`_Lost` answer, and is retried with backoff. A ``deliver`` step's answer
-        is whether the alert was handled: False only if the callback said so (or raised)."""
+        is whether the alert was handled: False only if the callback said so (or raised);
+        ``NOT_CALLED`` once stopped, and the look ends there (see ``_deliver``)."""
         while not self.stopped:
             cycle = self._cycle()
             answer: Any = None
@@ -284,11 +288,12 @@ class _ListenerBase:
                 while True:
                     kind, arg = cycle.send(answer)
                     if kind == "deliver" and self.stopped:
-                        return  # no callback starts after stop(); the alert stays where it was
+                        answer = NOT_CALLED  # no callback starts after stop()
+                        continue
                     answer = yield kind, arg
                     if isinstance(answer, _Lost):
                         raise answer.error
-                    if kind == "deliver":
+                    if kind == "deliver" and answer is not NOT_CALLED:
                         answer = answer is not False
             except StopIteration:
                 self.backoff = 0.0
@@ -535,23 +540,42 @@ class _ListenerBase:
         group's acknowledgement with the id marked handled (first the mark, then the ack: a member
         that dies between the two leaves a pending alert that the next one acknowledges unseen).
         ``since``: when the entries were read (monotonic seconds)."""
-        for entry in entries:
+        for i, entry in enumerate(entries):
             alert = _alert(entry)
             wanted = alert is not None and (self.scopes is None or alert.scope in self.scopes)
             if self.group is None:
-                if wanted:
-                    yield "deliver", alert  # a tail moves on either way
-                self.last_ids[entry.stream] = entry.id
+                if wanted and (yield "deliver", alert) is NOT_CALLED:
+                    return  # stopped: the position stays before this alert
+                self.last_ids[entry.stream] = entry.id  # a tail moves on whatever the callback said
                 if entry.stream in self.counts:
                     self.counts[entry.stream] += 1
                 continue
             fresh = wanted and (yield from self._hold(entry, since))
             if fresh is None:
                 continue  # another member took the alert over: it delivers it
-            if fresh and not (yield "deliver", alert):
-                log.warning("alert %s not handled by group %r: delivered again later", entry.id, self.group)
-            else:
+            handled = (yield "deliver", alert) if fresh else True
+            if handled is NOT_CALLED:  # stopped: hand the rest back to the group at once
+                held_ms = int((time.monotonic() - since) * 1000)
+                yield "run", self._release([entry], 0) + self._release(entries[i + 1 :], held_ms)
+                return
+            if handled:
                 yield from self._ack(entry, mark=fresh)
+            else:
+                log.warning("alert %s not handled by group %r: delivered again later", entry.id, self.group)
+
+    def _release(self, entries: list[Entry], min_idle_ms: int) -> list[Command]:
+        """Alerts this member read but will not deliver (it stops), marked idle for ``claim_idle_ms``:
+        another member (or this one, restarted) takes them over at its next look. ``min_idle_ms``:
+        how long this member has held them (0: it just claimed them), so one that another member
+        took meanwhile stays with it."""
+        by_stream: dict[str, list[str]] = {}
+        for e in entries:
+            by_stream.setdefault(e.stream, []).append(e.id)
+        idle = ("IDLE", self.claim_idle_ms, "JUSTID")
+        return [
+            Command(s, ("XCLAIM", s, self.group, self.consumer, min_idle_ms, *ids, *idle), {"parse_justid": True})
+            for s, ids in by_stream.items()
+        ]
 
     def _hold(self, entry: Entry, since: float) -> Flow:
         """Just before a group's callback: is the alert still this member's, and not handled yet?
@@ -645,7 +669,8 @@ class AlertListener(_ListenerBase):
         except _LOST as exc:
             return _Lost(exc)
 
-    def __iter__(self) -> Iterator[BudgetAlert]:
+    def __iter__(self) -> Generator[BudgetAlert, Any, None]:
+        """``for alert in listener``; ``send(False)`` instead of ``next()`` says it was not handled."""
         return self._alerts()
 
     def start(self, callback: Callable[[BudgetAlert], Any]) -> AlertListener:
@@ -655,9 +680,7 @@ class AlertListener(_ListenerBase):
                 alert = next(alerts)
                 while True:
                     with self._calling:
-                        if self.stopped:
-                            return
-                        handled = _handled(alert, callback)
+                        handled = NOT_CALLED if self.stopped else _handled(alert, callback)
                     alert = alerts.send(handled)
             except StopIteration:
                 pass
@@ -709,7 +732,7 @@ class AsyncAlertListener(_ListenerBase):
         except _LOST as exc:
             return _Lost(exc)
 
-    def __aiter__(self) -> AsyncIterator[BudgetAlert]:
+    def __aiter__(self) -> AsyncGenerator[BudgetAlert, Any]:
         return self._alerts()
 
     async def run(self, callback: Callable[[BudgetAlert], Any]) -> None:
@@ -720,10 +743,10 @@ class AsyncAlertListener(_ListenerBase):
         alerts = self._alerts()
         try:
             alert = await alerts.__anext__()
-            while not self.stopped:
+            while True:
                 idle.clear()
                 try:
-                    handled = _handled(alert, callback)
+                    handled = NOT_CALLED if self.stopped else _handled(alert, callback)
                     if inspect.isawaitable(handled):
                         handled = await handled
                 except Exception:

@@ -13,6 +13,7 @@ run; what never varies is the invariant the last line checks: spend <= cap, for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import multiprocessing
 import queue
@@ -681,14 +682,19 @@ def build_parser() -> argparse.ArgumentParser:
     watch = sub.add_parser(
         "watch",
         help="print (or post to a webhook) every alert of the fleet, once",
-        description="Listen to the fleet's alert streams; replays what was missed since --from-ids.",
+        description="Listen to the fleet's alert streams and print each alert once: first what the streams "
+        "still hold (--new-only: skip it), then live; --group resumes where a consumer group left off.",
     )
     watch.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/0")
     watch.add_argument("--prefix", default="distbudget")
     watch.add_argument("--scope", action="append", dest="scopes", help="only this scope (repeatable)")
     watch.add_argument("--webhook", metavar="URL", help="POST each alert as JSON to URL")
     watch.add_argument("--slack", action="store_true", help="post Slack-compatible {'text': ...} bodies")
-    watch.add_argument("--from-start", action="store_true", help="replay every alert still in the streams")
+    start = watch.add_mutually_exclusive_group()  # the default is the Python API's (distbudget.alerts.FROM_START)
+    start.add_argument("--from-start", dest="from_start", action="store_true", help="replay what the streams hold")
+    start.add_argument("--new-only", dest="from_start", action="store_false", help="only alerts raised from now on")
+    watch.set_defaults(from_start=None)
+    watch.add_argument("--group", metavar="NAME", help="read as a member of consumer group NAME (see docs/alerts.md)")
     watch.add_argument("--count", type=int, default=0, help="stop after N alerts (default: run until Ctrl-C)")
     scopes = sub.add_parser(
         "scopes",
@@ -755,20 +761,28 @@ def export_ledger(args: argparse.Namespace) -> int:
 
 
 def watch_alerts(args: argparse.Namespace) -> int:
-    """Print every alert once (and post it to --webhook); new-only unless --from-start."""
-    from distbudget.alerts import AlertListener, WebhookSink
+    """Print every alert once (and post it to --webhook); from the start unless --new-only. In a
+    --group, an alert the webhook did not take stays pending (delivered again, then dead-lettered)."""
+    from distbudget.alerts import FROM_START, AlertListener, WebhookSink
 
-    listener = AlertListener(redis=args.redis, prefix=args.prefix, scopes=args.scopes, from_start=args.from_start)
+    from_start = FROM_START if args.from_start is None else args.from_start
+    listener = AlertListener(
+        redis=args.redis, prefix=args.prefix, scopes=args.scopes, from_start=from_start, group=args.group
+    )
     sink = WebhookSink(args.webhook, slack=args.slack) if args.webhook else None
-    seen = 0
+    alerts = iter(listener)
     try:
-        for alert in listener:
+        alert, seen = next(alerts), 0
+        while True:
             print(f"{alert.alert_id} [{alert.level.value}] {alert.message}", flush=True)
-            if sink is not None:
-                sink(alert)
+            handled = sink(alert) if sink is not None else True
             seen += 1
             if args.count and seen >= args.count:
-                break
+                listener.stop()  # the last alert is acknowledged (or not), nothing more is read
+                with contextlib.suppress(StopIteration):
+                    alerts.send(handled)
+                return 0
+            alert = alerts.send(handled)  # False: not delivered (a group delivers it again)
     except KeyboardInterrupt:
         pass
     return 0

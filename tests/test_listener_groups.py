@@ -9,6 +9,8 @@ import asyncio
 import http.server
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -18,7 +20,7 @@ import pytest
 import redis
 
 from distbudget import Budget, BudgetScope, DistBudgetError, ModelRates
-from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
+from distbudget.alerts import FROM_START, AlertListener, AsyncAlertListener, WebhookSink
 from tests.conftest import Cluster, RedisServer
 from tests.test_alerts import wait_for
 
@@ -87,8 +89,8 @@ def test_resume_pattern_with_a_slow_callback_delivers_each_alert_once(redis_serv
         recorder = Recorder(delay=0.05)
         if mode == "tail":
             listener = AlertListener(redis=redis_server.url, last_ids=saved, block_ms=100)
-        else:  # a new member of the group each time; the stopped one's unread alerts are taken over
-            listener = AlertListener(redis=redis_server.url, block_ms=100, group="resume", claim_idle_ms=300)
+        else:  # a new member each time: the stopped one handed back what it read and did not deliver
+            listener = AlertListener(redis=redis_server.url, block_ms=100, group="resume")
         listener.start(recorder)
         assert wait_for(lambda: len(delivered) + len(recorder.ids) >= target, timeout=60)
         listener.stop()
@@ -110,7 +112,7 @@ def test_async_group_resumes_after_aclose(redis_server: RedisServer) -> None:
         late: list[str] = []
         for target in (15, 40):
             closed = False
-            listener = AsyncAlertListener(redis=redis_server.url, block_ms=100, group="a", claim_idle_ms=300)
+            listener = AsyncAlertListener(redis=redis_server.url, block_ms=100, group="a")
 
             async def slow(alert: Any) -> None:
                 await asyncio.sleep(0.02)
@@ -399,3 +401,30 @@ def test_an_entry_that_is_not_an_alert_is_passed_over(redis_server: RedisServer,
     assert {i.split("/")[0] for i in heard.ids} == {"junk", "after-junk"}
     if group:
         assert client.xpending(stream, group)["pending"] == 0
+
+
+# ---- distbudget watch agrees with the Python API ----------------------------------------------------
+
+
+def watch(url: str, *args: str) -> list[str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "distbudget.cli", "watch", "--redis", url, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return [line.split()[0] for line in out.stdout.splitlines()]
+
+
+def test_watch_starts_where_the_api_does_and_resumes_a_group(redis_server: RedisServer) -> None:
+    client = redis_server.client()
+    client.flushall()
+    fire(redis_server.url, ["watched"])  # two alerts, before any listener
+    stream = client.hget("distbudget:alert-streams", "watched")
+    ids = [eid.decode() for eid, _ in client.xrange(stream)]
+    assert FROM_START  # the one default: replay what the streams hold
+    assert watch(redis_server.url, "--count", "2") == ids  # as AlertListener() does
+    assert watch(redis_server.url, "--group", "cli", "--count", "1") == ids[:1]
+    assert watch(redis_server.url, "--group", "cli", "--count", "1") == ids[1:]  # where the group left off
+    assert client.xpending(stream, "cli")["pending"] == 0  # the last one printed was acknowledged
