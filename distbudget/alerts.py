@@ -571,7 +571,7 @@ class _ListenerBase:
         by_stream: dict[str, list[str]] = {}
         for e in entries:
             by_stream.setdefault(e.stream, []).append(e.id)
-        idle = ("IDLE", self.claim_idle_ms, "JUSTID")
+        idle = ["IDLE", self.claim_idle_ms, "JUSTID"]
         return [
             Command(s, ("XCLAIM", s, self.group, self.consumer, min_idle_ms, *ids, *idle), {"parse_justid": True})
             for s, ids in by_stream.items()
