@@ -488,7 +488,8 @@ class _ListenerBase:
             Command(s, ("XPENDING", s, self.group, "IDLE", self.retry_ms, "-", "+", 100), {"parse_detail": True})
             for s in streams
         ]
-        claims, dead = [], {}
+        claims: list[Command] = []
+        dead: dict[tuple[str, str], int] = {}  # (stream, id): deliveries (entry ids repeat across streams)
         for stream, pending in zip(streams, (yield "run", cmds), strict=True):
             due = []
             for p in _raise(pending) or []:
@@ -499,7 +500,7 @@ class _ListenerBase:
                     continue
                 due.append(_text(p["message_id"]))
                 if deliveries >= self.max_deliveries:
-                    dead[_text(p["message_id"])] = deliveries
+                    dead[stream, _text(p["message_id"])] = deliveries
             if due:
                 claims.append(Command(stream, ("XCLAIM", stream, self.group, self.consumer, self.retry_ms, *due)))
         if not claims:
@@ -512,14 +513,14 @@ class _ListenerBase:
             if i is not None
         ]
         if dead:
-            yield from self._bury([e for e in entries if e.id in dead], dead)
-        return [e for e in entries if e.id not in dead]
+            yield from self._bury([e for e in entries if (e.stream, e.id) in dead], dead)
+        return [e for e in entries if (e.stream, e.id) not in dead]
 
-    def _bury(self, entries: list[Entry], deliveries: dict[str, int]) -> Flow:
+    def _bury(self, entries: list[Entry], deliveries: dict[tuple[str, str], int]) -> Flow:
         cmds = []
         for e in entries:
             dead_key = self._group_key(e.stream, "dead")
-            fields = ("alert", e.payload(), "id", e.id, "deliveries", deliveries[e.id])
+            fields = ("alert", e.payload(), "id", e.id, "deliveries", deliveries[e.stream, e.id])
             cmds.append(Command(e.stream, ("XADD", dead_key, "MAXLEN", "~", DEAD_CAP, "*", *fields)))
             cmds.append(Command(e.stream, ("XACK", e.stream, self.group, e.id)))
             log.error(
@@ -527,7 +528,7 @@ class _ListenerBase:
                 e.id,
                 e.stream,
                 dead_key,
-                deliveries[e.id],
+                deliveries[e.stream, e.id],
                 self.group,
             )
         for reply in (yield "run", cmds):
