@@ -74,6 +74,11 @@ class LimitSpec:
         return self.alert_limit if self.alert_of else self.value
 
 
+# A tree's alert stream keeps about this many alerts (XADD MAXLEN ~; Budget(alert_stream_maxlen=)):
+# a listener down for longer misses the oldest, and says how many (distbudget.alerts).
+ALERT_STREAM_MAXLEN = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     scope: str
@@ -95,6 +100,7 @@ class Plan:
     checks: tuple[tuple[int, int, int, int], ...] = ()
     used_at: tuple[tuple[int, int], ...] = ()  # per limit: (its usage's index in the totals, its value)
     alert_fields: tuple[tuple[str, str, str], ...] = ()
+    alert_maxlen: int = ALERT_STREAM_MAXLEN
     # With calendar limits, the plan charges the periods holding the time it was built for, until
     # the first of them ends (µs; 0: no calendar limit, the plan is good forever).
     valid_until_us: int = 0
@@ -119,6 +125,7 @@ def build_plan(
     session_ttl_ms: int,
     raw_model: str | None = None,
     canonical: Callable[[str], str] | None = None,
+    alert_maxlen: int = ALERT_STREAM_MAXLEN,
     now_us: int = 0,
 ) -> Plan:
     """The plan for a call on ``model`` (``None``: every limit, for summaries) in ``session_id``.
@@ -246,6 +253,7 @@ def build_plan(
         ),
         alert_fields=tuple(("a", counters[lim.counter].prefix, lim.limit_type) for lim in limits),
         used_at=tuple((3 * lim.counter + lim.metric, lim.value) for lim in limits),
+        alert_maxlen=alert_maxlen,
         valid_until_us=min(period_ends, default=0),
     )
 
