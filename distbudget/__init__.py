@@ -8,6 +8,7 @@ from distbudget._exceptions import (
     BudgetWarning,
     DistBudgetError,
     InvalidInputError,
+    ServerConfigError,
     UnknownModelError,
 )
 from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
@@ -36,6 +37,7 @@ __all__ = [
     "Limit",
     "ModelRates",
     "Reservation",
+    "ServerConfigError",
     "UnknownModelError",
     "UsageRecord",
     "WebhookSink",

@@ -89,6 +89,14 @@ def _seconds(value: object, what: str) -> float:
     return float(value)
 
 
+def allow_eviction_option(options: Mapping[str, Any]) -> bool:
+    """``allow_eviction`` (unsafe: see ``engines/functions.py``): True or False, default False."""
+    value = options.get("allow_eviction", False)
+    if not isinstance(value, bool):
+        raise TypeError(f"allow_eviction must be True or False, got {value!r}")
+    return value
+
+
 class BudgetCore:
     """Everything a budget does except talking to its engine (shared by sync and async shells)."""
 
@@ -110,6 +118,7 @@ class BudgetCore:
         fail_open_max_cost_usd: float | None = None,
         fail_open_max_tokens: int | None = None,
         journal_size: int = D.DEFAULT_JOURNAL_SIZE,
+        allow_eviction: bool = False,
         _registry: tuple[str, float, tuple[str, ...]] | None = None,
     ) -> None:
         if not isinstance(scope, BudgetScope):
@@ -128,6 +137,8 @@ class BudgetCore:
         self.hold_ttl_us = int(_seconds(hold_ttl, "hold_ttl") * P.US)
         self._request_ttl = None if request_ttl is None else _seconds(request_ttl, "request_ttl")
         self.ledger_maxlen = ledger_maxlen
+        # accept a server that evicts keys (unsafe: an evicted counter resets its budget)
+        self.allow_eviction = allow_eviction_option({"allow_eviction": allow_eviction})
         self._configure(scope, rates)
         # A budget of a BudgetManager follows the shared registry: (registry key, seconds a config
         # is trusted, the config chain it was built from).

@@ -55,7 +55,7 @@ import redis.exceptions as rx
 
 from distbudget._core import plan as P
 from distbudget._core.money import check_tokens, nano_to_usd, usd_to_nano
-from distbudget._exceptions import BackendError, BatchError, BudgetExceededError, InvalidInputError
+from distbudget._exceptions import BackendError, BatchError, BudgetExceededError, InvalidInputError, ServerConfigError
 
 if TYPE_CHECKING:
     from distbudget._budget_base import BudgetCore
@@ -795,8 +795,9 @@ def replay_flow(st: EngineState, force: bool = False) -> Generator[Call, Any, tu
                 except BackendError as err:
                     outage, maybe_sent = classify(err)
                     e.maybe_sent = was or maybe_sent
-                    if outage:
-                        st.fail(err)
+                    if outage or isinstance(err, ServerConfigError):  # the server, not this charge: keep all
+                        if outage:
+                            st.fail(err)
                         stop = err
                         break
                     log.error(

@@ -5,6 +5,7 @@ DistBudgetError                      root: catch this to catch everything below
 ├── UnknownModelError (+ KeyError)   no price for a model and no fallback rates given
 ├── InvalidInputError (+ ValueError) bad tokens, names, limits; raised before anything is written
 └── BackendError                     Redis failed (connection, timeout, script error); wraps the cause
+    └── ServerConfigError            the server's configuration is unsafe (an evicting maxmemory-policy)
 
 BudgetWarning (UserWarning)          emitted with ``warnings.warn`` when ``hard_stop=False``
 """
@@ -95,6 +96,11 @@ class BatchError(BackendError):
     def __init__(self, message: str, results: list[Any]) -> None:
         super().__init__(message)
         self.results = results
+
+
+class ServerConfigError(BackendError):
+    """The Redis server is configured so that distbudget cannot keep its accounting (an evicting
+    ``maxmemory-policy``); the message names the fix. Not an outage: the failure policy raises it."""
 
 
 class BudgetWarning(UserWarning):

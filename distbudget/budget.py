@@ -33,7 +33,7 @@ from distbudget.engines.memory import AsyncMemoryEngine, MemoryEngine
 from distbudget.pricing import ModelRates
 
 
-def make_engine(redis: Any, options: dict[str, Any] | None = None) -> Any:
+def make_engine(redis: Any, options: dict[str, Any] | None = None, allow_eviction: bool = False) -> Any:
     """``None`` -> embedded; a URL or a redis-py client -> Redis (``options``: for a URL's client)."""
     if redis is None:
         return MemoryEngine()
@@ -41,13 +41,13 @@ def make_engine(redis: Any, options: dict[str, Any] | None = None) -> Any:
     from distbudget.engines.redis import RedisEngine, connect
 
     if isinstance(redis, str):  # redis://, rediss://, unix://, redis+cluster://, redis+sentinel://
-        return RedisEngine(connect(redis, **(options or {})), wait=parse(redis).wait)
+        return RedisEngine(connect(redis, **(options or {})), parse(redis).wait, allow_eviction)
     if hasattr(redis, "register_script") and not inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
-        return RedisEngine(redis)
+        return RedisEngine(redis, allow_eviction=allow_eviction)
     raise TypeError("redis must be None, a Redis URL or a (sync) redis-py client (Redis, RedisCluster)")
 
 
-def make_async_engine(redis: Any, options: dict[str, Any] | None = None) -> Any:
+def make_async_engine(redis: Any, options: dict[str, Any] | None = None, allow_eviction: bool = False) -> Any:
     """``None`` -> embedded; a URL or a ``redis.asyncio`` client -> Redis (``options``: for a URL's client)."""
     if redis is None:
         return AsyncMemoryEngine()
@@ -55,9 +55,9 @@ def make_async_engine(redis: Any, options: dict[str, Any] | None = None) -> Any:
     from distbudget.engines.redis import AsyncRedisEngine, connect_async
 
     if isinstance(redis, str):
-        return AsyncRedisEngine(connect_async(redis, **(options or {})), wait=parse(redis).wait)
+        return AsyncRedisEngine(connect_async(redis, **(options or {})), parse(redis).wait, allow_eviction)
     if hasattr(redis, "register_script") and inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
-        return AsyncRedisEngine(redis)
+        return AsyncRedisEngine(redis, allow_eviction=allow_eviction)
     raise TypeError("redis must be None, a Redis URL or a redis.asyncio client (Redis, RedisCluster)")
 
 
@@ -78,7 +78,9 @@ class Budget(BudgetCore):
         **options: Any,
     ) -> None:
         super().__init__(scope, rates, **options)
-        self.engine = _engine if _engine is not None else make_engine(redis, D.connect_options(options))
+        self.engine = (
+            _engine if _engine is not None else make_engine(redis, D.connect_options(options), self.allow_eviction)
+        )
         self._guard.bind(self.engine)
 
     def _call(self, name: str, args: tuple[Any, ...]) -> Any:
@@ -286,7 +288,11 @@ class AsyncBudget(BudgetCore):
         **options: Any,
     ) -> None:
         super().__init__(scope, rates, **options)
-        self.engine = _engine if _engine is not None else make_async_engine(redis, D.connect_options(options))
+        self.engine = (
+            _engine
+            if _engine is not None
+            else make_async_engine(redis, D.connect_options(options), self.allow_eviction)
+        )
         self._guard.bind(self.engine)
 
     async def _call(self, name: str, args: tuple[Any, ...]) -> Any:

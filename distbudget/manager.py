@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Generic, TypeVar
 
 from distbudget import _degraded as D
-from distbudget._budget_base import ExportTarget, Flow, Hold, LedgerSince, _seconds, write_jsonl
+from distbudget._budget_base import ExportTarget, Flow, Hold, LedgerSince, _seconds, allow_eviction_option, write_jsonl
 from distbudget._core import registry as R
 from distbudget._core.keys import registry_key
 from distbudget._core.scope import BudgetScope, check_name
@@ -128,7 +128,9 @@ class BudgetManager(ManagerBase[Budget]):
 
     def __init__(self, *, redis: Any = None, _engine: Any = None, **options: Any) -> None:
         connect = D.connect_options(options)  # validates on_backend_error & co. now
-        super().__init__(_engine if _engine is not None else make_engine(redis, connect), options)
+        super().__init__(
+            _engine if _engine is not None else make_engine(redis, connect, allow_eviction_option(options)), options
+        )
 
     def flush_journal(self) -> int:
         """Replay now the charges journaled while Redis was unavailable (see ``Budget.flush_journal``)."""
@@ -217,7 +219,10 @@ class AsyncBudgetManager(ManagerBase[AsyncBudget]):
 
     def __init__(self, *, redis: Any = None, _engine: Any = None, **options: Any) -> None:
         connect = D.connect_options(options)
-        super().__init__(_engine if _engine is not None else make_async_engine(redis, connect), options)
+        super().__init__(
+            _engine if _engine is not None else make_async_engine(redis, connect, allow_eviction_option(options)),
+            options,
+        )
 
     async def flush_journal(self) -> int:
         return await D.flush_async(self._engine)

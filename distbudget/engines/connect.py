@@ -380,6 +380,11 @@ ACL_COMMANDS = (
     "xread",
     "ping",
     "wait",
+    # the checks on connect (engines/functions.py): the eviction policy, and the library when an
+    # admin installed it (the user then calls it: FCALL)
+    "info|memory",
+    "fcall_ro",
+    "fcall",
     # called inside the scripts (lua/)
     "time",
     "get",

@@ -21,6 +21,7 @@ import redis.exceptions
 from distbudget._core.plan import Plan, parse_admit, parse_charge, parse_summary, script_args
 from distbudget._exceptions import BackendError, BatchError
 from distbudget.engines import connect as _connect
+from distbudget.engines import functions
 from distbudget.engines.scripts import OPERATIONS
 from distbudget.engines.scripts import source as script_source
 
@@ -165,10 +166,6 @@ def _many_results(raw: list[Any], wait: tuple[int, int] | None) -> tuple[list[An
     return raw, _replicated(None, acked, wait) * ran
 
 
-def _evalsha(sha: str, keys: Any, argv: list[Any]) -> tuple[Any, ...]:
-    return ("EVALSHA", sha, len(keys), *keys, *argv)
-
-
 def _by_node(client: Any, commands: list[tuple[Any, ...]], replies: list[Any]) -> dict[str, tuple[Any, list[int]]]:
     """A Cluster client's commands grouped by the node of their first key (a command whose slot has
     no node gets that error as its reply)."""
@@ -233,10 +230,14 @@ def warn_if_retrying(client: Any) -> None:
 class RedisEngine:
     """Applies plans on one redis-py client (``Redis``, ``RedisCluster``)."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
+    def __init__(self, client: Any, wait: tuple[int, int] | None = None, allow_eviction: bool = False) -> None:
         warn_if_retrying(client)
         self.wait = _check_wait(client, wait)
         self.under_replicated = 0  # charges WAIT returned on before enough replicas acknowledged
+        # "functions" (FCALL) or "scripts" (EVALSHA), decided by the checks on connect (functions.py),
+        # made at the first call and again after an error (a reconnect); None until then
+        self.path: str | None = None
+        self.allow_eviction = allow_eviction
         # A Cluster client that could not be built (no node answered; see connect(lazy=True)) is
         # built at the first call instead: until then ``client`` is that PendingClient.
         self.client: Any = client
@@ -253,6 +254,10 @@ class RedisEngine:
             self.client = client
             self._pending = None
 
+    def _check(self) -> None:
+        self.path = functions.check_server(self.client, self.allow_eviction).path
+        self.scripts = functions.callables(self.client, self.path)
+
     def _run(self, op: str, keys: Any, argv: list[Any]) -> Any:
         """One script call; with ``wait``, a charge and ``WAIT`` in one pipeline (one round trip)."""
         script = self.scripts[op]
@@ -260,7 +265,7 @@ class RedisEngine:
             return script(keys=keys, args=argv)
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(script.sha, len(keys), *keys, *argv)
+            pipe.execute_command(*functions.command(script, keys, argv))
             pipe.execute_command("WAIT", *self.wait)
             result, acked = pipe.execute(raise_on_error=False)
             if not isinstance(result, redis.exceptions.NoScriptError):
@@ -282,7 +287,7 @@ class RedisEngine:
             try:
                 if attempt:
                     script.sha = self.client.script_load(script.script)
-                raw = self._send_many([_evalsha(script.sha, *calls[i]) for i in todo])
+                raw = self._send_many([functions.command(script, *calls[i]) for i in todo])
             except ERRORS as exc:  # loading the script failed: those charges did not run
                 raw = [exc] * len(todo)
             for i, r in zip(todo, raw, strict=True):
@@ -337,6 +342,8 @@ class RedisEngine:
         try:
             if self._pending is not None:
                 self._ready()
+            if self.path is None:
+                self._check()
             if name == "announce":
                 return self.client.hset(args[0], mapping=args[1])
             if name == "registry_names":
@@ -349,18 +356,21 @@ class RedisEngine:
             op, keys, argv, parse = wire(name, args)
             return parse(self._run(op, keys, argv))
         except ERRORS as exc:
+            self.path = None  # check again at the next call (a reconnect, a failover)
             raise BackendError(f"Redis {_DOING.get(name, name)} failed: {exc}") from exc
 
 
 class AsyncRedisEngine:
     """The same on a ``redis.asyncio`` client: never blocks the event loop."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
+    def __init__(self, client: Any, wait: tuple[int, int] | None = None, allow_eviction: bool = False) -> None:
         warn_if_retrying(client)
         self.client = client
         self.scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
         self.wait = _check_wait(client, wait)
         self.under_replicated = 0
+        self.path: str | None = None  # see RedisEngine
+        self.allow_eviction = allow_eviction
         # redis.asyncio's RedisCluster breaks connections when many tasks make its first calls at once
         # (they all wait on its slot-map initialisation, then race): initialise once, first.
         self._cluster = _connect.is_cluster_client(client)
@@ -373,13 +383,17 @@ class AsyncRedisEngine:
                 await self.client.initialize()
                 self._cluster_init = None
 
+    async def _check(self) -> None:
+        self.path = (await functions.check_server_async(self.client, self.allow_eviction)).path
+        self.scripts = functions.callables(self.client, self.path)
+
     async def _run(self, op: str, keys: Any, argv: list[Any]) -> Any:
         script = self.scripts[op]
         if self.wait is None or op not in WAIT_OPS:
             return await script(keys=keys, args=argv)
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(script.sha, len(keys), *keys, *argv)
+            pipe.execute_command(*functions.command(script, keys, argv))
             pipe.execute_command("WAIT", *self.wait)
             result, acked = await pipe.execute(raise_on_error=False)
             if not isinstance(result, redis.exceptions.NoScriptError):
@@ -398,7 +412,7 @@ class AsyncRedisEngine:
             try:
                 if attempt:
                     script.sha = await self.client.script_load(script.script)
-                raw = await self._send_many([_evalsha(script.sha, *calls[i]) for i in todo])
+                raw = await self._send_many([functions.command(script, *calls[i]) for i in todo])
             except ERRORS as exc:
                 raw = [exc] * len(todo)
             for i, r in zip(todo, raw, strict=True):
@@ -455,6 +469,8 @@ class AsyncRedisEngine:
         try:
             if self._cluster_init is not None:
                 await self._initialise()
+            if self.path is None:
+                await self._check()
             if name == "announce":
                 return await self.client.hset(args[0], mapping=args[1])
             if name == "registry_names":
@@ -467,4 +483,5 @@ class AsyncRedisEngine:
             op, keys, argv, parse = wire(name, args)
             return parse(await self._run(op, keys, argv))
         except ERRORS as exc:
+            self.path = None  # check again at the next call (a reconnect, a failover)
             raise BackendError(f"Redis {_DOING.get(name, name)} failed: {exc}") from exc
