@@ -309,3 +309,11 @@ def test_behaviour_on_the_functions_path(test: Any, api: str, functions_server: 
             runner.close()
     assert commandstat(functions_server, "evalsha") == evalsha  # nothing ran as a script
     assert admin.execute_command("ACL", "LOG") == []
+
+
+def test_the_deployment_docs_show_the_printed_rules() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "deployment-acl.md").read_text()
+    line = next(ln for ln in page.splitlines() if ln.startswith("ACL SETUSER acme-worker"))
+    assert line.split() == ["ACL", "SETUSER", "acme-worker", "reset", "on", ">PASSWORD", *acl_rules("acme")]
+    admin_only = [r for r in acl_rules("acme", "admin") if r not in acl_rules("acme")]
+    assert f"add `{' '.join(admin_only)}`" in page
