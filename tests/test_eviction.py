@@ -175,3 +175,33 @@ def test_an_evicting_cluster_master_is_refused(redis_cluster: Cluster) -> None:
             Budget(BudgetScope("c"), RATES, redis=redis_cluster.url).record("s", "m", 1, 0)
     finally:
         node.client().config_set("maxmemory-policy", "noeviction")
+
+
+@pytest.mark.parametrize("backend", STORES, indirect=True)
+def test_holds_whose_leases_were_lost_still_expire(backend: Backend, clock: Clock) -> None:
+    """The leases set lost while the holds survive: each hold keeps its money held until its own
+    lease ends (the expiry its record carries), then frees it — never held forever."""
+    clock.t = 1_800_000_000.0
+    budget = backend.budget(BudgetScope("h", max_tokens_per_session=100), RATES, clock=clock, hold_ttl=30)
+    budget.reserve("m", 50, 40, session_id="s")  # 90 held, never committed (a worker died)
+    assert backend.store.delete(budget.keyspace.leases) == 1
+    with pytest.raises(BudgetExceededError):
+        budget.check("m", 20, session_id="s")  # still held
+    clock.advance(29)
+    with pytest.raises(BudgetExceededError):
+        budget.reserve("m", 20, 0, session_id="s")
+    clock.advance(2)  # its lease has ended
+    assert budget.check("m", 100, session_id="s")
+    assert budget.summary("s")["limits"]["session_tokens"]["held"] == 0
+
+
+@pytest.mark.parametrize("backend", STORES, indirect=True)
+def test_leases_whose_holds_were_lost_are_reaped(backend: Backend, clock: Clock) -> None:
+    clock.t = 1_800_000_000.0
+    budget = backend.budget(BudgetScope("h", max_tokens_per_session=100), RATES, clock=clock, hold_ttl=30)
+    budget.reserve("m", 50, 40, session_id="s")
+    assert backend.store.delete(budget.keyspace.holds) == 1  # the held money is gone with it
+    assert budget.check("m", 100, session_id="s")
+    clock.advance(31)
+    budget.check("m", 1, session_id="s")
+    assert backend.store.exists(budget.keyspace.leases) == 0  # the orphan lease was reaped
