@@ -4,6 +4,7 @@ run again on the functions path, as a worker."""
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import Callable, Iterator
@@ -14,7 +15,7 @@ import pytest
 import redis
 import redis.asyncio
 
-from distbudget import BackendError, Budget, BudgetManager, BudgetScope, InvalidInputError, ModelRates
+from distbudget import AsyncBudget, BackendError, Budget, BudgetManager, BudgetScope, InvalidInputError, ModelRates
 from distbudget.alerts import AlertListener
 from distbudget.engines import functions, scripts
 from distbudget.engines.functions import acl_rules, install_library
@@ -248,6 +249,7 @@ def test_a_worker_on_the_cluster(redis_cluster: Cluster) -> None:
         assert [commandstat(node, "evalsha") for node in redis_cluster.nodes] == evalsha  # functions only
         for node in redis_cluster.nodes:
             assert node.client().execute_command("ACL", "LOG") == []
+        asyncio.run(_async_worker(url))
         for node in redis_cluster.nodes:  # each node checks its own keys' commands
             worker = node.client(*WORKER)
             refused = {n: nopermission(c) for n, c in _forbidden(worker, "acme:{x}:t:x", "acme2:{x}:t:x").items()}
@@ -257,6 +259,19 @@ def test_a_worker_on_the_cluster(redis_cluster: Cluster) -> None:
             node.client().function_flush()
             node.client().execute_command("ACL", "DELUSER", WORKER[0])
             node.client().execute_command("ACL", "LOG", "RESET")
+
+
+async def _async_worker(url: str) -> None:
+    """The asyncio engine on the functions path (each call routed to its key's node)."""
+    budgets = [
+        AsyncBudget(BudgetScope(f"a{i}", max_tokens_per_session=100), RATES, redis=url, prefix="acme") for i in range(4)
+    ]
+    for b in budgets:
+        await b.record("s", "m", 60, 0)
+        async with b.reserve("m", 10, 10, session_id="s") as hold:
+            await hold.commit(10, 5)
+        assert (await b.summary("s"))["session"]["tokens"] == 75
+        assert b.engine.path == "functions"
 
 
 # ---- the behavioural suite on the functions path, as a worker -------------------------------------------
