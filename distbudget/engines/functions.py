@@ -237,15 +237,21 @@ def check_server(client: Any, allow_eviction: bool = False) -> Server:
 
 
 async def check_server_async(client: Any, allow_eviction: bool = False) -> Server:
-    """The checks on connect, on a ``redis.asyncio`` client."""
+    """The checks on connect, on a ``redis.asyncio`` client (one round trip on a standalone server)."""
     replies: dict[str, list[Any]] = {}
-    nodes = client.get_primaries() if _connect.is_cluster_client(client) else [None]
-    for node in nodes:
-        target = {} if node is None else {"target_nodes": node}
-        info, version = [await _answer(client, c, target) for c in probe_commands()]
-        config = await _answer(client, CONFIG, target) if isinstance(info, Exception) else None
-        replies[_standalone_name(client) if node is None else node.name] = [info, version, config]
-    return decide(replies, allow_eviction)
+    if _connect.is_cluster_client(client):
+        for node in client.get_primaries():
+            target = {"target_nodes": node}
+            info, version = [await _answer(client, c, target) for c in probe_commands()]
+            config = await _answer(client, CONFIG, target) if isinstance(info, Exception) else None
+            replies[node.name] = [info, version, config]
+        return decide(replies, allow_eviction)
+    pipe = client.pipeline(transaction=False)
+    for command in probe_commands():
+        pipe.execute_command(*command)
+    info, version = await pipe.execute(raise_on_error=False)
+    config = await _answer(client, CONFIG, {}) if isinstance(info, Exception) else None
+    return decide({_standalone_name(client): [info, version, config]}, allow_eviction)
 
 
 async def _answer(client: Any, command: Iterable[str], target: Mapping[str, Any]) -> Any:
