@@ -43,25 +43,10 @@ log = logging.getLogger("distbudget")
 FUNCTIONS = "functions"  # the engine calls the installed library with FCALL
 SCRIPTS = "scripts"  # the engine loads the scripts itself (SCRIPT LOAD) and calls EVALSHA
 
-# The commands the library's functions call (checked against lua/ by tests/test_acl.py).
-FUNCTION_CALLS = (
-    "time", "get", "set", "del", "pttl", "pexpire",
-    "hget", "hmget", "hset", "hexists", "hincrby", "hdel", "hgetall", "hkeys",
-    "zadd", "zrem", "zrange", "zrangebyscore", "zremrangebyscore",
-    "xadd", "publish",
-)  # fmt: skip
-# Sent by the engines besides FCALL: the alert-stream index, the registry's names, the ledger; WAIT
-# with wait_replicas; PING; and the checks on connect (INFO's memory section only).
-ENGINE_COMMANDS = ("fcall", "fcall_ro", "hset", "hkeys", "xrange", "wait", "ping", "info|memory")
-# What the alert listeners send (distbudget/alerts.py): the stream index, the streams, and a
-# listener group's state (consumer groups, handled ids, dead letters).
-LISTENER_COMMANDS = (
-    "hgetall", "xread", "xrevrange", "xrange",
-    "xreadgroup", "xgroup|create", "xgroup|setid", "xinfo|stream", "xinfo|groups", "xpending", "xclaim",
-    "xack", "xadd", "zmscore", "zadd", "zremrangebyrank", "pexpire",
-)  # fmt: skip
-# A Cluster client reads the slot map and the command table (to find a command's keys).
-CLUSTER_COMMANDS = ("cluster|slots", "cluster|shards", "command")
+# A worker holds the minimal ACL (engines/connect.py: every command distbudget sends or its Lua calls,
+# the listeners' included; a test checks it against the source) without the script commands: Redis
+# checks each command a function calls against the caller's ACL, so those stay.
+SCRIPT_COMMANDS = ("evalsha", "script|load")
 # An admin installs, lists and prunes the library, and reads the server's config (distbudget doctor).
 ADMIN_COMMANDS = ("function|load", "function|list", "function|delete", "config|get", "info")
 
@@ -76,8 +61,8 @@ def acl_rules(prefix: str = "distbudget", role: str = "worker") -> list[str]:
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     check_prefix(prefix)
-    admin = ADMIN_COMMANDS if role == "admin" else ()
-    commands = (*FUNCTION_CALLS, *ENGINE_COMMANDS, *LISTENER_COMMANDS, *CLUSTER_COMMANDS, *admin)
+    worker = [c for c in _connect.ACL_COMMANDS if c not in SCRIPT_COMMANDS]
+    commands = [*worker, *_connect.CLUSTER_ACL_COMMANDS, *(ADMIN_COMMANDS if role == "admin" else ())]
     return [f"~{prefix}:*", f"&{prefix}:*", "-@all", *(f"+{c}" for c in dict.fromkeys(commands))]
 
 
