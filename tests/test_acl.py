@@ -204,6 +204,10 @@ def test_a_worker_with_the_printed_rules_runs_everything_and_nothing_more(server
     url = f"redis://{WORKER[0]}:{WORKER[1]}@127.0.0.1:{server.port}/0"
     evalsha = commandstat(server, "evalsha")
     _worker_workload(url, "acme")
+    strict = Budget(BudgetScope("w"), RATES, redis=url + "?wait_replicas=1&wait_timeout_ms=1", prefix="acme")
+    strict.record("s", "m", 1, 0)  # FCALL and WAIT in one pipeline (no replica here: WAIT answers 0)
+    strict.record_many([("s", "m", 1, 0), ("s", "m", 2, 0)])
+    assert strict.summary("s")["session"]["tokens"] == 4 and strict.engine.under_replicated == 3
     assert admin.execute_command("ACL", "LOG") == []  # nothing the worker did was refused
     assert commandstat(server, "evalsha") == evalsha  # every script ran as a function
 
