@@ -46,7 +46,15 @@ from typing import Any
 from peers import NaiveZsetBudget, SeedTracker
 
 from distbudget import Budget, BudgetScope, ModelRates
-from distbudget.engines.redis import connect, wire
+from distbudget._core.ops import Announce, Record
+from distbudget.engines.codec import Codec
+from distbudget.engines.redis import connect
+
+
+def wire(op: Any) -> Any:
+    """The script call (script name, KEYS, ARGV, parser) of an engine operation."""
+    return Codec().encode(op)
+
 
 HERE = Path(__file__).resolve().parent
 DAY = 86400
@@ -242,14 +250,14 @@ class CannedEngine:
     def __init__(self, answer: Any = None, raw: Any = None) -> None:
         self.answer = answer
         self.raw = raw
+        self.codec = Codec()
 
-    def apply(self, name: str, args: tuple[Any, ...]) -> Any:
-        if name == "announce":
+    def execute(self, op: Any) -> Any:
+        if isinstance(op, Announce):
             return None
         if self.raw is None:
             return self.answer
-        _op, _keys, _argv, parse = wire(name, args)
-        return parse(self.raw)
+        return self.codec.encode(op).parse(self.raw)
 
 
 # ---- a redis-server of our own --------------------------------------------------------------------
@@ -391,7 +399,7 @@ def fill_peers(url: str, run_id: str, times: list[float], batch: int) -> dict[st
     per-call API would (same keys, same arguments); return the seconds taken and the keys' memory."""
     client = connect(url)
     tokens = IN_TOKENS + OUT_TOKENS
-    nano = Budget(bench_scope(), RATES).usage("m", IN_TOKENS, OUT_TOKENS)[1]
+    nano = Budget(bench_scope(), RATES)._core.usage("m", IN_TOKENS, OUT_TOKENS)[1]
     naive = NaiveZsetBudget(client, naive_key(run_id))
     storage, item, keys = limits_setup(url, run_id)
     cost, expiry, limit = tokens // LIMITS_UNIT_TOKENS, item.get_expiry(), item.amount
@@ -467,10 +475,9 @@ class Bench:
         for fn in (record, record_nl, pair, self.trivial):
             fn()
         # distbudget's own Python per record(): the flow against canned raw replies (wire + parse included)
-        plan, usage = b.plan(SESSION, "m"), b.usage("m", IN_TOKENS, OUT_TOKENS)
-        entry = b.ledger_entry(plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
-        op, keys, argv, _parse = wire("record", (plan, None, usage, None, b.request_ttl_ms, entry))
-        script = b.engine.scripts[op]
+        call = wire(b._core.record(SESSION, "m", IN_TOKENS, OUT_TOKENS).op)
+        keys, argv = call.keys, call.argv
+        script = b.engine.scripts[call.script]
         raw_reply = script(keys=keys, args=argv)
         canned = Budget(bench_scope(), RATES, session_id=SESSION, _engine=CannedEngine(raw=raw_reply))
         record_cmd = ("EVALSHA", script.sha, len(keys), *keys, *argv)
@@ -517,9 +524,9 @@ class Bench:
         self.say("embedded record() vs a dict-and-lock tracker")
         n = self.sizes.embedded_calls
         probe = Budget(bench_scope(), RATES, session_id=SESSION)
-        usage = probe.usage("m", IN_TOKENS, OUT_TOKENS)
-        answer = probe.engine.apply(
-            "record", (probe.plan(SESSION, "m"), None, usage, None, probe.request_ttl_ms, (0, ""))
+        usage = probe._core.usage("m", IN_TOKENS, OUT_TOKENS)
+        answer = probe.engine.execute(
+            Record(probe._core.plan(SESSION, "m"), None, usage, None, probe._core.request_ttl_ms, 0, "")
         )
 
         def run_embedded(ledger_maxlen: int = 100_000) -> dict[str, float]:
@@ -571,13 +578,13 @@ class Bench:
         def run_batch(lo: int) -> None:
             clock = [0.0]
             b = self.budget("full", clock=lambda: clock[0])  # the injected clock walks the simulated day
-            plan, usage = b.plan(SESSION, "m"), b.usage("m", IN_TOKENS, OUT_TOKENS)
+            plan, usage = b._core.plan(SESSION, "m"), b._core.usage("m", IN_TOKENS, OUT_TOKENS)
             pipe = self.client.pipeline(transaction=False)
             for t in times[lo : lo + batch]:
                 clock[0] = t
                 # the counters' memory: the ledger (a capped audit stream, ledger_maxlen) is measured apart
-                op, keys, args, _parse = wire("record", (plan, b.now_us(), usage, None, 0, (0, "")))
-                b.engine.scripts[op](keys=keys, args=args, client=pipe)
+                call = wire(Record(plan, b._core.now_us(), usage, None, 0, 0, ""))
+                b.engine.scripts[call.script](keys=call.keys, args=call.argv, client=pipe)
             pipe.execute()
 
         with ThreadPoolExecutor(2) as pool:
@@ -599,7 +606,7 @@ class Bench:
         moving, sliding = MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage)
         naive = NaiveZsetBudget(self.client, naive_key(self.run_id))
         cost = (IN_TOKENS + OUT_TOKENS) // LIMITS_UNIT_TOKENS
-        nano = full.usage("m", IN_TOKENS, OUT_TOKENS)[1]
+        nano = full._core.usage("m", IN_TOKENS, OUT_TOKENS)[1]
         self.raw["peers"] = interleave(
             self.sizes.rounds,
             {
@@ -629,9 +636,8 @@ class Bench:
 
         floor = self.client.register_script(FLOOR_LUA)
         fb = self.budget("floor")
-        plan, usage = fb.plan(SESSION, "m"), fb.usage("m", IN_TOKENS, OUT_TOKENS)
-        entry = fb.ledger_entry(plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
-        _op, fkeys, fargv, _parse = wire("record", (plan, None, usage, None, fb.request_ttl_ms, entry))
+        fcall = wire(fb._core.record(SESSION, "m", IN_TOKENS, OUT_TOKENS).op)
+        fkeys, fargv = fcall.keys, fcall.argv
         floor(keys=fkeys, args=fargv)
 
         self.raw["server_time"] = interleave(
@@ -652,21 +658,20 @@ class Bench:
         n = self.sizes.ledger_fill
         self.say(f"the ledger's memory: {n:,} charges")
         b = self.budget("ledger")
-        plan, usage = b.plan(SESSION, "m"), b.usage("m", IN_TOKENS, OUT_TOKENS)
         script = b.engine.scripts["record"]
         for lo in range(0, n, self.sizes.batch):
             pipe = self.client.pipeline(transaction=False)
             for _ in range(min(self.sizes.batch, n - lo)):
-                entry = b.ledger_entry(plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
-                _op, keys, args, _parse = wire("record", (plan, None, usage, None, 0, entry))
-                script(keys=keys, args=args, client=pipe)
+                op = b._core.record(SESSION, "m", IN_TOKENS, OUT_TOKENS).op
+                call = wire(op)
+                script(keys=call.keys, args=call.argv, client=pipe)
             pipe.execute()
-        key = b.keyspace.ledger
+        key = b._core.keyspace.ledger
         self.raw["ledger_memory"] = {
             "entries": int(self.client.xlen(key)),
             "bytes": int(self.client.memory_usage(key, samples=0) or 0),
-            "entry_json": len(entry[1].encode()),
-            "maxlen": b.ledger_maxlen,
+            "entry_json": len(op.ledger_entry.encode()),
+            "maxlen": b._core.ledger_maxlen,
         }
         self.client.unlink(key)
 

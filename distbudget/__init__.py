@@ -1,8 +1,6 @@
 """distbudget: token, cost and rate budgets for LLM calls, enforced across a whole agent fleet."""
 
-from distbudget._core.scope import BudgetScope, Limit
-from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
-from distbudget._exceptions import (
+from distbudget._core.errors import (
     BackendError,
     BudgetExceededError,
     BudgetWarning,
@@ -10,9 +8,13 @@ from distbudget._exceptions import (
     InvalidInputError,
     ServerConfigError,
     UnknownModelError,
+    UnknownScopeError,
 )
+from distbudget._core.ledger import LedgerEntry
+from distbudget._core.scope import BudgetScope, Limit
+from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
 from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
-from distbudget.budget import AsyncBudget, AsyncReservation, Budget, Reservation
+from distbudget.budget import AsyncBudget, AsyncReservation, Budget, PendingReservation, Reservation
 from distbudget.manager import AsyncBudgetManager, BudgetManager
 from distbudget.pricing import ModelRates
 
@@ -34,11 +36,14 @@ __all__ = [
     "BudgetWarning",
     "DistBudgetError",
     "InvalidInputError",
+    "LedgerEntry",
     "Limit",
     "ModelRates",
+    "PendingReservation",
     "Reservation",
     "ServerConfigError",
     "UnknownModelError",
+    "UnknownScopeError",
     "UsageRecord",
     "WebhookSink",
 ]

@@ -34,7 +34,7 @@ STORES = ["fakeredis", "redis", "cluster"]
 def _window_budget(backend: Backend, clock: Clock) -> tuple[object, str]:
     clock.t = 1_800_000_000.0
     budget = backend.budget(BudgetScope("w", limits=[Limit("tokens", 100, "10s")]), RATES, clock=clock)
-    _hash, index = budget.keyspace.window("w", 10, None)
+    _hash, index = budget._core.keyspace.window("w", 10, None)
     return budget, index
 
 
@@ -184,7 +184,7 @@ def test_holds_whose_leases_were_lost_still_expire(backend: Backend, clock: Cloc
     clock.t = 1_800_000_000.0
     budget = backend.budget(BudgetScope("h", max_tokens_per_session=100), RATES, clock=clock, hold_ttl=30)
     budget.reserve("m", 50, 40, session_id="s")  # 90 held, never committed (a worker died)
-    assert backend.store.delete(budget.keyspace.leases) == 1
+    assert backend.store.delete(budget._core.keyspace.leases) == 1
     with pytest.raises(BudgetExceededError):
         budget.check("m", 20, session_id="s")  # still held
     clock.advance(29)
@@ -200,8 +200,8 @@ def test_leases_whose_holds_were_lost_are_reaped(backend: Backend, clock: Clock)
     clock.t = 1_800_000_000.0
     budget = backend.budget(BudgetScope("h", max_tokens_per_session=100), RATES, clock=clock, hold_ttl=30)
     budget.reserve("m", 50, 40, session_id="s")
-    assert backend.store.delete(budget.keyspace.holds) == 1  # the held money is gone with it
+    assert backend.store.delete(budget._core.keyspace.holds) == 1  # the held money is gone with it
     assert budget.check("m", 100, session_id="s")
     clock.advance(31)
     budget.check("m", 1, session_id="s")
-    assert backend.store.exists(budget.keyspace.leases) == 0  # the orphan lease was reaped
+    assert backend.store.exists(budget._core.keyspace.leases) == 0  # the orphan lease was reaped
