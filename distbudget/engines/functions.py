@@ -33,8 +33,8 @@ from typing import Any
 import redis
 import redis.exceptions
 
+from distbudget._core.errors import ServerConfigError
 from distbudget._core.keys import check_prefix
-from distbudget._exceptions import ServerConfigError
 from distbudget.engines import connect as _connect
 from distbudget.engines.scripts import OPERATIONS, function_name, library, source
 
