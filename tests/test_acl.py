@@ -106,15 +106,17 @@ def test_the_path_follows_the_library(server: RedisServer, caplog: pytest.LogCap
     budget = Budget(BudgetScope("p", max_tokens_per_session=100), RATES, redis=server.admin_url, session_id="s")
     with caplog.at_level(logging.DEBUG, logger="distbudget"):
         budget.record(None, "m", 10, 0)
-    assert budget.engine.path == "scripts" and "calling scripts (EVALSHA)" in caplog.text
+    assert budget.engine.path == "scripts" and "calls scripts (EVALSHA)" in caplog.text
     install_library(server.client())
     evalsha = commandstat(server, "evalsha")
     fresh = Budget(BudgetScope("p", max_tokens_per_session=100), RATES, redis=server.admin_url, session_id="s")
     with caplog.at_level(logging.DEBUG, logger="distbudget"):
         fresh.record(None, "m", 10, 0)
-    assert fresh.engine.path == "functions" and f"calling the Redis Functions library {LIBRARY}" in caplog.text
+    assert fresh.engine.path == "functions" and f"calls the Redis Functions library {LIBRARY}" in caplog.text
     assert commandstat(server, "fcall") == 1 and commandstat(server, "evalsha") == evalsha
     assert fresh.summary()["session"]["tokens"] == 20  # both paths charge the same keys
+    half = functions.survey({"a:1": [{}, LIBRARY, None], "b:2": [{}, redis.ResponseError("Function not found"), None]})
+    assert half.path == "scripts" and "not on b:2" in half.describe()  # an install half done
 
 
 def test_a_lost_library_falls_back_to_scripts_where_the_user_may_load_them(server: RedisServer) -> None:

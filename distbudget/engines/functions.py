@@ -137,11 +137,30 @@ def probe_commands() -> list[tuple[str, ...]]:
 
 @dataclass(frozen=True, slots=True)
 class Server:
-    """What the checks found: the path the engine takes, and each master's eviction policy
-    (``None`` where the user may read neither ``INFO memory`` nor ``CONFIG GET``)."""
+    """What the checks found on the masters: each one's eviction policy (``None`` where the user
+    may read neither ``INFO memory`` nor ``CONFIG GET``), which of them hold this version's library,
+    and so the path the engine takes (``"functions"`` only when every master holds it)."""
 
-    path: str
     policies: Mapping[str, str | None]
+    installed: tuple[str, ...]  # the masters holding this version's library
+    reason: str  # why the library could not be called, where it could not ("" when it could)
+
+    @property
+    def path(self) -> str:
+        return FUNCTIONS if self.policies and len(self.installed) == len(self.policies) else SCRIPTS
+
+    @property
+    def evicting(self) -> dict[str, str]:
+        return {node: p for node, p in self.policies.items() if p is not None and p != "noeviction"}
+
+    def describe(self) -> str:
+        """One line for people (``distbudget doctor``): the path, and why."""
+        name = library()[0]
+        if self.path == FUNCTIONS:
+            return f"calls the Redis Functions library {name} (FCALL) on every master"
+        missing = [node for node in self.policies if node not in self.installed]
+        where = f"not on {', '.join(missing)}" if self.installed else f"not callable: {self.reason}"
+        return f"calls scripts (EVALSHA): library {name} {where} (an admin runs: distbudget install)"
 
 
 def _policy(info: Any, config: Any) -> str | None:
@@ -158,12 +177,18 @@ def _policy(info: Any, config: Any) -> str | None:
     return None
 
 
-def decide(replies: Mapping[str, list[Any]], allow_eviction: bool) -> Server:
-    """The path and the policies from each master's replies (to :func:`probe_commands`, then the
-    reply to ``CONFIG GET`` or None), or :class:`ServerConfigError` for an evicting policy (unless
-    ``allow_eviction``)."""
+def survey(replies: Mapping[str, list[Any]]) -> Server:
+    """What each master's replies (to :func:`probe_commands`, then to ``CONFIG GET`` or None) say."""
     policies = {node: _policy(r[0], r[2]) for node, r in replies.items()}
-    evicting = {node: p for node, p in policies.items() if p is not None and p != "noeviction"}
+    installed = tuple(node for node, r in replies.items() if not isinstance(r[1], Exception))
+    errors = [str(r[1]) for r in replies.values() if isinstance(r[1], Exception)]
+    return Server(policies, installed, errors[0] if errors else "")
+
+
+def enforce(server: Server, allow_eviction: bool) -> Server:
+    """:class:`ServerConfigError` for an evicting policy (unless ``allow_eviction``); the path and
+    what could not be checked, logged."""
+    evicting = server.evicting
     if evicting and not allow_eviction:
         where = ", ".join(f"{node}: {p}" for node, p in evicting.items())
         raise ServerConfigError(
@@ -175,28 +200,17 @@ def decide(replies: Mapping[str, list[Any]], allow_eviction: bool) -> Server:
         )
     if evicting:
         log.warning("distbudget: allow_eviction=True on an evicting server (%s): budgets may reset", evicting)
-    unknown = [node for node, p in policies.items() if p is None]
+    unknown = [node for node, p in server.policies.items() if p is None]
     if unknown:
         log.warning(
             "distbudget: cannot read maxmemory-policy on %s (grant +info|memory): make sure it is noeviction",
             ", ".join(unknown),
         )
-    found = [node for node, r in replies.items() if not isinstance(r[1], Exception)]
-    path = FUNCTIONS if replies and len(found) == len(replies) else SCRIPTS
-    name = library()[0]
-    if path == FUNCTIONS:
-        log.debug("distbudget: calling the Redis Functions library %s (FCALL)", name)
-    elif found:
-        log.warning(
-            "distbudget: library %s is on %s but not on %s: calling scripts (EVALSHA); run distbudget install",
-            name,
-            ", ".join(found),
-            ", ".join(n for n in replies if n not in found),
-        )
+    if server.path == SCRIPTS and server.installed:  # some masters have it: an install half done
+        log.warning("distbudget: %s", server.describe())
     else:
-        reason = next(iter(replies.values()))[1] if replies else "no master"
-        log.debug("distbudget: calling scripts (EVALSHA): library %s not callable (%s)", name, reason)
-    return Server(path, policies)
+        log.debug("distbudget: %s", server.describe())
+    return server
 
 
 def _config(node: Any, info: Any) -> Any:
@@ -209,8 +223,8 @@ def _config(node: Any, info: Any) -> Any:
         return exc
 
 
-def check_server(client: Any, allow_eviction: bool = False) -> Server:
-    """The checks on connect, on a sync client: one round trip per master."""
+def probe(client: Any) -> Server:
+    """What the masters of a sync client say (one round trip per master); raises nothing."""
     replies: dict[str, list[Any]] = {}
     for name, node in _masters(client):
         pipe = node.pipeline(transaction=False)
@@ -218,11 +232,16 @@ def check_server(client: Any, allow_eviction: bool = False) -> Server:
             pipe.execute_command(*command)
         info, version = pipe.execute(raise_on_error=False)
         replies[name] = [info, version, _config(node, info)]
-    return decide(replies, allow_eviction)
+    return survey(replies)
 
 
-async def check_server_async(client: Any, allow_eviction: bool = False) -> Server:
-    """The checks on connect, on a ``redis.asyncio`` client (one round trip on a standalone server)."""
+def check_server(client: Any, allow_eviction: bool = False) -> Server:
+    """The checks on connect, on a sync client."""
+    return enforce(probe(client), allow_eviction)
+
+
+async def probe_async(client: Any) -> Server:
+    """:func:`probe` on a ``redis.asyncio`` client (one round trip on a standalone server)."""
     replies: dict[str, list[Any]] = {}
     if _connect.is_cluster_client(client):
         for node in client.get_primaries():
@@ -230,13 +249,18 @@ async def check_server_async(client: Any, allow_eviction: bool = False) -> Serve
             info, version = [await _answer(client, c, target) for c in probe_commands()]
             config = await _answer(client, CONFIG, target) if isinstance(info, Exception) else None
             replies[node.name] = [info, version, config]
-        return decide(replies, allow_eviction)
+        return survey(replies)
     pipe = client.pipeline(transaction=False)
     for command in probe_commands():
         pipe.execute_command(*command)
     info, version = await pipe.execute(raise_on_error=False)
     config = await _answer(client, CONFIG, {}) if isinstance(info, Exception) else None
-    return decide({_standalone_name(client): [info, version, config]}, allow_eviction)
+    return survey({_standalone_name(client): [info, version, config]})
+
+
+async def check_server_async(client: Any, allow_eviction: bool = False) -> Server:
+    """The checks on connect, on a ``redis.asyncio`` client."""
+    return enforce(await probe_async(client), allow_eviction)
 
 
 async def _answer(client: Any, command: Iterable[str], target: Mapping[str, Any]) -> Any:
@@ -353,7 +377,10 @@ __all__ = [
     "check_server",
     "check_server_async",
     "command",
-    "decide",
+    "enforce",
     "install_library",
     "installed_libraries",
+    "probe",
+    "probe_async",
+    "survey",
 ]
