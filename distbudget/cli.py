@@ -628,7 +628,7 @@ def _latency(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distbudget", description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"distbudget {distbudget.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prices,watch,scopes,ledger}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prices,watch,scopes,ledger,install,acl}")
     demo = sub.add_parser(
         "demo",
         help="a simulated agent fleet spending against hard caps",
@@ -707,7 +707,50 @@ def build_parser() -> argparse.ArgumentParser:
     ledger.add_argument("--prefix", default="distbudget")
     ledger.add_argument("--since", help="a ledger id (exclusive) or seconds since the epoch")
     ledger.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
+    _add_trust_commands(sub)
     return parser
+
+
+def _add_trust_commands(sub: Any) -> None:
+    """``install`` (the Redis Functions library, on every master) and ``acl`` (the rules of a worker
+    and an admin user): the admin's side of least-privilege workers (docs/deployment-acl.md)."""
+    install = sub.add_parser(
+        "install",
+        help="install the Redis Functions library (admin; on every master)",
+        description="Load this version's Redis Functions library (Redis >= 7) on the server, or on every master "
+        "of a Cluster, so that workers call FCALL and need no script rights (distbudget acl). Idempotent. A new "
+        "version is installed beside the old one, which workers not yet upgraded keep calling.",
+    )
+    install.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/0")
+    install.add_argument("--prune", action="store_true", help="remove the other versions (once no worker runs them)")
+    acl = sub.add_parser(
+        "acl",
+        help="print the ACL rules of a worker user and an admin user for a prefix",
+        description="Print ACL SETUSER lines for a least-privilege worker (FCALL on the prefix's keys, what the "
+        "listeners read; no EVAL, SCRIPT or FUNCTION) and an admin (also FUNCTION LOAD, CONFIG GET). Run them "
+        "on the server, or on every node of a Cluster, with PASSWORD replaced.",
+    )
+    acl.add_argument("--prefix", type=check_prefix, default="distbudget")
+    acl.add_argument("--user", help="user name stem (default: the prefix): <stem>-worker, <stem>-admin")
+
+
+def install_library(args: argparse.Namespace) -> int:
+    from distbudget.engines.connect import connect
+    from distbudget.engines.functions import install_library
+    from distbudget.engines.scripts import library
+
+    for node, status in install_library(connect(args.redis), prune=args.prune).items():
+        print(f"{node}: {library()[0]} {status}")
+    return 0
+
+
+def print_acl(args: argparse.Namespace) -> int:
+    from distbudget.engines.functions import ROLES, acl_rules
+
+    for role in ROLES:
+        rules = " ".join(acl_rules(args.prefix, role))
+        print(f"ACL SETUSER {args.user or args.prefix}-{role} reset on >PASSWORD {rules}")
+    return 0
 
 
 def list_scopes(args: argparse.Namespace) -> int:
@@ -785,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
         "watch": watch_alerts,
         "scopes": list_scopes,
         "ledger": export_ledger,
+        "install": install_library,
+        "acl": print_acl,
     }
     if args.command in tools:
         try:

@@ -339,3 +339,25 @@ def test_the_deployment_docs_show_the_printed_rules() -> None:
     assert line.split() == ["ACL", "SETUSER", "acme-worker", "reset", "on", ">PASSWORD", *acl_rules("acme")]
     admin_only = [r for r in acl_rules("acme", "admin") if r not in acl_rules("acme")]
     assert f"add `{' '.join(admin_only)}`" in page
+
+
+# ---- the CLI -----------------------------------------------------------------------------------------
+
+
+def test_cli_install_and_acl(server: RedisServer, capsys: pytest.CaptureFixture[str]) -> None:
+    from distbudget.cli import main
+
+    assert main(["install", "--redis", server.admin_url]) == 0
+    assert f"{LIBRARY} installed" in capsys.readouterr().out
+    assert main(["install", "--redis", server.admin_url]) == 0
+    assert f"{LIBRARY} present" in capsys.readouterr().out
+    assert main(["acl", "--prefix", "acme"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split()[2] for ln in lines] == ["acme-worker", "acme-admin"]
+    admin = server.client()
+    admin.execute_command(*lines[0].replace(">PASSWORD", ">pw").split())  # the printed line, as is
+    url = f"redis://acme-worker:pw@127.0.0.1:{server.port}/0"
+    budget = Budget(BudgetScope("cli", max_tokens_per_session=100), RATES, redis=url, prefix="acme")
+    budget.record("s", "m", 10, 0)
+    assert budget.engine.path == "functions" and admin.execute_command("ACL", "LOG") == []
+    assert main(["acl", "--prefix", "acme:b"]) == 2  # refused: no tenant's pattern may match another's
