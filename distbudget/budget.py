@@ -44,9 +44,12 @@ def _allow_eviction(value: object) -> bool:
     return value
 
 
-def make_engine(redis: object, options: dict[str, Any], allow_eviction: bool = False) -> Engine:
+def make_engine(
+    redis: object, options: dict[str, Any], batch_window_us: int | None = None, *, allow_eviction: bool = False
+) -> Engine:
     """``None`` -> embedded; a URL or a redis-py client -> Redis (``options``: for a URL's client;
-    ``allow_eviction``: accept a server that evicts keys, unsafe: see ``engines/functions.py``)."""
+    ``batch_window_us``: coalesce concurrent calls, see ``engines/redis.py``; ``allow_eviction``: accept
+    a server that evicts keys, unsafe: see ``engines/functions.py``)."""
     allow = _allow_eviction(allow_eviction)
     if redis is None:
         return MemoryEngine()
@@ -54,13 +57,17 @@ def make_engine(redis: object, options: dict[str, Any], allow_eviction: bool = F
     from distbudget.engines.redis import RedisEngine, connect
 
     if isinstance(redis, str):  # redis://, rediss://, unix://, redis+cluster://, redis+sentinel://
-        return RedisEngine(connect(redis, **options), wait=parse(redis).wait, allow_eviction=allow)
+        return RedisEngine(
+            connect(redis, **options), wait=parse(redis).wait, batch_window_us=batch_window_us, allow_eviction=allow
+        )
     if hasattr(redis, "register_script") and not inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
-        return RedisEngine(redis, allow_eviction=allow)
+        return RedisEngine(redis, batch_window_us=batch_window_us, allow_eviction=allow)
     raise TypeError("redis must be None, a Redis URL or a (sync) redis-py client (Redis, RedisCluster)")
 
 
-def make_async_engine(redis: object, options: dict[str, Any], allow_eviction: bool = False) -> AsyncEngine:
+def make_async_engine(
+    redis: object, options: dict[str, Any], batch_window_us: int | None = None, *, allow_eviction: bool = False
+) -> AsyncEngine:
     """``None`` -> embedded; a URL or a ``redis.asyncio`` client -> Redis (see :func:`make_engine`)."""
     allow = _allow_eviction(allow_eviction)
     if redis is None:
@@ -69,9 +76,14 @@ def make_async_engine(redis: object, options: dict[str, Any], allow_eviction: bo
     from distbudget.engines.redis import AsyncRedisEngine, connect_async
 
     if isinstance(redis, str):
-        return AsyncRedisEngine(connect_async(redis, **options), wait=parse(redis).wait, allow_eviction=allow)
+        return AsyncRedisEngine(
+            connect_async(redis, **options),
+            wait=parse(redis).wait,
+            batch_window_us=batch_window_us,
+            allow_eviction=allow,
+        )
     if hasattr(redis, "register_script") and inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
-        return AsyncRedisEngine(redis, allow_eviction=allow)
+        return AsyncRedisEngine(redis, batch_window_us=batch_window_us, allow_eviction=allow)
     raise TypeError("redis must be None, a Redis URL or a redis.asyncio client (Redis, RedisCluster)")
 
 
@@ -99,6 +111,7 @@ class _BudgetBase(Generic[E]):
         journal_size: int = DEFAULT_JOURNAL_SIZE,
         on_uncommitted: str = "release",
         strict_models: bool = False,
+        batch_window_us: int | None = None,
         allow_eviction: bool = False,
         _engine: E | None = None,
         _registry: tuple[str, float, tuple[str, ...]] | None = None,
@@ -125,12 +138,15 @@ class _BudgetBase(Generic[E]):
         self._core = core = Accounting(scope, rates, settings, _registry)
         #: The engine: ``MemoryEngine`` (embedded) or ``RedisEngine`` (``under_replicated``: charges
         #: whose ``WAIT`` returned before enough replicas acknowledged them).
-        options = connect_options(core.mode)
-        self.engine: E = _engine if _engine is not None else self._connect(redis, options, settings.allow_eviction)
+        self.engine: E = (
+            _engine
+            if _engine is not None
+            else self._connect(redis, connect_options(core.mode), batch_window_us, settings.allow_eviction)
+        )
         self._guard = core.attach(self.engine)
         self._bind(settings.sleep)
 
-    def _connect(self, redis: object, options: dict[str, Any], allow_eviction: bool) -> E:
+    def _connect(self, redis: object, options: dict[str, Any], batch_window_us: int | None, allow_eviction: bool) -> E:
         raise NotImplementedError
 
     def _bind(self, sleep: Callable[[float], Any] | None) -> None:
@@ -234,10 +250,17 @@ class Budget(_BudgetBase[Engine]):
 
     ``redis``: ``None`` (embedded, in-process), a ``redis://`` / ``rediss://`` URL, or a redis-py
     client. ``clock``: a testing hook returning seconds; ``None`` uses the server's time.
+    ``batch_window_us``: on Redis, coalesce the concurrent calls of this budget's threads (or, on an
+    ``AsyncBudget``, tasks): each batch waits that many µs for company (``0``: none; calls queue
+    behind the batch in flight anyway), then goes out as one pipelined round trip, each call still its
+    own atomic script with its own answer. ``None`` (the default): every call its own round trip.
+    A plain standalone or Sentinel client without ``wait`` only; elsewhere calls go alone.
     """
 
-    def _connect(self, redis: object, options: dict[str, Any], allow_eviction: bool) -> Engine:
-        return make_engine(redis, options, allow_eviction)
+    def _connect(
+        self, redis: object, options: dict[str, Any], batch_window_us: int | None, allow_eviction: bool
+    ) -> Engine:
+        return make_engine(redis, options, batch_window_us, allow_eviction=allow_eviction)
 
     def _bind(self, sleep: Callable[[float], Any] | None) -> None:
         self._driver = Driver(self.engine, self._guard, sleep)
@@ -286,8 +309,10 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
     sync: it does no I/O; ``reserve`` and ``acquire`` return a :class:`PendingReservation`, to
     await or to use with ``async with``). ``redis``: ``None``, a URL, or a ``redis.asyncio`` client."""
 
-    def _connect(self, redis: object, options: dict[str, Any], allow_eviction: bool) -> AsyncEngine:
-        return make_async_engine(redis, options, allow_eviction)
+    def _connect(
+        self, redis: object, options: dict[str, Any], batch_window_us: int | None, allow_eviction: bool
+    ) -> AsyncEngine:
+        return make_async_engine(redis, options, batch_window_us, allow_eviction=allow_eviction)
 
     def _bind(self, sleep: Callable[[float], Any] | None) -> None:
         self._driver = AsyncDriver(self.engine, self._guard, sleep)

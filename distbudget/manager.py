@@ -198,7 +198,7 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
     _budget_class = Budget
 
     def _connect(self, redis: object, options: dict[str, Any], allow_eviction: bool) -> Engine:
-        return make_engine(redis, options, allow_eviction)
+        return make_engine(redis, options, allow_eviction=allow_eviction)
 
     def flush_journal(self) -> int:
         """Replay now the charges journaled while Redis was unavailable (see ``Budget.flush_journal``)."""
@@ -274,7 +274,7 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
     _budget_class = AsyncBudget
 
     def _connect(self, redis: object, options: dict[str, Any], allow_eviction: bool) -> AsyncEngine:
-        return make_async_engine(redis, options, allow_eviction)
+        return make_async_engine(redis, options, allow_eviction=allow_eviction)
 
     async def flush_journal(self) -> int:
         return await AsyncDriver(self._engine).run(flush(state_for(self._engine)))
