@@ -159,6 +159,7 @@ class Settings:
     journal_size: int
     on_uncommitted: str = "release"
     strict_models: bool = False
+    allow_eviction: bool = False  # accept an evicting server (unsafe: see engines/functions.py)
 
 
 class Accounting:
