@@ -6,6 +6,7 @@ from distbudget._core.errors import (
     BudgetWarning,
     DistBudgetError,
     InvalidInputError,
+    ServerConfigError,
     UnknownModelError,
     UnknownScopeError,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "ModelRates",
     "PendingReservation",
     "Reservation",
+    "ServerConfigError",
     "UnknownModelError",
     "UnknownScopeError",
     "Usage",

@@ -165,6 +165,7 @@ class Settings:
     journal_size: int
     on_uncommitted: str = "release"
     strict_models: bool = False
+    allow_eviction: bool = False  # accept an evicting server (unsafe: see engines/functions.py)
     prices: PriceBook | None = None  # the caller's book (prices=), else the fleet's, else the bundled one
     fleet: FleetBook | None = None  # a manager's budgets: the fleet price book they share
 

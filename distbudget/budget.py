@@ -39,23 +39,38 @@ E = TypeVar("E", Engine, AsyncEngine)
 B = TypeVar("B", bound="Budget | AsyncBudget")
 
 
-def make_engine(redis: object, options: dict[str, Any], batch_window_us: int | None = None) -> Engine:
+def _allow_eviction(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"allow_eviction must be True or False, got {value!r}")
+    return value
+
+
+def make_engine(
+    redis: object, options: dict[str, Any], batch_window_us: int | None = None, *, allow_eviction: bool = False
+) -> Engine:
     """``None`` -> embedded; a URL or a redis-py client -> Redis (``options``: for a URL's client;
-    ``batch_window_us``: coalesce concurrent calls, see ``engines/redis.py``)."""
+    ``batch_window_us``: coalesce concurrent calls, see ``engines/redis.py``; ``allow_eviction``: accept
+    a server that evicts keys, unsafe: see ``engines/functions.py``)."""
+    allow = _allow_eviction(allow_eviction)
     if redis is None:
         return MemoryEngine()
     from distbudget.engines.connect import parse
     from distbudget.engines.redis import RedisEngine, connect
 
     if isinstance(redis, str):  # redis://, rediss://, unix://, redis+cluster://, redis+sentinel://
-        return RedisEngine(connect(redis, **options), wait=parse(redis).wait, batch_window_us=batch_window_us)
+        return RedisEngine(
+            connect(redis, **options), wait=parse(redis).wait, batch_window_us=batch_window_us, allow_eviction=allow
+        )
     if hasattr(redis, "register_script") and not inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
-        return RedisEngine(redis, batch_window_us=batch_window_us)
+        return RedisEngine(redis, batch_window_us=batch_window_us, allow_eviction=allow)
     raise TypeError("redis must be None, a Redis URL or a (sync) redis-py client (Redis, RedisCluster)")
 
 
-def make_async_engine(redis: object, options: dict[str, Any], batch_window_us: int | None = None) -> AsyncEngine:
-    """``None`` -> embedded; a URL or a ``redis.asyncio`` client -> Redis (``options``: for a URL's client)."""
+def make_async_engine(
+    redis: object, options: dict[str, Any], batch_window_us: int | None = None, *, allow_eviction: bool = False
+) -> AsyncEngine:
+    """``None`` -> embedded; a URL or a ``redis.asyncio`` client -> Redis (see :func:`make_engine`)."""
+    allow = _allow_eviction(allow_eviction)
     if redis is None:
         return AsyncMemoryEngine()
     from distbudget.engines.connect import parse
@@ -63,10 +78,13 @@ def make_async_engine(redis: object, options: dict[str, Any], batch_window_us: i
 
     if isinstance(redis, str):
         return AsyncRedisEngine(
-            connect_async(redis, **options), wait=parse(redis).wait, batch_window_us=batch_window_us
+            connect_async(redis, **options),
+            wait=parse(redis).wait,
+            batch_window_us=batch_window_us,
+            allow_eviction=allow,
         )
     if hasattr(redis, "register_script") and inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
-        return AsyncRedisEngine(redis, batch_window_us=batch_window_us)
+        return AsyncRedisEngine(redis, batch_window_us=batch_window_us, allow_eviction=allow)
     raise TypeError("redis must be None, a Redis URL or a redis.asyncio client (Redis, RedisCluster)")
 
 
@@ -96,6 +114,7 @@ class _BudgetBase(Generic[E]):
         on_uncommitted: str = "release",
         strict_models: bool = False,
         batch_window_us: int | None = None,
+        allow_eviction: bool = False,
         prices: PriceBook | None = None,
         _engine: E | None = None,
         _registry: tuple[str, float, tuple[str, ...]] | None = None,
@@ -118,18 +137,21 @@ class _BudgetBase(Generic[E]):
             journal_size=journal_size,
             on_uncommitted=on_uncommitted,
             strict_models=strict_models,
+            allow_eviction=allow_eviction,
             prices=prices,
         )
         self._core = core = Accounting(scope, rates, settings, _registry)
         #: The engine: ``MemoryEngine`` (embedded) or ``RedisEngine`` (``under_replicated``: charges
         #: whose ``WAIT`` returned before enough replicas acknowledged them).
         self.engine: E = (
-            _engine if _engine is not None else self._connect(redis, connect_options(core.mode), batch_window_us)
+            _engine
+            if _engine is not None
+            else self._connect(redis, connect_options(core.mode), batch_window_us, settings.allow_eviction)
         )
         self._guard = core.attach(self.engine)
         self._bind(settings.sleep)
 
-    def _connect(self, redis: object, options: dict[str, Any], batch_window_us: int | None) -> E:
+    def _connect(self, redis: object, options: dict[str, Any], batch_window_us: int | None, allow_eviction: bool) -> E:
         raise NotImplementedError
 
     def _bind(self, sleep: Callable[[float], Any] | None) -> None:
@@ -258,8 +280,10 @@ class Budget(_BudgetBase[Engine]):
     A plain standalone or Sentinel client without ``wait`` only; elsewhere calls go alone.
     """
 
-    def _connect(self, redis: object, options: dict[str, Any], batch_window_us: int | None) -> Engine:
-        return make_engine(redis, options, batch_window_us)
+    def _connect(
+        self, redis: object, options: dict[str, Any], batch_window_us: int | None, allow_eviction: bool
+    ) -> Engine:
+        return make_engine(redis, options, batch_window_us, allow_eviction=allow_eviction)
 
     def _bind(self, sleep: Callable[[float], Any] | None) -> None:
         self._driver = Driver(self.engine, self._guard, sleep)
@@ -309,8 +333,10 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
     sync: it does no I/O; ``reserve`` and ``acquire`` return a :class:`PendingReservation`, to
     await or to use with ``async with``). ``redis``: ``None``, a URL, or a ``redis.asyncio`` client."""
 
-    def _connect(self, redis: object, options: dict[str, Any], batch_window_us: int | None) -> AsyncEngine:
-        return make_async_engine(redis, options, batch_window_us)
+    def _connect(
+        self, redis: object, options: dict[str, Any], batch_window_us: int | None, allow_eviction: bool
+    ) -> AsyncEngine:
+        return make_async_engine(redis, options, batch_window_us, allow_eviction=allow_eviction)
 
     def _bind(self, sleep: Callable[[float], Any] | None) -> None:
         self._driver = AsyncDriver(self.engine, self._guard, sleep)

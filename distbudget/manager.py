@@ -80,11 +80,13 @@ class _ManagerBase(Generic[B, E]):
         journal_size: int = DEFAULT_JOURNAL_SIZE,
         on_uncommitted: str = "release",
         strict_models: bool = False,
+        allow_eviction: bool = False,
         prices: PriceBook | None = None,
         _engine: E | None = None,
     ) -> None:
         mode = check_options(on_backend_error, fail_open_max_cost_usd, fail_open_max_tokens, journal_size)[0]
-        self._engine: E = _engine if _engine is not None else self._connect(redis, connect_options(mode))
+        options = connect_options(mode)
+        self._engine: E = _engine if _engine is not None else self._connect(redis, options, allow_eviction)
         self._ttl = _seconds(registry_ttl, "registry_ttl")
         self._key = registry_key(prefix)
         self._settings = Settings(
@@ -104,6 +106,7 @@ class _ManagerBase(Generic[B, E]):
             journal_size=journal_size,
             on_uncommitted=on_uncommitted,
             strict_models=strict_models,
+            allow_eviction=allow_eviction,
             prices=prices,
             fleet=FleetBook(),
         )
@@ -113,7 +116,7 @@ class _ManagerBase(Generic[B, E]):
         self._budgets: dict[str, B] = {}
         self._lock = threading.Lock()
 
-    def _connect(self, redis: object, options: dict[str, Any]) -> E:
+    def _connect(self, redis: object, options: dict[str, Any], allow_eviction: bool) -> E:
         raise NotImplementedError
 
     def _adopt(self, name: str, chain: list[str]) -> B:
@@ -255,8 +258,8 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
 
     _budget_class = Budget
 
-    def _connect(self, redis: object, options: dict[str, Any]) -> Engine:
-        return make_engine(redis, options)
+    def _connect(self, redis: object, options: dict[str, Any], allow_eviction: bool) -> Engine:
+        return make_engine(redis, options, allow_eviction=allow_eviction)
 
     def flush_journal(self) -> int:
         """Replay now the charges journaled while Redis was unavailable (see ``Budget.flush_journal``)."""
@@ -352,8 +355,8 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
 
     _budget_class = AsyncBudget
 
-    def _connect(self, redis: object, options: dict[str, Any]) -> AsyncEngine:
-        return make_async_engine(redis, options)
+    def _connect(self, redis: object, options: dict[str, Any], allow_eviction: bool) -> AsyncEngine:
+        return make_async_engine(redis, options, allow_eviction=allow_eviction)
 
     async def flush_journal(self) -> int:
         return await AsyncDriver(self._engine).run(flush(state_for(self._engine)))

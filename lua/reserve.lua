@@ -3,7 +3,7 @@
 -- while holding loses its hold after the TTL; expired leases are reaped here, amortised O(1)).
 -- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys
 -- ARGV: [1] clock µs or '', [2] tokens, [3] nano-USD, [4] requests (the worst case to hold),
---       [5] '', [6] hold id, [7] lease TTL µs, [8..] the plan (see include/scan.lua)
+--       [5] '', [6] hold id, [7] lease TTL µs, [8..] the plan (see distbudget/engines/codec.py)
 -- include: args, clock, scan, holds_read, admit
 -- Returns: {0 admitted | 1 refused, now µs, used: "tokens cost requests ..." (3 per counter),
 --           {held, 3 per counter, before this hold}, refusing limit index (0 none),
@@ -17,14 +17,14 @@ local totals, _, ids, lims = scan(now, amt, false)
 local held = read_held(ids)
 local refused, retry = admit(lims, totals, held, amt, now)
 if refused > 0 then return {1, now, table.concat(totals, ' '), held, refused, retry} end
-local lines = {fmt(amt[1]) .. ' ' .. fmt(amt[2]) .. ' ' .. fmt(amt[3])}
+local ttl_us = tonumber(ARGV[7])
+local lines = {fmt(amt[1]) .. ' ' .. fmt(amt[2]) .. ' ' .. fmt(amt[3]) .. ' ' .. fmt(now + ttl_us)}
 for _, id in ipairs(ids) do
   lines[#lines + 1] = id
   for m = 1, 3 do
     if amt[m] ~= 0 then redis.call('HINCRBY', KEYS[1], id .. '|' .. M[m], fmt(amt[m])) end
   end
 end
-local ttl_us = tonumber(ARGV[7])
 redis.call('HSET', KEYS[1], ARGV[6], table.concat(lines, '\n'))
 redis.call('ZADD', KEYS[2], fmt(now + ttl_us), ARGV[6])
 local ttl_ms = math.ceil(ttl_us / 1000) + 1000

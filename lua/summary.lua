@@ -2,7 +2,7 @@
 -- Ages out expired buckets and leases first, which changes no live total.
 -- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys
 -- ARGV: [1] clock µs or '', [2..4] 0 (no amounts), [5] KEYS index of the scope's totals hash,
---       [6..7] unused, [8..] the plan (see include/scan.lua)
+--       [6..7] unused, [8..] the plan (see distbudget/engines/codec.py)
 -- include: clock, scan, holds_read
 -- Returns: {now µs, used: "tokens cost requests ..." (3 per counter), {held, 3 per counter},
 --           the totals hash as field, value, ...}

@@ -148,6 +148,7 @@ NOT_COMMANDS = {
     "aclose",
     "get_node_from_key",  # the cluster client's slot map
     "get_redis_connection",
+    "get_primaries",  # the cluster client's masters (engines/functions.py: the checks on connect)
 }
 METHOD_TO_COMMAND = {"script_load": "script|load"}
 # `distbudget doctor` also probes admin commands (INFO, CONFIG GET, XLEN, MEMORY USAGE, ACL WHOAMI,
@@ -168,6 +169,10 @@ def commands_in_source() -> dict[str, set[str]]:
         text = path.read_text()
         methods = re.findall(r"\b(?:client|pipe)\.([a-z_]+)\(", text)
         methods += re.findall(r'execute_command\(\s*"([A-Za-z]+)"', text)
+        # the engines' script and function calls, built as raw commands (engines/functions.py); its
+        # checks on connect send INFO memory (in the list as info|memory), and CONFIG GET only to a
+        # user refused INFO memory
+        methods += [m.lower() for m in re.findall(r'\(\s*"(EVALSHA|FCALL|FCALL_RO)",', text)]
         if path.name == "alerts.py":  # the listeners' commands: Command(key, ("XACK", ...)), "XINFO STREAM"
             methods += [c.replace(" ", "|") for c in re.findall(r'\(\s*"([A-Z]+(?: [A-Z]+)?)",', text)]
         for method in methods:

@@ -6,6 +6,7 @@ DistBudgetError                      root: catch this to catch everything below
 ├── UnknownScopeError (+ KeyError)   no scope of that name in the registry (a manager's get, remove ...)
 ├── InvalidInputError (+ ValueError) bad tokens, names, limits; raised before anything is written
 └── BackendError                     Redis failed (connection, timeout, script error); wraps the cause
+    └── ServerConfigError            the server's configuration is unsafe (an evicting maxmemory-policy)
 
 BudgetWarning (UserWarning)          emitted with ``warnings.warn`` when ``hard_stop=False``
 """
@@ -100,6 +101,11 @@ class BackendError(DistBudgetError):
     journaled: bool = False
     outage: bool = False
     maybe_sent: bool = False
+
+
+class ServerConfigError(BackendError):
+    """The Redis server is configured so that distbudget cannot keep its accounting (an evicting
+    ``maxmemory-policy``); the message names the fix. Not an outage: the failure policy raises it."""
 
 
 class BudgetWarning(UserWarning):

@@ -39,11 +39,20 @@ def encode(name: str) -> str:
     return quote(name, safe="-_.~")
 
 
+# Not in a prefix: the key schema's separator ':' and the glob characters of ACL key patterns, so the
+# pattern ``<prefix>:*`` of one tenant's ACL user matches no key of another prefix (``acme:*`` would
+# match every key of prefix ``acme:b``; ``acme*`` those of ``acme2``); braces (Cluster hash tags),
+# whitespace and '|' (the scripts' separator).
+PREFIX_REFUSED = ":*?[]\\{}|"
+
+
 def check_prefix(prefix: object) -> str:
     if not isinstance(prefix, str):
         raise TypeError("prefix must be a str")
-    if not prefix or len(prefix) > 64 or any(c in prefix for c in "{}\n\r\t |") or prefix.isspace():
-        raise InvalidInputError(f"prefix must be 1-64 characters without braces, spaces or '|': {prefix!r}")
+    if not prefix or len(prefix) > 64 or any(c in PREFIX_REFUSED or c.isspace() for c in prefix):
+        raise InvalidInputError(
+            f"prefix must be 1-64 characters without whitespace or any of {' '.join(PREFIX_REFUSED)}: {prefix!r}"
+        )
     return prefix
 
 

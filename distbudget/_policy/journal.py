@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass
 
-from distbudget._core.errors import BackendError
+from distbudget._core.errors import BackendError, ServerConfigError
 from distbudget._core.ops import Charge, ChargeResult, Commit, LedgerRead, LedgerRow, Sleep, Steps
 
 log = logging.getLogger("distbudget")
@@ -350,9 +350,10 @@ def replay(st: EngineState, force: bool = False) -> Steps[tuple[int, BackendErro
                 except Exception as err:  # one entry never stalls the replay: it goes to the dead letters
                     outage = isinstance(err, BackendError) and err.outage
                     e.maybe_sent = was or (isinstance(err, BackendError) and err.maybe_sent)
-                    if outage:
+                    if outage or isinstance(err, ServerConfigError):  # the server, not this charge: keep all
                         assert isinstance(err, BackendError)
-                        st.fail(err)
+                        if outage:
+                            st.fail(err)
                         stop = err
                         break
                     log.error(

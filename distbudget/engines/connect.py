@@ -395,8 +395,12 @@ ACL_COMMANDS = (
     "xpending",
     "xclaim",
     "xack",
-    "zscore",  # (the scripts call it too)
     "zremrangebyrank",
+    # the checks on connect (engines/functions.py): the eviction policy, and the library when an
+    # admin installed it (the user then calls it: FCALL)
+    "info|memory",
+    "fcall_ro",
+    "fcall",
     # called inside the scripts (lua/)
     "time",
     "get",

@@ -37,6 +37,7 @@ from distbudget._core.ops import (
     RegistryNames,
 )
 from distbudget.engines import connect as _connect
+from distbudget.engines import functions
 from distbudget.engines.codec import (
     ERRORS,
     Codec,
@@ -106,10 +107,6 @@ def _many_results(raw: list[Any], wait: tuple[int, int] | None) -> tuple[list[An
     if wait is None or not ran:
         return raw, 0
     return raw, _replicated(None, acked, wait) * ran
-
-
-def _evalsha(sha: str, keys: Any, argv: list[Any]) -> tuple[Any, ...]:
-    return ("EVALSHA", sha, len(keys), *keys, *argv)
 
 
 def _noscript(replies: list[Any]) -> list[int]:
@@ -281,7 +278,9 @@ class AsyncCoalescer:
 class _Base:
     """What both engines keep: the client, its scripts, the codec, the WAIT setting."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None, batch_window_us: int | None) -> None:
+    def __init__(
+        self, client: Any, wait: tuple[int, int] | None, batch_window_us: int | None, allow_eviction: bool = False
+    ) -> None:
         if batch_window_us is not None and (
             isinstance(batch_window_us, bool) or not isinstance(batch_window_us, int) or batch_window_us < 0
         ):
@@ -295,9 +294,22 @@ class _Base:
         self.client: Any = client
         self.scripts: dict[str, Any] = {}
         self._direct = _direct_pool(client, self.wait)
+        self._batch: Any = None
+        # "functions" (FCALL) or "scripts" (EVALSHA), decided by the checks on connect (functions.py),
+        # made at the first call and again after an error (a reconnect, a failover); None until then
+        self.path: str | None = None
+        self.allow_eviction = allow_eviction
 
     def _register(self, client: Any) -> None:
         self.scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
+
+    def _use(self, path: str) -> None:
+        """Call the library's functions or the scripts. The functions go through redis-py (the
+        hand-packed, coalescing path packs ``EVALSHA`` only)."""
+        self.scripts = functions.callables(self.client, path)
+        self.path = path
+        if path == functions.FUNCTIONS:
+            self._direct = self._batch = None
 
     def _encode_many(self, op: RecordMany, sha: str, indexes: list[int] | None = None) -> list[Any]:
         """A batch's record scripts (or those at ``indexes``), packed by the codec when sent by hand,
@@ -305,14 +317,21 @@ class _Base:
         records = op.records if indexes is None else [op.records[i] for i in indexes]
         if self._direct is not None:
             return [self.codec.packed_charge(r, sha) for r in records]
-        return [_evalsha(sha, c.keys, c.argv) for c in map(self.codec.encode, records)]
+        script = self.scripts["record"]
+        return [functions.command(script, c.keys, c.argv) for c in map(self.codec.encode, records)]
 
 
 class RedisEngine(_Base):
     """Applies operations on one redis-py client (``Redis``, ``RedisCluster``)."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None = None, batch_window_us: int | None = None) -> None:
-        super().__init__(client, wait, batch_window_us)
+    def __init__(
+        self,
+        client: Any,
+        wait: tuple[int, int] | None = None,
+        batch_window_us: int | None = None,
+        allow_eviction: bool = False,
+    ) -> None:
+        super().__init__(client, wait, batch_window_us, allow_eviction)
         # Coalescing needs the hand-packed path (a plain standalone client without WAIT): elsewhere
         # every call goes alone.
         self._batch = (
@@ -331,6 +350,8 @@ class RedisEngine(_Base):
                 self.client = self._pending.get()  # raises while no node answers
                 self._register(self.client)
                 self._pending = None
+            if self.path is None:
+                self._use(functions.check_server(self.client, self.allow_eviction).path)
             if isinstance(op, RecordMany):
                 return cast("R", self._record_many(op))
             if isinstance(op, (LedgerRead, RegistryNames, Announce, PricesRead, PricesPush)):
@@ -340,6 +361,7 @@ class RedisEngine(_Base):
             call = self.codec.encode(op)
             return call.parse(self._run(call))
         except ERRORS as exc:
+            self.path = None  # check again at the next call (a reconnect, a failover)
             raise backend_error(doing(op), exc) from exc
 
     def _direct_call(self, op: Operation[R]) -> R:
@@ -411,7 +433,7 @@ class RedisEngine(_Base):
             return script(keys=call.keys, args=call.argv)
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(script.sha, len(call.keys), *call.keys, *call.argv)
+            pipe.execute_command(*functions.command(script, call.keys, call.argv))
             pipe.execute_command("WAIT", *self.wait)
             result, acked = pipe.execute(raise_on_error=False)
             if not isinstance(result, redis.exceptions.NoScriptError):
@@ -482,8 +504,14 @@ class RedisEngine(_Base):
 class AsyncRedisEngine(_Base):
     """The same on a ``redis.asyncio`` client: never blocks the event loop."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None = None, batch_window_us: int | None = None) -> None:
-        super().__init__(client, wait, batch_window_us)
+    def __init__(
+        self,
+        client: Any,
+        wait: tuple[int, int] | None = None,
+        batch_window_us: int | None = None,
+        allow_eviction: bool = False,
+    ) -> None:
+        super().__init__(client, wait, batch_window_us, allow_eviction)
         self._batch = (
             None if batch_window_us is None or self._direct is None else AsyncCoalescer(self._send_all, batch_window_us)
         )
@@ -501,6 +529,8 @@ class AsyncRedisEngine(_Base):
                     if self._cluster_init is not None:
                         await self.client.initialize()
                         self._cluster_init = None
+            if self.path is None:
+                self._use((await functions.check_server_async(self.client, self.allow_eviction)).path)
             if isinstance(op, RecordMany):
                 return cast("R", await self._record_many(op))
             if isinstance(op, (LedgerRead, RegistryNames, Announce, PricesRead, PricesPush)):
@@ -510,6 +540,7 @@ class AsyncRedisEngine(_Base):
             call = self.codec.encode(op)
             return call.parse(await self._run(call))
         except ERRORS as exc:
+            self.path = None  # check again at the next call (a reconnect, a failover)
             raise backend_error(doing(op), exc) from exc
 
     async def _direct_call(self, op: Operation[R]) -> R:
@@ -575,7 +606,7 @@ class AsyncRedisEngine(_Base):
             return await script(keys=call.keys, args=call.argv)
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(script.sha, len(call.keys), *call.keys, *call.argv)
+            pipe.execute_command(*functions.command(script, call.keys, call.argv))
             pipe.execute_command("WAIT", *self.wait)
             result, acked = await pipe.execute(raise_on_error=False)
             if not isinstance(result, redis.exceptions.NoScriptError):

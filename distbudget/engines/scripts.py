@@ -7,12 +7,19 @@ scan, holds, admission, the ledger, alerts, request ids, ...) names those it cal
 :func:`source` puts the includes a script needs before its body, each once, its needs first.
 ``tests/test_scripts.py`` checks that every helper a composed script carries is called.
 
+The same sources make the Redis Functions library (Redis >= 7; :func:`library`): each script becomes
+the function ``<library>_<operation>``, called with ``FCALL`` exactly as the script is with
+``EVALSHA`` (same KEYS, ARGV and reply). The library's name carries a digest of its code, so a
+library is its version: a worker calls exactly the code it was built with, and two versions can be
+installed side by side during a rolling upgrade (``distbudget/engines/functions.py`` installs it).
+
 ``lua/`` ships inside the wheel as ``distbudget/lua`` (``pyproject.toml`` force-includes it) and is
 read with :mod:`importlib.resources`; in a source tree it is the top-level folder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import cache
 from importlib import resources
@@ -68,10 +75,36 @@ def source(operation: str) -> str:
     return "\n".join([*parts, _read(f"{operation}.lua")])
 
 
+# A function's body is its script, run with KEYS and ARGV bound as a script sees them. The version
+# function answers the library's name (read-only: FCALL_RO, so a probe never needs write access).
+_FUNCTION = "redis.register_function{{function_name='{name}', callback=function(KEYS, ARGV)\n{body}\nend}}\n"
+_VERSION = (
+    "redis.register_function{{function_name='{name}', callback=function() return '{library}' end, "
+    "flags={{'no-writes'}}}}\n"
+)
+
+
+@cache
+def library() -> tuple[str, str]:
+    """(name, code) of the Redis Functions library: every script of :data:`OPERATIONS` as a function."""
+    bodies = [(op, source(op)) for op in OPERATIONS]
+    digest = hashlib.sha1("\0".join(f"{op}\0{body}" for op, body in bodies).encode()).hexdigest()[:12]
+    name = f"distbudget_{digest}"
+    code = [f"#!lua name={name}\n"]
+    code += [_FUNCTION.format(name=function_name(op, name), body=body) for op, body in bodies]
+    code.append(_VERSION.format(name=function_name("version", name), library=name))
+    return name, "".join(code)
+
+
+def function_name(operation: str, library_name: str | None = None) -> str:
+    """The library function that runs ``operation`` (or ``"version"``, the library's probe)."""
+    return f"{library_name or library()[0]}_{operation}"
+
+
 def _check(operation: str) -> str:
     if operation not in OPERATIONS:
         raise ValueError(f"unknown script {operation!r} (one of {', '.join(OPERATIONS)})")
     return operation
 
 
-__all__ = ["OPERATIONS", "includes", "lua_dir", "source"]
+__all__ = ["OPERATIONS", "function_name", "includes", "library", "lua_dir", "source"]

@@ -1,4 +1,4 @@
--- holds.lua: reservations' holds. KEYS[1] maps a hold id to "tokens cost requests\n<counter id>\n..."
+-- holds.lua: reservations' holds. KEYS[1] maps a hold id to "tokens cost requests expiry\n<counter id>\n..."
 -- and each "<counter id>|<metric>" to the amount held on that counter; KEYS[2] orders hold ids by
 -- expiry. A counter id is "<hash key>|<field prefix>". drop_hold frees one hold.
 -- needs: num

@@ -1,29 +1,10 @@
 -- scan.lua: the window scan: one pass over a plan's counters (read, age, charge, alert crossings).
 -- needs: num, window
 --
--- The plan (encoded by distbudget/engines/codec.py) arrives grouped by hash, so that each hash is read with
--- one HMGET and written with at most one HSET. Every ARGV element costs the server more than a
--- tonumber(), so the plan's numbers travel packed in ONE binary string, ARGV[8] (the shape);
--- ARGV[9..] carry only the strings Redis takes as arguments.
--- Shape, big-endian ("small": 2 bytes; "big": 7 bytes, an integer below 2^53):
---   hot part, read on every call:
---     small H (length of the hot part), small ng (hashes), small N (counters), then per hash:
---       byte kind (0 plain, 1 plain whose first counter has no field prefix, 2 rolling window),
---       byte ttl (1: the hash has an idle TTL), small nc (its counters), small nl (their limits),
---       [window only: 3 bytes bucket seconds, 4 bytes window seconds]  (one unprefixed counter)
---       per counter: small result position (3 * plan counter index + 1), small nlc (its limits),
---         nlc times: small limit index, byte metric (1 tokens, 2 cost, 3 requests),
---                    big first threshold (warn_at, or crit_at = max(value, 1) without a WARNING)
---   cold part, from byte H + 1, read only when needed, 28 bytes per limit in plan order:
---     big value, big warn_at + 1 (0: no WARNING), big warn_rearm + 1, big crit_rearm
---   padding: the shape is at least 3 * N bytes long (the totals table is sized from it)
--- ARGV[9..], per hash: [its TTL in ms if ttl], the field names of its counters (prefix .. 't',
--- 'c', 'r'; none for an unprefixed first counter, which uses the literals), then its limits' alert
--- state fields (prefix .. 'a:' .. limit name) in the order of the hot part. KEYS[3..] are the
--- hashes in the same order, each window's sorted set right after its hash.
--- ARGV[1] is the injected clock in µs ('' = the server's TIME), ARGV[2..4] the amounts
--- (tokens, nano-USD, requests), ARGV[5..7] operation-specific.
--- KEYS[1] is the tree's holds hash, KEYS[2] its leases sorted set.
+-- The plan arrives in the wire format documented once, next to its encoder, in
+-- distbudget/engines/codec.py: its numbers packed in ONE binary string, ARGV[8] (the shape: a hot
+-- part read on every call, a cold part of 28 bytes per limit read only when needed), ARGV[9..] the
+-- field names, KEYS[3..] the hashes (each window's sorted set right after its hash).
 
 local MAXN = 9007199254740991  -- 2^53 - 1: the largest integer a counter holds exactly
 
