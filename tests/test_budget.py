@@ -389,3 +389,12 @@ def test_script_cache_loss_is_invisible(backend: Backend) -> None:
         backend.store.script_flush()
         hold.commit(5, 5)
     assert budget.summary()["session"]["tokens"] == 30
+
+
+def test_alert_at_zero_alerts_on_the_first_usage(backend: Backend) -> None:
+    """agent-budget's ``alert_at_pct=0.0`` means "alert on any usage": a WARNING at the first charge."""
+    budget = backend.budget(BudgetScope("s", max_tokens_per_session=100, alert_at_pct=0.0, hard_stop=False), RATES)
+    budget.record("a", "m", 50, 0)
+    assert [(a.level, a.pct) for a in budget.alerts] == [(AlertLevel.WARNING, 0.5)]
+    budget.record("a", "m", 10, 0)
+    assert len(budget.alerts) == 1  # once per crossing

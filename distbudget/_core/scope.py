@@ -168,8 +168,8 @@ class BudgetScope:
         check_name(self.name, "scope name")
         if self.alert_at_pct is not None:
             p = self.alert_at_pct
-            if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 < p <= 1):
-                raise InvalidInputError(f"alert_at_pct must be in (0, 1] or None, got {p!r}")
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0 <= p <= 1):
+                raise InvalidInputError(f"alert_at_pct must be in [0, 1] or None, got {p!r}")
         if not isinstance(self.hard_stop, bool):
             raise TypeError("hard_stop must be a bool")
         self.limits = _limit_list(self.limits)
