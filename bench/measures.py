@@ -208,6 +208,33 @@ def memory_of(client: Any, match: str) -> dict[str, int]:
     }
 
 
+class RecordCall:
+    """The one place the bench reaches under the public API: the engine call a ``record()`` of the
+    bench's charge (``SESSION``, model ``m``, 500 tokens) on ``budget`` makes, built as the budget
+    builds it — to time the script alone, to fill a simulated day pipelined, to fill a ledger."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.plan = budget.plan(SESSION, "m")
+        self.usage = budget.usage("m", IN_TOKENS, OUT_TOKENS)
+
+    def ledger_entry(self) -> Any:
+        """A fresh ledger entry (a unique op id) for one charge."""
+        return self.budget.ledger_entry(self.plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
+
+    def script_call(
+        self, now_us: int | None = None, request_ttl_ms: int = 0, entry: Any = (0, "")
+    ) -> tuple[Any, list[Any], list[Any]]:
+        """(the registered script, KEYS, ARGV) of the Redis engine; ``entry`` ``(0, "")``: no ledger entry."""
+        op, keys, argv, _parse = wire("record", (self.plan, now_us, self.usage, None, request_ttl_ms, entry))
+        return self.budget.engine.scripts[op], keys, argv
+
+    def apply(self) -> Any:
+        """The engine's answer to the call (any engine), without the budget around it."""
+        args = (self.plan, None, self.usage, None, self.budget.request_ttl_ms, (0, ""))
+        return self.budget.engine.apply("record", args)
+
+
 class CannedEngine:
     """An engine that answers every call with one recorded answer: what a ``Budget`` costs in Python
     alone. With ``raw``, each call still builds the script call (``wire``) and parses the raw reply."""
@@ -364,7 +391,7 @@ def fill_peers(url: str, run_id: str, times: list[float], batch: int) -> dict[st
     per-call API would (same keys, same arguments); return the seconds taken and the keys' memory."""
     client = connect(url)
     tokens = IN_TOKENS + OUT_TOKENS
-    nano = Budget(bench_scope(), RATES).usage("m", IN_TOKENS, OUT_TOKENS)[1]
+    nano = RecordCall(Budget(bench_scope(), RATES)).usage[1]
     naive = NaiveZsetBudget(client, naive_key(run_id))
     storage, item, keys = limits_setup(url, run_id)
     cost, expiry, limit = tokens // LIMITS_UNIT_TOKENS, item.get_expiry(), item.amount
@@ -440,10 +467,8 @@ class Bench:
         for fn in (record, record_nl, pair, self.trivial):
             fn()
         # distbudget's own Python per record(): the flow against canned raw replies (wire + parse included)
-        plan, usage = b.plan(SESSION, "m"), b.usage("m", IN_TOKENS, OUT_TOKENS)
-        entry = b.ledger_entry(plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
-        op, keys, argv, _parse = wire("record", (plan, None, usage, None, b.request_ttl_ms, entry))
-        script = b.engine.scripts[op]
+        call = RecordCall(b)
+        script, keys, argv = call.script_call(request_ttl_ms=b.request_ttl_ms, entry=call.ledger_entry())
         raw_reply = script(keys=keys, args=argv)
         canned = Budget(bench_scope(), RATES, session_id=SESSION, _engine=CannedEngine(raw=raw_reply))
         record_cmd = ("EVALSHA", script.sha, len(keys), *keys, *argv)
@@ -489,11 +514,7 @@ class Bench:
     def embedded(self) -> None:
         self.say("embedded record() vs a dict-and-lock tracker")
         n = self.sizes.embedded_calls
-        probe = Budget(bench_scope(), RATES, session_id=SESSION)
-        usage = probe.usage("m", IN_TOKENS, OUT_TOKENS)
-        answer = probe.engine.apply(
-            "record", (probe.plan(SESSION, "m"), None, usage, None, probe.request_ttl_ms, (0, ""))
-        )
+        answer = RecordCall(Budget(bench_scope(), RATES, session_id=SESSION)).apply()
 
         def run_embedded(ledger_maxlen: int = 100_000) -> dict[str, float]:
             b = Budget(bench_scope(), RATES, session_id=SESSION, ledger_maxlen=ledger_maxlen)
@@ -544,13 +565,13 @@ class Bench:
         def run_batch(lo: int) -> None:
             clock = [0.0]
             b = self.budget("full", clock=lambda: clock[0])  # the injected clock walks the simulated day
-            plan, usage = b.plan(SESSION, "m"), b.usage("m", IN_TOKENS, OUT_TOKENS)
+            call = RecordCall(b)
             pipe = self.client.pipeline(transaction=False)
             for t in times[lo : lo + batch]:
                 clock[0] = t
                 # the counters' memory: the ledger (a capped audit stream, ledger_maxlen) is measured apart
-                op, keys, args, _parse = wire("record", (plan, b.now_us(), usage, None, 0, (0, "")))
-                b.engine.scripts[op](keys=keys, args=args, client=pipe)
+                script, keys, args = call.script_call(now_us=b.now_us())
+                script(keys=keys, args=args, client=pipe)
             pipe.execute()
 
         with ThreadPoolExecutor(2) as pool:
@@ -572,7 +593,7 @@ class Bench:
         moving, sliding = MovingWindowRateLimiter(storage), SlidingWindowCounterRateLimiter(storage)
         naive = NaiveZsetBudget(self.client, naive_key(self.run_id))
         cost = (IN_TOKENS + OUT_TOKENS) // LIMITS_UNIT_TOKENS
-        nano = full.usage("m", IN_TOKENS, OUT_TOKENS)[1]
+        nano = RecordCall(full).usage[1]
         self.raw["peers"] = interleave(
             self.sizes.rounds,
             {
@@ -602,9 +623,8 @@ class Bench:
 
         floor = self.client.register_script(FLOOR_LUA)
         fb = self.budget("floor")
-        plan, usage = fb.plan(SESSION, "m"), fb.usage("m", IN_TOKENS, OUT_TOKENS)
-        entry = fb.ledger_entry(plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
-        _op, fkeys, fargv, _parse = wire("record", (plan, None, usage, None, fb.request_ttl_ms, entry))
+        call = RecordCall(fb)
+        _script, fkeys, fargv = call.script_call(request_ttl_ms=fb.request_ttl_ms, entry=call.ledger_entry())
         floor(keys=fkeys, args=fargv)
 
         self.raw["server_time"] = interleave(
@@ -625,13 +645,12 @@ class Bench:
         n = self.sizes.ledger_fill
         self.say(f"the ledger's memory: {n:,} charges")
         b = self.budget("ledger")
-        plan, usage = b.plan(SESSION, "m"), b.usage("m", IN_TOKENS, OUT_TOKENS)
-        script = b.engine.scripts["record"]
+        call = RecordCall(b)
         for lo in range(0, n, self.sizes.batch):
             pipe = self.client.pipeline(transaction=False)
             for _ in range(min(self.sizes.batch, n - lo)):
-                entry = b.ledger_entry(plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
-                _op, keys, args, _parse = wire("record", (plan, None, usage, None, 0, entry))
+                entry = call.ledger_entry()
+                script, keys, args = call.script_call(entry=entry)
                 script(keys=keys, args=args, client=pipe)
             pipe.execute()
         key = b.keyspace.ledger
