@@ -107,10 +107,35 @@ def test_page_code_blocks_run(
             raise AssertionError(f"the code block at {block.where} failed: {exc!r}\n{block.code}") from exc
 
 
-def test_blocks_not_run_are_few_and_say_why() -> None:
+def test_blocks_not_run_are_few_say_why_and_compile() -> None:
     marked = [b for page in PAGES for b in python_blocks(page) if b.not_run is not None]
     assert len(marked) <= MAX_NOT_RUN, [b.where for b in marked]
     assert all(len(b.not_run or "") >= 10 for b in marked), [(b.where, b.not_run) for b in marked]
+    for block in marked:  # not run, but at least valid Python
+        compile(block.code, block.where, "exec")
+
+
+def test_readme_is_short_and_its_links_resolve() -> None:
+    """The README stays a front page (issue 12: at most 250 lines); mkdocs checks the links of
+    docs/, this checks the README's relative links and their anchors (mkdocs' heading ids)."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= 250
+    links = re.findall(r"\]\(([^)#\s]+)(?:#([^)\s]+))?\)", text)
+    assert links
+    for target, anchor in links:
+        if re.match(r"[a-z]+://", target):
+            continue
+        path = REPO / target
+        assert path.exists(), target
+        if anchor:
+            ids = {heading_id(h) for h in re.findall(r"^#+ (.+)$", path.read_text(encoding="utf-8"), re.MULTILINE)}
+            assert anchor in ids, (target, anchor, sorted(ids))
+
+
+def heading_id(heading: str) -> str:
+    """The anchor Python-Markdown's toc gives a heading (lower case, punctuation dropped, dashes)."""
+    text = re.sub(r"[^\w\s-]", "", heading.replace("`", "")).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
 
 
 def test_readme_quick_start_runs() -> None:
