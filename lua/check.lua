@@ -2,10 +2,10 @@
 -- Records nothing (it only ages out expired buckets and leases, which changes no total).
 -- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys
 -- ARGV: [1] clock µs or '', [2] tokens, [3] nano-USD, [4] requests, [5..7] '', [8..] the plan
+-- include: clock, scan, holds_read, admit
 -- Returns: {0 admitted | 1 refused, now µs, used: "tokens cost requests ..." (3 per counter),
 --           {held, 3 per counter}, refusing limit index (0 none),
 --           µs until a rolling window frees enough (-1: never)}
-local _, reap, read_held, admit = holds()
 local now = now_us()
 reap(now)
 local amt = amounts()

@@ -4,12 +4,12 @@
 -- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys, then the tree's alert
 --       stream, its ledger stream, then the request key when ARGV[5] is set
 -- ARGV: [1] clock µs or '', [2] tokens, [3] nano-USD, [4] requests, [5] request-id TTL ms or '',
---       [6] hold id, [7] alert metadata JSON, [8..] the plan (see _common.lua), then the ledger's
+--       [6] hold id, [7] alert metadata JSON, [8..] the plan (see include/scan.lua), then the ledger's
 --       MAXLEN and the ledger entry JSON ('' for none)
+-- include: clock, scan, holds, request, alerts, ledger
 -- Returns one string, like record.lua's with the hold's fate:
 --   "0|<now µs>|<tokens cost requests per counter>|<limit index, level, ...>||<hold found 1/0>|<alert ids>|<ledger id>"
 --   or "1|<now µs>|||<µs> <tokens> <cost>|0" when the request id was already charged
-local drop_hold = holds()
 local now = now_us()
 local nows = fmt(now)
 local prev = seen_request()

@@ -6,7 +6,8 @@
 --       is set
 -- ARGV: [1] clock µs or '' (server TIME), [2] tokens, [3] nano-USD, [4] requests,
 --       [5] request-id TTL ms or '', [6] unused, [7] alert metadata JSON, [8..] the plan
---       (see _common.lua), then the ledger's MAXLEN and the ledger entry JSON ('' for none)
+--       (see include/scan.lua), then the ledger's MAXLEN and the ledger entry JSON ('' for none)
+-- include: clock, scan, request, alerts, ledger
 -- Returns one string (a reply of one bulk string is the cheapest to build):
 --   "0|<now µs>|<tokens cost requests per counter, space-separated>|<limit index, level, ...>|||<alert ids>|<ledger id>"
 --   or "1|<now µs>|||<µs> <tokens> <cost>" when the request id was already charged

@@ -7,6 +7,7 @@
 -- ARGV: [1] clock µs or '', [2] 'session' | 'model' | 'scope', [3] the model's field prefix
 --       ('model': only those fields of KEYS[2] are deleted), [4] ledger MAXLEN, [5] ledger entry
 --       JSON ('' for none)
+-- include: clock, num
 -- Returns "<tokens> <cost> <requests>|<ledger id>": what the reported counter held.
 local now = now_us()
 local amt

@@ -263,10 +263,11 @@ def test_prices_lists_the_builtin_table(capsys: pytest.CaptureFixture[str]) -> N
     for model, entry in table["models"].items():
         _name, provider, inp, outp, cached = rows[model]
         assert provider == entry["provider"]
-        assert (float(inp), float(outp)) == (entry["input"], entry["output"])
+        assert (float(inp), float(outp)) == pytest.approx((entry["input"], entry["output"]), rel=1e-5)  # 6 digits
         assert cached == ("-" if entry.get("cached_input") is None else f"{entry['cached_input']:g}")
-        # The same prices the budgets charge: USD per 1M tokens is 1000 x the per-1K rate.
-        assert ModelRates.for_model(model).estimate_cost(1_000_000, 0) == pytest.approx(entry["input"])
+        # The same prices the budgets charge: USD per 1M tokens is 1000 x the per-1K rate (a rate, not
+        # a 1M-token call: above a long-context threshold the whole call is priced higher).
+        assert ModelRates.for_model(model).input_per_1k * 1000 == pytest.approx(entry["input"])
 
 
 def test_usage_errors_return_2(capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,9 +18,9 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = r"""
 import sys, distbudget
-from distbudget.engines.redis import _lua_dir
+from distbudget.engines.scripts import lua_dir
 from distbudget import Budget, BudgetScope, ModelRates
-lua = _lua_dir()
+lua = lua_dir()
 assert "site-packages" in str(lua), lua
 assert (lua / "record.lua").is_file()
 b = Budget(BudgetScope("wheel", max_tokens_per_session=100), {"m": ModelRates(0.001, 0.001)},
@@ -40,7 +40,7 @@ def test_wheel_ships_lua_and_runs_from_site_packages(tmp_path: Path, redis_serve
     )
     wheel = next(out.glob("distbudget-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for op in ("_common", "record", "commit", "reserve", "check", "release", "summary"):
+    for op in ("include/scan", "include/holds", "record", "commit", "reserve", "check", "release", "summary"):
         assert f"distbudget/lua/{op}.lua" in names
     assert "distbudget/data/prices.json" in names and "distbudget/py.typed" in names
 

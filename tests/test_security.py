@@ -157,7 +157,7 @@ def commands_in_source() -> dict[str, set[str]]:
     """Every Redis command distbudget can send: called in the Lua scripts, by the engines on their
     client or pipeline, and by the listeners (their steps name client methods)."""
     found: dict[str, set[str]] = {}
-    for path in sorted((REPO / "lua").glob("*.lua")):
+    for path in sorted((REPO / "lua").rglob("*.lua")):
         for cmd in re.findall(r"\b(?:redis\.)?p?call\(\s*'([A-Za-z]+)'", path.read_text()):
             found.setdefault(cmd.lower(), set()).add(path.name)
     for path in sorted((REPO / "distbudget").rglob("*.py")):

@@ -80,7 +80,7 @@ class Plan:
     keys: tuple[str, ...]  # KEYS[1] holds, KEYS[2] leases, then the counters' keys
     counters: tuple[Counter, ...]
     limits: tuple[LimitSpec, ...]
-    # The static tail of ARGV for the scripts (lua/_common.lua), encoded once (UTF-8, as the
+    # The static tail of ARGV for the scripts (lua/include/scan.lua), encoded once (UTF-8, as the
     # client would): redis-py passes bytes through instead of encoding each argument per call.
     argv: tuple[bytes, ...]
     totals_key_index: int  # 1-based KEYS index of the own scope's totals hash
@@ -88,7 +88,7 @@ class Plan:
     day_counter: int
     totals_counter: int
     keyspace: KeySpace
-    alert_meta: bytes = b""  # JSON the scripts decode only when an alert fires (see lua/_common.lua fan_out)
+    alert_meta: bytes = b""  # JSON the scripts decode only when an alert fires (see lua/include/alerts.lua)
     ledger_head: str = ""  # the constant start of this plan's ledger entries (see _core/ledger.py)
     # KEYS of the charge scripts, encoded once: commit's (the plan's keys, then the tree's alert and
     # ledger streams) and record's (the same without the holds hash and leases, which it never touches)
@@ -206,7 +206,7 @@ def build_plan(
                     )
                 )
 
-    # The wire format (see lua/_common.lua): counters and limits grouped by hash, hashes in KEYS order;
+    # The wire format (see lua/include/scan.lua): counters and limits grouped by hash, hashes in KEYS order;
     # every number packed in one binary shape, then only the strings Redis takes as arguments.
     by_hash: dict[str, tuple[list[int], list[int]]] = {}
     for ci, c in enumerate(counters):
@@ -359,7 +359,7 @@ def exceeded(plan: Plan, totals: tuple[int, ...]) -> list[int]:
     return [i for i, (c, m, value, _) in enumerate(plan.checks) if totals[3 * c + m] > value]
 
 
-# ---- the Redis scripts' wire format (see lua/_common.lua) ---------------------------------------
+# ---- the Redis scripts' wire format (see lua/include/scan.lua) ---------------------------------
 
 
 def script_args(

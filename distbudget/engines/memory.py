@@ -108,7 +108,7 @@ class MemoryEngine:
         self._registries: dict[str, dict[str, str]] = {}
         self._sweep_at = 0
 
-    # ---- state helpers (mirroring lua/_common.lua) ---------------------------------------------
+    # ---- state helpers (mirroring lua/include/scan.lua) ----------------------------------------
 
     def _lookup(self, key: str, now: int) -> dict[Any, Any] | None:
         """The hash at ``key`` as a read sees it (HMGET, HGETALL): None when absent or expired.
@@ -160,7 +160,7 @@ class MemoryEngine:
         return tot
 
     def _refresh(self, h: dict[Any, Any], c: Counter, now: int) -> None:
-        """An idle-TTL hash (a session) charged: refresh its TTL when due, as lua/_common.lua does
+        """An idle-TTL hash (a session) charged: refresh its TTL when due, as lua/include/scan.lua does
         (when the last refresh, kept under the key None, is older than the slack: min(ttl / 16, 60 s);
         the hash then lives ttl + slack)."""
         last = h.get(None)

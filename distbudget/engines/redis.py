@@ -12,9 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from functools import cache
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -24,8 +21,8 @@ import redis.exceptions
 from distbudget._core.plan import Plan, parse_admit, parse_charge, parse_summary, script_args
 from distbudget._exceptions import BackendError, BatchError
 from distbudget.engines import connect as _connect
-
-OPERATIONS = ("record", "commit", "check", "reserve", "release", "summary", "reset", "registry")
+from distbudget.engines.scripts import OPERATIONS
+from distbudget.engines.scripts import source as script_source
 
 _DOING = {
     "announce": "registering the alert stream",
@@ -43,21 +40,6 @@ _REDIRECTS = (redis.exceptions.AskError, redis.exceptions.TryAgainError)  # Move
 AsyncPipelineCommand: Any = redis.asyncio.cluster.PipelineCommand
 
 Wire = tuple[str, "tuple[str, ...] | list[str]", list[Any], Callable[[Any], Any]]
-
-
-def _lua_dir() -> Path:
-    """``lua/`` ships inside the wheel as ``distbudget/lua``; in a source tree it is top level."""
-    packaged = resources.files("distbudget") / "lua"
-    if packaged.is_dir():
-        return Path(str(packaged))
-    return Path(__file__).resolve().parents[2] / "lua"
-
-
-@cache
-def script_source(name: str) -> str:
-    """A script with ``_common.lua`` prepended (Redis scripts cannot include each other)."""
-    base = _lua_dir()
-    return (base / "_common.lua").read_text("utf-8") + "\n" + (base / f"{name}.lua").read_text("utf-8")
 
 
 def _check_url(url: str) -> None:

@@ -1,4 +1,5 @@
--- _common.lua: helpers prepended to every distbudget script (this file is never run alone).
+-- scan.lua: the window scan: one pass over a plan's counters (read, age, charge, alert crossings).
+-- needs: num, window
 --
 -- The plan (see distbudget/_core/plan.py) arrives grouped by hash, so that each hash is read with
 -- one HMGET and written with at most one HSET. Every ARGV element costs the server more than a
@@ -23,26 +24,6 @@
 -- ARGV[1] is the injected clock in µs ('' = the server's TIME), ARGV[2..4] the amounts
 -- (tokens, nano-USD, requests), ARGV[5..7] operation-specific.
 -- KEYS[1] is the tree's holds hash, KEYS[2] its leases sorted set.
---
--- Numbers are Lua doubles: exact for integers below 2^53. Every number sent back to Redis goes
--- through fmt() (string.format '%d'; scan() inlines the same call) because tostring() would print
--- large integers in exponent form. Values read from Redis stay strings until arithmetic converts
--- them (`s + 0`), and the totals go back to the client as decimal strings.
-
-local M = {'t', 'c', 'r'}
-local sformat = string.format
-
-local function fmt(n)
-  return sformat('%d', n)
-end
-
-local function now_us()
-  if ARGV[1] ~= '' then
-    return tonumber(ARGV[1])
-  end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
 
 -- The slack of an idle TTL in ms (see scan): refreshes at most once a minute, or 16 times a TTL.
 local function slack(ttl)
@@ -131,6 +112,10 @@ local function scan(now, amt, charging, first, nows)
       local lo = floor((now - w) / bs)
       if oldest and oldest + 0 < lo then
         local old = call('ZRANGEBYSCORE', z, '-inf', '(' .. fmt(lo))
+        if old[1] ~= oldest then      -- 'o' is not the index's first: the index was lost (window.lua)
+          reindex(h, z)
+          old = call('ZRANGEBYSCORE', z, '-inf', '(' .. fmt(lo))
+        end
         if #old > 0 then
           local fields = {}
           for _, ob in ipairs(old) do
@@ -276,140 +261,7 @@ local function scan(now, amt, charging, first, nows)
   return out, fired, ids, lims
 end
 
--- Holds: KEYS[1] maps a hold id to "tokens cost requests\n<counter id>\n..." and each
--- "<counter id>|<metric>" to the amount held on that counter; KEYS[2] orders hold ids by expiry.
--- A counter id is "<hash key>|<field prefix>".
--- The hold helpers are built by holds() in the scripts that use them: record never pays for the
--- closures. Returns drop_hold, reap, read_held, admit.
-local function holds()
-  local function drop_hold(id)
-    local v = redis.call('HGET', KEYS[1], id)
-    if not v then return false end
-    local amt = nil
-    for line in string.gmatch(v, '[^\n]+') do
-      if not amt then
-        amt = {}
-        for n in string.gmatch(line, '%d+') do amt[#amt + 1] = tonumber(n) end
-      else
-        for m = 1, 3 do
-          if amt[m] ~= 0 then
-            local f = line .. '|' .. M[m]
-            if redis.call('HINCRBY', KEYS[1], f, fmt(-amt[m])) <= 0 then
-              redis.call('HDEL', KEYS[1], f)
-            end
-          end
-        end
-      end
-    end
-    redis.call('HDEL', KEYS[1], id)
-    redis.call('ZREM', KEYS[2], id)
-    return true
-  end
-
-  -- Reap every lease that expired (each hold is reaped once: amortised O(1) per reservation).
-  local function reap(now)
-    local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', fmt(now))
-    for _, id in ipairs(ids) do drop_hold(id) end
-  end
-
-  -- Amounts held per counter (3 per counter, plan order, like the totals).
-  local function read_held(ids)
-    local fields = {}
-    for _, id in ipairs(ids) do
-      for m = 1, 3 do fields[#fields + 1] = id .. '|' .. M[m] end
-    end
-    local v = redis.call('HMGET', KEYS[1], unpack(fields))
-    local out = {}
-    for k = 1, #fields do out[k] = tonumber(v[k]) or 0 end
-    return out
-  end
-
-  -- First limit that refuses used + held + this (-1 if none), and µs until rolling buckets free
-  -- enough room (-1 if the window alone never frees enough).
-  local function admit(lims, used, held, amt, now)
-    for i, l in ipairs(lims) do
-      local m = (l.p - 1) % 3 + 1
-      local this = amt[m]
-      local need = used[l.p] + held[l.p] + this - l.v
-      if need > 0 then
-        local retry = -1
-        if l.z and held[l.p] + this <= l.v then
-          local buckets = redis.call('ZRANGE', l.z, 0, -1)
-          local current = redis.call('HGET', l.h, 'k')
-          local freed = 0
-          for _, b in ipairs(buckets) do
-            local field = (b == current and 'k' or b) .. M[m]
-            freed = freed + (tonumber(redis.call('HGET', l.h, field)) or 0)
-            if freed >= need then
-              retry = (tonumber(b) + 1) * l.bs + l.w - now
-              break
-            end
-          end
-        end
-        return i, retry
-      end
-    end
-    return -1, -1
-  end
-
-  return drop_hold, reap, read_held, admit
-end
-
--- The charge scripts' KEYS end with the tree's alert stream, its ledger stream and, when ARGV[5]
--- (the request id's TTL) is set, the request key: tail_key(0) is the ledger, tail_key(1) the alerts.
-local function tail_key(back)
-  return KEYS[#KEYS - back - (ARGV[5] ~= '' and 1 or 0)]
-end
-
--- The usage ledger, in the same atomic step as the charge: ARGV[#ARGV] is the entry's JSON (see
--- distbudget/_core/ledger.py; '' when the budget keeps no ledger), ARGV[#ARGV - 1] the stream's
--- approximate MAXLEN; the amounts are ARGV[2..4] as the client sent them (decimal integers).
--- Returns the entry id ('' without a ledger).
-local function ledger(nows)
-  local entry = ARGV[#ARGV]
-  if entry == '' then return '' end
-  return redis.call('XADD', tail_key(0), 'MAXLEN', '~', ARGV[#ARGV - 1], '*', 'd', entry, 'ts', nows,
-                    't', ARGV[2], 'c', ARGV[3], 'r', ARGV[4])
-end
-
--- Alert fan-out, in the same atomic step as the crossing (and only when something fired): append
--- each alert to the tree's capped stream and PUBLISH it on the all-scopes and the scope channel.
--- ARGV[7] is the plan's alert metadata (JSON, see plan.py alert_meta); the stream key is
--- tail_key(1). Returns the stream ids.
-local function fan_out(nows, totals, fired)
-  if #fired == 0 or ARGV[7] == '' then return '' end
-  local meta = cjson.decode(ARGV[7])
-  local stream = tail_key(1)
-  local ids = {}
-  for k = 1, #fired, 2 do
-    local l = meta.l[fired[k]]
-    local alert = {scope = l[1], limit_type = l[2], metric = l[3], limit = l[4], used = totals[l[5]],
-                   level = fired[k + 1] == 1 and l[7] or 'critical', session_id = meta.s,
-                   model = meta.m, ts_us = nows}
-    local limit = tonumber(l[4])
-    alert.pct = limit > 0 and tonumber(alert.used) / limit or 0
-    local id = redis.call('XADD', stream, 'MAXLEN', '~', '10000', '*', 'alert', cjson.encode(alert))
-    alert.id = id
-    alert.stream = stream
-    local msg = cjson.encode(alert)
-    redis.call('PUBLISH', meta.all, msg)
-    redis.call('PUBLISH', l[6], msg)
-    ids[#ids + 1] = id
-  end
-  return table.concat(ids, ' ')
-end
-
--- Idempotency: KEYS[#KEYS] is the request key when ARGV[5] (its TTL in ms) is set.
-local function seen_request()
-  if ARGV[5] == '' then return nil end
-  return redis.call('GET', KEYS[#KEYS])
-end
-
-local function remember_request(nows)
-  if ARGV[5] == '' then return end
-  redis.call('SET', KEYS[#KEYS], nows .. ' ' .. ARGV[2] .. ' ' .. ARGV[3], 'PX', ARGV[5])
-end
-
+-- The call's amounts, ARGV[2..4] (tokens, nano-USD, requests), as numbers.
 local function amounts()
   return {ARGV[2] + 0, ARGV[3] + 0, ARGV[4] + 0}
 end
