@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from distbudget import BudgetScope, InvalidInputError, UnknownModelError
+from distbudget import BudgetScope, InvalidInputError, ModelRates, UnknownModelError
 from distbudget.pricing import PriceBook
 from tests.conftest import Backend
 
@@ -249,3 +249,24 @@ def test_budget_records_a_current_model_at_the_snapshot_price(backend: Backend) 
     assert rec.cost_usd == pytest.approx((1_000 * 3 + 8_000 * 0.3 + 1_000 * 3.75 + 1_000 * 15) / 1e6)
     assert budget.estimate("gemini-3.5-flash", 1_000_000, 0) == pytest.approx(1.5)
     assert budget.summary()["day"]["cost_usd"] == pytest.approx(0.0325 + 0.02415)
+
+
+def test_registered_rates_keep_their_tiers(backend: Backend) -> None:
+    """Custom rates stored in the shared registry come back whole: 1 h cache writes, long-context
+    and service tiers (a worker that finds the scope by name prices exactly like the admin)."""
+    tiered = ModelRates.per_million(
+        1,
+        4,
+        cache_write_1h=2,
+        long_context={100_000: ModelRates.per_million(2, 8)},
+        service_tiers={"batch": ModelRates.per_million(0.5, 2, long_context={100_000: ModelRates.per_million(1, 4)})},
+    )
+    admin = backend.manager()
+    admin.register(BudgetScope("priced-team", max_cost_per_day_usd=100), {"in-house": tiered})
+    worker = backend.manager()  # registers nothing: reads the registry
+    rec = worker.record("priced-team", "s", "in-house", 150_000, 1_000)
+    assert rec.cost_usd == pytest.approx((150_000 * 2 + 1_000 * 8) / 1e6)  # the cliff tier
+    assert ModelRates.from_dict(tiered.to_dict()) == tiered
+    assert ModelRates.from_dict(ModelRates(0.001, 0.002).to_dict()) == ModelRates(0.001, 0.002)
+    with pytest.raises(InvalidInputError, match="unknown rate fields"):
+        ModelRates.from_dict({"input_per_1k": 1, "output_per_1k": 1, "colour": "red"})

@@ -29,7 +29,7 @@ import logging
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from functools import lru_cache
@@ -50,6 +50,8 @@ DEFAULT_MAX_AGE_DAYS = 60
 STANDARD_TIERS = frozenset({"standard", "default", "auto"})
 # Service tiers a caller may name even for a model that has no such price (then: standard rates).
 KNOWN_SERVICE_TIERS = frozenset({"batch", "flex", "priority"})
+# The per-1K fields of every ModelRates, in the order of the constructor.
+_RATE_FIELDS = ("input_per_1k", "output_per_1k", "cached_input_per_1k", "cache_write_per_1k", "reasoning_per_1k")
 _CACHE_LIMIT = 4096  # resolved names remembered per book (bounded: names come from callers)
 
 
@@ -144,6 +146,32 @@ class ModelRates:
         """Price of ``model`` in the bundled snapshot (provider prefixes, dated snapshots, ``-latest``
         and aliases resolve); :class:`UnknownModelError` if it has none."""
         return PriceBook().rates_for(model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form (the registry stores custom rates so); ``from_dict`` reads it back.
+        Fields agent-budget-era rates never set are left out, so such rates keep their old form."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in _RATE_FIELDS}
+        if self.cache_write_1h_per_1k is not None:
+            out["cache_write_1h_per_1k"] = self.cache_write_1h_per_1k
+        if self.long_context:
+            out["long_context"] = [[t, r.to_dict()] for t, r in self.long_context]
+        if self.service_tiers:
+            out["service_tiers"] = [[name, r.to_dict()] for name, r in self.service_tiers]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ModelRates:
+        if not isinstance(data, Mapping):
+            raise InvalidInputError(f"rates must be an object, got {type(data).__name__}")
+        unknown = set(data) - {*_RATE_FIELDS, "cache_write_1h_per_1k", "long_context", "service_tiers"}
+        if unknown:
+            raise InvalidInputError(f"unknown rate fields {sorted(unknown)}")
+        fields = {k: v for k, v in data.items() if k not in ("long_context", "service_tiers")}
+        return cls(
+            **fields,
+            long_context=tuple((t, cls.from_dict(r)) for t, r in data.get("long_context", ())),
+            service_tiers=tuple((name, cls.from_dict(r)) for name, r in data.get("service_tiers", ())),
+        )
 
     def priced(self, input_tokens: int, service_tier: str | None = None) -> ModelRates:
         """The flat rates that apply to a request of ``input_tokens`` in ``service_tier``."""
@@ -393,21 +421,103 @@ def table_from_litellm(
 ) -> PriceTable:
     """A table from LiteLLM-format entries (entries that are not token-priced chat models are
     skipped) and extra ``alias -> model`` names."""
-    rates: dict[str, ModelRates] = {}
-    providers: dict[str, str] = {}
+    priced: dict[str, tuple[ModelRates, str]] = {}
     for name, entry in models.items():
-        if not isinstance(name, str) or not is_token_priced(entry):
-            continue
-        key = name.lower()
-        if key not in rates:  # keys differing only in case: the first one wins
-            rates[key] = rates_from_grid(litellm_grid(name, entry))
-            providers[key] = str(entry.get("litellm_provider", ""))
+        if isinstance(name, str) and is_token_priced(entry) and name.lower() not in priced:
+            # keys differing only in case: the first one wins
+            priced[name.lower()] = (rates_from_grid(litellm_grid(name, entry)), str(entry.get("litellm_provider", "")))
+    return _table(priced, aliases, as_of, source)
+
+
+def _table(
+    priced: Mapping[str, tuple[ModelRates, str]], aliases: Mapping[str, str], as_of: dt.date | None, source: str
+) -> PriceTable:
+    """A table of (rates, provider) by lower-case name, plus ``alias -> model`` names."""
+    rates = {name: r for name, (r, _) in priced.items()}
     for alias, target in aliases.items():
         if target.lower() not in rates:
             raise InvalidInputError(f"alias {alias!r} names {target!r}, which the table does not price")
         rates.setdefault(alias.lower(), rates[target.lower()])
     known: dict[str, str] = {**{n: n for n in rates}, **{a.lower(): t.lower() for a, t in aliases.items()}}
+    providers = {name: provider for name, (_, provider) in priced.items()}
     return PriceTable(rates, _canonical_ids(known), as_of, source, providers)
+
+
+# genai-prices: its price fields (USD per 1M tokens) by our name, and its price variants by the
+# service_tier a caller passes.
+GENAI_FIELDS = {
+    "input_mtok": "input",
+    "output_mtok": "output",
+    "cache_read_mtok": "cached_input",
+    "cache_write_mtok": "cache_write",
+    "cache_write_1h_mtok": "cache_write_1h",
+    "output_reasoning_mtok": "reasoning",
+}
+_GENAI_VARIANTS = {("processing", "batch"): "batch", ("speed", "fast"): "fast"}
+# Providers that sell their own models: their price is the one a bare model id gets.
+_FIRST_PARTY = ("openai", "anthropic", "google", "mistral", "deepseek", "x-ai", "meta", "cohere", "moonshotai", "zai")
+
+
+def _genai_tier(when: Mapping[str, str]) -> str | None:
+    if len(when) != 1:
+        return None
+    ((key, value),) = when.items()
+    if key == "service_tier":
+        return None if value in STANDARD_TIERS else value
+    return _GENAI_VARIANTS.get((key, value))
+
+
+def _genai_active(prices: Any, constraint: Any, today: dt.date) -> Any:
+    """The prices in force today: unconstrained or started; time-of-day prices (off-peak) are left
+    out, so a budget charges the peak price."""
+    if constraint is None:
+        return prices
+    start = getattr(constraint, "start_date", None)
+    return prices if isinstance(start, dt.date) and start <= today else None
+
+
+def genai_grid(model: Any, today: dt.date) -> _Grid:
+    """Every rate of one genai-prices model we price, by (service tier, long-context threshold)."""
+    grid: _Grid = {}
+
+    def cells(tier: str, prices: Any) -> None:
+        for attr, ours in GENAI_FIELDS.items():
+            value = getattr(prices, attr, None)
+            if value is None:
+                continue
+            grid.setdefault((tier, 0), {})[ours] = Decimal(getattr(value, "base", value)) / 10**6
+            for band in getattr(value, "tiers", ()):  # TieredPrices: a cliff above each start
+                grid.setdefault((tier, int(band.start)), {})[ours] = Decimal(band.price) / 10**6
+
+    conditional = model.prices if isinstance(model.prices, list) else [None]
+    base = None
+    for cp in conditional:  # the last price in force wins
+        base = (model.prices if cp is None else _genai_active(cp.prices, cp.constraint, today)) or base
+    if base is not None:
+        cells("", base)
+    for variant in model.price_variants or ():
+        tier = _genai_tier(variant.when)
+        prices = _genai_active(variant.prices, variant.constraint, today)
+        if tier is not None and prices is not None:
+            cells(tier, prices)
+    return grid
+
+
+def table_from_genai(providers: Iterable[Any], as_of: dt.date | None, today: dt.date) -> PriceTable:
+    """A table from genai-prices' providers: ``provider/model`` for every model priced per token,
+    and the bare model id at the first-party provider's price (else the first provider's)."""
+    rank = {name: i for i, name in enumerate(_FIRST_PARTY)}
+    ordered = sorted(providers, key=lambda p: rank.get(p.id, len(rank)))  # stable: others keep their order
+    priced: dict[str, tuple[ModelRates, str]] = {}
+    for provider in ordered:
+        for model in provider.models:
+            grid = genai_grid(model, today)
+            if not {"input", "output"} <= set(grid.get(("", 0), {})):
+                continue
+            rates = rates_from_grid(grid)
+            for name in (f"{provider.id}/{model.id}".lower(), str(model.id).lower()):
+                priced.setdefault(name, (rates, provider.id))
+    return _table(priced, {}, as_of, "genai-prices")
 
 
 def _canonical_ids(known: Mapping[str, str]) -> dict[str, str]:
@@ -546,6 +656,26 @@ class PriceBook:
             raise InvalidInputError(f"{source}: no token-priced chat model in it")
         return cls(table=table, max_age_days=max_age_days)
 
+    @classmethod
+    def from_genai_prices(
+        cls, *, as_of: dt.date | str | None = None, max_age_days: float = DEFAULT_MAX_AGE_DAYS
+    ) -> PriceBook:
+        """A book from the `genai-prices` package's data (``pip install 'distbudget[genai-prices]'``):
+        input, output, cache read / write (5 min, 1 h), reasoning, long-context tiers and the batch,
+        flex, priority and fast variants, at the prices in force today. Names: ``provider/model``
+        and the bare model id (genai-prices' ids, not its pattern rules). Dated by the data's
+        update time, else ``as_of``, else undated."""
+        try:
+            from genai_prices import data_snapshot
+        except ImportError:
+            raise ImportError("PriceBook.from_genai_prices needs: pip install 'distbudget[genai-prices]'") from None
+        snapshot = data_snapshot.get_snapshot()
+        stamp = getattr(snapshot, "timestamp", None)
+        date = stamp.date() if isinstance(stamp, dt.datetime) and snapshot.from_auto_update else None
+        if as_of is not None:
+            date = as_of if isinstance(as_of, dt.date) else dt.date.fromisoformat(as_of)
+        return cls(table=table_from_genai(snapshot.providers, date, dt.date.today()), max_age_days=max_age_days)
+
     # ---- lookups
 
     @property
@@ -596,8 +726,9 @@ class PriceBook:
             return hit[1]
         if self.default_rates is None:
             raise UnknownModelError(
-                f"no price for model {model!r}: pass rates={{{model!r}: ModelRates.per_million(...)}} "
-                "or default_rates=ModelRates(...)"
+                f"no price for model {model!r} in prices dated {self.as_of or 'undated'}: pass "
+                f"rates={{{model!r}: ModelRates.per_million(...)}} to Budget(...) or to "
+                "BudgetManager.register(scope, rates=...), or default_rates=ModelRates(...)"
             )
         if model not in self._warned:
             self._warned.add(model)

@@ -16,13 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope, Limit
 from distbudget._exceptions import InvalidInputError
-from distbudget.pricing import ModelRates
 
 VERSION = 1
 MAX_DEPTH = 16
-_RATE_FIELDS = ("input_per_1k", "output_per_1k", "cached_input_per_1k", "cache_write_per_1k", "reasoning_per_1k")
 _REFUSALS = {
     "missing": "parent scope {0!r} is not registered",
     "reparent": "scope is registered with parent {0!r}; remove it first to change its parent "
@@ -58,7 +57,7 @@ def scope_config(scope: BudgetScope, rates: Mapping[str, ModelRates] | None) -> 
         for model, r in rates.items():
             if not isinstance(r, ModelRates):
                 raise TypeError(f"rates[{model!r}] must be a ModelRates")
-            table[model] = {k: getattr(r, k) for k in _RATE_FIELDS}
+            table[model] = r.to_dict()
     entry = {"version": VERSION, "name": scope.name, "parent": parent_name(scope), "scope": fields, "rates": table}
     # Decimal amounts (accepted at the API edge) are stored as their exact decimal strings, which
     # BudgetScope and ModelRates accept back.
@@ -89,7 +88,7 @@ def from_chain(chain: Sequence[str | bytes]) -> tuple[BudgetScope, dict[str, Mod
         fields["limits"] = [Limit(**lim) for lim in fields.get("limits", [])]
         scope = BudgetScope(name=entry["name"], parent=scope, **fields)
         table = entry["rates"]
-        rates = None if table is None else {m: ModelRates(**r) for m, r in table.items()}
+        rates = None if table is None else {m: ModelRates.from_dict(r) for m, r in table.items()}
     if scope is None:
         raise KeyError("empty registry chain")
     return scope, rates
