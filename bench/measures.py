@@ -29,7 +29,9 @@ from typing import Any
 from peers import NaiveZsetBudget, SeedTracker
 
 from distbudget import Budget, BudgetScope, ModelRates
-from distbudget.engines.redis import connect, wire
+from distbudget._core.ops import Announce, Record
+from distbudget.engines.codec import Codec
+from distbudget.engines.redis import connect
 
 DAY = 86400
 RATES = {"m": ModelRates(input_per_1k=0.001, output_per_1k=0.002)}
@@ -209,47 +211,51 @@ def memory_of(client: Any, match: str) -> dict[str, int]:
 
 
 class RecordCall:
-    """The one place the bench reaches under the public API: the engine call a ``record()`` of the
-    bench's charge (``SESSION``, model ``m``, 500 tokens) on ``budget`` makes, built as the budget
-    builds it — to time the script alone, to fill a simulated day pipelined, to fill a ledger."""
+    """The one place the bench reaches under the public API: the engine operation a ``record()`` of
+    the bench's charge (``SESSION``, model ``m``, 500 tokens) on ``budget`` sends, built as the budget
+    builds it, and its script call — to time the script alone, to fill a simulated day pipelined, to
+    fill a ledger."""
 
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
-        self.plan = budget.plan(SESSION, "m")
-        self.usage = budget.usage("m", IN_TOKENS, OUT_TOKENS)
+        self.plan = budget._core.plan(SESSION, "m")
+        self.usage = budget._core.usage("m", IN_TOKENS, OUT_TOKENS)
+        self.codec = Codec()  # one per caller, as an engine has: a plan is encoded once
 
-    def ledger_entry(self) -> Any:
-        """A fresh ledger entry (a unique op id) for one charge."""
-        return self.budget.ledger_entry(self.plan, IN_TOKENS, OUT_TOKENS, (0, 0, 0), None, None, None)
+    def op(self, now_us: int | None = None) -> Record:
+        """The charge without a ledger entry or request id (``now_us``: an injected clock)."""
+        return Record(self.plan, now_us, self.usage, None, 0, 0, "")
 
-    def script_call(
-        self, now_us: int | None = None, request_ttl_ms: int = 0, entry: Any = (0, "")
-    ) -> tuple[Any, list[Any], list[Any]]:
-        """(the registered script, KEYS, ARGV) of the Redis engine; ``entry`` ``(0, "")``: no ledger entry."""
-        op, keys, argv, _parse = wire("record", (self.plan, now_us, self.usage, None, request_ttl_ms, entry))
-        return self.budget.engine.scripts[op], keys, argv
+    def full_op(self) -> Record:
+        """Exactly what ``record()`` sends: with a fresh ledger entry (a unique op id)."""
+        return self.budget._core.record(SESSION, "m", IN_TOKENS, OUT_TOKENS).op
 
-    def apply(self) -> Any:
-        """The engine's answer to the call (any engine), without the budget around it."""
-        args = (self.plan, None, self.usage, None, self.budget.request_ttl_ms, (0, ""))
-        return self.budget.engine.apply("record", args)
+    def script_call(self, op: Record) -> tuple[Any, list[Any], list[Any]]:
+        """(the registered script, KEYS, ARGV) of ``op`` on the Redis engine."""
+        call = self.codec.encode(op)
+        return self.budget.engine.scripts[call.script], call.keys, call.argv
+
+    def execute(self) -> Any:
+        """The engine's answer to the charge (any engine), without the budget around it."""
+        core = self.budget._core
+        return self.budget.engine.execute(Record(self.plan, None, self.usage, None, core.request_ttl_ms, 0, ""))
 
 
 class CannedEngine:
-    """An engine that answers every call with one recorded answer: what a ``Budget`` costs in Python
-    alone. With ``raw``, each call still builds the script call (``wire``) and parses the raw reply."""
+    """An engine that answers every operation with one recorded answer: what a ``Budget`` costs in
+    Python alone. With ``raw``, each operation is still encoded (the codec) and the raw reply parsed."""
 
     def __init__(self, answer: Any = None, raw: Any = None) -> None:
         self.answer = answer
         self.raw = raw
+        self.codec = Codec()
 
-    def apply(self, name: str, args: tuple[Any, ...]) -> Any:
-        if name == "announce":
+    def execute(self, op: Any) -> Any:
+        if isinstance(op, Announce):
             return None
         if self.raw is None:
             return self.answer
-        _op, _keys, _argv, parse = wire(name, args)
-        return parse(self.raw)
+        return self.codec.encode(op).parse(self.raw)
 
 
 # ---- a redis-server of our own --------------------------------------------------------------------
@@ -467,8 +473,7 @@ class Bench:
         for fn in (record, record_nl, pair, self.trivial):
             fn()
         # distbudget's own Python per record(): the flow against canned raw replies (wire + parse included)
-        call = RecordCall(b)
-        script, keys, argv = call.script_call(request_ttl_ms=b.request_ttl_ms, entry=call.ledger_entry())
+        script, keys, argv = (call := RecordCall(b)).script_call(call.full_op())
         raw_reply = script(keys=keys, args=argv)
         canned = Budget(bench_scope(), RATES, session_id=SESSION, _engine=CannedEngine(raw=raw_reply))
         record_cmd = ("EVALSHA", script.sha, len(keys), *keys, *argv)
@@ -514,7 +519,7 @@ class Bench:
     def embedded(self) -> None:
         self.say("embedded record() vs a dict-and-lock tracker")
         n = self.sizes.embedded_calls
-        answer = RecordCall(Budget(bench_scope(), RATES, session_id=SESSION)).apply()
+        answer = RecordCall(Budget(bench_scope(), RATES, session_id=SESSION)).execute()
 
         def run_embedded(ledger_maxlen: int = 100_000) -> dict[str, float]:
             b = Budget(bench_scope(), RATES, session_id=SESSION, ledger_maxlen=ledger_maxlen)
@@ -570,7 +575,7 @@ class Bench:
             for t in times[lo : lo + batch]:
                 clock[0] = t
                 # the counters' memory: the ledger (a capped audit stream, ledger_maxlen) is measured apart
-                script, keys, args = call.script_call(now_us=b.now_us())
+                script, keys, args = call.script_call(call.op(now_us=b._core.now_us()))
                 script(keys=keys, args=args, client=pipe)
             pipe.execute()
 
@@ -623,8 +628,7 @@ class Bench:
 
         floor = self.client.register_script(FLOOR_LUA)
         fb = self.budget("floor")
-        call = RecordCall(fb)
-        _script, fkeys, fargv = call.script_call(request_ttl_ms=fb.request_ttl_ms, entry=call.ledger_entry())
+        _script, fkeys, fargv = (call := RecordCall(fb)).script_call(call.full_op())
         floor(keys=fkeys, args=fargv)
 
         self.raw["server_time"] = interleave(
@@ -649,16 +653,16 @@ class Bench:
         for lo in range(0, n, self.sizes.batch):
             pipe = self.client.pipeline(transaction=False)
             for _ in range(min(self.sizes.batch, n - lo)):
-                entry = call.ledger_entry()
-                script, keys, args = call.script_call(entry=entry)
+                op = call.full_op()
+                script, keys, args = call.script_call(op)
                 script(keys=keys, args=args, client=pipe)
             pipe.execute()
-        key = b.keyspace.ledger
+        key = b._core.keyspace.ledger
         self.raw["ledger_memory"] = {
             "entries": int(self.client.xlen(key)),
             "bytes": int(self.client.memory_usage(key, samples=0) or 0),
-            "entry_json": len(entry[1].encode()),
-            "maxlen": b.ledger_maxlen,
+            "entry_json": len(op.ledger_entry.encode()),
+            "maxlen": b._core.ledger_maxlen,
         }
         self.client.unlink(key)
 

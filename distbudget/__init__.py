@@ -1,17 +1,19 @@
 """distbudget: token, cost and rate budgets for LLM calls, enforced across a whole agent fleet."""
 
-from distbudget._core.scope import BudgetScope, Limit
-from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
-from distbudget._exceptions import (
+from distbudget._core.errors import (
     BackendError,
     BudgetExceededError,
     BudgetWarning,
     DistBudgetError,
     InvalidInputError,
     UnknownModelError,
+    UnknownScopeError,
 )
+from distbudget._core.ledger import LedgerEntry
+from distbudget._core.scope import BudgetScope, Limit
+from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
 from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
-from distbudget.budget import AsyncBudget, AsyncReservation, Budget, Reservation
+from distbudget.budget import AsyncBudget, AsyncReservation, Budget, PendingReservation, Reservation
 from distbudget.manager import AsyncBudgetManager, BudgetManager
 from distbudget.pricing import ModelRates
 
@@ -33,10 +35,13 @@ __all__ = [
     "BudgetWarning",
     "DistBudgetError",
     "InvalidInputError",
+    "LedgerEntry",
     "Limit",
     "ModelRates",
+    "PendingReservation",
     "Reservation",
     "UnknownModelError",
+    "UnknownScopeError",
     "UsageRecord",
     "WebhookSink",
 ]

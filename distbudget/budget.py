@@ -1,39 +1,43 @@
-"""``Budget`` and ``AsyncBudget``: thin shells over the flows of :class:`BudgetCore`.
+"""``Budget`` and ``AsyncBudget``: thin shells over one accounting core.
 
-A shell only drives a flow: it hands each engine call the flow yields to its engine (a plain call,
-or an ``await``) and sends the answer back. Validation, plans, pricing, alerts and errors all live
-in ``_budget_base.py``, once.
+A budget holds its accounting core (``_accounting.py``: validation, plans, pricing, alerts, errors)
+and a driver (``_driver.py``) bound to its engine and failure policy. Each operation is defined once,
+as the core's method that prepares its job; ``Budget`` runs the job with plain calls, ``AsyncBudget``
+with ``await``: :func:`_sync` and :func:`_async` make the two methods from that one definition, with
+its signature and docstring. What is not I/O (``estimate``, ``records``, ``on_alert`` ...) is
+:class:`_BudgetBase`'s, once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import inspect
-import time
-from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
-from distbudget import _degraded as D
-from distbudget._budget_base import (
-    BudgetCore,
-    ExportTarget,
-    Flow,
-    Hold,
-    LedgerSince,
-    RecordCall,
-    ReservationBase,
-    T,
-    write_jsonl,
-)
-from distbudget._core.ledger import LedgerEntry
+from distbudget._accounting import Accounting, ExportTarget, Hold, LedgerSince, Settings, write_jsonl
+from distbudget._core import ledger as L
+from distbudget._core.errors import BackendError
+from distbudget._core.money import nano_to_usd
+from distbudget._core.ops import Job, Step
+from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope
-from distbudget._core.types import UsageRecord
-from distbudget._exceptions import BackendError
+from distbudget._core.types import BudgetAlert, UsageRecord
+from distbudget._driver import AsyncDriver, Driver
+from distbudget._policy.guard import Kept, connect_options
+from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE, flush
+from distbudget.engines.base import AsyncEngine, Engine
 from distbudget.engines.memory import AsyncMemoryEngine, MemoryEngine
-from distbudget.pricing import ModelRates
+
+P = ParamSpec("P")
+T = TypeVar("T")
+E = TypeVar("E", Engine, AsyncEngine)
+B = TypeVar("B", bound="Budget | AsyncBudget")
 
 
-def make_engine(redis: Any, options: dict[str, Any] | None = None) -> Any:
+def make_engine(redis: object, options: dict[str, Any]) -> Engine:
     """``None`` -> embedded; a URL or a redis-py client -> Redis (``options``: for a URL's client)."""
     if redis is None:
         return MemoryEngine()
@@ -41,13 +45,13 @@ def make_engine(redis: Any, options: dict[str, Any] | None = None) -> Any:
     from distbudget.engines.redis import RedisEngine, connect
 
     if isinstance(redis, str):  # redis://, rediss://, unix://, redis+cluster://, redis+sentinel://
-        return RedisEngine(connect(redis, **(options or {})), wait=parse(redis).wait)
+        return RedisEngine(connect(redis, **options), wait=parse(redis).wait)
     if hasattr(redis, "register_script") and not inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
         return RedisEngine(redis)
     raise TypeError("redis must be None, a Redis URL or a (sync) redis-py client (Redis, RedisCluster)")
 
 
-def make_async_engine(redis: Any, options: dict[str, Any] | None = None) -> Any:
+def make_async_engine(redis: object, options: dict[str, Any]) -> AsyncEngine:
     """``None`` -> embedded; a URL or a ``redis.asyncio`` client -> Redis (``options``: for a URL's client)."""
     if redis is None:
         return AsyncMemoryEngine()
@@ -55,215 +59,357 @@ def make_async_engine(redis: Any, options: dict[str, Any] | None = None) -> Any:
     from distbudget.engines.redis import AsyncRedisEngine, connect_async
 
     if isinstance(redis, str):
-        return AsyncRedisEngine(connect_async(redis, **(options or {})), wait=parse(redis).wait)
+        return AsyncRedisEngine(connect_async(redis, **options), wait=parse(redis).wait)
     if hasattr(redis, "register_script") and inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
         return AsyncRedisEngine(redis)
     raise TypeError("redis must be None, a Redis URL or a redis.asyncio client (Redis, RedisCluster)")
 
 
-class Budget(BudgetCore):
-    """A budget for one scope, enforced on the embedded engine or on Redis.
-
-    ``redis``: ``None`` (embedded, in-process), a ``redis://`` / ``rediss://`` URL, or a redis-py
-    client. ``clock``: a testing hook returning seconds; ``None`` uses the server's time.
-    """
+class _BudgetBase(Generic[E]):
+    """What both budgets are without I/O: construction, and the calls that never reach the engine."""
 
     def __init__(
         self,
         scope: BudgetScope,
         rates: Mapping[str, ModelRates] | None = None,
         *,
-        redis: Any = None,
-        _engine: Any = None,
-        **options: Any,
+        redis: object = None,
+        session_id: str | None = None,
+        prefix: str = "distbudget",
+        clock: Callable[[], float] | None = None,
+        default_rates: ModelRates | None = None,
+        session_ttl: float = 7 * 86400,
+        hold_ttl: float = 600,
+        request_ttl: float | None = None,
+        sleep: Callable[[float], Any] | None = None,
+        ledger_maxlen: int = L.DEFAULT_MAXLEN,
+        on_backend_error: str = "raise",
+        fail_open_max_cost_usd: float | None = None,
+        fail_open_max_tokens: int | None = None,
+        journal_size: int = DEFAULT_JOURNAL_SIZE,
+        _engine: E | None = None,
+        _registry: tuple[str, float, tuple[str, ...]] | None = None,
+        _settings: Settings | None = None,  # a manager's: in place of the keywords above
     ) -> None:
-        super().__init__(scope, rates, **options)
-        self.engine = _engine if _engine is not None else make_engine(redis, D.connect_options(options))
-        self._guard.bind(self.engine)
+        settings = _settings or Settings(
+            session_id=session_id,
+            prefix=prefix,
+            clock=clock,
+            default_rates=default_rates,
+            session_ttl=session_ttl,
+            hold_ttl=hold_ttl,
+            request_ttl=request_ttl,
+            sleep=sleep,
+            ledger_maxlen=ledger_maxlen,
+            on_backend_error=on_backend_error,
+            fail_open_max_cost_usd=fail_open_max_cost_usd,
+            fail_open_max_tokens=fail_open_max_tokens,
+            journal_size=journal_size,
+        )
+        self._core = core = Accounting(scope, rates, settings, _registry)
+        #: The engine: ``MemoryEngine`` (embedded) or ``RedisEngine`` (``under_replicated``: charges
+        #: whose ``WAIT`` returned before enough replicas acknowledged them).
+        self.engine: E = _engine if _engine is not None else self._connect(redis, connect_options(core.mode))
+        self._guard = core.attach(self.engine)
+        self._bind(settings.sleep)
 
-    def _call(self, name: str, args: tuple[Any, ...]) -> Any:
-        """One engine call, under the failure policy when Redis is (or was just) unavailable."""
-        guard = self._guard
-        if guard.state.busy:
-            local = guard.before(name, args)
-            if local is not D.TRY:
-                return local
-        try:
-            answer = self.engine.apply(name, args)
-        except BackendError as err:
-            return guard.failed(name, args, err)
-        if guard.state.busy:
-            guard.after(name, args)
-        return answer
+    def _connect(self, redis: object, options: dict[str, Any]) -> E:
+        raise NotImplementedError
 
-    def _drive(self, flow: Flow[T], settle: bool = False) -> T:
-        """Run a flow. ``settle`` (a reservation's commit or release) skips the registry refresh:
-        it carries its plan, and must settle even if the scope was removed meanwhile."""
+    def _bind(self, sleep: Callable[[float], Any] | None) -> None:
+        raise NotImplementedError
+
+    @property
+    def scope(self) -> BudgetScope:
+        return self._core.scope
+
+    @property
+    def name(self) -> str:
+        return self._core.name
+
+    @property
+    def session_id(self) -> str:
+        """The current session: the constructor's, else the latest record/reserve's."""
+        return self._core.session_id
+
+    @property
+    def records(self) -> list[UsageRecord]:
+        """Records charged through this object (the latest 10,000)."""
+        return self._core.records
+
+    @property
+    def alerts(self) -> list[BudgetAlert]:
+        """Alerts fired by this object's calls (the latest 10,000)."""
+        return self._core.alerts
+
+    @property
+    def backend_status(self) -> dict[str, Any]:
+        """The failure policy and the backend's health as this process sees it (no I/O): degraded
+        or not, charges journaled and replayed, errors (``summary()["backend"]`` shows the same)."""
+        return self._core.backend_status()
+
+    def estimate(self, model: str, input_tokens: int, output_tokens: int = 0) -> float:
+        """Cost in USD of a call; records nothing."""
+        return self._core.estimate(model, input_tokens, output_tokens)
+
+    def on_alert(self, callback: Callable[[BudgetAlert], Any]) -> None:
+        """Call ``callback(alert)`` for each threshold crossing this object's calls cause."""
+        self._core.on_alert(callback)
+
+
+def _sync(prepare: Callable[Concatenate[Accounting, P], Job[T]]) -> Callable[Concatenate[Budget, P], T]:
+    """A ``Budget`` method: ``prepare``'s job, run (with its signature and docstring)."""
+
+    @functools.wraps(prepare)
+    def method(self: Budget, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._core.preamble_due or self._guard.state.busy:
+            self._before()
+        return self._driver.run(prepare(self._core, *args, **kwargs))
+
+    return method
+
+
+def _async(
+    prepare: Callable[Concatenate[Accounting, P], Job[T]],
+) -> Callable[Concatenate[AsyncBudget, P], Coroutine[Any, Any, T]]:
+    """An ``AsyncBudget`` method: ``prepare``'s job, awaited."""
+
+    @functools.wraps(prepare)
+    async def method(self: AsyncBudget, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        if self._core.preamble_due or self._guard.state.busy:
+            await self._before()
+        return await self._driver.run(prepare(self._core, *args, **kwargs))
+
+    return method
+
+
+def _reserving(
+    prepare: Callable[Concatenate[Accounting, P], Job[Hold]],
+) -> Callable[Concatenate[Budget, P], Reservation]:
+    """``Budget.reserve`` / ``acquire``: the hold, as a :class:`Reservation`."""
+    run = _sync(prepare)
+
+    @functools.wraps(prepare)
+    def method(self: Budget, /, *args: P.args, **kwargs: P.kwargs) -> Reservation:
+        return Reservation(self, run(self, *args, **kwargs))
+
+    return method
+
+
+def _pending(
+    prepare: Callable[Concatenate[Accounting, P], Job[Hold]],
+) -> Callable[Concatenate[AsyncBudget, P], PendingReservation]:
+    """``AsyncBudget.reserve`` / ``acquire``: awaitable, or ``async with``."""
+    run = _async(prepare)
+
+    @functools.wraps(prepare)
+    def method(self: AsyncBudget, /, *args: P.args, **kwargs: P.kwargs) -> PendingReservation:
+        async def start() -> AsyncReservation:
+            return AsyncReservation(self, await run(self, *args, **kwargs))
+
+        return PendingReservation(start)
+
+    return method
+
+
+class Budget(_BudgetBase[Engine]):
+    """A budget for one scope, enforced on the embedded engine or on Redis.
+
+    ``redis``: ``None`` (embedded, in-process), a ``redis://`` / ``rediss://`` URL, or a redis-py
+    client. ``clock``: a testing hook returning seconds; ``None`` uses the server's time.
+    """
+
+    def _connect(self, redis: object, options: dict[str, Any]) -> Engine:
+        return make_engine(redis, options)
+
+    def _bind(self, sleep: Callable[[float], Any] | None) -> None:
+        self._driver = Driver(self.engine, self._guard, sleep)
+        self._plain = Driver(self.engine)  # the journal's replay: no policy around it
+
+    def _before(self, settle: bool = False) -> None:
+        """Before an operation: the journal's replay when due, then the registry refresh when due
+        (not to ``settle`` a reservation: it carries its plan) and the alert stream's announcement."""
         if self._guard.state.busy:  # degraded, or journaled charges to replay first
-            replay = self._guard.recovery_flow()
-            if replay is not None:
-                D.run_sync(self.engine, replay)
-        refresh = None if settle else self.refresh_call()
-        if refresh is not None:
-            chain = self._call(*refresh)
-            if chain is not D.KEEP:  # KEEP: Redis unavailable, the policy keeps the cached config
-                self.refreshed(chain)
-        first = self.announcement()
-        if first is not None and self._call(*first) is not D.KEEP:
-            self._announced = True
-        try:
-            name, args = next(flow)
-            while True:
-                if name == "sleep":
-                    (self.sleep or time.sleep)(*args)
-                    answer = None
-                else:
-                    answer = self._call(name, args)
-                name, args = flow.send(answer)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
+            due = self._guard.recovery()
+            if due is not None:
+                self._plain.run(due)
+        for step in self._core.preamble(settle):
+            self._keep(step)
+
+    def _keep(self, step: Step[Any, None]) -> None:
+        """A registry refresh or the announcement: an outage skips it (the cached config is kept;
+        the operation itself then meets the failure policy)."""
+        with contextlib.suppress(Kept):
+            self._driver.run(step)
 
     def flush_journal(self) -> int:
         """Replay now the charges journaled while Redis was unavailable (shared by every budget on
         this engine), oldest first, each exactly once; returns how many were settled. Raises
         ``BackendError`` if Redis is still unavailable (they stay journaled)."""
-        return D.flush_sync(self.engine)
+        return self._plain.run(flush(self._guard.state))
 
-    def check(self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None) -> bool:
-        """Would this call fit now? Records nothing. Advisory under concurrency: use ``reserve``."""
-        return self._drive(self.check_flow(model, input_tokens, output_tokens, session_id))
-
-    def record(
-        self,
-        session_id: str | None,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        metadata: dict[str, Any] | None = None,
-        request_id: str | None = None,
-        *,
-        cached_input_tokens: int = 0,
-        cache_write_tokens: int = 0,
-        reasoning_tokens: int = 0,
-    ) -> UsageRecord:
-        """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit."""
-        return self._drive(
-            self.record_flow(
-                session_id,
-                model,
-                input_tokens,
-                output_tokens,
-                metadata,
-                request_id,
-                cached_input_tokens,
-                cache_write_tokens,
-                reasoning_tokens,
-            )
-        )
-
-    def reserve(
-        self,
-        model: str,
-        input_tokens: int,
-        max_output_tokens: int,
-        session_id: str | None = None,
-        request_id: str | None = None,
-        ttl: float | None = None,
-    ) -> Reservation:
-        """Hold the worst case against every limit atomically, or raise having held nothing."""
-        hold = self._drive(self.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl))
-        return Reservation(self, hold)
-
-    def acquire(
-        self,
-        model: str,
-        input_tokens: int,
-        max_output_tokens: int,
-        *,
-        timeout: float = 60.0,
-        session_id: str | None = None,
-        request_id: str | None = None,
-        ttl: float | None = None,
-    ) -> Reservation:
-        """``reserve``, waiting on rolling windows (sleeping ``retry_after``) for up to ``timeout``
-        seconds. Raises at once when no window will free room by itself (the budget is spent)."""
-        hold = self._drive(
-            self.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id, request_id, ttl)
-        )
-        return Reservation(self, hold)
-
-    def summary(self, session_id: str | None = None) -> dict[str, Any]:
-        """Usage of the current (or given) session, the rolling day, totals, per model, per limit."""
-        return self._drive(self.summary_flow(session_id))
-
-    def reset_session(self, session_id: str | None = None) -> None:
-        """Clear this scope's counters of the current (or given) session (atomic; in the ledger)."""
-        self._drive(self.reset_session_flow(session_id))
-
-    def reset_model(self, model: str) -> None:
-        """Clear this scope's counters of one model (atomic; in the ledger)."""
-        self._drive(self.reset_model_flow(model))
-
-    def reset(self, session_id: str | None = None) -> None:
-        """Clear the whole scope: totals, every rolling window and the current (or given) session
-        (atomic; in the ledger). Ancestors keep their usage."""
-        self._drive(self.reset_flow(session_id))
-
-    def ledger(self, since: LedgerSince = None, limit: int | None = None) -> list[LedgerEntry]:
-        """The shared ledger of this scope (charges counting against it, its resets), oldest first.
-        ``since``: a ledger id (exclusive), or seconds since the epoch (server time)."""
-        return self._drive(self.ledger_flow(since, limit))
+    check = _sync(Accounting.check)
+    record = _sync(Accounting.record)
+    record_many = _sync(Accounting.record_many)
+    reserve = _reserving(Accounting.reserve)
+    acquire = _reserving(Accounting.acquire)
+    summary = _sync(Accounting.summary)
+    reset_session = _sync(Accounting.reset_session)
+    reset_model = _sync(Accounting.reset_model)
+    reset = _sync(Accounting.reset)
+    ledger = _sync(Accounting.ledger)
 
     def export_ledger(self, target: ExportTarget, since: LedgerSince = None) -> int:
         """Write the ledger as JSON lines to a path or a text file; returns the number of lines."""
         return write_jsonl(self.ledger(since), target)
 
-    def record_many(self, calls: Iterable[RecordCall]) -> list[UsageRecord]:
-        """``record()`` for many calls at once, for bulk recorders: each call a tuple of record()'s
-        positional arguments or a dict of its arguments. On Redis the charges go in one pipelined
-        round trip (each still its own atomic script); every call is validated before anything is
-        charged, every charge is persisted, and with ``hard_stop`` the first charge left over a
-        limit raises afterwards (``err.record``; ``records`` has them all)."""
-        return self._drive(self.record_many_flow(calls))
+
+class AsyncBudget(_BudgetBase[AsyncEngine]):
+    """The asyncio twin of :class:`Budget`: the same methods as coroutines (``estimate`` stays
+    sync: it does no I/O; ``reserve`` and ``acquire`` return a :class:`PendingReservation`, to
+    await or to use with ``async with``). ``redis``: ``None``, a URL, or a ``redis.asyncio`` client."""
+
+    def _connect(self, redis: object, options: dict[str, Any]) -> AsyncEngine:
+        return make_async_engine(redis, options)
+
+    def _bind(self, sleep: Callable[[float], Any] | None) -> None:
+        self._driver = AsyncDriver(self.engine, self._guard, sleep)
+        self._plain = AsyncDriver(self.engine)
+
+    async def _before(self, settle: bool = False) -> None:
+        """See :meth:`Budget._before`."""
+        if self._guard.state.busy:
+            due = self._guard.recovery()
+            if due is not None:
+                await self._plain.run(due)
+        for step in self._core.preamble(settle):
+            await self._keep(step)
+
+    async def _keep(self, step: Step[Any, None]) -> None:
+        with contextlib.suppress(Kept):
+            await self._driver.run(step)
+
+    async def flush_journal(self) -> int:
+        """Replay now the charges journaled while Redis was unavailable (see ``Budget.flush_journal``)."""
+        return await self._plain.run(flush(self._guard.state))
+
+    check = _async(Accounting.check)
+    record = _async(Accounting.record)
+    record_many = _async(Accounting.record_many)
+    reserve = _pending(Accounting.reserve)
+    acquire = _pending(Accounting.acquire)
+    summary = _async(Accounting.summary)
+    reset_session = _async(Accounting.reset_session)
+    reset_model = _async(Accounting.reset_model)
+    reset = _async(Accounting.reset)
+    ledger = _async(Accounting.ledger)
+
+    async def export_ledger(self, target: ExportTarget, since: LedgerSince = None) -> int:
+        """Write the ledger as JSON lines to a path or a text file; returns the number of lines."""
+        return write_jsonl(await self.ledger(since), target)
 
 
-class Reservation(ReservationBase):
+class _ReservationBase(Generic[B]):
+    """What sync and async reservations share: the hold and its read-only views."""
+
+    def __init__(self, budget: B, hold: Hold) -> None:
+        self._budget: B = budget
+        self._hold = hold
+
+    @property
+    def admitted(self) -> bool:
+        return self._hold.admitted
+
+    @property
+    def model(self) -> str:
+        return self._hold.model
+
+    @property
+    def session_id(self) -> str:
+        return self._hold.plan.session_id
+
+    @property
+    def request_id(self) -> str | None:
+        return self._hold.request_id
+
+    @property
+    def hold_id(self) -> str:
+        return self._hold.hold_id
+
+    @property
+    def held_tokens(self) -> int:
+        return self._hold.held[0]
+
+    @property
+    def held_nano_usd(self) -> int:
+        return self._hold.held[1]
+
+    @property
+    def held_cost_usd(self) -> float:
+        return nano_to_usd(self._hold.held[1])
+
+    @property
+    def record(self) -> UsageRecord | None:
+        """The charge, once committed."""
+        return self._hold.record
+
+    def _commit_failed(self, exc: BaseException) -> None:
+        """A commit raised. It may be committed again unless that could charge twice: refused while
+        its charge is journaled (replayed later) or may have run (a cancellation, a lost reply)
+        without a request id to deduplicate it. An error Redis answered ran nothing."""
+        if self._hold.record is not None:
+            return
+        journaled = isinstance(exc, BackendError) and exc.journaled
+        if self._hold.request_key is not None or (isinstance(exc, BackendError) and not journaled):
+            self._hold.committing = False
+
+
+def _committing(
+    prepare: Callable[Concatenate[Accounting, Hold, P], Job[UsageRecord]],
+) -> Callable[Concatenate[Reservation, P], UsageRecord]:
+    """``Reservation.commit``: the core's commit of this hold, run as a settlement."""
+
+    @functools.wraps(prepare)
+    def method(self: Reservation, /, *args: P.args, **kwargs: P.kwargs) -> UsageRecord:
+        budget = self._budget
+        try:
+            budget._before(settle=True)
+            return budget._driver.run(prepare(budget._core, self._hold, *args, **kwargs))
+        except BaseException as exc:
+            self._commit_failed(exc)
+            raise
+
+    return method
+
+
+def _async_committing(
+    prepare: Callable[Concatenate[Accounting, Hold, P], Job[UsageRecord]],
+) -> Callable[Concatenate[AsyncReservation, P], Coroutine[Any, Any, UsageRecord]]:
+    """``AsyncReservation.commit``."""
+
+    @functools.wraps(prepare)
+    async def method(self: AsyncReservation, /, *args: P.args, **kwargs: P.kwargs) -> UsageRecord:
+        budget = self._budget
+        try:
+            await budget._before(settle=True)
+            return await budget._driver.run(prepare(budget._core, self._hold, *args, **kwargs))
+        except BaseException as exc:
+            self._commit_failed(exc)
+            raise
+
+    return method
+
+
+class Reservation(_ReservationBase[Budget]):
     """A hold from :meth:`Budget.reserve`. ``commit`` the actual usage or ``release``; as a context
     manager, leaving the block without a commit (an exception, a return) releases it."""
 
-    budget: Budget
-
-    def commit(
-        self,
-        input_tokens: int,
-        output_tokens: int,
-        metadata: dict[str, Any] | None = None,
-        *,
-        cached_input_tokens: int = 0,
-        cache_write_tokens: int = 0,
-        reasoning_tokens: int = 0,
-    ) -> UsageRecord:
-        """Free the hold and charge the actual usage in one step (charged even above the hold)."""
-        try:
-            return self.budget._drive(
-                self.budget.commit_flow(
-                    self.hold,
-                    input_tokens,
-                    output_tokens,
-                    metadata,
-                    cached_input_tokens,
-                    cache_write_tokens,
-                    reasoning_tokens,
-                ),
-                settle=True,
-            )
-        except BaseException as exc:
-            self.commit_failed(exc)
-            raise
+    commit = _committing(Accounting.commit)
 
     def release(self) -> bool:
         """Free the hold; True if it was still live."""
-        return self.budget._drive(self.budget.release_flow(self.hold), settle=True)
+        self._budget._before(settle=True)
+        return self._budget._driver.run(self._budget._core.release(self._hold))
 
     def __enter__(self) -> Reservation:
         return self
@@ -272,198 +418,25 @@ class Reservation(ReservationBase):
         self.release()
 
 
-class AsyncBudget(BudgetCore):
-    """The asyncio twin of :class:`Budget`: the same methods as coroutines (``estimate`` stays
-    sync: it does no I/O). ``redis``: ``None``, a URL, or a ``redis.asyncio`` client."""
-
-    def __init__(
-        self,
-        scope: BudgetScope,
-        rates: Mapping[str, ModelRates] | None = None,
-        *,
-        redis: Any = None,
-        _engine: Any = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(scope, rates, **options)
-        self.engine = _engine if _engine is not None else make_async_engine(redis, D.connect_options(options))
-        self._guard.bind(self.engine)
-
-    async def _call(self, name: str, args: tuple[Any, ...]) -> Any:
-        guard = self._guard
-        if guard.state.busy:
-            local = guard.before(name, args)
-            if local is not D.TRY:
-                return local
-        try:
-            answer = await self.engine.apply(name, args)
-        except BackendError as err:
-            return guard.failed(name, args, err)
-        if guard.state.busy:
-            guard.after(name, args)
-        return answer
-
-    async def _drive(self, flow: Flow[T], settle: bool = False) -> T:
-        if self._guard.state.busy:  # degraded, or journaled charges to replay first
-            replay = self._guard.recovery_flow()
-            if replay is not None:
-                await D.run_async(self.engine, replay)
-        refresh = None if settle else self.refresh_call()
-        if refresh is not None:
-            chain = await self._call(*refresh)
-            if chain is not D.KEEP:
-                self.refreshed(chain)
-        first = self.announcement()
-        if first is not None and await self._call(*first) is not D.KEEP:
-            self._announced = True
-        try:
-            name, args = next(flow)
-            while True:
-                if name == "sleep":
-                    slept = (self.sleep or asyncio.sleep)(*args)
-                    if inspect.isawaitable(slept):
-                        await slept
-                    answer = None
-                else:
-                    answer = await self._call(name, args)
-                name, args = flow.send(answer)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-
-    async def flush_journal(self) -> int:
-        """Replay now the charges journaled while Redis was unavailable (see ``Budget.flush_journal``)."""
-        return await D.flush_async(self.engine)
-
-    async def check(self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None) -> bool:
-        return await self._drive(self.check_flow(model, input_tokens, output_tokens, session_id))
-
-    async def record(
-        self,
-        session_id: str | None,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        metadata: dict[str, Any] | None = None,
-        request_id: str | None = None,
-        *,
-        cached_input_tokens: int = 0,
-        cache_write_tokens: int = 0,
-        reasoning_tokens: int = 0,
-    ) -> UsageRecord:
-        return await self._drive(
-            self.record_flow(
-                session_id,
-                model,
-                input_tokens,
-                output_tokens,
-                metadata,
-                request_id,
-                cached_input_tokens,
-                cache_write_tokens,
-                reasoning_tokens,
-            )
-        )
-
-    def reserve(
-        self,
-        model: str,
-        input_tokens: int,
-        max_output_tokens: int,
-        session_id: str | None = None,
-        request_id: str | None = None,
-        ttl: float | None = None,
-    ) -> PendingReservation:
-        """``r = await budget.reserve(...)`` or ``async with budget.reserve(...) as r:``."""
-
-        async def start() -> tuple[AsyncBudget, Flow[Hold]]:
-            return self, self.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
-
-        return PendingReservation(start)
-
-    def acquire(
-        self,
-        model: str,
-        input_tokens: int,
-        max_output_tokens: int,
-        *,
-        timeout: float = 60.0,
-        session_id: str | None = None,
-        request_id: str | None = None,
-        ttl: float | None = None,
-    ) -> PendingReservation:
-        """``reserve``, waiting on rolling windows; awaitable and an async context manager."""
-
-        async def start() -> tuple[AsyncBudget, Flow[Hold]]:
-            flow = self.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id, request_id, ttl)
-            return self, flow
-
-        return PendingReservation(start)
-
-    async def summary(self, session_id: str | None = None) -> dict[str, Any]:
-        return await self._drive(self.summary_flow(session_id))
-
-    async def reset_session(self, session_id: str | None = None) -> None:
-        await self._drive(self.reset_session_flow(session_id))
-
-    async def reset_model(self, model: str) -> None:
-        await self._drive(self.reset_model_flow(model))
-
-    async def reset(self, session_id: str | None = None) -> None:
-        await self._drive(self.reset_flow(session_id))
-
-    async def ledger(self, since: LedgerSince = None, limit: int | None = None) -> list[LedgerEntry]:
-        return await self._drive(self.ledger_flow(since, limit))
-
-    async def export_ledger(self, target: ExportTarget, since: LedgerSince = None) -> int:
-        return write_jsonl(await self.ledger(since), target)
-
-    async def record_many(self, calls: Iterable[RecordCall]) -> list[UsageRecord]:
-        """See :meth:`Budget.record_many`."""
-        return await self._drive(self.record_many_flow(calls))
-
-
-class AsyncReservation(ReservationBase):
+class AsyncReservation(_ReservationBase[AsyncBudget]):
     """A hold from :meth:`AsyncBudget.reserve`; ``await r.commit(...)`` or ``await r.release()``."""
 
-    budget: AsyncBudget
-
-    async def commit(
-        self,
-        input_tokens: int,
-        output_tokens: int,
-        metadata: dict[str, Any] | None = None,
-        *,
-        cached_input_tokens: int = 0,
-        cache_write_tokens: int = 0,
-        reasoning_tokens: int = 0,
-    ) -> UsageRecord:
-        try:
-            return await self.budget._drive(
-                self.budget.commit_flow(
-                    self.hold,
-                    input_tokens,
-                    output_tokens,
-                    metadata,
-                    cached_input_tokens,
-                    cache_write_tokens,
-                    reasoning_tokens,
-                ),
-                settle=True,
-            )
-        except BaseException as exc:
-            self.commit_failed(exc)
-            raise
+    commit = _async_committing(Accounting.commit)
 
     async def release(self) -> bool:
         """Free the hold; runs to completion even if the calling task is cancelled meanwhile."""
-        if not self.hold.open:
+        if not self._hold.open:
             return False
-        task = asyncio.ensure_future(self.budget._drive(self.budget.release_flow(self.hold), settle=True))
+        task = asyncio.ensure_future(self._release())
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:
             await asyncio.wait([task])  # finish freeing the hold, then let the cancellation through
             raise
+
+    async def _release(self) -> bool:
+        await self._budget._before(settle=True)
+        return await self._budget._driver.run(self._budget._core.release(self._hold))
 
     async def __aenter__(self) -> AsyncReservation:
         return self
@@ -477,8 +450,8 @@ class PendingReservation:
     as ``async with``, which releases the hold on leaving the block uncommitted (even when the task
     is cancelled inside it)."""
 
-    def __init__(self, start: Callable[[], Awaitable[tuple[AsyncBudget, Flow[Hold]]]]) -> None:
-        self._start: Callable[[], Awaitable[tuple[AsyncBudget, Flow[Hold]]]] | None = start
+    def __init__(self, start: Callable[[], Awaitable[AsyncReservation]]) -> None:
+        self._start: Callable[[], Awaitable[AsyncReservation]] | None = start
         self._reservation: AsyncReservation | None = None
 
     async def _get(self) -> AsyncReservation:
@@ -486,8 +459,7 @@ class PendingReservation:
             if self._start is None:
                 raise RuntimeError("this reservation was already awaited")
             start, self._start = self._start, None
-            budget, flow = await start()
-            self._reservation = AsyncReservation(budget, await budget._drive(flow))
+            self._reservation = await start()
         return self._reservation
 
     def __await__(self) -> Generator[Any, None, AsyncReservation]:

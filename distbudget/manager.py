@@ -6,70 +6,114 @@ A scope registered in one process is found by name in any other, with its limits
 thresholds and custom rates. Each process keeps the budgets it uses and re-reads a scope's config
 when it is older than ``registry_ttl`` seconds (default 1): a registry change reaches every worker
 within that, and charges never pay a registry round trip otherwise. The registry logic is in
-:class:`ManagerBase` as sans-I/O flows; the two shells drive them.
+:class:`_ManagerBase`, once; the two managers only run its steps (a call, or an ``await``), and take
+the calls of a scope's budget over by name (:func:`_by_name`).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Mapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
-from distbudget import _degraded as D
-from distbudget._budget_base import ExportTarget, Flow, Hold, LedgerSince, _seconds, write_jsonl
+from distbudget._accounting import ExportTarget, LedgerSince, Settings, _seconds, write_jsonl
+from distbudget._core import ledger as L
 from distbudget._core import registry as R
+from distbudget._core.errors import UnknownScopeError
 from distbudget._core.keys import registry_key
+from distbudget._core.ops import RegistryChain, RegistryNames, RegistryPut, RegistryRemove, Step
+from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope, check_name
 from distbudget._core.types import UsageRecord
-from distbudget._exceptions import BackendError
-from distbudget.budget import (
-    AsyncBudget,
-    Budget,
-    PendingReservation,
-    Reservation,
-    make_async_engine,
-    make_engine,
-)
-from distbudget.pricing import ModelRates
+from distbudget._driver import AsyncDriver, Driver
+from distbudget._policy.guard import check_options, connect_options
+from distbudget._policy.journal import DEFAULT_JOURNAL_SIZE, flush, state_for
+from distbudget.budget import AsyncBudget, Budget, PendingReservation, make_async_engine, make_engine
+from distbudget.engines.base import AsyncEngine, Engine
 
 B = TypeVar("B", Budget, AsyncBudget)
+E = TypeVar("E", Engine, AsyncEngine)
+M = TypeVar("M", "BudgetManager", "AsyncBudgetManager")
+P = ParamSpec("P")
 T = TypeVar("T")
 
 
-class ManagerBase(Generic[B]):
-    """Scopes by name in the shared registry; ``redis`` as for a budget; ``registry_ttl`` (seconds a
-    worker trusts a scope's config before re-reading it); other keyword options (``prefix``,
-    ``clock``, ``default_rates``, TTLs, ``ledger_maxlen``) apply to every budget."""
+class _ManagerBase(Generic[B, E]):
+    """Scopes by name in the shared registry. ``redis`` as for a budget; ``registry_ttl``: seconds a
+    worker trusts a scope's config before re-reading it; the other keywords apply to every budget
+    (see :class:`~distbudget.Budget`)."""
 
     _budget_class: type[B]
 
-    def __init__(self, engine: Any, options: dict[str, Any]) -> None:
-        self._engine = engine
-        self._ttl = _seconds(options.pop("registry_ttl", 1.0), "registry_ttl")
-        self._key = registry_key(options.get("prefix", "distbudget"))
-        self._options = options
+    def __init__(
+        self,
+        *,
+        redis: object = None,
+        registry_ttl: float = 1.0,
+        session_id: str | None = None,
+        prefix: str = "distbudget",
+        clock: Callable[[], float] | None = None,
+        default_rates: ModelRates | None = None,
+        session_ttl: float = 7 * 86400,
+        hold_ttl: float = 600,
+        request_ttl: float | None = None,
+        sleep: Callable[[float], Any] | None = None,
+        ledger_maxlen: int = L.DEFAULT_MAXLEN,
+        on_backend_error: str = "raise",
+        fail_open_max_cost_usd: float | None = None,
+        fail_open_max_tokens: int | None = None,
+        journal_size: int = DEFAULT_JOURNAL_SIZE,
+        _engine: E | None = None,
+    ) -> None:
+        mode = check_options(on_backend_error, fail_open_max_cost_usd, fail_open_max_tokens, journal_size)[0]
+        self._engine: E = _engine if _engine is not None else self._connect(redis, connect_options(mode))
+        self._ttl = _seconds(registry_ttl, "registry_ttl")
+        self._key = registry_key(prefix)
+        self._settings = Settings(
+            session_id=session_id,
+            prefix=prefix,
+            clock=clock,
+            default_rates=default_rates,
+            session_ttl=session_ttl,
+            hold_ttl=hold_ttl,
+            request_ttl=request_ttl,
+            sleep=sleep,
+            ledger_maxlen=ledger_maxlen,
+            on_backend_error=on_backend_error,
+            fail_open_max_cost_usd=fail_open_max_cost_usd,
+            fail_open_max_tokens=fail_open_max_tokens,
+            journal_size=journal_size,
+        )
         self._budgets: dict[str, B] = {}
         self._lock = threading.Lock()
+
+    def _connect(self, redis: object, options: dict[str, Any]) -> E:
+        raise NotImplementedError
 
     def _adopt(self, name: str, chain: list[str]) -> B:
         err = R.refusal(chain)
         if err is not None:
             raise err
         if not chain:
-            raise KeyError(f"unknown scope {name!r}")
+            raise UnknownScopeError(f"unknown scope {name!r}")
         with self._lock:
             budget = self._budgets.get(name)
             if budget is not None:
-                budget.refreshed(chain)
+                budget._core.refreshed(chain)
                 return budget
             scope, rates = R.from_chain(chain)
             budget = self._budget_class(
-                scope, rates, _engine=self._engine, _registry=(self._key, self._ttl, tuple(chain)), **self._options
+                scope,
+                rates,
+                _engine=self._engine,  # type: ignore[arg-type]
+                _registry=(self._key, self._ttl, tuple(chain)),
+                _settings=self._settings,
             )
             self._budgets[name] = budget
             return budget
 
-    def register_flow(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None) -> Flow[B]:
+    def _register(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None) -> Step[list[str], B]:
         if not isinstance(scope, BudgetScope):
             raise TypeError("scope must be a BudgetScope")
         # parents given as objects are registered if absent (never overwritten), in the same
@@ -78,80 +122,111 @@ class ManagerBase(Generic[B]):
             (a.name, R.scope_config(a, None), True) for a in reversed(scope.ancestors())
         ]
         scopes.append((scope.name, R.scope_config(scope, rates), False))
-        reply = yield "registry", (self._key, "put", *R.put_args(scopes))
-        return self._adopt(scope.name, reply)
+        return Step(RegistryPut(self._key, R.put_args(scopes)), lambda chain: self._adopt(scope.name, chain))
 
-    def get_flow(self, name: str) -> Flow[B]:
+    def _lookup(self, name: str) -> Step[list[str], B] | B:
+        """A budget this process knows, or the registry read that finds it."""
         check_name(name, "scope name")
         budget = self._budgets.get(name)
-        if budget is None:
-            return self._adopt(name, (yield "registry", (self._key, "chain", name)))
-        call = budget.refresh_call()
-        if call is not None and budget._guard.refresh_due():  # not due: Redis is down, keep the cached config
-            try:
-                chain = yield call
-            except BackendError as err:
-                budget._guard.refresh_failed(err)  # Redis unavailable: the call meets the failure policy
-                return budget
-            budget._guard.refresh_answered()
-            try:
-                budget.refreshed(chain)
-            except KeyError:
-                with self._lock:
-                    self._budgets.pop(name, None)
-                raise
-        return budget
+        if budget is not None:
+            return budget
+        return Step(RegistryChain(self._key, name), lambda chain: self._adopt(name, chain))
 
-    def remove_flow(self, name: str) -> Flow[None]:
-        check_name(name, "scope name")
-        reply = yield "registry", (self._key, "remove", name)
-        err = R.refusal(reply)
-        if err is not None:
-            raise err
+    def _forget(self, name: str) -> None:
         with self._lock:
             self._budgets.pop(name, None)
-        if not reply:
-            raise KeyError(f"unknown scope {name!r}")
 
-    def names_flow(self) -> Flow[list[str]]:
-        return sorted((yield "registry_names", (self._key,)))
+    def _remove(self, name: str) -> Step[list[str], None]:
+        check_name(name, "scope name")
 
-    def _run(self, flow: Flow[T]) -> T:
-        return D.run_sync(self._engine, flow)  # type: ignore[no-any-return]  # errors thrown into the flow
+        def finish(reply: list[str]) -> None:
+            err = R.refusal(reply)
+            if err is not None:
+                raise err
+            self._forget(name)
+            if not reply:
+                raise UnknownScopeError(f"unknown scope {name!r}")
 
-    async def _run_async(self, flow: Flow[T]) -> T:
-        return await D.run_async(self._engine, flow)  # type: ignore[no-any-return]
+        return Step(RegistryRemove(self._key, name), finish)
+
+    def _names(self) -> Step[list[str], list[str]]:
+        return Step(RegistryNames(self._key), sorted)
 
 
-class BudgetManager(ManagerBase[Budget]):
+def _by_name(call: Callable[Concatenate[B, P], T]) -> Callable[Concatenate[Any, str, P], T]:
+    """A manager's call on a scope by name: the call of that scope's budget (``get``, then it)."""
+
+    @functools.wraps(call)
+    def method(self: BudgetManager, scope_name: str, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return call(self.get(scope_name), *args, **kwargs)  # type: ignore[arg-type]
+
+    return method
+
+
+def _async_by_name(
+    call: Callable[Concatenate[AsyncBudget, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[AsyncBudgetManager, str, P], Coroutine[Any, Any, T]]:
+    @functools.wraps(call)
+    async def method(self: AsyncBudgetManager, scope_name: str, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return await call(await self.get(scope_name), *args, **kwargs)
+
+    return method
+
+
+def _pending_by_name(
+    call: Callable[Concatenate[AsyncBudget, P], PendingReservation],
+) -> Callable[Concatenate[AsyncBudgetManager, str, P], PendingReservation]:
+    @functools.wraps(call)
+    def method(self: AsyncBudgetManager, scope_name: str, /, *args: P.args, **kwargs: P.kwargs) -> PendingReservation:
+        async def start() -> Any:
+            return await call(await self.get(scope_name), *args, **kwargs)
+
+        return PendingReservation(start)
+
+    return method
+
+
+class BudgetManager(_ManagerBase[Budget, Engine]):
+    """Named scopes shared by every process on one engine (see the module docstring)."""
+
     _budget_class = Budget
 
-    def __init__(self, *, redis: Any = None, _engine: Any = None, **options: Any) -> None:
-        connect = D.connect_options(options)  # validates on_backend_error & co. now
-        super().__init__(_engine if _engine is not None else make_engine(redis, connect), options)
+    def _connect(self, redis: object, options: dict[str, Any]) -> Engine:
+        return make_engine(redis, options)
 
     def flush_journal(self) -> int:
         """Replay now the charges journaled while Redis was unavailable (see ``Budget.flush_journal``)."""
-        return D.flush_sync(self._engine)
+        return Driver(self._engine).run(flush(state_for(self._engine)))
 
     def register(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None = None) -> Budget:
         """Store the scope's whole config in the shared registry (add or replace) and return its
         budget. A ``parent`` given by name must be registered already; given as a scope object it is
         registered first if it is not. Cycles, missing parents and a changed parent are refused."""
-        return self._run(self.register_flow(scope, rates))
+        return Driver(self._engine).run(self._register(scope, rates))
 
     def get(self, name: str) -> Budget:
-        """The budget of a scope registered by any process; ``KeyError`` if unknown."""
-        return self._run(self.get_flow(name))
+        """The budget of a scope registered by any process; ``UnknownScopeError`` (a ``KeyError``)
+        if unknown."""
+        found = self._lookup(name)
+        if isinstance(found, Step):
+            return Driver(self._engine).run(found)
+        refresh = found._core.refresh()
+        if refresh is not None:
+            try:
+                found._keep(refresh)  # under the budget's failure policy: an outage keeps its config
+            except UnknownScopeError:
+                self._forget(name)
+                raise
+        return found
 
     def remove(self, name: str) -> None:
         """Remove a scope from the registry (its counters in the store are left as they are);
-        refused while it has children. ``KeyError`` if unknown."""
-        self._run(self.remove_flow(name))
+        refused while it has children. ``UnknownScopeError`` (a ``KeyError``) if unknown."""
+        Driver(self._engine).run(self._remove(name))
 
     def names(self) -> list[str]:
         """Every registered scope, sorted."""
-        return self._run(self.names_flow())
+        return Driver(self._engine).run(self._names())
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
@@ -162,38 +237,11 @@ class BudgetManager(ManagerBase[Budget]):
             return False
         return True
 
-    def check(
-        self, scope_name: str, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
-    ) -> bool:
-        return self.get(scope_name).check(model, input_tokens, output_tokens, session_id)
-
-    def record(
-        self,
-        scope_name: str,
-        session_id: str | None,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        metadata: dict[str, Any] | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> UsageRecord:
-        return self.get(scope_name).record(
-            session_id, model, input_tokens, output_tokens, metadata, request_id, **kwargs
-        )
-
-    def reserve(
-        self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int, **kwargs: Any
-    ) -> Reservation:
-        return self.get(scope_name).reserve(model, input_tokens, max_output_tokens, **kwargs)
-
-    def acquire(
-        self, scope_name: str, model: str, input_tokens: int, max_output_tokens: int, **kwargs: Any
-    ) -> Reservation:
-        return self.get(scope_name).acquire(model, input_tokens, max_output_tokens, **kwargs)
-
-    def summary(self, name: str, session_id: str | None = None) -> dict[str, Any]:
-        return self.get(name).summary(session_id)
+    check = _by_name(Budget.check)
+    record = _by_name(Budget.record)
+    reserve = _by_name(Budget.reserve)
+    acquire = _by_name(Budget.acquire)
+    summary = _by_name(Budget.summary)
 
     def all_summaries(self) -> dict[str, dict[str, Any]]:
         """Summaries of every registered scope (from the registry: no keyspace scan)."""
@@ -202,103 +250,62 @@ class BudgetManager(ManagerBase[Budget]):
     def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         """Charges counting against a scope (its own and its descendants'), from the shared ledger."""
         budget = self.get(name)
-        return [e.as_record() for e in budget._drive(budget.ledger_flow(since, limit, charges_only=True))]
+        budget._before()  # a journal due for replay is replayed first, as before any budget call
+        return [e.as_record() for e in budget._driver.run(budget._core.ledger_pages(since, limit, charges_only=True))]
 
     def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
         """A scope's ledger as JSON lines (path or text file); returns the number of lines."""
         return write_jsonl(self.get(name).ledger(since), target)
 
 
-class AsyncBudgetManager(ManagerBase[AsyncBudget]):
+class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
     """The asyncio twin of :class:`BudgetManager`: every method that reads or writes the registry
     is a coroutine (``await manager.register(scope)``)."""
 
     _budget_class = AsyncBudget
 
-    def __init__(self, *, redis: Any = None, _engine: Any = None, **options: Any) -> None:
-        connect = D.connect_options(options)
-        super().__init__(_engine if _engine is not None else make_async_engine(redis, connect), options)
+    def _connect(self, redis: object, options: dict[str, Any]) -> AsyncEngine:
+        return make_async_engine(redis, options)
 
     async def flush_journal(self) -> int:
-        return await D.flush_async(self._engine)
+        return await AsyncDriver(self._engine).run(flush(state_for(self._engine)))
 
     async def register(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None = None) -> AsyncBudget:
-        return await self._run_async(self.register_flow(scope, rates))
+        return await AsyncDriver(self._engine).run(self._register(scope, rates))
 
     async def get(self, name: str) -> AsyncBudget:
-        return await self._run_async(self.get_flow(name))
+        found = self._lookup(name)
+        if isinstance(found, Step):
+            return await AsyncDriver(self._engine).run(found)
+        refresh = found._core.refresh()
+        if refresh is not None:
+            try:
+                await found._keep(refresh)
+            except UnknownScopeError:
+                self._forget(name)
+                raise
+        return found
 
     async def remove(self, name: str) -> None:
-        await self._run_async(self.remove_flow(name))
+        await AsyncDriver(self._engine).run(self._remove(name))
 
     async def names(self) -> list[str]:
-        return await self._run_async(self.names_flow())
+        return await AsyncDriver(self._engine).run(self._names())
 
-    async def check(
-        self, scope_name: str, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
-    ) -> bool:
-        return await (await self.get(scope_name)).check(model, input_tokens, output_tokens, session_id)
-
-    async def record(
-        self,
-        scope_name: str,
-        session_id: str | None,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        metadata: dict[str, Any] | None = None,
-        request_id: str | None = None,
-        **kwargs: Any,
-    ) -> UsageRecord:
-        budget = await self.get(scope_name)
-        return await budget.record(session_id, model, input_tokens, output_tokens, metadata, request_id, **kwargs)
-
-    def reserve(
-        self,
-        scope_name: str,
-        model: str,
-        input_tokens: int,
-        max_output_tokens: int,
-        session_id: str | None = None,
-        request_id: str | None = None,
-        ttl: float | None = None,
-    ) -> PendingReservation:
-        """``r = await manager.reserve(...)`` or ``async with manager.reserve(...) as r:``."""
-
-        async def start() -> tuple[AsyncBudget, Flow[Hold]]:
-            budget = await self.get(scope_name)
-            return budget, budget.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
-
-        return PendingReservation(start)
-
-    def acquire(
-        self,
-        scope_name: str,
-        model: str,
-        input_tokens: int,
-        max_output_tokens: int,
-        *,
-        timeout: float = 60.0,
-        session_id: str | None = None,
-        request_id: str | None = None,
-        ttl: float | None = None,
-    ) -> PendingReservation:
-        async def start() -> tuple[AsyncBudget, Flow[Hold]]:
-            budget = await self.get(scope_name)
-            flow = budget.acquire_flow(model, input_tokens, max_output_tokens, timeout, session_id, request_id, ttl)
-            return budget, flow
-
-        return PendingReservation(start)
-
-    async def summary(self, name: str, session_id: str | None = None) -> dict[str, Any]:
-        return await (await self.get(name)).summary(session_id)
+    check = _async_by_name(AsyncBudget.check)
+    record = _async_by_name(AsyncBudget.record)
+    reserve = _pending_by_name(AsyncBudget.reserve)
+    acquire = _pending_by_name(AsyncBudget.acquire)
+    summary = _async_by_name(AsyncBudget.summary)
 
     async def all_summaries(self) -> dict[str, dict[str, Any]]:
         return {name: await (await self.get(name)).summary() for name in await self.names()}
 
     async def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         budget = await self.get(name)
-        return [e.as_record() for e in await budget._drive(budget.ledger_flow(since, limit, charges_only=True))]
+        await budget._before()
+        pages = budget._core.ledger_pages(since, limit, charges_only=True)
+        return [e.as_record() for e in await budget._driver.run(pages)]
 
     async def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
         return write_jsonl(await (await self.get(name)).ledger(since), target)

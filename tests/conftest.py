@@ -1,7 +1,10 @@
 """Shared fixtures: a real redis-server and a real 3-master Redis Cluster started by the tests on free
 ports (``tests/_servers.py``), and one ``backend`` fixture that runs each behavioural test on every
-engine: embedded, fakeredis (our real Lua run by lupa), real Redis and Redis Cluster. On the real
-servers, budgets connect as the README's minimal ACL user; the tests inspect with an admin client."""
+engine: embedded, fakeredis (our real Lua run by lupa), real Redis and Redis Cluster, each through the
+sync and the asyncio API. Each backend is a ``pytest.param`` marked with its kind: ``pytest -m
+embedded`` runs the in-process engine alone, ``-m redis`` / ``-m cluster`` the real servers (tests
+using the servers directly carry the marks too). On the real servers, budgets connect as the README's
+minimal ACL user; the tests inspect with an admin client."""
 
 from __future__ import annotations
 
@@ -170,16 +173,35 @@ class Backend:
         return BudgetManager(redis=self.client, **kw)
 
 
+def _backend(name: str) -> Any:
+    """One backend as a parameter marked with its kind (``pytest -m redis``, ``-m cluster``,
+    ``-m embedded``, ``-m fakeredis`` select them)."""
+    return pytest.param(name, marks=getattr(pytest.mark, name.partition("-")[0]), id=name)
+
+
 BACKENDS = [
-    "embedded",
-    "fakeredis",
-    "redis",
-    "cluster",
-    "embedded-async",
-    "fakeredis-async",
-    "redis-async",
-    "cluster-async",
+    _backend(name)
+    for name in (
+        "embedded",
+        "fakeredis",
+        "redis",
+        "cluster",
+        "embedded-async",
+        "fakeredis-async",
+        "redis-async",
+        "cluster-async",
+    )
 ]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests on the suite's servers outside the ``backend`` fixture carry the same marks."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "redis_cluster" in fixtures:
+            item.add_marker(pytest.mark.cluster)
+        elif "redis_server" in fixtures and "backend" not in fixtures:
+            item.add_marker(pytest.mark.redis)
 
 
 @pytest.fixture(params=BACKENDS)

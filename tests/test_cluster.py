@@ -78,7 +78,7 @@ def test_script_flush_on_every_node_is_invisible(redis_cluster: Cluster) -> None
     budgets = [Budget(s, RATES, redis=redis_cluster.user_url, session_id="a") for s in scopes]
     for b in budgets:
         b.record(None, "m", 1, 0)
-    assert len({node_of_key(redis_cluster, b.keyspace.totals(b.name).encode()) for b in budgets}) > 1
+    assert len({node_of_key(redis_cluster, b._core.keyspace.totals(b.name).encode()) for b in budgets}) > 1
 
     def flush_everywhere() -> None:
         for node in redis_cluster.nodes:

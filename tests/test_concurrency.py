@@ -11,6 +11,7 @@ import pytest
 
 from distbudget import Budget, BudgetScope, ModelRates
 from distbudget._core.money import NANO
+from distbudget._core.ops import Record
 from tests.conftest import Backend, RedisServer
 
 # 123,000 nano-USD per input token: one token costs exactly $0.000123
@@ -94,12 +95,13 @@ def test_8_processes_recording_on_real_redis_totals_exact(redis_server: RedisSer
 
 def test_a_million_charges_of_0_000123_sum_to_exactly_123() -> None:
     budget = Budget(BudgetScope("money", max_cost_per_session_usd=1000), RATES, session_id="s")
-    plan = budget.plan("s", "m")
-    usage = budget.usage("m", 1, 0)
+    plan = budget._core.plan("s", "m")
+    usage = budget._core.usage("m", 1, 0)
     assert usage[1] == 123_000  # nano-USD
     engine = budget.engine
+    op = Record(plan, None, usage, None, 0, 0, "")
     for _ in range(1_000_000):
-        engine.record(plan, None, usage, None, 0, (0, ""))
+        engine.execute(op)
     s = budget.summary()
     assert s["session"]["requests"] == 1_000_000
     assert round(s["session"]["cost_usd"] * NANO) == 123 * NANO
@@ -114,12 +116,13 @@ def test_100k_charges_on_redis_are_exact(redis_server: RedisServer) -> None:
     client = redis_server.client()
     client.flushall()
     budget = Budget(BudgetScope("money", max_cost_per_session_usd=1000), RATES, redis=client, session_id="s")
-    plan = budget.plan("s", "m")
-    usage = budget.usage("m", 1, 0)
-    from distbudget.engines.redis import wire
+    plan = budget._core.plan("s", "m")
+    usage = budget._core.usage("m", 1, 0)
+    from distbudget.engines.codec import Codec
 
-    op, keys, args, _parse = wire("record", (plan, None, usage, None, 0, (0, "")))
-    script = budget.engine.scripts[op]
+    call = Codec().encode(Record(plan, None, usage, None, 0, 0, ""))
+    keys, args = call.keys, call.argv
+    script = budget.engine.scripts[call.script]
     for _ in range(20):
         pipe = client.pipeline(transaction=False)
         for _ in range(5000):

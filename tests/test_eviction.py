@@ -15,7 +15,7 @@ STORES = ["fakeredis", "redis", "cluster"]
 def _window_budget(backend: Backend, clock: Clock) -> tuple[object, str]:
     clock.t = 1_800_000_000.0
     budget = backend.budget(BudgetScope("w", limits=[Limit("tokens", 100, "10s")]), RATES, clock=clock)
-    _hash, index = budget.keyspace.window("w", 10, None)
+    _hash, index = budget._core.keyspace.window("w", 10, None)
     return budget, index
 
 

@@ -147,4 +147,4 @@ def test_unreachable_redis_raises_backend_error_without_hanging(tmp_path: object
     assert isinstance(info.value, DistBudgetError)
     assert info.value.__cause__ is not None  # the redis-py error is chained
     assert "Redis" in str(info.value)
-    assert budget._announced is False  # registering the alert stream is retried once Redis is back
+    assert budget._core.announced is False  # registering the alert stream is retried once Redis is back

@@ -99,7 +99,6 @@ def test_acquire_times_out(backend: Backend, clock: Clock) -> None:
 
 def test_rate_limit_60_per_minute_over_3_simulated_minutes(backend: Backend, clock: Clock) -> None:
     clock.t = 1_800_000_000.3
-    budget = backend.budget(BudgetScope("s", limits=[Limit("requests", 60, "1m")]), RATES, clock=clock)
     admitted: list[float] = []
     waits: list[float] = []
 
@@ -107,7 +106,8 @@ def test_rate_limit_60_per_minute_over_3_simulated_minutes(backend: Backend, clo
         waits.append(seconds)
         clock.advance(seconds)
 
-    budget.sleep = sleep
+    scope = BudgetScope("s", limits=[Limit("requests", 60, "1m")])
+    budget = backend.budget(scope, RATES, clock=clock, sleep=sleep)
     end = clock.t + 180
     rnd = random.Random(7)
     while clock.t < end:

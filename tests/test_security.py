@@ -100,7 +100,7 @@ def test_tls_cluster_url(tmp_path: Path) -> None:
             b.record("s", "m", 85, 0)
         assert [b.summary("s")["session"]["tokens"] for b in budgets] == [85] * 6
         assert len(_first(AlertListener(redis=url, block_ms=100), 6)) == 6
-        shards = {cluster.client().get_node_from_key(b.keyspace.totals(b.name)).port for b in budgets}
+        shards = {cluster.client().get_node_from_key(b._core.keyspace.totals(b.name)).port for b in budgets}
         assert len(shards) > 1
     finally:
         cluster.stop()

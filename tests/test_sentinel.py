@@ -137,7 +137,7 @@ def test_wait_is_sent_with_each_charge_and_a_short_one_is_reported(
     budget.summary()
     assert admin.info("commandstats")["cmdstat_wait"]["calls"] == waits  # reads are never followed by WAIT
     assert budget.engine.under_replicated == 0
-    totals = budget.keyspace.totals("waited")
+    totals = budget._core.keyspace.totals("waited")
     # what WAIT waited for: when the commit returned, a replica held everything the master did
     assert any(r.client().hgetall(totals) == admin.hgetall(totals) for r in sentinels.replicas)
     # three replicas asked for, two exist: WAIT gives up after its timeout, the charge stands

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from urllib.parse import quote, unquote
 
-from distbudget._exceptions import InvalidInputError
+from distbudget._core.errors import InvalidInputError
 
 
 def encode(name: str) -> str:
@@ -44,11 +44,15 @@ def check_prefix(prefix: object) -> str:
 class KeySpace:
     """Key builder for one scope tree (``root`` is the topmost scope's name)."""
 
-    __slots__ = ("base", "prefix")
+    __slots__ = ("alerts", "base", "holds", "leases", "ledger", "prefix")
 
     def __init__(self, prefix: str, root: str) -> None:
         self.prefix = check_prefix(prefix)
-        self.base = f"{prefix}:{{{encode(root)}}}:"
+        self.base = base = f"{prefix}:{{{encode(root)}}}:"
+        self.holds = f"{base}holds"  # reservations: hold id -> amounts and counters
+        self.leases = f"{base}leases"  # sorted set: hold id by expiry
+        self.alerts = f"{base}alerts"  # the tree's alert stream
+        self.ledger = f"{base}ledger"  # the tree's usage ledger (a capped stream)
 
     def totals(self, scope: str) -> str:
         return f"{self.base}t:{encode(scope)}"
@@ -61,24 +65,8 @@ class KeySpace:
         tail = f"{encode(scope)}:{seconds}:{'*' if model is None else encode(model)}"
         return f"{self.base}w:{tail}", f"{self.base}z:{tail}"
 
-    @property
-    def holds(self) -> str:
-        return f"{self.base}holds"
-
-    @property
-    def leases(self) -> str:
-        return f"{self.base}leases"
-
     def request(self, scope: str, request_id: str) -> str:
         return f"{self.base}rq:{encode(scope)}:{encode(request_id)}"
-
-    @property
-    def alerts(self) -> str:
-        return f"{self.base}alerts"
-
-    @property
-    def ledger(self) -> str:
-        return f"{self.base}ledger"
 
 
 def alert_index_key(prefix: str) -> str:

@@ -11,7 +11,7 @@ import math
 from decimal import Decimal, InvalidOperation
 from numbers import Real
 
-from distbudget._exceptions import InvalidInputError
+from distbudget._core.errors import InvalidInputError
 
 NANO = 10**9
 # Redis runs Lua 5.1, whose numbers are doubles: integers are exact below 2**53.

@@ -38,9 +38,9 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
+from distbudget._core.errors import BudgetWarning, InvalidInputError, UnknownModelError
 from distbudget._core.models import canonical_model, first_known, name_forms
 from distbudget._core.money import check_tokens, cost_nano, nano_to_usd, rate_to_nano_per_million
-from distbudget._exceptions import BudgetWarning, InvalidInputError, UnknownModelError
 
 log = logging.getLogger("distbudget.prices")
 

@@ -16,9 +16,9 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal
 from typing import Any
 
+from distbudget._core.errors import InvalidInputError, UnknownScopeError
 from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope, Limit
-from distbudget._exceptions import InvalidInputError
 
 VERSION = 1
 MAX_DEPTH = 16
@@ -90,7 +90,7 @@ def from_chain(chain: Sequence[str | bytes]) -> tuple[BudgetScope, dict[str, Mod
         table = entry["rates"]
         rates = None if table is None else {m: ModelRates.from_dict(r) for m, r in table.items()}
     if scope is None:
-        raise KeyError("empty registry chain")
+        raise UnknownScopeError("empty registry chain")
     return scope, rates
 
 
@@ -134,7 +134,7 @@ def _refusal(get: Callable[[str], str | None], name: str, config: str, old: str 
     return None
 
 
-def _put(table: dict[str, str], triples: Sequence[str]) -> list[str]:
+def put(table: dict[str, str], triples: Sequence[str]) -> list[str]:
     pending: dict[str, str] = {}
 
     def get(n: str) -> str | None:
@@ -154,7 +154,7 @@ def _put(table: dict[str, str], triples: Sequence[str]) -> list[str]:
     return _chain(table.get, last)[0]
 
 
-def _remove(table: dict[str, str], name: str) -> list[str]:
+def remove(table: dict[str, str], name: str) -> list[str]:
     if name not in table:
         return []
     for child, cfg in table.items():
@@ -164,18 +164,13 @@ def _remove(table: dict[str, str], name: str) -> list[str]:
     return ["ok"]
 
 
-def put_args(scopes: Sequence[tuple[str, str, bool]]) -> list[str]:
+def put_args(scopes: Sequence[tuple[str, str, bool]]) -> tuple[str, ...]:
     """A 'put''s arguments: (name, config, only if absent) from the root down."""
-    return [v for name, config, absent in scopes for v in (name, config, "a" if absent else "w")]
+    return tuple(v for name, config, absent in scopes for v in (name, config, "a" if absent else "w"))
 
 
-def apply(table: dict[str, str], op: str, *args: str) -> list[str]:
-    """``lua/registry.lua`` for the embedded engine, on a dict (the caller holds its lock)."""
-    if op == "chain":
-        found, missing, _ = _chain(table.get, args[0])
-        return ["err", "missing", missing] if missing is not None and found else found
-    if op == "put":
-        return _put(table, args)
-    if op == "remove":
-        return _remove(table, args[0])
-    raise ValueError(f"unknown registry operation {op!r}")
+def chain(table: dict[str, str], name: str) -> list[str]:
+    """``lua/registry.lua``'s 'chain' for the embedded engine (as ``put`` and ``remove``; the caller
+    holds the table's lock)."""
+    found, missing, _ = _chain(table.get, name)
+    return ["err", "missing", missing] if missing is not None and found else found

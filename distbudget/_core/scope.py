@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
+from distbudget._core.errors import InvalidInputError
 from distbudget._core.money import MAX_AMOUNT, usd_to_nano
-from distbudget._exceptions import InvalidInputError
 
 Metric = Literal["tokens", "cost", "requests"]
 METRICS: tuple[Metric, ...] = ("tokens", "cost", "requests")

@@ -58,7 +58,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import parse_url
 from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 
-from distbudget._exceptions import BackendError
+from distbudget._core.errors import BackendError
 
 TIMEOUTS: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
 DEFAULT_WAIT_TIMEOUT_MS = 100

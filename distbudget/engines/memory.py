@@ -13,10 +13,12 @@ import threading
 import time
 from collections import deque
 from itertools import chain
-from typing import Any
+from typing import Any, TypeVar
 
-from distbudget._core import registry
-from distbudget._core.plan import AdmitResult, ChargeResult, Counter, Plan, SummaryResult
+from distbudget._core import ops, registry
+from distbudget._core.plan import Counter, Plan
+
+R = TypeVar("R")
 
 _METRIC_SUFFIX = ("t", "c", "r")
 
@@ -107,6 +109,22 @@ class MemoryEngine:
         self._streams: dict[str, _Stream] = {}
         self._registries: dict[str, dict[str, str]] = {}
         self._sweep_at = 0
+        self._handlers: dict[type[Any], Any] = {
+            ops.Record: self._record,
+            ops.RecordMany: self._record_many,
+            ops.Commit: self._commit,
+            ops.Check: self._check,
+            ops.Reserve: self._reserve,
+            ops.Release: self._release,
+            ops.Summary: self._summary,
+            ops.Reset: self._reset,
+            ops.RegistryPut: self._registry_put,
+            ops.RegistryChain: self._registry_chain,
+            ops.RegistryRemove: self._registry_remove,
+            ops.RegistryNames: self._registry_names,
+            ops.LedgerRead: self._ledger_read,
+            ops.Announce: self._announce,
+        }
 
     # ---- state helpers (mirroring lua/include/scan.lua) ----------------------------------------
 
@@ -265,48 +283,30 @@ class MemoryEngine:
 
     # ---- operations (one lock hold each: the in-process "atomic step") --------------------------
 
-    def record(
-        self,
-        plan: Plan,
-        now_us: int | None,
-        amt: tuple[int, int, int],
-        request_key: str | None,
-        request_ttl_ms: int,
-        ledger: tuple[int, str],
-    ) -> ChargeResult:
-        with self._lock:
-            now = _server_now() if now_us is None else now_us
-            return self._charge_plan(plan, now, amt, request_key, request_ttl_ms, False, ledger)
+    def execute(self, op: ops.Operation[R]) -> R:
+        """Apply one operation (see ``engines/base.py``)."""
+        return self._handlers[type(op)](op)  # type: ignore[no-any-return]  # each handler matches its type
 
-    def record_many(self, batch: tuple[tuple[Any, ...], ...]) -> list[ChargeResult]:
-        """``record`` for each argument tuple, in order, under one lock hold (each its own step)."""
+    def _record(self, op: ops.Record) -> ops.ChargeResult:
         with self._lock:
-            out = []
-            for plan, now_us, amt, request_key, request_ttl_ms, ledger in batch:
-                now = _server_now() if now_us is None else now_us
-                out.append(self._charge_plan(plan, now, amt, request_key, request_ttl_ms, False, ledger))
-            return out
+            now = _server_now() if op.now_us is None else op.now_us
+            return self._charge_plan(op, now, False)
 
-    def commit(
-        self,
-        plan: Plan,
-        now_us: int | None,
-        amt: tuple[int, int, int],
-        hold_id: str,
-        request_key: str | None,
-        request_ttl_ms: int,
-        ledger: tuple[int, str],
-    ) -> ChargeResult:
+    def _record_many(self, op: ops.RecordMany) -> list[ops.ChargeResult]:
+        """Each record in order, under one lock hold (each its own step)."""
         with self._lock:
-            now = _server_now() if now_us is None else now_us
-            tree = self._tree(plan)
-            if self._seen(request_key, now) is not None:
-                self._drop_hold(tree, hold_id)
-            found = self._drop_hold(tree, hold_id)
-            return self._charge_plan(plan, now, amt, request_key, request_ttl_ms, found, ledger)
+            return [self._charge_plan(r, _server_now() if r.now_us is None else r.now_us, False) for r in op.records]
 
-    def _append(self, key: str, ledger: tuple[int, str], now: int, amt: tuple[int, int, int]) -> str:
-        maxlen, entry = ledger
+    def _commit(self, op: ops.Commit) -> ops.ChargeResult:
+        with self._lock:
+            now = _server_now() if op.now_us is None else op.now_us
+            tree = self._tree(op.plan)
+            if self._seen(op.request_key, now) is not None:
+                self._drop_hold(tree, op.hold_id)
+            found = self._drop_hold(tree, op.hold_id)
+            return self._charge_plan(op, now, found)
+
+    def _append(self, key: str, maxlen: int, entry: str, now: int, amt: ops.Amounts) -> str:
         if not entry:
             return ""
         stream = self._streams.get(key)
@@ -326,22 +326,14 @@ class MemoryEngine:
             return None
         return entry[1]
 
-    def _charge_plan(
-        self,
-        plan: Plan,
-        now: int,
-        amt: tuple[int, int, int],
-        request_key: str | None,
-        request_ttl_ms: int,
-        found: bool,
-        ledger: tuple[int, str],
-    ) -> ChargeResult:
+    def _charge_plan(self, op: ops.Record | ops.Commit, now: int, found: bool) -> ops.ChargeResult:
         if now >= self._sweep_at:
             self._sweep(now)
+        plan, amt, request_key = op.plan, op.amounts, op.request_key
         if request_key is not None:
             original = self._seen(request_key, now)
             if original is not None:
-                return ChargeResult(now, (), (), original, False)
+                return ops.ChargeResult(now, (), (), original, False)
         # _charge() for every counter, inlined: this loop is the whole embedded record()
         a0, a1, a2 = amt
         all_hashes, windows = self._hashes, self._windows
@@ -388,23 +380,22 @@ class MemoryEngine:
             rows.append(tot)
         fired = self._alerts(plan, rows, hashes, amt)
         if request_key is not None:
-            self._requests[request_key] = (now + request_ttl_ms * 1000, (now, amt[0], amt[1]))
+            self._requests[request_key] = (now + op.request_ttl_ms * 1000, (now, amt[0], amt[1]))
         totals = tuple(chain.from_iterable(rows))
-        ledger_id = self._append(plan.keyspace.ledger, ledger, now, amt)
-        return ChargeResult(now, totals, fired, None, found, (), ledger_id)
+        ledger_id = self._append(plan.keyspace.ledger, op.ledger_maxlen, op.ledger_entry, now, amt)
+        return ops.ChargeResult(now, totals, fired, None, found, (), ledger_id)
 
-    def check(self, plan: Plan, now_us: int | None, amt: tuple[int, int, int]) -> AdmitResult:
+    def _check(self, op: ops.Check) -> ops.AdmitResult:
         with self._lock:
-            now = _server_now() if now_us is None else now_us
-            totals, held = self._read(plan, now)
-            refused, retry = self._admit(plan, totals, held, amt, now)
-            return AdmitResult(now, totals, held, refused, retry)
+            now = _server_now() if op.now_us is None else op.now_us
+            totals, held = self._read(op.plan, now)
+            refused, retry = self._admit(op.plan, totals, held, op.amounts, now)
+            return ops.AdmitResult(now, totals, held, refused, retry)
 
-    def reserve(
-        self, plan: Plan, now_us: int | None, amt: tuple[int, int, int], hold_id: str, ttl_us: int
-    ) -> AdmitResult:
+    def _reserve(self, op: ops.Reserve) -> ops.AdmitResult:
+        plan, amt = op.plan, op.amounts
         with self._lock:
-            now = _server_now() if now_us is None else now_us
+            now = _server_now() if op.now_us is None else op.now_us
             totals, held = self._read(plan, now)
             refused, retry = self._admit(plan, totals, held, amt, now)
             if refused < 0:
@@ -417,18 +408,19 @@ class MemoryEngine:
                     row[0] += amt[0]
                     row[1] += amt[1]
                     row[2] += amt[2]
-                tree.holds[hold_id] = (amt, cids)
-                tree.leases[hold_id] = now + ttl_us
-            return AdmitResult(now, totals, held, refused, retry)
+                tree.holds[op.hold_id] = (amt, cids)
+                tree.leases[op.hold_id] = now + op.ttl_us
+            return ops.AdmitResult(now, totals, held, refused, retry)
 
-    def release(self, plan: Plan, hold_id: str) -> bool:
+    def _release(self, op: ops.Release) -> bool:
         with self._lock:
-            tree = self._trees.get(plan.keys[0])
-            return tree is not None and self._drop_hold(tree, hold_id)
+            tree = self._trees.get(op.plan.keys[0])
+            return tree is not None and self._drop_hold(tree, op.hold_id)
 
-    def summary(self, plan: Plan, now_us: int | None) -> SummaryResult:
+    def _summary(self, op: ops.Summary) -> ops.SummaryResult:
+        plan = op.plan
         with self._lock:
-            now = _server_now() if now_us is None else now_us
+            now = _server_now() if op.now_us is None else op.now_us
             totals, held = self._read(plan, now)
             fields: dict[str, int] = {}
             for k, v in (self._lookup(plan.keys[plan.totals_key_index - 1], now) or {}).items():
@@ -437,18 +429,17 @@ class MemoryEngine:
                 else:
                     for m, suffix in enumerate(_METRIC_SUFFIX):
                         fields[f"{k}{suffix}"] = v[m]
-            return SummaryResult(now, totals, held, fields)
+            return ops.SummaryResult(now, totals, held, fields)
 
-    def reset(
-        self, mode: str, keys: list[str], now_us: int | None, field_prefix: str, ledger: tuple[int, str]
-    ) -> tuple[tuple[int, int, int], str]:
+    def _reset(self, op: ops.Reset) -> ops.ResetResult:
         """``lua/reset.lua``: zero the counters, report what the first one held, append the reset."""
+        keys = op.keys
         with self._lock:
-            now = _server_now() if now_us is None else now_us
+            now = _server_now() if op.now_us is None else op.now_us
             h = self._lookup(keys[1], now) or {}  # nothing to zero creates nothing
-            if mode == "model":
-                amt = tuple(h.pop(field_prefix, (0, 0, 0)))
-                for k in [k for k in h if isinstance(k, tuple) and k[1] == field_prefix]:
+            if op.what == "model":
+                amt = tuple(h.pop(op.field_prefix, (0, 0, 0)))
+                for k in [k for k in h if isinstance(k, tuple) and k[1] == op.field_prefix]:
                     del h[k]
                 doomed = keys[2:]
             else:
@@ -459,27 +450,34 @@ class MemoryEngine:
                 self._expires.pop(key, None)
                 self._windows.pop(key, None)
             amounts = (int(amt[0]), int(amt[1]), int(amt[2]))
-            return amounts, self._append(keys[0], ledger, now, amounts)
+            return ops.ResetResult(amounts, self._append(keys[0], op.ledger_maxlen, op.ledger_entry, now, amounts))
 
-    def registry(self, key: str, op: str, *args: str) -> list[str]:
+    def _registry(self, key: str) -> dict[str, str]:
+        return self._registries.setdefault(key, {})
+
+    def _registry_put(self, op: ops.RegistryPut) -> list[str]:
         with self._lock:
-            return registry.apply(self._registries.setdefault(key, {}), op, *args)
+            return registry.put(self._registry(op.key), op.triples)
 
-    def registry_names(self, key: str) -> list[str]:
+    def _registry_chain(self, op: ops.RegistryChain) -> list[str]:
         with self._lock:
-            return list(self._registries.get(key, {}))
+            return registry.chain(self._registries.get(op.key, {}), op.name)
 
-    def ledger_read(self, key: str, start: str, count: int) -> list[tuple[str, dict[str, str]]]:
+    def _registry_remove(self, op: ops.RegistryRemove) -> list[str]:
         with self._lock:
-            stream = self._streams.get(key)
-            return [] if stream is None else stream.read(start, count)
+            return registry.remove(self._registries.get(op.key, {}), op.name)
 
-    def announce(self, index_key: str, streams: dict[str, str]) -> None:
+    def _registry_names(self, op: ops.RegistryNames) -> list[str]:
+        with self._lock:
+            return list(self._registries.get(op.key, {}))
+
+    def _ledger_read(self, op: ops.LedgerRead) -> list[ops.LedgerRow]:
+        with self._lock:
+            stream = self._streams.get(op.key)
+            return [] if stream is None else stream.read(op.start, op.count)
+
+    def _announce(self, op: ops.Announce) -> None:
         """Alert streams are a Redis feature: nothing to register in-process."""
-
-    def apply(self, name: str, args: tuple[Any, ...]) -> Any:
-        """Run one operation by name (what the budget shells call)."""
-        return getattr(self, name)(*args)
 
 
 class AsyncMemoryEngine:
@@ -489,5 +487,5 @@ class AsyncMemoryEngine:
     def __init__(self, engine: MemoryEngine | None = None) -> None:
         self.engine = engine or MemoryEngine()
 
-    async def apply(self, name: str, args: tuple[Any, ...]) -> Any:
-        return self.engine.apply(name, args)
+    async def execute(self, op: ops.Operation[R]) -> R:
+        return self.engine.execute(op)

@@ -1,45 +1,37 @@
-"""The Redis engines: apply a plan with exactly one ``EVALSHA`` of a script from ``lua/``.
+"""The Redis engines: apply each operation with exactly one ``EVALSHA`` of a script from ``lua/``
+(or, for reads and the alert-stream index, one plain command).
 
-:func:`wire` turns an operation into (script, KEYS, ARGV, parser) — the one place that knows the
-scripts' calling convention; :class:`RedisEngine` (redis-py) and :class:`AsyncRedisEngine`
-(``redis.asyncio``) only send it. Scripts are registered once per client (``register_script``
-reloads a script by itself after ``SCRIPT FLUSH``, a restart or a failover: ``NOSCRIPT`` never
-reaches the caller). Time is the server's ``TIME`` unless a test injects a clock.
+The codec (``codec.py``) turns an operation into a script call and the reply into its result, and
+classifies redis-py's errors; :class:`RedisEngine` (redis-py) and :class:`AsyncRedisEngine`
+(``redis.asyncio``) only send what it builds: twins kept thin, the I/O alone. Scripts are
+registered once per client (``register_script`` reloads a script by itself after ``SCRIPT FLUSH``, a
+restart or a failover: ``NOSCRIPT`` never reaches the caller). Time is the server's ``TIME`` unless a
+test injects a clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio.cluster
 import redis.exceptions
 
-from distbudget._core.plan import Plan, parse_admit, parse_charge, parse_summary, script_args
-from distbudget._exceptions import BackendError, BatchError
+from distbudget._core.ops import Announce, LedgerRead, Operation, RecordMany, RegistryNames
 from distbudget.engines import connect as _connect
-from distbudget.engines.scripts import OPERATIONS
+from distbudget.engines.codec import ERRORS, Codec, ScriptCall, backend_error, charges, doing, ledger_rows, texts
+from distbudget.engines.scripts import OPERATIONS as SCRIPTS
 from distbudget.engines.scripts import source as script_source
 
-_DOING = {
-    "announce": "registering the alert stream",
-    "registry_names": "listing the registry",
-    "ledger_read": "reading the ledger",
-}
+R = TypeVar("R")
 
 log = logging.getLogger("distbudget")
 
-# What a redis-py call raises when Redis fails. The Cluster clients raise RedisClusterException (not a
-# RedisError) when no node answers, and SlotNotCoveredError (one) when a slot has no node.
-ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException)
 # Replies meaning a script did not run and must be sent elsewhere (or later): a Cluster redirection.
 _REDIRECTS = (redis.exceptions.AskError, redis.exceptions.TryAgainError)  # MovedError is an AskError
 AsyncPipelineCommand: Any = redis.asyncio.cluster.PipelineCommand
-
-Wire = tuple[str, "tuple[str, ...] | list[str]", list[Any], Callable[[Any], Any]]
 
 
 def _check_url(url: str) -> None:
@@ -56,82 +48,7 @@ def connect_async(url: str, max_connections: int = 64, *, lazy: bool = False, **
     return _connect.connect_async(url, max_connections, lazy=lazy, **options)
 
 
-def _charge_keys(plan: Plan, request_key: str | None, ttl_ms: int, record: bool) -> tuple[Any, str | int]:
-    """A charge's KEYS: the plan's (record's without the holds hash and leases), the tree's alert and
-    ledger streams, then the request key if any."""
-    keys = plan.record_keys if record else plan.charge_keys
-    if request_key is None:
-        return keys, ""
-    return (*keys, request_key), ttl_ms
-
-
-def _parse_reset(raw: object) -> tuple[tuple[int, int, int], str]:
-    text = raw.decode() if isinstance(raw, bytes) else str(raw)
-    amounts, _, ledger_id = text.partition("|")
-    t, c, r = (int(v) for v in amounts.split())
-    return (t, c, r), ledger_id
-
-
-def _texts(raw: Any) -> list[str]:
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
-
-
-def _charge(name: str) -> Callable[[tuple[Any, ...]], Wire]:
-    def build(args: tuple[Any, ...]) -> Wire:
-        if name == "record":
-            plan, now, amt, rkey, ttl_ms, (maxlen, entry) = args
-            hold_id = ""
-        else:
-            plan, now, amt, hold_id, rkey, ttl_ms, (maxlen, entry) = args
-        keys, ttl = _charge_keys(plan, rkey, ttl_ms, name == "record")
-        return name, keys, script_args(plan, now, amt, ttl, hold_id, plan.alert_meta, maxlen, entry), parse_charge
-
-    return build
-
-
-def _reset(args: tuple[Any, ...]) -> Wire:
-    mode, keys, now, field_prefix, (maxlen, entry) = args
-    return "reset", keys, ["" if now is None else now, mode, field_prefix, maxlen, entry], _parse_reset
-
-
-def _admit(name: str) -> Callable[[tuple[Any, ...]], Wire]:
-    def build(args: tuple[Any, ...]) -> Wire:
-        if name == "check":
-            plan, now, amt = args
-            return "check", plan.keys, script_args(plan, now, amt), parse_admit
-        plan, now, amt, hold_id, ttl_us = args
-        return "reserve", plan.keys, script_args(plan, now, amt, "", hold_id, ttl_us), parse_admit
-
-    return build
-
-
-_WIRES: dict[str, Callable[[tuple[Any, ...]], Wire]] = {
-    "record": _charge("record"),
-    "commit": _charge("commit"),
-    "check": _admit("check"),
-    "reserve": _admit("reserve"),
-    "release": lambda a: ("release", a[0].keys[:2], ["", 0, 0, 0, "", a[1], ""], bool),
-    "summary": lambda a: (
-        "summary",
-        a[0].keys,
-        script_args(a[0], a[1], (0, 0, 0), a[0].totals_key_index),
-        parse_summary,
-    ),
-    "reset": _reset,
-    "registry": lambda a: ("registry", [a[0]], list(a[1:]), _texts),
-}
-
-
-def wire(name: str, args: tuple[Any, ...]) -> Wire:
-    """The script call for an engine operation (the same arguments the memory engine takes)."""
-    build = _WIRES.get(name)
-    if build is None:
-        raise ValueError(f"unknown engine operation {name!r}")
-    return build(args)
-
-
 # With wait=(replicas, timeout ms): the scripts that charge or hold are followed by WAIT (see connect.py).
-WAIT_OPS = frozenset({"record", "commit", "reserve"})
 
 
 def _check_wait(client: Any, wait: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -169,6 +86,25 @@ def _evalsha(sha: str, keys: Any, argv: list[Any]) -> tuple[Any, ...]:
     return ("EVALSHA", sha, len(keys), *keys, *argv)
 
 
+def _noscript(replies: list[Any]) -> list[int]:
+    """The commands answered NOSCRIPT (the script was flushed: they did not run)."""
+    return [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
+
+
+def _with_sha(command: tuple[Any, ...], sha: str) -> tuple[Any, ...]:
+    return (command[0], sha, *command[2:])
+
+
+def _put(replies: list[Any], indexes: list[int], answers: list[Any]) -> None:
+    for i, answer in zip(indexes, answers, strict=True):
+        replies[i] = answer
+
+
+def _redirected(replies: list[Any]) -> list[int]:
+    """Commands a Cluster redirected (MOVED, ASK, TRYAGAIN: not run), to send alone."""
+    return [i for i, r in enumerate(replies) if isinstance(r, _REDIRECTS)]
+
+
 def _by_node(client: Any, commands: list[tuple[Any, ...]], replies: list[Any]) -> dict[str, tuple[Any, list[int]]]:
     """A Cluster client's commands grouped by the node of their first key (a command whose slot has
     no node gets that error as its reply)."""
@@ -181,28 +117,6 @@ def _by_node(client: Any, commands: list[tuple[Any, ...]], replies: list[Any]) -
             continue
         groups.setdefault(node.name, (node, []))[1].append(i)
     return groups
-
-
-def _outcomes(results: list[Any]) -> list[Any]:
-    """A record_many batch's parsed answers. When the round trip itself failed (every call has the
-    same error) that error is raised; when only some calls failed, a :class:`BatchError` carrying
-    each call's answer or error (the failure policy settles them one by one)."""
-    failed = [r for r in results if isinstance(r, Exception)]
-    if not failed:
-        return [parse_charge(r) for r in results]
-    first = failed[0]
-    if all(r is first for r in results):
-        raise first
-    per_call: list[Any] = []
-    for r in results:
-        if isinstance(r, Exception):
-            err = BackendError(f"Redis record failed: {r}")
-            err.__cause__ = r
-            per_call.append(err)
-        else:
-            per_call.append(parse_charge(r))
-    msg = f"Redis record_many: {len(failed)} of {len(results)} charges failed (first: {first})"
-    raise BatchError(msg, per_call) from first
 
 
 _WARNED: set[int] = set()
@@ -230,37 +144,69 @@ def warn_if_retrying(client: Any) -> None:
         )
 
 
-class RedisEngine:
-    """Applies plans on one redis-py client (``Redis``, ``RedisCluster``)."""
+class _Base:
+    """What both engines keep: the client, its scripts, the codec, the WAIT setting."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
+    def __init__(self, client: Any, wait: tuple[int, int] | None) -> None:
         warn_if_retrying(client)
         self.wait = _check_wait(client, wait)
         self.under_replicated = 0  # charges WAIT returned on before enough replicas acknowledged
-        # A Cluster client that could not be built (no node answered; see connect(lazy=True)) is
-        # built at the first call instead: until then ``client`` is that PendingClient.
+        self.codec = Codec()
         self.client: Any = client
         self.scripts: dict[str, Any] = {}
+
+    def _register(self, client: Any) -> None:
+        self.scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
+
+    def _encode_many(self, op: RecordMany) -> list[tuple[Any, ...]]:
+        """A batch's record scripts as raw ``EVALSHA`` commands (for a pipeline)."""
+        sha = self.scripts["record"].sha
+        return [_evalsha(sha, c.keys, c.argv) for c in map(self.codec.encode, op.records)]
+
+
+class RedisEngine(_Base):
+    """Applies operations on one redis-py client (``Redis``, ``RedisCluster``)."""
+
+    def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
+        super().__init__(client, wait)
+        # A Cluster client that could not be built (no node answered; see connect(lazy=True)) is
+        # built at the first call instead: until then ``client`` is that PendingClient.
         self._pending = client if isinstance(client, _connect.PendingClient) else None
         if self._pending is None:
-            self.scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
+            self._register(client)
 
-    def _ready(self) -> None:
-        pending = self._pending
-        if pending is not None:
-            client = pending.get()  # raises while no node answers
-            self.scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
-            self.client = client
-            self._pending = None
+    def execute(self, op: Operation[R]) -> R:
+        """Apply one operation (see ``engines/base.py``)."""
+        try:
+            if self._pending is not None:
+                self.client = self._pending.get()  # raises while no node answers
+                self._register(self.client)
+                self._pending = None
+            if isinstance(op, RecordMany):
+                return cast("R", self._record_many(op))
+            if isinstance(op, (LedgerRead, RegistryNames, Announce)):
+                return cast("R", self._command(op))
+            call = self.codec.encode(op)
+            return call.parse(self._run(call))
+        except ERRORS as exc:
+            raise backend_error(doing(op), exc) from exc
 
-    def _run(self, op: str, keys: Any, argv: list[Any]) -> Any:
+    def _command(self, op: LedgerRead | RegistryNames | Announce) -> object:
+        if isinstance(op, LedgerRead):
+            return ledger_rows(self.client.xrange(op.key, op.start, "+", op.count))
+        if isinstance(op, RegistryNames):
+            return texts(self.client.hkeys(op.key))
+        self.client.hset(op.index_key, mapping=op.streams)
+        return None
+
+    def _run(self, call: ScriptCall[Any]) -> Any:
         """One script call; with ``wait``, a charge and ``WAIT`` in one pipeline (one round trip)."""
-        script = self.scripts[op]
-        if self.wait is None or op not in WAIT_OPS:
-            return script(keys=keys, args=argv)
+        script = self.scripts[call.script]
+        if self.wait is None or not call.writes:
+            return script(keys=call.keys, args=call.argv)
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(script.sha, len(keys), *keys, *argv)
+            pipe.evalsha(script.sha, len(call.keys), *call.keys, *call.argv)
             pipe.execute_command("WAIT", *self.wait)
             result, acked = pipe.execute(raise_on_error=False)
             if not isinstance(result, redis.exceptions.NoScriptError):
@@ -269,28 +215,22 @@ class RedisEngine:
         self.under_replicated += _replicated(result, acked, self.wait)
         return result
 
-    def _record_many(self, batch: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    def _record_many(self, op: RecordMany) -> list[Any]:
         """Every record of the batch in one pipeline (one round trip; each its own script), then
         WAIT when configured. A NOSCRIPT reply (SCRIPT FLUSH, restart, failover) means that charge
         did not run: the script is loaded and those charges alone are sent again. Nothing else is
-        ever sent twice. Each call's outcome is its own (see :func:`_outcomes`)."""
-        script = self.scripts["record"]
-        calls = [wire("record", args)[1:3] for args in batch]
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
+        ever sent twice. Each call's outcome is its own (see ``codec.charges``)."""
+        commands = self._encode_many(op)
+        replies = self._send_many(commands)
+        again = _noscript(replies)
+        if again:
             try:
-                if attempt:
-                    script.sha = self.client.script_load(script.script)
-                raw = self._send_many([_evalsha(script.sha, *calls[i]) for i in todo])
+                sha = self.scripts["record"].sha = self.client.script_load(self.scripts["record"].script)
+                resent = self._send_many([_with_sha(commands[i], sha) for i in again])
             except ERRORS as exc:  # loading the script failed: those charges did not run
-                raw = [exc] * len(todo)
-            for i, r in zip(todo, raw, strict=True):
-                results[i] = r
-            todo = [i for i in todo if isinstance(results[i], redis.exceptions.NoScriptError)]
-            if not todo:
-                break
-        return _outcomes(results)
+                resent = [exc] * len(again)
+            _put(replies, again, resent)
+        return charges(replies)
 
     def _send_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Commands in one round trip: their replies, an error reply in place of its command's. When
@@ -325,61 +265,57 @@ class RedisEngine:
                 raw = [exc] * len(indexes)
             for i, r in zip(indexes, raw, strict=True):
                 replies[i] = r
-        for i, r in enumerate(replies):
-            if isinstance(r, _REDIRECTS):
-                try:
-                    replies[i] = self.client.execute_command(*commands[i])
-                except ERRORS as exc:
-                    replies[i] = exc
+        for i in _redirected(replies):
+            try:
+                replies[i] = self.client.execute_command(*commands[i])
+            except ERRORS as exc:
+                replies[i] = exc
         return replies
 
-    def apply(self, name: str, args: tuple[Any, ...]) -> Any:
-        try:
-            if self._pending is not None:
-                self._ready()
-            if name == "announce":
-                return self.client.hset(args[0], mapping=args[1])
-            if name == "registry_names":
-                return _texts(self.client.hkeys(args[0]))
-            if name == "ledger_read":
-                key, start, count = args
-                return self.client.xrange(key, start, "+", count)
-            if name == "record_many":
-                return self._record_many(args[0])
-            op, keys, argv, parse = wire(name, args)
-            return parse(self._run(op, keys, argv))
-        except ERRORS as exc:
-            raise BackendError(f"Redis {_DOING.get(name, name)} failed: {exc}") from exc
 
-
-class AsyncRedisEngine:
+class AsyncRedisEngine(_Base):
     """The same on a ``redis.asyncio`` client: never blocks the event loop."""
 
     def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
-        warn_if_retrying(client)
-        self.client = client
-        self.scripts = {op: client.register_script(script_source(op)) for op in OPERATIONS}
-        self.wait = _check_wait(client, wait)
-        self.under_replicated = 0
+        super().__init__(client, wait)
+        self._register(client)
         # redis.asyncio's RedisCluster breaks connections when many tasks make its first calls at once
         # (they all wait on its slot-map initialisation, then race): initialise once, first.
         self._cluster = _connect.is_cluster_client(client)
         self._cluster_init: asyncio.Lock | None = asyncio.Lock() if self._cluster else None
 
-    async def _initialise(self) -> None:
-        assert self._cluster_init is not None
-        async with self._cluster_init:
+    async def execute(self, op: Operation[R]) -> R:
+        """Apply one operation (see ``engines/base.py``)."""
+        try:
             if self._cluster_init is not None:
-                await self.client.initialize()
-                self._cluster_init = None
+                async with self._cluster_init:
+                    if self._cluster_init is not None:
+                        await self.client.initialize()
+                        self._cluster_init = None
+            if isinstance(op, RecordMany):
+                return cast("R", await self._record_many(op))
+            if isinstance(op, (LedgerRead, RegistryNames, Announce)):
+                return cast("R", await self._command(op))
+            call = self.codec.encode(op)
+            return call.parse(await self._run(call))
+        except ERRORS as exc:
+            raise backend_error(doing(op), exc) from exc
 
-    async def _run(self, op: str, keys: Any, argv: list[Any]) -> Any:
-        script = self.scripts[op]
-        if self.wait is None or op not in WAIT_OPS:
-            return await script(keys=keys, args=argv)
+    async def _command(self, op: LedgerRead | RegistryNames | Announce) -> object:
+        if isinstance(op, LedgerRead):
+            return ledger_rows(await self.client.xrange(op.key, op.start, "+", op.count))
+        if isinstance(op, RegistryNames):
+            return texts(await self.client.hkeys(op.key))
+        await self.client.hset(op.index_key, mapping=op.streams)
+        return None
+
+    async def _run(self, call: ScriptCall[Any]) -> Any:
+        script = self.scripts[call.script]
+        if self.wait is None or not call.writes:
+            return await script(keys=call.keys, args=call.argv)
         for _ in range(2):
             pipe = self.client.pipeline(transaction=False)
-            pipe.evalsha(script.sha, len(keys), *keys, *argv)
+            pipe.evalsha(script.sha, len(call.keys), *call.keys, *call.argv)
             pipe.execute_command("WAIT", *self.wait)
             result, acked = await pipe.execute(raise_on_error=False)
             if not isinstance(result, redis.exceptions.NoScriptError):
@@ -388,25 +324,19 @@ class AsyncRedisEngine:
         self.under_replicated += _replicated(result, acked, self.wait)
         return result
 
-    async def _record_many(self, batch: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    async def _record_many(self, op: RecordMany) -> list[Any]:
         """See :meth:`RedisEngine._record_many`."""
-        script = self.scripts["record"]
-        calls = [wire("record", args)[1:3] for args in batch]
-        results: list[Any] = [None] * len(calls)
-        todo = list(range(len(calls)))
-        for attempt in range(2):
+        commands = self._encode_many(op)
+        replies = await self._send_many(commands)
+        again = _noscript(replies)
+        if again:
             try:
-                if attempt:
-                    script.sha = await self.client.script_load(script.script)
-                raw = await self._send_many([_evalsha(script.sha, *calls[i]) for i in todo])
+                sha = self.scripts["record"].sha = await self.client.script_load(self.scripts["record"].script)
+                resent = await self._send_many([_with_sha(commands[i], sha) for i in again])
             except ERRORS as exc:
-                raw = [exc] * len(todo)
-            for i, r in zip(todo, raw, strict=True):
-                results[i] = r
-            todo = [i for i in todo if isinstance(results[i], redis.exceptions.NoScriptError)]
-            if not todo:
-                break
-        return _outcomes(results)
+                resent = [exc] * len(again)
+            _put(replies, again, resent)
+        return charges(replies)
 
     async def _send_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """See :meth:`RedisEngine._send_many`."""
@@ -443,28 +373,9 @@ class AsyncRedisEngine:
 
         groups = _by_node(self.client, commands, replies)
         await asyncio.gather(*(send(node, indexes) for node, indexes in groups.values()))
-        for i, r in enumerate(replies):
-            if isinstance(r, _REDIRECTS):
-                try:
-                    replies[i] = await self.client.execute_command(*commands[i])
-                except ERRORS as exc:
-                    replies[i] = exc
+        for i in _redirected(replies):
+            try:
+                replies[i] = await self.client.execute_command(*commands[i])
+            except ERRORS as exc:
+                replies[i] = exc
         return replies
-
-    async def apply(self, name: str, args: tuple[Any, ...]) -> Any:
-        try:
-            if self._cluster_init is not None:
-                await self._initialise()
-            if name == "announce":
-                return await self.client.hset(args[0], mapping=args[1])
-            if name == "registry_names":
-                return _texts(await self.client.hkeys(args[0]))
-            if name == "ledger_read":
-                key, start, count = args
-                return await self.client.xrange(key, start, "+", count)
-            if name == "record_many":
-                return await self._record_many(args[0])
-            op, keys, argv, parse = wire(name, args)
-            return parse(await self._run(op, keys, argv))
-        except ERRORS as exc:
-            raise BackendError(f"Redis {_DOING.get(name, name)} failed: {exc}") from exc

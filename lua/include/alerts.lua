@@ -3,7 +3,7 @@
 --
 -- Alert fan-out, in the same atomic step as the crossing (and only when something fired): append
 -- each alert to the tree's capped stream and PUBLISH it on the all-scopes and the scope channel.
--- ARGV[7] is the plan's alert metadata (JSON, see plan.py alert_meta); the stream key is
+-- ARGV[7] is the plan's alert metadata (JSON, see distbudget/engines/codec.py alert_meta); the stream key is
 -- tail_key(1). Returns the stream ids.
 local function fan_out(nows, totals, fired)
   if #fired == 0 or ARGV[7] == '' then return '' end

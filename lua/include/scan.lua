@@ -1,7 +1,7 @@
 -- scan.lua: the window scan: one pass over a plan's counters (read, age, charge, alert crossings).
 -- needs: num, window
 --
--- The plan (see distbudget/_core/plan.py) arrives grouped by hash, so that each hash is read with
+-- The plan (encoded by distbudget/engines/codec.py) arrives grouped by hash, so that each hash is read with
 -- one HMGET and written with at most one HSET. Every ARGV element costs the server more than a
 -- tonumber(), so the plan's numbers travel packed in ONE binary string, ARGV[8] (the shape);
 -- ARGV[9..] carry only the strings Redis takes as arguments.

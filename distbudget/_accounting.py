@@ -1,9 +1,13 @@
-"""Everything a budget does except I/O, shared by the sync and asyncio shells (``budget.py``).
+"""A budget's accounting core: everything a budget does except I/O, once for the sync and the
+asyncio shells (``budget.py``).
 
-Each operation is a *flow*: a generator that validates, builds the plan (pure core), yields the one
-engine call it needs as ``(method name, args)``, receives the engine's answer, and returns the
-result (or raises). ``Budget`` drives flows with plain calls, ``AsyncBudget`` with ``await`` — the
-logic exists once (the sans-I/O shape of httpx's auth flows).
+Each public operation of a budget is a method here that validates its arguments, builds the plan
+(``_core/plan.py``) and returns a *job* (``_core/ops.py``): a :class:`Step` (the one engine operation
+it needs and how to finish the engine's answer into the caller's result), or, for the operations
+that really take several engine steps (``acquire``'s wait loop, the ledger read page by page), a
+generator of steps. The shells hand jobs to their driver (``_driver.py``): ``Budget`` runs them with
+plain calls, ``AsyncBudget`` with ``await``. The signatures and docstrings here are the budgets' own
+(the shells take them over unchanged).
 """
 
 from __future__ import annotations
@@ -13,31 +17,52 @@ import datetime
 import json
 import logging
 import os
-import threading
 import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Mapping
-from typing import IO, Any, TypeVar
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, Literal
 
-from distbudget import _degraded as D
 from distbudget._core import ledger as L
 from distbudget._core import plan as P
 from distbudget._core import registry as R
-from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, model_prefix
+from distbudget._core.errors import (
+    BudgetExceededError,
+    BudgetWarning,
+    InvalidInputError,
+    UnknownScopeError,
+)
+from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, decode_model_field, model_prefix
 from distbudget._core.money import MAX_AMOUNT, NANO, check_tokens, nano_to_usd
+from distbudget._core.ops import (
+    AdmitResult,
+    Amounts,
+    Announce,
+    ChargeResult,
+    Check,
+    Commit,
+    Done,
+    LedgerRead,
+    Record,
+    RecordMany,
+    RegistryChain,
+    Release,
+    Reserve,
+    Reset,
+    Sleep,
+    Step,
+    Steps,
+    Summary,
+    SummaryResult,
+)
+from distbudget._core.prices import ModelRates, PriceBook
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
-from distbudget._exceptions import BackendError, BudgetExceededError, BudgetWarning, InvalidInputError
-from distbudget.pricing import ModelRates, PriceBook
+from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
 
 log = logging.getLogger("distbudget")
-
-T = TypeVar("T")
-# A flow yields ("engine method", args) or ("sleep", (seconds,)) and gets the answer back.
-Call = tuple[str, tuple[Any, ...]]
-Flow = Generator[Call, Any, T]
 
 DEFAULT_SESSION = "default"
 MAX_LOCAL_RECORDS = 10_000
@@ -83,35 +108,48 @@ _RECORD_PARAMETERS = _RECORD_REQUIRED | {
 }
 
 
+def _nothing(_answer: object) -> None:
+    return None
+
+
 def _seconds(value: object, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
         raise InvalidInputError(f"{what} must be a positive number of seconds, got {value!r}")
     return float(value)
 
 
-class BudgetCore:
-    """Everything a budget does except talking to its engine (shared by sync and async shells)."""
+@dataclass(frozen=True)
+class Settings:
+    """A budget's keyword options as given (see ``Budget``; :class:`Accounting` validates them). A
+    manager keeps its own and builds every budget with them."""
+
+    session_id: str | None
+    prefix: str
+    clock: Callable[[], float] | None
+    default_rates: ModelRates | None
+    session_ttl: float
+    hold_ttl: float
+    request_ttl: float | None
+    sleep: Callable[[float], Any] | None
+    ledger_maxlen: int
+    on_backend_error: str
+    fail_open_max_cost_usd: float | None
+    fail_open_max_tokens: int | None
+    journal_size: int
+
+
+class Accounting:
+    """Everything a budget does except talking to its engine (held by the sync and async shells).
+    ``attach(engine)`` gives it the failure policy of that engine."""
 
     def __init__(
         self,
         scope: BudgetScope,
-        rates: Mapping[str, ModelRates] | None = None,
-        *,
-        session_id: str | None = None,
-        prefix: str = "distbudget",
-        clock: Callable[[], float] | None = None,
-        default_rates: ModelRates | None = None,
-        session_ttl: float = 7 * 86400,
-        hold_ttl: float = 600,
-        request_ttl: float | None = None,
-        sleep: Callable[[float], Any] | None = None,
-        ledger_maxlen: int = L.DEFAULT_MAXLEN,
-        on_backend_error: str = "raise",
-        fail_open_max_cost_usd: float | None = None,
-        fail_open_max_tokens: int | None = None,
-        journal_size: int = D.DEFAULT_JOURNAL_SIZE,
-        _registry: tuple[str, float, tuple[str, ...]] | None = None,
+        rates: Mapping[str, ModelRates] | None,
+        settings: Settings,
+        registry: tuple[str, float, tuple[str, ...]] | None = None,
     ) -> None:
+        session_id, clock, ledger_maxlen = settings.session_id, settings.clock, settings.ledger_maxlen
         if not isinstance(scope, BudgetScope):
             raise TypeError("scope must be a BudgetScope")
         if session_id is not None:
@@ -120,34 +158,46 @@ class BudgetCore:
             raise TypeError("clock must be a callable returning seconds")
         if isinstance(ledger_maxlen, bool) or not isinstance(ledger_maxlen, int) or ledger_maxlen < 0:
             raise InvalidInputError(f"ledger_maxlen must be an int >= 0 (0: no ledger), got {ledger_maxlen!r}")
-        self.prefix = check_prefix(prefix)
-        self.default_rates = default_rates
+        self.prefix = check_prefix(settings.prefix)
+        self.default_rates = settings.default_rates
         self.clock = clock
-        self.sleep = sleep
-        self.session_ttl_ms = int(_seconds(session_ttl, "session_ttl") * 1000)
-        self.hold_ttl_us = int(_seconds(hold_ttl, "hold_ttl") * P.US)
+        self.session_ttl_ms = int(_seconds(settings.session_ttl, "session_ttl") * 1000)
+        self.hold_ttl_us = int(_seconds(settings.hold_ttl, "hold_ttl") * P.US)
+        request_ttl = settings.request_ttl
         self._request_ttl = None if request_ttl is None else _seconds(request_ttl, "request_ttl")
         self.ledger_maxlen = ledger_maxlen
         self._configure(scope, rates)
         # A budget of a BudgetManager follows the shared registry: (registry key, seconds a config
         # is trusted, the config chain it was built from).
-        self._registry = _registry
-        self._fresh_until = time.monotonic() + _registry[1] if _registry else 0.0
+        self._registry = registry
+        self._fresh_until = time.monotonic() + registry[1] if registry else 0.0
         self._fixed_session = session_id
         self._last_session: str | None = None
         self._callbacks: list[Callable[[BudgetAlert], Any]] = []
+        # Appended to and copied whole by deque's own C code, which no other thread interrupts: no lock.
         self._records: deque[UsageRecord] = deque(maxlen=MAX_LOCAL_RECORDS)
         self._alerts: deque[BudgetAlert] = deque(maxlen=MAX_LOCAL_RECORDS)
-        self._local_lock = threading.Lock()
-        self._announced = False
-        # What happens when Redis is unavailable (see _degraded.py); the shells bind it to their engine.
-        self._guard = D.Guard(self, on_backend_error, fail_open_max_cost_usd, fail_open_max_tokens, journal_size)
+        self.announced = False
+        self.preamble_due = True  # False once announced, for a budget outside a manager's registry
+        # What happens when Redis is unavailable (_policy/guard.py): validated now, bound to the
+        # engine's shared state by attach().
+        self.policy = (
+            settings.on_backend_error,
+            settings.fail_open_max_cost_usd,
+            settings.fail_open_max_tokens,
+            settings.journal_size,
+        )
+        self.mode = check_options(*self.policy)[0]
+        self.guard: Guard | None = None
 
-    @property
+    def attach(self, engine: object) -> Guard:
+        """The failure policy of this budget on ``engine`` (whose journal and state it shares)."""
+        self.guard = Guard(self.name, engine, *self.policy)
+        return self.guard
+
     def backend_status(self) -> dict[str, Any]:
-        """The failure policy and the backend's health as this process sees it (no I/O): degraded
-        or not, charges journaled and replayed, errors (``summary()["backend"]`` shows the same)."""
-        return self._guard.status()
+        assert self.guard is not None
+        return self.guard.status()
 
     def _configure(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None) -> None:
         """Set (or replace, when the registry changed) the scope and rates and what derives from them."""
@@ -168,20 +218,20 @@ class BudgetCore:
 
     # ---- the shared registry (budgets of a BudgetManager) ---------------------------------------
 
-    def refresh_call(self) -> Call | None:
+    def refresh(self) -> Step[list[str], None] | None:
         """The registry read due (its config is older than the manager's ``registry_ttl``), or None."""
         if self._registry is None or time.monotonic() < self._fresh_until:
             return None
-        return "registry", (self._registry[0], "chain", self.name)
+        return Step(RegistryChain(self._registry[0], self.name), self.refreshed)
 
     def refreshed(self, chain: list[str]) -> None:
-        """Adopt the config the registry holds now; ``KeyError`` if the scope was removed."""
+        """Adopt the config the registry holds now; ``UnknownScopeError`` if the scope was removed."""
         assert self._registry is not None
         err = R.refusal(chain)
         if err is not None:
             raise err
         if not chain:
-            raise KeyError(f"unknown scope {self.name!r} (removed from the registry)")
+            raise UnknownScopeError(f"unknown scope {self.name!r} (removed from the registry)")
         key, ttl, old = self._registry
         if tuple(chain) != old:
             scope, rates = R.from_chain(chain)
@@ -217,6 +267,7 @@ class BudgetCore:
         return None if self.clock is None else round(self.clock() * P.US)
 
     def plan(self, session_id: str, model: str | None) -> P.Plan:
+        """The plan of a call (cached per session and model)."""
         key = (session_id, model)
         plan = self._plans.get(key)
         if plan is None:
@@ -233,7 +284,7 @@ class BudgetCore:
         cached_input_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
-    ) -> tuple[int, int, int]:
+    ) -> Amounts:
         """Validated (tokens, nano-USD, requests) of one call."""
         if (  # the common call, valid at a glance: the checks below would all pass
             type(input_tokens) is int
@@ -259,7 +310,7 @@ class BudgetCore:
         )
         return input_tokens + output_tokens, cost, 1
 
-    def worst_case(self, model: str, input_tokens: int, max_output_tokens: int) -> tuple[int, int, int]:
+    def worst_case(self, model: str, input_tokens: int, max_output_tokens: int) -> Amounts:
         check_name(model, "model")
         check_tokens(input_tokens, "input_tokens")
         check_tokens(max_output_tokens, "max_output_tokens")
@@ -292,7 +343,7 @@ class BudgetCore:
         retry = retry_us / P.US if retry_us >= 0 else None
         return BudgetExceededError(msg, lim.scope, lim.limit_type, used, limit, retry_after=retry, record=record)
 
-    def _make_alerts(self, plan: P.Plan, result: P.ChargeResult, model: str) -> list[BudgetAlert]:
+    def _make_alerts(self, plan: P.Plan, result: ChargeResult, model: str) -> list[BudgetAlert]:
         out = []
         ids: list[str | None] = list(result.alert_ids) or [None] * len(result.alerts)
         for (i, level), alert_id in zip(result.alerts, ids, strict=True):
@@ -321,20 +372,19 @@ class BudgetCore:
 
     def _dispatch(self, alerts: list[BudgetAlert]) -> None:
         for alert in alerts:
-            with self._local_lock:
-                self._alerts.append(alert)
+            self._alerts.append(alert)
             for cb in list(self._callbacks):
                 try:
                     cb(alert)
                 except Exception:  # a broken callback must never break accounting
                     log.exception("distbudget alert callback %r failed", cb)
 
-    def finish_charge(
+    def _finish_charge(
         self,
         plan: P.Plan,
-        result: P.ChargeResult,
+        result: ChargeResult,
         model: str,
-        usage: tuple[int, int, int],
+        usage: Amounts,
         input_tokens: int,
         output_tokens: int,
         metadata: dict[str, Any] | None,
@@ -342,7 +392,7 @@ class BudgetCore:
         over_hold: bool = False,
     ) -> UsageRecord:
         """Turn an engine's charge answer into the record; fire alerts; raise/warn if over a limit."""
-        if isinstance(result, D.LocalCharge):  # Redis unavailable: the charge waits in the journal
+        if isinstance(result, LocalCharge):  # Redis unavailable: the charge waits in the journal
             record = UsageRecord(
                 plan.session_id,
                 model,
@@ -357,8 +407,7 @@ class BudgetCore:
                 over_hold,
                 journaled=True,
             )
-            with self._local_lock:
-                self._records.append(record)
+            self._records.append(record)
             return record
         if result.original is not None:
             ts, _tok, cost = result.original
@@ -396,23 +445,22 @@ class BudgetCore:
                 "ledger_id": result.ledger_id or None,
             },
         )
-        with self._local_lock:
-            self._records.append(record)
+        self._records.append(record)
         if result.alerts:
             self._dispatch(self._make_alerts(plan, result, model))
         totals = result.totals
-        for i, (c, m, value, _first) in enumerate(plan.checks):
-            if totals[3 * c + m] > value:  # the first limit now over (P.exceeded()[0])
-                err = self._exceeded_error(plan, i, totals[3 * c + m], record=record)
+        for i, (k, value) in enumerate(plan.used_at):
+            if totals[k] > value:  # the first limit now over (P.exceeded()[0])
+                err = self._exceeded_error(plan, i, totals[k], record=record)
                 if self.scope.hard_stop:
                     raise err
                 warnings.warn(err.message, BudgetWarning, stacklevel=3)
                 break
         return record
 
-    def finish_admit(self, plan: P.Plan, result: P.AdmitResult, usage: tuple[int, int, int]) -> bool:
+    def _finish_admit(self, plan: P.Plan, result: AdmitResult, usage: Amounts) -> bool:
         """Raise (hard stop) or warn and return False when refused; True when admitted."""
-        if isinstance(result, D.Refusal):  # Redis unavailable and the failure policy refuses
+        if isinstance(result, Refusal):  # Redis unavailable and the failure policy refuses
             refusal = result.error(self.name)
             if self.scope.hard_stop:
                 raise refusal
@@ -432,14 +480,12 @@ class BudgetCore:
         warnings.warn(err.message, BudgetWarning, stacklevel=3)
         return False
 
-    def make_summary(self, plan: P.Plan, result: P.SummaryResult) -> dict[str, Any]:
+    def _make_summary(self, plan: P.Plan, result: SummaryResult) -> dict[str, Any]:
         def view(counter: int) -> dict[str, Any]:
             t = result.totals[3 * counter : 3 * counter + 3]
             return {"tokens": t[0], "cost_usd": nano_to_usd(t[1]), "requests": t[2]}
 
         per_model: dict[str, dict[str, Any]] = {}
-        from distbudget._core.keys import decode_model_field
-
         names = {"t": "tokens", "c": "cost_usd", "r": "requests"}
         for field, value in result.scope_totals.items():
             decoded = decode_model_field(field)
@@ -475,52 +521,41 @@ class BudgetCore:
             "per_model": per_model,
             "limits": limits,
             "hard_stop": self.scope.hard_stop,
-            "backend": self._guard.status(),
+            "backend": self.backend_status(),
         }
 
-    # ---- flows: one per operation, driven by the sync or the async shell ------------------------
+    # ---- the operations: each returns the job its shell's driver runs ---------------------------
 
-    def announcement(self) -> Call | None:
+    def preamble(self, settle: bool = False) -> tuple[Step[Any, None], ...]:
+        """The steps due before an operation: the registry refresh (not when settling a reservation:
+        it carries its plan, and must settle even if the scope was removed meanwhile), then the
+        alert stream's announcement."""
+        if self.announced and self._registry is None:
+            return ()
+        steps = (None if settle else self.refresh(), self.announcement())
+        return tuple(step for step in steps if step is not None)
+
+    def announcement(self) -> Step[None, None] | None:
         """Before a budget's first operation (until it succeeds): register the tree's alert stream
         under each scope's name (``<prefix>:alert-streams``), which is how listeners find it."""
-        if self._announced:
+        if self.announced:
             return None
         streams = {s.name: self.keyspace.alerts for s in [self.scope, *self.scope.ancestors()]}
-        return "announce", (alert_index_key(self.keyspace.prefix), streams)
+        return Step(Announce(alert_index_key(self.keyspace.prefix), streams), self._announced)
 
-    def check_flow(self, model: str, input_tokens: int, output_tokens: int, session_id: str | None) -> Flow[bool]:
+    def _announced(self, _answer: None) -> None:
+        self.announced = True
+        self.preamble_due = self._registry is not None
+
+    def check(
+        self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
+    ) -> Step[AdmitResult, bool]:
+        """Would this call fit now? Records nothing. Advisory under concurrency: use ``reserve``."""
         usage = self.usage(model, input_tokens, output_tokens)
         plan = self.plan(self._session(session_id, False), model)
-        result = yield "check", (plan, self.now_us(), usage)
-        return self.finish_admit(plan, result, usage)
+        return Step(Check(plan, self.now_us(), usage), lambda result: self._finish_admit(plan, result, usage))
 
-    def record_flow(
-        self,
-        session_id: str | None,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        metadata: dict[str, Any] | None,
-        request_id: str | None,
-        cached_input_tokens: int,
-        cache_write_tokens: int,
-        reasoning_tokens: int,
-    ) -> Flow[UsageRecord]:
-        args = self._record_args(
-            session_id,
-            model,
-            input_tokens,
-            output_tokens,
-            metadata,
-            request_id,
-            cached_input_tokens,
-            cache_write_tokens,
-            reasoning_tokens,
-        )
-        result = yield "record", args
-        return self.finish_charge(args[0], result, model, args[2], input_tokens, output_tokens, metadata, request_id)
-
-    def _record_args(
+    def record(
         self,
         session_id: str | None,
         model: str,
@@ -528,12 +563,12 @@ class BudgetCore:
         output_tokens: int,
         metadata: dict[str, Any] | None = None,
         request_id: str | None = None,
+        *,
         cached_input_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
-    ) -> tuple[Any, ...]:
-        """Validate one record() call; the engine's "record" arguments
-        ``(plan, now µs, usage, request key, request TTL ms, ledger entry)``."""
+    ) -> Step[ChargeResult, UsageRecord]:
+        """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit."""
         usage = self.usage(
             model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
         )
@@ -541,128 +576,128 @@ class BudgetCore:
             raise TypeError("metadata must be a dict")
         rkey = None if request_id is None else self.request_key(request_id)
         plan = self.plan(self._session(session_id, True), model)
-        extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
-        entry = self.ledger_entry(plan, input_tokens, output_tokens, extra, request_id, None, metadata)
-        return plan, self.now_us(), usage, rkey, self.request_ttl_ms, entry
+        maxlen, entry = 0, ""
+        if self.ledger_maxlen:
+            extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
+            maxlen = self.ledger_maxlen
+            entry = L.charge_entry(plan.ledger_head, input_tokens, output_tokens, extra, request_id, None, metadata)
 
-    def record_many_flow(self, calls: Iterable[RecordCall]) -> Flow[list[UsageRecord]]:
-        """``record()`` for each call, in order, in one engine call (Redis: one pipelined round
-        trip; each charge is still its own atomic script). Every call is validated before anything
-        is charged; every charge is persisted; then, if ``hard_stop``, the first charge that left a
-        limit exceeded raises (after the alerts and records of all of them)."""
+        def finish(result: ChargeResult) -> UsageRecord:
+            return self._finish_charge(plan, result, model, usage, input_tokens, output_tokens, metadata, request_id)
+
+        return Step(Record(plan, self.now_us(), usage, rkey, self.request_ttl_ms, maxlen, entry), finish)
+
+    def record_many(
+        self, calls: Iterable[RecordCall]
+    ) -> Step[list[ChargeResult], list[UsageRecord]] | Done[list[UsageRecord]]:
+        """``record()`` for many calls at once, for bulk recorders: each call a tuple of record()'s
+        positional arguments or a dict of its arguments. On Redis the charges go in one pipelined
+        round trip (each still its own atomic script); every call is validated before anything is
+        charged, every charge is persisted, and with ``hard_stop`` the first charge left over a
+        limit raises afterwards (``err.record``; ``records`` has them all)."""
         if isinstance(calls, (str, bytes, Mapping)):
             raise TypeError("calls must be an iterable of record() calls (tuples or dicts of its arguments)")
-        batch: list[tuple[Any, ...]] = []
-        shown: list[tuple[Any, ...]] = []  # (model, input_tokens, output_tokens, metadata, request_id)
+        steps: list[Step[ChargeResult, UsageRecord]] = []
         session = self._last_session  # a batch that fails validation leaves the current session alone
         try:
-            self._check_calls(calls, batch, shown)
+            for call in calls:
+                steps.append(self._record_call(call))
         except BaseException:
             self._last_session = session
             raise
-        if not batch:
-            return []
+        if not steps:
+            return Done([])
+
+        def finish(results: list[ChargeResult]) -> list[UsageRecord]:
+            records: list[UsageRecord] = []
+            first: BudgetExceededError | None = None
+            for step, result in zip(steps, results, strict=True):
+                try:
+                    records.append(step.finish(result))
+                except BudgetExceededError as err:
+                    assert err.record is not None
+                    records.append(err.record)
+                    first = first or err
+            if isinstance(results, BatchAnswers):  # some were journaled under "raise"
+                raise results.error
+            if first is not None:
+                raise first
+            return records
+
         # One engine call, also while Redis is unavailable: the failure policy journals the batch whole
-        # (under "raise", the flow raises once, after finishing the charges Redis recorded).
-        results = yield "record_many", (tuple(batch),)
-        records: list[UsageRecord] = []
-        first: BudgetExceededError | None = None
-        for args, result, (model, input_tokens, output_tokens, metadata, request_id) in zip(
-            batch, results, shown, strict=True
-        ):
-            try:
-                records.append(
-                    self.finish_charge(
-                        args[0], result, model, args[2], input_tokens, output_tokens, metadata, request_id
-                    )
-                )
-            except BudgetExceededError as err:
-                assert err.record is not None
-                records.append(err.record)
-                first = first or err
-        if isinstance(results, D.BatchAnswers):
-            raise results.error
-        if first is not None:
-            raise first
-        return records
+        # (under "raise", finish raises once, after finishing the charges Redis recorded).
+        return Step(RecordMany(tuple(step.op for step in steps)), finish)  # type: ignore[misc]
 
-    def _check_calls(
-        self, calls: Iterable[RecordCall], batch: list[tuple[Any, ...]], shown: list[tuple[Any, ...]]
-    ) -> None:
-        """Validate record_many()'s calls into ``batch`` (engine arguments) and ``shown``."""
-        for call in calls:
-            if isinstance(call, tuple | list) and 4 <= len(call) <= 6:  # record()'s positional arguments
-                args = self._record_args(*call)
-                shown.append((call[1], call[2], call[3], *call[4:6], *(None,) * (6 - len(call))))
-            elif isinstance(call, Mapping) and _RECORD_REQUIRED <= call.keys() <= _RECORD_PARAMETERS:
-                args = self._record_args(**call)
-                shown.append(
-                    (
-                        call["model"],
-                        call["input_tokens"],
-                        call["output_tokens"],
-                        call.get("metadata"),
-                        call.get("request_id"),
-                    )
-                )
-            else:
-                raise TypeError(
-                    "each record_many() call must be record()'s arguments: a tuple (session_id, model, "
-                    "input_tokens, output_tokens[, metadata[, request_id]]) or a dict of them (keywords "
-                    f"cached_input_tokens, cache_write_tokens, reasoning_tokens too), got {call!r}"
-                )
-            batch.append(args)
+    def _record_call(self, call: RecordCall) -> Step[ChargeResult, UsageRecord]:
+        """One call of record_many(): record()'s arguments, positional (a tuple) or by name (a dict)."""
+        if isinstance(call, tuple | list) and 4 <= len(call) <= 6:
+            return self.record(*call)
+        if isinstance(call, Mapping) and _RECORD_REQUIRED <= call.keys() <= _RECORD_PARAMETERS:
+            return self.record(**call)
+        raise TypeError(
+            "each record_many() call must be record()'s arguments: a tuple (session_id, model, "
+            "input_tokens, output_tokens[, metadata[, request_id]]) or a dict of them (keywords "
+            f"cached_input_tokens, cache_write_tokens, reasoning_tokens too), got {call!r}"
+        )
 
-    def reserve_flow(
+    def reserve(
         self,
         model: str,
         input_tokens: int,
         max_output_tokens: int,
-        session_id: str | None,
-        request_id: str | None,
-        ttl: float | None,
-    ) -> Flow[Hold]:
+        session_id: str | None = None,
+        request_id: str | None = None,
+        ttl: float | None = None,
+    ) -> Step[AdmitResult, Hold]:
+        """Hold the worst case against every limit atomically, or raise having held nothing."""
         usage = self.worst_case(model, input_tokens, max_output_tokens)
         ttl_us = self.hold_ttl_us if ttl is None else int(_seconds(ttl, "ttl") * P.US)
         rkey = self.request_key(request_id)  # fixed now: the tree is the hold's, whatever happens later
         plan = self.plan(self._session(session_id, True), model)
         hold_id = uuid.uuid4().hex
-        result = yield "reserve", (plan, self.now_us(), usage, hold_id, ttl_us)
-        admitted = self.finish_admit(plan, result, usage)
-        return Hold(plan, model, usage, hold_id, request_id, admitted, rkey)
 
-    def acquire_flow(
+        def finish(result: AdmitResult) -> Hold:
+            admitted = self._finish_admit(plan, result, usage)
+            return Hold(plan, model, usage, hold_id, request_id, admitted, rkey)
+
+        return Step(Reserve(plan, self.now_us(), usage, hold_id, ttl_us), finish)
+
+    def acquire(
         self,
         model: str,
         input_tokens: int,
         max_output_tokens: int,
-        timeout: float,
-        session_id: str | None,
-        request_id: str | None,
-        ttl: float | None,
-    ) -> Flow[Hold]:
+        *,
+        timeout: float = 60.0,
+        session_id: str | None = None,
+        request_id: str | None = None,
+        ttl: float | None = None,
+    ) -> Steps[Hold]:
+        """``reserve``, waiting on rolling windows (sleeping ``retry_after``) for up to ``timeout``
+        seconds. Raises at once when no window will free room by itself (the budget is spent)."""
         deadline = self.monotonic() + _seconds(timeout, "timeout")
         while True:
+            step = self.reserve(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
             try:
-                return (
-                    yield from self.reserve_flow(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
-                )
+                return step.finish((yield step.op))
             except BudgetExceededError as err:
                 wait = err.retry_after
                 if wait is None or self.monotonic() + wait > deadline:
                     raise
-                yield "sleep", (wait,)
+                yield Sleep(wait)
 
-    def commit_flow(
+    def commit(
         self,
         hold: Hold,
         input_tokens: int,
         output_tokens: int,
-        metadata: dict[str, Any] | None,
-        cached_input_tokens: int,
-        cache_write_tokens: int,
-        reasoning_tokens: int,
-    ) -> Flow[UsageRecord]:
+        metadata: dict[str, Any] | None = None,
+        *,
+        cached_input_tokens: int = 0,
+        cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
+    ) -> Step[ChargeResult, UsageRecord]:
+        """Free the hold and charge the actual usage in one step (charged even above the hold)."""
         usage = self.usage(
             hold.model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
         )
@@ -673,70 +708,77 @@ class BudgetCore:
                 "reservation already committed: its first commit failed after it was sent or journaled "
                 "(a journaled charge is replayed when Redis answers)"
             )
-        rkey = hold.request_key
-        extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
-        entry = self.ledger_entry(
-            hold.plan, input_tokens, output_tokens, extra, hold.request_id, hold.hold_id, metadata
-        )
-        hold.committing = True
-        result = yield "commit", (hold.plan, self.now_us(), usage, hold.hold_id, rkey, self.request_ttl_ms, entry)
-        hold.open = False
-        over = usage[0] > hold.held[0] or usage[1] > hold.held[1]
-        try:
-            hold.record = self.finish_charge(
-                hold.plan,
-                result,
-                hold.model,
-                usage,
-                input_tokens,
-                output_tokens,
-                metadata,
-                hold.request_id,
-                over_hold=over,
+        maxlen, entry = 0, ""
+        if self.ledger_maxlen:
+            extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
+            maxlen = self.ledger_maxlen
+            entry = L.charge_entry(
+                hold.plan.ledger_head, input_tokens, output_tokens, extra, hold.request_id, hold.hold_id, metadata
             )
-        except BudgetExceededError as err:
-            hold.record = err.record
-            raise
-        return hold.record
+        hold.committing = True
+        op = Commit(hold.plan, self.now_us(), usage, hold.hold_id, hold.request_key, self.request_ttl_ms, maxlen, entry)
 
-    def release_flow(self, hold: Hold) -> Flow[bool]:
+        def finish(result: ChargeResult) -> UsageRecord:
+            hold.open = False
+            over = usage[0] > hold.held[0] or usage[1] > hold.held[1]
+            try:
+                hold.record = self._finish_charge(
+                    hold.plan, result, hold.model, usage, input_tokens, output_tokens, metadata, hold.request_id, over
+                )
+            except BudgetExceededError as err:
+                hold.record = err.record
+                raise
+            return hold.record
+
+        return Step(op, finish)
+
+    def release(self, hold: Hold) -> Step[bool, bool] | Done[bool]:
+        """Free the hold; True if it was still live."""
         if not hold.open:
-            return False
+            return Done(False)
         hold.open = False
-        return bool((yield "release", (hold.plan, hold.hold_id)))
+        return Step(Release(hold.plan, hold.hold_id), bool)
 
-    def summary_flow(self, session_id: str | None) -> Flow[dict[str, Any]]:
+    def summary(self, session_id: str | None = None) -> Step[SummaryResult, dict[str, Any]]:
+        """Usage of the current (or given) session, the rolling day, totals, per model, per limit."""
         plan = self.plan(self._session(session_id, False), None)
-        result = yield "summary", (plan, self.now_us())
-        return self.make_summary(plan, result)
+        return Step(Summary(plan, self.now_us()), lambda result: self._make_summary(plan, result))
 
-    def _reset_entry(self, what: str, session_id: str | None, model: str | None) -> tuple[int, str]:
-        if not self.ledger_maxlen:
-            return 0, ""
-        path = [s.name for s in [self.scope, *self.scope.ancestors()]]
-        return self.ledger_maxlen, L.reset_entry(what, self.name, path, session_id, model)
+    def _reset(
+        self,
+        what: Literal["session", "model", "scope"],
+        keys: list[str],
+        session_id: str | None,
+        model: str | None = None,
+    ) -> Step[Any, None]:
+        maxlen, entry = 0, ""
+        if self.ledger_maxlen:
+            path = [s.name for s in [self.scope, *self.scope.ancestors()]]
+            maxlen, entry = self.ledger_maxlen, L.reset_entry(what, self.name, path, session_id, model)
+        field_prefix = "" if model is None else model_prefix(model)
+        op = Reset(what, tuple(keys), self.now_us(), field_prefix, maxlen, entry)
+        return Step(op, _nothing)
 
-    def reset_session_flow(self, session_id: str | None) -> Flow[None]:
-        """Zero one session's counters of this scope (the seed's ``reset_session``)."""
+    def reset_session(self, session_id: str | None = None) -> Step[Any, None]:
+        """Clear this scope's counters of the current (or given) session (atomic; in the ledger)."""
         sid = self._session(session_id, False)
         ks = self.keyspace
-        keys = [ks.ledger, ks.session(self.name, sid)]
-        yield "reset", ("session", keys, self.now_us(), "", self._reset_entry("session", sid, None))
+        return self._reset("session", [ks.ledger, ks.session(self.name, sid)], sid)
 
-    def reset_model_flow(self, model: str) -> Flow[None]:
-        """Zero this scope's counters of one model: its cumulative totals (the seed's per-model
-        limits) and its rolling per-model windows."""
+    def reset_model(self, model: str) -> Step[Any, None]:
+        """Clear this scope's counters of one model: its cumulative totals (the seed's per-model
+        limits) and its rolling per-model windows (atomic; in the ledger)."""
         check_name(model, "model")
         ks = self.keyspace
         keys = [ks.ledger, ks.totals(self.name)]
         for lim in self.scope.all_limits():
             if lim.model == model and isinstance(lim.window, int):
                 keys.extend(k for k in ks.window(self.name, lim.window, model) if k not in keys)
-        yield "reset", ("model", keys, self.now_us(), model_prefix(model), self._reset_entry("model", None, model))
+        return self._reset("model", keys, None, model)
 
-    def reset_flow(self, session_id: str | None) -> Flow[None]:
-        """Zero the whole scope: totals (all models), every rolling window, and the current (or
-        given) session. Ancestors keep their usage; other sessions keep theirs (``reset_session``)."""
+    def reset(self, session_id: str | None = None) -> Step[Any, None]:
+        """Clear the whole scope: totals, every rolling window and the current (or given) session
+        (atomic; in the ledger). Ancestors keep their usage; other sessions keep theirs."""
         sid = self._session(session_id, False)
         ks = self.keyspace
         keys = [ks.ledger, ks.totals(self.name), *ks.window(self.name, P.DAY, None)]
@@ -744,17 +786,22 @@ class BudgetCore:
             if isinstance(lim.window, int):
                 keys.extend(k for k in ks.window(self.name, lim.window, lim.model) if k not in keys)
         keys.append(ks.session(self.name, sid))
-        yield "reset", ("scope", keys, self.now_us(), "", self._reset_entry("scope", sid, None))
+        return self._reset("scope", keys, sid)
 
-    def ledger_flow(self, since: object, limit: int | None, charges_only: bool = False) -> Flow[list[L.LedgerEntry]]:
-        """This scope's ledger: charges that count against it (its own and its descendants') and
-        its own resets, oldest first, after ``since`` (see :func:`distbudget._core.ledger.since_id`)."""
+    def ledger(self, since: LedgerSince = None, limit: int | None = None) -> Steps[list[L.LedgerEntry]]:
+        """The shared ledger of this scope (charges counting against it, its resets), oldest first.
+        ``since``: a ledger id (exclusive), or seconds since the epoch (server time)."""
+        return self.ledger_pages(since, limit)
+
+    def ledger_pages(self, since: object, limit: int | None, charges_only: bool = False) -> Steps[list[L.LedgerEntry]]:
+        """The ledger read page by page: charges that count against this scope (its own and its
+        descendants') and its own resets, oldest first, after ``since`` (see ``_core.ledger.since_id``)."""
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise InvalidInputError(f"limit must be a positive int or None, got {limit!r}")
         start = L.since_id(since)
         out: list[L.LedgerEntry] = []
         while limit is None or len(out) < limit:
-            page = yield "ledger_read", (self.keyspace.ledger, start, LEDGER_PAGE)
+            page = yield LedgerRead(self.keyspace.ledger, start, LEDGER_PAGE)
             for entry_id, fields in page:
                 entry = L.parse_entry(entry_id, fields)
                 charge = entry.kind == "charge"
@@ -762,26 +809,8 @@ class BudgetCore:
                     out.append(entry)
             if len(page) < LEDGER_PAGE:
                 break
-            last = page[-1][0]
-            start = "(" + (last.decode() if isinstance(last, bytes) else str(last))
+            start = "(" + page[-1][0]
         return out if limit is None else out[:limit]
-
-    def ledger_entry(
-        self,
-        plan: P.Plan,
-        input_tokens: int,
-        output_tokens: int,
-        extra: tuple[int, int, int],
-        request_id: str | None,
-        hold_id: str | None,
-        metadata: dict[str, Any] | None,
-    ) -> tuple[int, str]:
-        """(MAXLEN, entry JSON) for a charge's ledger append; (0, "") when the ledger is off."""
-        if not self.ledger_maxlen:
-            return 0, ""
-        return self.ledger_maxlen, L.charge_entry(
-            plan.ledger_head, input_tokens, output_tokens, extra, request_id, hold_id, metadata
-        )
 
     # ---- local state ----------------------------------------------------------------------------
 
@@ -794,104 +823,28 @@ class BudgetCore:
     @property
     def records(self) -> list[UsageRecord]:
         """Records charged through this object (the latest 10,000)."""
-        with self._local_lock:
-            return list(self._records)
+        return list(self._records)
 
     @property
     def alerts(self) -> list[BudgetAlert]:
         """Alerts fired by this object's calls (the latest 10,000)."""
-        with self._local_lock:
-            return list(self._alerts)
+        return list(self._alerts)
 
 
+@dataclass(slots=True, eq=False)
 class Hold:
     """The state of one reservation (shared by ``Reservation`` and ``AsyncReservation``)."""
 
-    __slots__ = (
-        "admitted",
-        "committing",
-        "held",
-        "hold_id",
-        "model",
-        "open",
-        "plan",
-        "record",
-        "request_id",
-        "request_key",
-    )
+    plan: P.Plan
+    model: str
+    held: Amounts
+    hold_id: str
+    request_id: str | None
+    admitted: bool
+    request_key: str | None = None
+    open: bool = False  # held and not settled yet (set from ``admitted``)
+    record: UsageRecord | None = None  # the charge, once committed
+    committing: bool = False  # a commit was sent (or journaled)
 
-    def __init__(
-        self,
-        plan: P.Plan,
-        model: str,
-        held: tuple[int, int, int],
-        hold_id: str,
-        request_id: str | None,
-        admitted: bool,
-        request_key: str | None = None,
-    ) -> None:
-        self.plan = plan
-        self.model = model
-        self.held = held
-        self.hold_id = hold_id
-        self.request_id = request_id
-        self.request_key = request_key
-        self.admitted = admitted
-        self.open = admitted
-        self.record: UsageRecord | None = None
-        self.committing = False  # a commit was sent (or journaled)
-
-
-class ReservationBase:
-    """What sync and async reservations share: the hold and its read-only views."""
-
-    def __init__(self, budget: Any, hold: Hold) -> None:
-        self.budget = budget
-        self.hold = hold
-
-    @property
-    def admitted(self) -> bool:
-        return self.hold.admitted
-
-    @property
-    def model(self) -> str:
-        return self.hold.model
-
-    @property
-    def session_id(self) -> str:
-        return self.hold.plan.session_id
-
-    @property
-    def request_id(self) -> str | None:
-        return self.hold.request_id
-
-    @property
-    def hold_id(self) -> str:
-        return self.hold.hold_id
-
-    @property
-    def held_tokens(self) -> int:
-        return self.hold.held[0]
-
-    @property
-    def held_nano_usd(self) -> int:
-        return self.hold.held[1]
-
-    @property
-    def held_cost_usd(self) -> float:
-        return nano_to_usd(self.hold.held[1])
-
-    @property
-    def record(self) -> UsageRecord | None:
-        """The charge, once committed."""
-        return self.hold.record
-
-    def commit_failed(self, exc: BaseException) -> None:
-        """A commit raised. It may be committed again unless that could charge twice: refused while
-        its charge is journaled (replayed later) or may have run (a cancellation, a lost reply)
-        without a request id to deduplicate it. An error Redis answered ran nothing."""
-        if self.hold.record is not None:
-            return
-        journaled = isinstance(exc, BackendError) and exc.journaled
-        if self.hold.request_key is not None or (isinstance(exc, BackendError) and not journaled):
-            self.hold.committing = False
+    def __post_init__(self) -> None:
+        self.open = self.admitted

@@ -1,0 +1,136 @@
+"""The public names are a contract: ``distbudget.__all__`` lists exactly what the package exports (and
+what its API returns), and a budget shows exactly its documented methods (in the manner of httpx's
+``tests/test_exported_members.py``)."""
+
+from __future__ import annotations
+
+import inspect
+
+import distbudget
+from distbudget import AsyncBudget, AsyncBudgetManager, Budget, BudgetManager
+
+# The names the SPEC and the README document (more may be added; none may go).
+DOCUMENTED_NAMES = """
+AlertLevel AlertListener AsyncAlertListener AsyncBudget AsyncBudgetManager AsyncReservation BackendError Budget
+BudgetAlert BudgetExceededError BudgetManager BudgetScope BudgetWarning DistBudgetError InvalidInputError LedgerEntry
+Limit ModelRates PendingReservation Reservation UnknownModelError UnknownScopeError UsageRecord WebhookSink
+"""
+DOCUMENTED = set(DOCUMENTED_NAMES.split())
+
+BUDGET_API = {
+    "acquire",
+    "alerts",
+    "backend_status",
+    "check",
+    "engine",
+    "estimate",
+    "export_ledger",
+    "flush_journal",
+    "ledger",
+    "name",
+    "on_alert",
+    "record",
+    "record_many",
+    "records",
+    "reserve",
+    "reset",
+    "reset_model",
+    "reset_session",
+    "scope",
+    "session_id",
+    "summary",
+}
+
+MANAGER_API = {
+    "acquire",
+    "all_summaries",
+    "check",
+    "export_ledger",
+    "flush_journal",
+    "get",
+    "names",
+    "record",
+    "records",
+    "register",
+    "remove",
+    "reserve",
+    "summary",
+}
+
+
+RESERVATION_API = {
+    "admitted",
+    "commit",
+    "held_cost_usd",
+    "held_nano_usd",
+    "held_tokens",
+    "hold_id",
+    "model",
+    "record",
+    "release",
+    "request_id",
+    "session_id",
+}
+
+
+def public(obj: object) -> set[str]:
+    return {name for name in dir(obj) if not name.startswith("_")}
+
+
+def test_all_is_exactly_the_exported_names() -> None:
+    exported = {
+        name for name, value in vars(distbudget).items() if not name.startswith("_") and not inspect.ismodule(value)
+    }
+    assert set(distbudget.__all__) == exported
+    assert len(distbudget.__all__) == len(exported)  # each once
+    assert exported >= DOCUMENTED
+    for name in exported:  # each defined in a module of the package, none a stray import
+        assert getattr(distbudget, name).__module__.startswith("distbudget."), name
+
+
+def test_what_the_api_returns_is_exported() -> None:
+    for name in ("LedgerEntry", "PendingReservation", "Reservation", "AsyncReservation", "UsageRecord", "BudgetAlert"):
+        assert getattr(distbudget, name).__name__ == name
+
+
+def test_budgets_show_exactly_their_documented_api() -> None:
+    assert public(Budget) | {"engine"} == BUDGET_API  # engine: an instance attribute
+    assert public(AsyncBudget) | {"engine"} == BUDGET_API
+    budget = Budget(distbudget.BudgetScope("s"))
+    assert public(budget) == BUDGET_API
+
+
+def test_reservations_show_exactly_their_documented_api() -> None:
+    assert public(distbudget.Reservation) == RESERVATION_API
+    assert public(distbudget.AsyncReservation) == RESERVATION_API
+    rates = {"m": distbudget.ModelRates(0.001, 0.002)}
+    reservation = Budget(distbudget.BudgetScope("s"), rates).reserve("m", 1, 1)
+    assert public(reservation) == RESERVATION_API
+
+
+def test_managers_show_exactly_their_documented_api() -> None:
+    assert public(BudgetManager) == MANAGER_API
+    assert public(AsyncBudgetManager) == MANAGER_API
+
+
+def test_sync_and_async_methods_share_one_signature() -> None:
+    for name in BUDGET_API - {"engine", "alerts", "records", "backend_status", "name", "scope", "session_id"}:
+        assert inspect.signature(getattr(Budget, name)) == inspect.signature(getattr(AsyncBudget, name)), name
+    assert inspect.iscoroutinefunction(AsyncBudget.record)
+    assert not inspect.iscoroutinefunction(AsyncBudget.reserve)  # a PendingReservation: await it or async with
+
+
+def test_an_unknown_scope_is_a_distbudget_error_and_a_key_error() -> None:
+    manager = BudgetManager()
+    for call in (
+        lambda: manager.get("nope"),
+        lambda: manager.remove("nope"),
+        lambda: manager.record("nope", "s", "m", 1, 1),
+    ):
+        try:
+            call()
+        except distbudget.UnknownScopeError as err:
+            assert isinstance(err, distbudget.DistBudgetError) and isinstance(err, KeyError)
+            assert "nope" in str(err)
+        else:
+            raise AssertionError("no UnknownScopeError")
