@@ -12,6 +12,7 @@ from distbudget._core.errors import (
 from distbudget._core.ledger import LedgerEntry
 from distbudget._core.scope import BudgetScope, Limit
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord
+from distbudget._core.usage import Usage
 from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
 from distbudget.budget import AsyncBudget, AsyncReservation, Budget, PendingReservation, Reservation
 from distbudget.manager import AsyncBudgetManager, BudgetManager
@@ -42,6 +43,7 @@ __all__ = [
     "Reservation",
     "UnknownModelError",
     "UnknownScopeError",
+    "Usage",
     "UsageRecord",
     "WebhookSink",
 ]

@@ -60,6 +60,7 @@ from distbudget._core.ops import (
 from distbudget._core.prices import ModelRates, PriceBook
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, check_name, window_label
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
+from distbudget._core.usage import Usage, charge_args
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
 
 log = logging.getLogger("distbudget")
@@ -284,8 +285,10 @@ class Accounting:
         cached_input_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
     ) -> Amounts:
-        """Validated (tokens, nano-USD, requests) of one call."""
+        """Validated (tokens, nano-USD, requests) of one call. ``cache_write_1h_tokens``: the part of
+        ``cache_write_tokens`` written for one hour (a :class:`~distbudget.Usage` knows it)."""
         if (  # the common call, valid at a glance: the checks below would all pass
             type(input_tokens) is int
             and type(output_tokens) is int
@@ -305,8 +308,15 @@ class Accounting:
         check_tokens(cached_input_tokens, "cached_input_tokens")
         check_tokens(cache_write_tokens, "cache_write_tokens")
         check_tokens(reasoning_tokens, "reasoning_tokens")
+        if not 0 <= cache_write_1h_tokens <= cache_write_tokens:  # Usage validated it: never from a caller
+            raise InvalidInputError("cache_write_1h_tokens must be a part of cache_write_tokens")
         cost = self.prices.rates_for(model).cost_nano(
-            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+            input_tokens,
+            output_tokens,
+            cached_input_tokens,
+            cache_write_tokens - cache_write_1h_tokens,
+            reasoning_tokens,
+            cache_write_1h_tokens=cache_write_1h_tokens,
         )
         return input_tokens + output_tokens, cost, 1
 
@@ -559,8 +569,8 @@ class Accounting:
         self,
         session_id: str | None,
         model: str,
-        input_tokens: int,
-        output_tokens: int,
+        input_tokens: int | Usage,
+        output_tokens: int | None = None,
         metadata: dict[str, Any] | None = None,
         request_id: str | None = None,
         *,
@@ -568,9 +578,13 @@ class Accounting:
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
     ) -> Step[ChargeResult, UsageRecord]:
-        """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit."""
+        """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit. The
+        usage: token counts, or one :class:`~distbudget.Usage` in place of ``input_tokens``."""
+        input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, one_hour = charge_args(
+            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+        )
         usage = self.usage(
-            model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+            model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, one_hour
         )
         if metadata is not None and not isinstance(metadata, dict):
             raise TypeError("metadata must be a dict")
@@ -689,17 +703,21 @@ class Accounting:
     def commit(
         self,
         hold: Hold,
-        input_tokens: int,
-        output_tokens: int,
+        input_tokens: int | Usage,
+        output_tokens: int | None = None,
         metadata: dict[str, Any] | None = None,
         *,
         cached_input_tokens: int = 0,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
     ) -> Step[ChargeResult, UsageRecord]:
-        """Free the hold and charge the actual usage in one step (charged even above the hold)."""
+        """Free the hold and charge the actual usage in one step (charged even above the hold). The
+        usage: token counts, or one :class:`~distbudget.Usage` in place of ``input_tokens``."""
+        input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, one_hour = charge_args(
+            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+        )
         usage = self.usage(
-            hold.model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
+            hold.model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, one_hour
         )
         if hold.record is not None:
             raise InvalidInputError("reservation already committed")

@@ -50,7 +50,8 @@ _CURATED_FIELDS = {
 
 def reduce_entry(entry: dict[str, Any]) -> dict[str, Any]:
     """The fields of one LiteLLM entry the loader reads."""
-    out: dict[str, Any] = {k: entry[k] for k in ("litellm_provider", "mode") if k in entry}
+    # max_output_tokens: the integrations hold it when a request sets no output cap
+    out: dict[str, Any] = {k: entry[k] for k in ("litellm_provider", "mode", "max_output_tokens") if k in entry}
     out.update({k: v for k, v in entry.items() if LITELLM_FIELD_RE.match(k)})
     bands = entry.get("tiered_pricing")
     if bands:

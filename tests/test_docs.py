@@ -10,20 +10,28 @@ test plumbing (an environment variable read in every example would be copied int
 the test refuses any block still naming port 6379 after the rewrite, so no example ever touches the
 machine's shared server.
 
-A block that deliberately cannot run (it needs an API key, or a network service) carries, on the line
-just before its fence, ``<!-- not run: REASON -->``; those are few and counted below. Blocks in any
-other language (``bash``, ``text``, ``json``, ``ini``) are not Python and are not run.
+The LLM providers: the SDKs' default clients (``OpenAI()``, ``Anthropic()``, LiteLLM, LangChain) read
+their endpoint and key from the environment, so the integration examples run as written against the
+local provider of the integration tests (``tests/integrations/_llm_server.py``), as Redis runs
+against the suite's server.
+
+A block that deliberately cannot run (it needs a network service) carries, on the line just before
+its fence, ``<!-- not run: REASON -->``; those are few and counted below. Blocks in any other
+language (``bash``, ``text``, ``json``, ``yaml``) are not Python and are not run.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests._servers import RedisServer
+from tests.integrations._llm_server import LLMServer, sdk_environment
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -86,9 +94,21 @@ def doc_url(redis_server: RedisServer) -> str:
     return f"redis://{user}:{password}@127.0.0.1:{redis_server.port}"
 
 
+@pytest.fixture(scope="module")
+def llm_server() -> Iterator[LLMServer]:
+    server = LLMServer().start()
+    yield server
+    server.stop()
+
+
 @pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(REPO)) for p in PAGES])
 def test_page_code_blocks_run(
-    page: Path, doc_url: str, redis_server: RedisServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    page: Path,
+    doc_url: str,
+    redis_server: RedisServer,
+    llm_server: LLMServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     runnable = [b for b in python_blocks(page) if b.not_run is None]
     if not runnable:
@@ -96,13 +116,19 @@ def test_page_code_blocks_run(
     admin = redis_server.client()
     admin.flushall()
     admin.close()
+    llm_server.reset()
+    for name, value in sdk_environment(llm_server).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("REDIS_URL", raising=False)  # an example's fallback is the docs' URL
     monkeypatch.chdir(tmp_path)  # blocks that write a file (an export) write it here
     namespace: dict[str, object] = {"__name__": "__docs__"}
     for block in runnable:
         code = block.code.replace(DOC_URL, doc_url)
         assert ":6379" not in code, f"{block.where}: an example names the shared server other than as {DOC_URL}"
         try:
-            exec(compile(code, block.where, "exec"), namespace)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)  # the SDKs warn about model names
+                exec(compile(code, block.where, "exec"), namespace)
         except BaseException as exc:
             raise AssertionError(f"the code block at {block.where} failed: {exc!r}\n{block.code}") from exc
 

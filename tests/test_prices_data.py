@@ -26,7 +26,7 @@ LITELLM_PATH = Path(__file__).resolve().parents[2] / "shared" / "data" / "litell
 NO_LITELLM = f"LiteLLM price file not found at {LITELLM_PATH} (CI puts shared/ beside the repository)"
 
 TOP_LEVEL_KEYS = {"as_of", "source", "license", "unit", "note", "models", "aliases"}
-ENTRY_KEYS = {"litellm_provider", "mode", "source", "tiered_pricing"}
+ENTRY_KEYS = {"litellm_provider", "mode", "source", "tiered_pricing", "max_output_tokens"}  # the last: integrations
 
 # Model names used by the seed library; each must resolve.
 SEED_MODELS = (
