@@ -25,16 +25,20 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
+from distbudget._core import bounds as B
 from distbudget._core import ledger as L
+from distbudget._core import model_policy as MP
 from distbudget._core import plan as P
 from distbudget._core import registry as R
 from distbudget._core.errors import (
     BudgetExceededError,
     BudgetWarning,
     InvalidInputError,
+    UnknownModelError,
     UnknownScopeError,
 )
 from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, decode_model_field, model_prefix
+from distbudget._core.models import first_known
 from distbudget._core.money import MAX_AMOUNT, NANO, check_tokens, nano_to_usd
 from distbudget._core.ops import (
     AdmitResult,
@@ -44,6 +48,8 @@ from distbudget._core.ops import (
     Check,
     Commit,
     Done,
+    Extend,
+    Job,
     LedgerRead,
     Record,
     RecordMany,
@@ -99,8 +105,9 @@ _set_attr = object.__setattr__
 
 # One call of record_many(): record()'s arguments as a tuple (positional) or a dict (keywords).
 RecordCall = tuple[Any, ...] | Mapping[str, Any]
-_RECORD_REQUIRED = frozenset({"session_id", "model", "input_tokens", "output_tokens"})
+_RECORD_REQUIRED = frozenset({"session_id", "model", "input_tokens"})
 _RECORD_PARAMETERS = _RECORD_REQUIRED | {
+    "output_tokens",
     "metadata",
     "request_id",
     "cached_input_tokens",
@@ -113,10 +120,21 @@ def _nothing(_answer: object) -> None:
     return None
 
 
-def _seconds(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise InvalidInputError(f"{what} must be a positive number of seconds, got {value!r}")
-    return float(value)
+_seconds = B.check_duration  # every duration: 1 ms ... 10 years (_core/bounds.py)
+# What leaving a reservation's `with` block without commit() (and without an exception) does.
+ON_UNCOMMITTED = ("release", "charge_hold")
+
+
+@dataclass(frozen=True, slots=True)
+class CallView:
+    """One charge as the caller gave it (what its UsageRecord and ledger entry show)."""
+
+    model: str
+    input_tokens: int
+    output_tokens: int
+    extra: tuple[int, int, int]  # cached input, cache write, reasoning tokens
+    metadata: dict[str, Any] | None
+    request_id: str | None
 
 
 @dataclass(frozen=True)
@@ -137,6 +155,8 @@ class Settings:
     fail_open_max_cost_usd: float | None
     fail_open_max_tokens: int | None
     journal_size: int
+    on_uncommitted: str = "release"
+    strict_models: bool = False
 
 
 class Accounting:
@@ -153,6 +173,17 @@ class Accounting:
         session_id, clock, ledger_maxlen = settings.session_id, settings.clock, settings.ledger_maxlen
         if not isinstance(scope, BudgetScope):
             raise TypeError("scope must be a BudgetScope")
+        if isinstance(rates, str):
+            raise TypeError(
+                f"rates must be a dict of model name -> ModelRates, got the str {rates!r}: to use Redis, pass "
+                "it by keyword, redis=... (the second positional argument of a budget is rates)"
+            )
+        if settings.on_uncommitted not in ON_UNCOMMITTED:
+            raise InvalidInputError(f"on_uncommitted must be one of {ON_UNCOMMITTED}, got {settings.on_uncommitted!r}")
+        if not isinstance(settings.strict_models, bool):
+            raise TypeError("strict_models must be a bool")
+        self.on_uncommitted = settings.on_uncommitted
+        self.strict_models = settings.strict_models
         if session_id is not None:
             check_name(session_id, "session_id")
         if clock is not None and not callable(clock):
@@ -175,6 +206,8 @@ class Accounting:
         self._fixed_session = session_id
         self._last_session: str | None = None
         self._callbacks: list[Callable[[BudgetAlert], Any]] = []
+        # holds that ended without a plain commit, through this object (summary()["holds"])
+        self._hold_stats = dict.fromkeys(("released_uncommitted", "charged_uncommitted", "expired_before_commit"), 0)
         # Appended to and copied whole by deque's own C code, which no other thread interrupts: no lock.
         self._records: deque[UsageRecord] = deque(maxlen=MAX_LOCAL_RECORDS)
         self._alerts: deque[BudgetAlert] = deque(maxlen=MAX_LOCAL_RECORDS)
@@ -212,6 +245,17 @@ class Accounting:
                 "a BudgetManager, or pass the parent BudgetScope itself"
             )
         self.keyspace = KeySpace(self.prefix, chain[-1].name)
+        named = [(s.name, lim.limit_type, lim.model) for s in chain for lim in s.all_limits() if lim.model is not None]
+        table = self.prices.table.ids
+        problems = MP.unknown_model_problems(
+            named,
+            self.prices.custom,
+            self.prices.model_id,
+            lambda name: first_known(name, table.get),
+            set(table.values()),
+            self.default_rates is not None,
+        )
+        MP.check_models(problems, self.strict_models)
         longest = max([lim.window for s in chain for lim in s.all_limits() if isinstance(lim.window, int)], default=0)
         ttl = self._request_ttl
         self.request_ttl_ms = int(ttl * 1000) if ttl else max(longest, 86400) * 1000
@@ -274,8 +318,31 @@ class Accounting:
         if plan is None:
             if len(self._plans) >= _PLAN_CACHE_SIZE:
                 self._plans.clear()
-            plan = self._plans[key] = P.build_plan(self.scope, session_id, model, self.keyspace, self.session_ttl_ms)
+            plan = self._plans[key] = P.build_plan(
+                self.scope,
+                session_id,
+                None if model is None else self.model_id(model),
+                self.keyspace,
+                self.session_ttl_ms,
+                model,
+                self.model_id,
+            )
         return plan
+
+    def model_id(self, model: str) -> str:
+        """The canonical id of a model name: limits, per-model totals and summaries use it."""
+        return self.prices.model_id(model) or model
+
+    def _rates(self, model: str) -> ModelRates:
+        try:
+            return self.prices.rates_for(model)
+        except UnknownModelError as err:
+            if self._registry is None:
+                raise
+            raise UnknownModelError(
+                f"{err} (with a BudgetManager: register(scope, rates={{{model!r}: ModelRates(...)}}), or give the "
+                "manager default_rates=)"
+            ) from None
 
     def usage(
         self,
@@ -300,8 +367,13 @@ class Accounting:
             and type(cache_write_tokens) is int
             and type(reasoning_tokens) is int
             and not (cached_input_tokens or cache_write_tokens or reasoning_tokens)
+            and model.isascii()
         ):
-            return input_tokens + output_tokens, self.prices.rates_for(model).cost_nano(input_tokens, output_tokens), 1
+            tokens = input_tokens + output_tokens
+            cost = self._rates(model).cost_nano(input_tokens, output_tokens)
+            if tokens > MAX_AMOUNT or cost > MAX_AMOUNT:
+                B.check_amounts(tokens, cost)
+            return tokens, cost, 1
         check_name(model, "model")
         check_tokens(input_tokens, "input_tokens")
         check_tokens(output_tokens, "output_tokens")
@@ -310,7 +382,7 @@ class Accounting:
         check_tokens(reasoning_tokens, "reasoning_tokens")
         if not 0 <= cache_write_1h_tokens <= cache_write_tokens:  # Usage validated it: never from a caller
             raise InvalidInputError("cache_write_1h_tokens must be a part of cache_write_tokens")
-        cost = self.prices.rates_for(model).cost_nano(
+        cost = self._rates(model).cost_nano(
             input_tokens,
             output_tokens,
             cached_input_tokens,
@@ -318,13 +390,15 @@ class Accounting:
             reasoning_tokens,
             cache_write_1h_tokens=cache_write_1h_tokens,
         )
+        B.check_amounts(input_tokens + output_tokens, cost)
         return input_tokens + output_tokens, cost, 1
 
     def worst_case(self, model: str, input_tokens: int, max_output_tokens: int) -> Amounts:
         check_name(model, "model")
         check_tokens(input_tokens, "input_tokens")
         check_tokens(max_output_tokens, "max_output_tokens")
-        cost = self.prices.rates_for(model).worst_case_nano(input_tokens, max_output_tokens)
+        cost = self._rates(model).worst_case_nano(input_tokens, max_output_tokens)
+        B.check_amounts(input_tokens + max_output_tokens, cost, "reservation")
         return input_tokens + max_output_tokens, cost, 1
 
     def request_key(self, request_id: str | None) -> str | None:
@@ -348,8 +422,12 @@ class Accounting:
         lim = plan.limits[i]
         used, limit = self._display(lim, amount), self._display(lim, lim.value)
         verb = "is over" if record is not None else "would exceed"
-        where = "" if lim.scope == self.name else f" (ancestor scope {lim.scope!r})"
-        msg = f"Budget {verb} {lim.limit_type} for scope {lim.scope!r}{where}: {used} > {limit}"
+        if lim.scope == self.name:
+            msg = f"Budget {verb} {lim.limit_type} for scope {self.name!r}: {used} > {limit}"
+        else:  # the requesting scope, then the ancestor whose limit blocks it
+            what = "refused" if record is None else "exceeded"
+            msg = f"Budget {what} for scope {self.name!r}: ancestor {lim.scope!r} {verb} {lim.limit_type}: "
+            msg += f"{used} > {limit}"
         retry = retry_us / P.US if retry_us >= 0 else None
         return BudgetExceededError(msg, lim.scope, lim.limit_type, used, limit, retry_after=retry, record=record)
 
@@ -393,29 +471,31 @@ class Accounting:
         self,
         plan: P.Plan,
         result: ChargeResult,
-        model: str,
         usage: Amounts,
-        input_tokens: int,
-        output_tokens: int,
-        metadata: dict[str, Any] | None,
-        request_id: str | None,
+        call: CallView,
         over_hold: bool = False,
+        hold_expired: bool = False,
     ) -> UsageRecord:
         """Turn an engine's charge answer into the record; fire alerts; raise/warn if over a limit."""
+        cached, written, reasoning = call.extra
         if isinstance(result, LocalCharge):  # Redis unavailable: the charge waits in the journal
             record = UsageRecord(
                 plan.session_id,
-                model,
-                input_tokens,
-                output_tokens,
+                call.model,
+                call.input_tokens,
+                call.output_tokens,
                 nano_to_usd(usage[1]),
                 result.timestamp,
-                dict(metadata or {}),
+                dict(call.metadata or {}),
                 self.name,
                 usage[1],
-                request_id,
+                call.request_id,
                 over_hold,
                 journaled=True,
+                cached_input_tokens=cached,
+                cache_write_tokens=written,
+                reasoning_tokens=reasoning,
+                canonical_model=plan.model or call.model,
             )
             self._records.append(record)
             return record
@@ -423,17 +503,21 @@ class Accounting:
             ts, _tok, cost = result.original
             return UsageRecord(
                 plan.session_id,
-                model,
-                input_tokens,
-                output_tokens,
+                call.model,
+                call.input_tokens,
+                call.output_tokens,
                 nano_to_usd(cost),
                 ts / P.US,
-                dict(metadata or {}),
+                dict(call.metadata or {}),
                 self.name,
                 cost,
-                request_id,
+                call.request_id,
                 over_hold,
                 True,
+                cached_input_tokens=cached,
+                cache_write_tokens=written,
+                reasoning_tokens=reasoning,
+                canonical_model=plan.model or call.model,
             )
         record = _new_object(UsageRecord)  # UsageRecord(...), twice as fast (see _RECORD_DEFAULTS)
         _set_attr(
@@ -442,22 +526,29 @@ class Accounting:
             {
                 **_RECORD_DEFAULTS,
                 "session_id": plan.session_id,
-                "model": model,
-                "input_tokens": input_tokens,
-                "output_tokens": output_tokens,
+                "model": call.model,
+                "input_tokens": call.input_tokens,
+                "output_tokens": call.output_tokens,
                 "cost_usd": usage[1] / NANO,
                 "timestamp": result.now_us / P.US,
-                "metadata": dict(metadata) if metadata else {},
+                "metadata": dict(call.metadata) if call.metadata else {},
                 "scope": self.scope.name,
                 "cost_nano_usd": usage[1],
-                "request_id": request_id,
+                "request_id": call.request_id,
                 "over_hold": over_hold,
                 "ledger_id": result.ledger_id or None,
+                "cached_input_tokens": cached,
+                "cache_write_tokens": written,
+                "reasoning_tokens": reasoning,
+                "canonical_model": plan.model or call.model,
+                "hold_expired": hold_expired,
             },
         )
         self._records.append(record)
         if result.alerts:
-            self._dispatch(self._make_alerts(plan, result, model))
+            self._dispatch(self._make_alerts(plan, result, call.model))
+        if hold_expired:
+            self._hold_expired(plan, record)
         totals = result.totals
         for i, (k, value) in enumerate(plan.used_at):
             if totals[k] > value:  # the first limit now over (P.exceeded()[0])
@@ -467,6 +558,30 @@ class Accounting:
                 warnings.warn(err.message, BudgetWarning, stacklevel=3)
                 break
         return record
+
+    def _count_hold(self, what: str) -> None:
+        self._hold_stats[what] += 1
+
+    def _hold_expired(self, plan: P.Plan, record: UsageRecord) -> None:
+        """A commit found its hold lapsed: count it and fire a WARNING alert for the scope (local)."""
+        self._count_hold("expired_before_commit")
+        message = (
+            f"Budget warning for scope {self.name!r}: a reservation's hold expired before its commit; the "
+            f"commit was charged all the same ({record.total_tokens} tokens, ${record.cost_usd:.6f}) but was not "
+            "held meanwhile: give long calls a longer ttl= or call Reservation.extend(ttl)"
+        )
+        alert = BudgetAlert(
+            self.name,
+            AlertLevel.WARNING,
+            message,
+            float(record.total_tokens),
+            0.0,
+            record.timestamp,
+            "hold_expired",
+            session_id=plan.session_id,
+            model=record.model,
+        )
+        self._dispatch([alert])
 
     def _finish_admit(self, plan: P.Plan, result: AdmitResult, usage: Amounts) -> bool:
         """Raise (hard stop) or warn and return False when refused; True when admitted."""
@@ -531,6 +646,7 @@ class Accounting:
             "per_model": per_model,
             "limits": limits,
             "hard_stop": self.scope.hard_stop,
+            "holds": dict(self._hold_stats),
             "backend": self.backend_status(),
         }
 
@@ -578,32 +694,42 @@ class Accounting:
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
     ) -> Step[ChargeResult, UsageRecord]:
-        """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit. The
-        usage: token counts, or one :class:`~distbudget.Usage` in place of ``input_tokens``."""
-        input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, one_hour = charge_args(
-            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
-        )
-        usage = self.usage(
-            model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, one_hour
-        )
-        if metadata is not None and not isinstance(metadata, dict):
-            raise TypeError("metadata must be a dict")
+        """Charge actual usage (always persisted), then raise if ``hard_stop`` and over a limit.
+        ``input_tokens`` may be one :class:`Usage` value instead of the token counts."""
+        tokens = charge_args(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
+        usage = self.usage(model, *tokens)
+        B.check_metadata(metadata)
         rkey = None if request_id is None else self.request_key(request_id)
         plan = self.plan(self._session(session_id, True), model)
-        maxlen, entry = 0, ""
-        if self.ledger_maxlen:
-            extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
-            maxlen = self.ledger_maxlen
-            entry = L.charge_entry(plan.ledger_head, input_tokens, output_tokens, extra, request_id, None, metadata)
+        call = CallView(model, tokens[0], tokens[1], tokens[2:5], metadata, request_id)
+        maxlen, entry = self._ledger_entry(plan, call, None)
 
         def finish(result: ChargeResult) -> UsageRecord:
-            return self._finish_charge(plan, result, model, usage, input_tokens, output_tokens, metadata, request_id)
+            return self._finish_charge(plan, result, usage, call)
 
         return Step(Record(plan, self.now_us(), usage, rkey, self.request_ttl_ms, maxlen, entry), finish)
 
+    def _ledger_entry(
+        self, plan: P.Plan, call: CallView, hold_id: str | None, uncommitted: str | None = None
+    ) -> tuple[int, str]:
+        """(MAXLEN, entry JSON) of a charge's ledger append; (0, "") when the ledger is off."""
+        if not self.ledger_maxlen:
+            return 0, ""
+        entry = L.charge_entry(
+            plan.ledger_head,
+            call.input_tokens,
+            call.output_tokens,
+            call.extra,
+            call.request_id,
+            hold_id,
+            call.metadata,
+            uncommitted,
+        )
+        return self.ledger_maxlen, entry
+
     def record_many(
         self, calls: Iterable[RecordCall]
-    ) -> Step[list[ChargeResult], list[UsageRecord]] | Done[list[UsageRecord]]:
+    ) -> Step[list[ChargeResult | InvalidInputError], list[UsageRecord]] | Done[list[UsageRecord]]:
         """``record()`` for many calls at once, for bulk recorders: each call a tuple of record()'s
         positional arguments or a dict of its arguments. On Redis the charges go in one pipelined
         round trip (each still its own atomic script); every call is validated before anything is
@@ -622,10 +748,14 @@ class Accounting:
         if not steps:
             return Done([])
 
-        def finish(results: list[ChargeResult]) -> list[UsageRecord]:
+        def finish(results: list[ChargeResult | InvalidInputError]) -> list[UsageRecord]:
             records: list[UsageRecord] = []
             first: BudgetExceededError | None = None
+            refused: InvalidInputError | None = None
             for step, result in zip(steps, results, strict=True):
+                if isinstance(result, InvalidInputError):  # a counter would pass 2**53 - 1: not charged
+                    refused = refused or result
+                    continue
                 try:
                     records.append(step.finish(result))
                 except BudgetExceededError as err:
@@ -634,6 +764,8 @@ class Accounting:
                     first = first or err
             if isinstance(results, BatchAnswers):  # some were journaled under "raise"
                 raise results.error
+            if refused is not None:
+                raise refused
             if first is not None:
                 raise first
             return records
@@ -644,14 +776,14 @@ class Accounting:
 
     def _record_call(self, call: RecordCall) -> Step[ChargeResult, UsageRecord]:
         """One call of record_many(): record()'s arguments, positional (a tuple) or by name (a dict)."""
-        if isinstance(call, tuple | list) and 4 <= len(call) <= 6:
+        if isinstance(call, tuple | list) and 3 <= len(call) <= 6:
             return self.record(*call)
         if isinstance(call, Mapping) and _RECORD_REQUIRED <= call.keys() <= _RECORD_PARAMETERS:
             return self.record(**call)
         raise TypeError(
             "each record_many() call must be record()'s arguments: a tuple (session_id, model, "
-            "input_tokens, output_tokens[, metadata[, request_id]]) or a dict of them (keywords "
-            f"cached_input_tokens, cache_write_tokens, reasoning_tokens too), got {call!r}"
+            "input_tokens, output_tokens[, metadata[, request_id]]) or (session_id, model, Usage), or a dict "
+            f"of them (keywords cached_input_tokens, cache_write_tokens, reasoning_tokens too), got {call!r}"
         )
 
     def reserve(
@@ -672,7 +804,9 @@ class Accounting:
 
         def finish(result: AdmitResult) -> Hold:
             admitted = self._finish_admit(plan, result, usage)
-            return Hold(plan, model, usage, hold_id, request_id, admitted, rkey)
+            hold = Hold(plan, model, usage, hold_id, request_id, admitted, rkey)
+            hold.requested = (input_tokens, max_output_tokens)
+            return hold
 
         return Step(Reserve(plan, self.now_us(), usage, hold_id, ttl_us), finish)
 
@@ -711,14 +845,28 @@ class Accounting:
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
     ) -> Step[ChargeResult, UsageRecord]:
-        """Free the hold and charge the actual usage in one step (charged even above the hold). The
-        usage: token counts, or one :class:`~distbudget.Usage` in place of ``input_tokens``."""
-        input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, one_hour = charge_args(
-            input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens
-        )
-        usage = self.usage(
-            hold.model, input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens, one_hour
-        )
+        """Free the hold and charge the actual usage in one step (charged even above the hold).
+        ``input_tokens`` may be one :class:`Usage` value. A commit refused for its usage (say
+        ``cached_input_tokens + cache_write_tokens > input_tokens``) leaves the hold held: commit
+        corrected numbers (a ``with`` block its error leaves charges the hold, flagged)."""
+        try:  # validated before the hold is touched
+            tokens = charge_args(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
+            usage = self.usage(hold.model, *tokens)
+            B.check_metadata(metadata)
+        except (InvalidInputError, TypeError):
+            hold.refused = True
+            raise
+        call = CallView(hold.model, tokens[0], tokens[1], tokens[2:5], metadata, hold.request_id)
+        return self._settle(hold, usage, call, None)
+
+    def charge_hold(self, hold: Hold, why: str) -> Step[ChargeResult, UsageRecord]:
+        """Charge what the hold holds, as a commit flagged ``uncommitted=why`` in the ledger."""
+        call = CallView(hold.model, hold.requested[0], hold.requested[1], (0, 0, 0), None, hold.request_id)
+        return self._settle(hold, hold.held, call, why)
+
+    def _settle(
+        self, hold: Hold, usage: Amounts, call: CallView, uncommitted: str | None
+    ) -> Step[ChargeResult, UsageRecord]:
         if hold.record is not None:
             raise InvalidInputError("reservation already committed")
         if hold.committing:  # a first commit raised after it was sent or journaled: never charge twice
@@ -726,23 +874,19 @@ class Accounting:
                 "reservation already committed: its first commit failed after it was sent or journaled "
                 "(a journaled charge is replayed when Redis answers)"
             )
-        maxlen, entry = 0, ""
-        if self.ledger_maxlen:
-            extra = (cached_input_tokens, cache_write_tokens, reasoning_tokens)
-            maxlen = self.ledger_maxlen
-            entry = L.charge_entry(
-                hold.plan.ledger_head, input_tokens, output_tokens, extra, hold.request_id, hold.hold_id, metadata
-            )
+        maxlen, entry = self._ledger_entry(hold.plan, call, hold.hold_id, uncommitted)
         hold.committing = True
         op = Commit(hold.plan, self.now_us(), usage, hold.hold_id, hold.request_key, self.request_ttl_ms, maxlen, entry)
 
         def finish(result: ChargeResult) -> UsageRecord:
             hold.open = False
+            hold.refused = False
             over = usage[0] > hold.held[0] or usage[1] > hold.held[1]
+            expired = isinstance(result, ChargeResult) and result.original is None and not result.hold_found
+            if uncommitted is not None:
+                self._count_hold("charged_uncommitted")
             try:
-                hold.record = self._finish_charge(
-                    hold.plan, result, hold.model, usage, input_tokens, output_tokens, metadata, hold.request_id, over
-                )
+                hold.record = self._finish_charge(hold.plan, result, usage, call, over, expired and not uncommitted)
             except BudgetExceededError as err:
                 hold.record = err.record
                 raise
@@ -750,12 +894,50 @@ class Accounting:
 
         return Step(op, finish)
 
-    def release(self, hold: Hold) -> Step[bool, bool] | Done[bool]:
-        """Free the hold; True if it was still live."""
+    def release(self, hold: Hold, uncommitted: bool = False) -> Step[bool, bool] | Done[bool]:
+        """Free the hold; True if it was still live. ``uncommitted``: its ``with`` block was left
+        without a commit: the release is written to the ledger (``kind="released_uncommitted"``) in
+        the same step, and counted in ``summary()["holds"]``."""
         if not hold.open:
             return Done(False)
         hold.open = False
-        return Step(Release(hold.plan, hold.hold_id), bool)
+        maxlen, entry = 0, ""
+        if uncommitted:
+            self._count_hold("released_uncommitted")
+            if self.ledger_maxlen:
+                maxlen = self.ledger_maxlen
+                entry = L.released_entry(hold.plan.ledger_head, hold.hold_id, hold.request_id)
+        return Step(Release(hold.plan, hold.hold_id, self.now_us(), hold.held, maxlen, entry), bool)
+
+    def extend(self, hold: Hold, ttl: float) -> Step[bool, bool] | Done[bool]:
+        """Keep a long call (a stream) held: its lease now ends ``ttl`` seconds from now, in one
+        round trip. False if the hold had lapsed already (a later commit is flagged ``hold_expired``)."""
+        ttl_us = int(_seconds(ttl, "ttl") * P.US)
+        if not hold.open:
+            return Done(False)
+        return Step(Extend(hold.plan, hold.hold_id, self.now_us(), ttl_us), bool)
+
+    def leave(self, hold: Hold, exc: BaseException | None) -> Job[Any] | None:
+        """What leaving a reservation's ``with`` block does to a hold still open: released quietly
+        when an exception (the call failed) leaves it; charged, flagged ``commit_refused``, when the
+        exception is a refused commit's (the call happened: its money is never dropped); else, left
+        without a commit, a ``BudgetWarning`` and ``on_uncommitted``: released (in the ledger as
+        ``released_uncommitted``) or the hold charged (flagged ``exit``)."""
+        if not hold.open:
+            return None
+        if hold.refused and isinstance(exc, (InvalidInputError, TypeError)):
+            return self.charge_hold(hold, "commit_refused")
+        if exc is not None:
+            return self.release(hold)
+        charge = self.on_uncommitted == "charge_hold"
+        warnings.warn(
+            f"a reservation of scope {self.name!r} ({hold.held[0]} tokens, ${nano_to_usd(hold.held[1]):.6f}) was "
+            f"left without commit(): its hold was {'charged' if charge else 'released, nothing charged'} "
+            "(on_uncommitted=...)",
+            BudgetWarning,
+            stacklevel=3,
+        )
+        return self.charge_hold(hold, "exit") if charge else self.release(hold, uncommitted=True)
 
     def summary(self, session_id: str | None = None) -> Step[SummaryResult, dict[str, Any]]:
         """Usage of the current (or given) session, the rolling day, totals, per model, per limit."""
@@ -786,11 +968,11 @@ class Accounting:
     def reset_model(self, model: str) -> Step[Any, None]:
         """Clear this scope's counters of one model: its cumulative totals (the seed's per-model
         limits) and its rolling per-model windows (atomic; in the ledger)."""
-        check_name(model, "model")
+        model = self.model_id(check_name(model, "model"))
         ks = self.keyspace
         keys = [ks.ledger, ks.totals(self.name)]
         for lim in self.scope.all_limits():
-            if lim.model == model and isinstance(lim.window, int):
+            if lim.model is not None and self.model_id(lim.model) == model and isinstance(lim.window, int):
                 keys.extend(k for k in ks.window(self.name, lim.window, model) if k not in keys)
         return self._reset("model", keys, None, model)
 
@@ -802,7 +984,8 @@ class Accounting:
         keys = [ks.ledger, ks.totals(self.name), *ks.window(self.name, P.DAY, None)]
         for lim in self.scope.all_limits():
             if isinstance(lim.window, int):
-                keys.extend(k for k in ks.window(self.name, lim.window, lim.model) if k not in keys)
+                lim_model = None if lim.model is None else self.model_id(lim.model)
+                keys.extend(k for k in ks.window(self.name, lim.window, lim_model) if k not in keys)
         keys.append(ks.session(self.name, sid))
         return self._reset("scope", keys, sid)
 
@@ -863,6 +1046,8 @@ class Hold:
     open: bool = False  # held and not settled yet (set from ``admitted``)
     record: UsageRecord | None = None  # the charge, once committed
     committing: bool = False  # a commit was sent (or journaled)
+    refused: bool = False  # the latest commit was refused (bad usage): the hold is still held
+    requested: tuple[int, int] = (0, 0)  # (input tokens, max output tokens) reserved
 
     def __post_init__(self) -> None:
         self.open = self.admitted

@@ -8,7 +8,7 @@ A job is prepared (validated, planned) before anything is sent. The driver then 
 * a generator of steps (:data:`~distbudget._core.ops.Steps`), for the operations that really take
   several engine steps (``acquire``'s wait loop, a ledger read page by page, the journal's replay).
   The contract, the same in both drivers: each yielded operation's result is sent back; its
-  ``BackendError`` is thrown in at the ``yield`` (the generator may catch it); a yielded
+  error (a ``BackendError``, or any other) is thrown in at the ``yield`` (the generator may catch it); a yielded
   :class:`~distbudget._core.ops.Sleep` is slept (``None`` is sent back); the generator's return
   value is the job's result, and it is closed in ``finally`` whatever happens.
 
@@ -76,14 +76,14 @@ class Driver:
         finally:
             job.close()
 
-    def _attempt(self, step: Operation[Any] | Sleep) -> tuple[Any, BackendError | None]:
+    def _attempt(self, step: Operation[Any] | Sleep) -> tuple[Any, Exception | None]:
         """One step of a multi-step job: (its answer, None), or (None, the error to throw in)."""
         if isinstance(step, Sleep):
             self.sleep(step.seconds)
             return None, None
         try:
             return self.execute(step), None
-        except BackendError as err:
+        except Exception as err:  # thrown in: the journal's replay sets an entry aside
             return None, err
 
 
@@ -128,7 +128,7 @@ class AsyncDriver:
         finally:
             job.close()
 
-    async def _attempt(self, step: Operation[Any] | Sleep) -> tuple[Any, BackendError | None]:
+    async def _attempt(self, step: Operation[Any] | Sleep) -> tuple[Any, Exception | None]:
         if isinstance(step, Sleep):
             slept = self.sleep(step.seconds)
             if inspect.isawaitable(slept):
@@ -136,5 +136,5 @@ class AsyncDriver:
             return None, None
         try:
             return await self.execute(step), None
-        except BackendError as err:
+        except Exception as err:  # thrown in: the journal's replay sets an entry aside
             return None, err

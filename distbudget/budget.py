@@ -14,12 +14,13 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from distbudget._accounting import Accounting, ExportTarget, Hold, LedgerSince, Settings, write_jsonl
 from distbudget._core import ledger as L
-from distbudget._core.errors import BackendError
+from distbudget._core.errors import BackendError, BudgetExceededError, BudgetWarning
 from distbudget._core.money import nano_to_usd
 from distbudget._core.ops import Job, Step
 from distbudget._core.prices import ModelRates
@@ -87,6 +88,8 @@ class _BudgetBase(Generic[E]):
         fail_open_max_cost_usd: float | None = None,
         fail_open_max_tokens: int | None = None,
         journal_size: int = DEFAULT_JOURNAL_SIZE,
+        on_uncommitted: str = "release",
+        strict_models: bool = False,
         _engine: E | None = None,
         _registry: tuple[str, float, tuple[str, ...]] | None = None,
         _settings: Settings | None = None,  # a manager's: in place of the keywords above
@@ -105,6 +108,8 @@ class _BudgetBase(Generic[E]):
             fail_open_max_cost_usd=fail_open_max_cost_usd,
             fail_open_max_tokens=fail_open_max_tokens,
             journal_size=journal_size,
+            on_uncommitted=on_uncommitted,
+            strict_models=strict_models,
         )
         self._core = core = Accounting(scope, rates, settings, _registry)
         #: The engine: ``MemoryEngine`` (embedded) or ``RedisEngine`` (``under_replicated``: charges
@@ -411,11 +416,27 @@ class Reservation(_ReservationBase[Budget]):
         self._budget._before(settle=True)
         return self._budget._driver.run(self._budget._core.release(self._hold))
 
+    def extend(self, ttl: float) -> bool:
+        """Keep a long call (a stream) held: its lease now ends ``ttl`` seconds from now (one round
+        trip). False if the hold had lapsed already (a later commit is flagged ``hold_expired``)."""
+        job = self._budget._core.extend(self._hold, ttl)
+        self._budget._before(settle=True)
+        return self._budget._driver.run(job)
+
     def __enter__(self) -> Reservation:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """Leaving the block: see ``Accounting.leave`` (a hold left uncommitted warns, and is released
+        or charged per ``on_uncommitted``; a refused commit's error charges it)."""
+        job = self._budget._core.leave(self._hold, exc)
+        if job is None:
+            return
+        self._budget._before(settle=True)
+        try:
+            self._budget._driver.run(job)
+        except BudgetExceededError as err:  # charged (money spent): nothing to raise on leaving
+            warnings.warn(err.message, BudgetWarning, stacklevel=2)
 
 
 class AsyncReservation(_ReservationBase[AsyncBudget]):
@@ -438,11 +459,36 @@ class AsyncReservation(_ReservationBase[AsyncBudget]):
         await self._budget._before(settle=True)
         return await self._budget._driver.run(self._budget._core.release(self._hold))
 
+    async def extend(self, ttl: float) -> bool:
+        """See :meth:`Reservation.extend`."""
+        job = self._budget._core.extend(self._hold, ttl)
+        await self._budget._before(settle=True)
+        return await self._budget._driver.run(job)
+
+    async def _leave(self, exc: BaseException | None) -> None:
+        """Leaving an ``async with`` block (see :meth:`Reservation.__exit__`); runs to completion even
+        if the calling task is cancelled meanwhile."""
+        job = self._budget._core.leave(self._hold, exc)
+        if job is None:
+            return
+        task = asyncio.ensure_future(self._settle(job))
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])  # finish settling the hold, then let the cancellation through
+            raise
+        except BudgetExceededError as err:  # charged (money spent): nothing to raise on leaving
+            warnings.warn(err.message, BudgetWarning, stacklevel=2)
+
+    async def _settle(self, job: Job[Any]) -> None:
+        await self._budget._before(settle=True)
+        await self._budget._driver.run(job)
+
     async def __aenter__(self) -> AsyncReservation:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.release()
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        await self._leave(exc)
 
 
 class PendingReservation:
@@ -468,6 +514,6 @@ class PendingReservation:
     async def __aenter__(self) -> AsyncReservation:
         return await self._get()
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if self._reservation is not None:
-            await self._reservation.release()
+            await self._reservation._leave(exc)

@@ -241,7 +241,7 @@ def run_worker(worker: int, mgr: BudgetManager, cfg: DemoConfig, start: Callable
 
     names = [s.name for s in cfg.scopes]
     for name in names:
-        mgr.get(name).on_alert(collect)
+        mgr._budget(name).on_alert(collect)
     plan = plan_calls(cfg.seed, worker, cfg.calls, cfg.models)
     tallies = {name: Tally() for name in names}
     active = list(names)
@@ -721,7 +721,7 @@ def list_scopes(args: argparse.Namespace) -> int:
         return 0
     rows = [["scope", "parent", "limit", "used", "held", "limit value", "pct"]]
     for name, summary in summaries.items():
-        parent = mgr.get(name).scope.parent
+        parent = mgr._budget(name).scope.parent
         parent_name = "" if parent is None else parent if isinstance(parent, str) else parent.name
         total = summary["total"]
         rows.append([name, parent_name, "total", f"{total['tokens']} tok ${total['cost_usd']:.6g}", "", "", ""])

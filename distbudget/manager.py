@@ -64,6 +64,8 @@ class _ManagerBase(Generic[B, E]):
         fail_open_max_cost_usd: float | None = None,
         fail_open_max_tokens: int | None = None,
         journal_size: int = DEFAULT_JOURNAL_SIZE,
+        on_uncommitted: str = "release",
+        strict_models: bool = False,
         _engine: E | None = None,
     ) -> None:
         mode = check_options(on_backend_error, fail_open_max_cost_usd, fail_open_max_tokens, journal_size)[0]
@@ -84,6 +86,8 @@ class _ManagerBase(Generic[B, E]):
             fail_open_max_cost_usd=fail_open_max_cost_usd,
             fail_open_max_tokens=fail_open_max_tokens,
             journal_size=journal_size,
+            on_uncommitted=on_uncommitted,
+            strict_models=strict_models,
         )
         self._budgets: dict[str, B] = {}
         self._lock = threading.Lock()
@@ -136,16 +140,15 @@ class _ManagerBase(Generic[B, E]):
         with self._lock:
             self._budgets.pop(name, None)
 
-    def _remove(self, name: str) -> Step[list[str], None]:
+    def _remove(self, name: str) -> Step[list[str], bool]:
         check_name(name, "scope name")
 
-        def finish(reply: list[str]) -> None:
+        def finish(reply: list[str]) -> bool:
             err = R.refusal(reply)
             if err is not None:
                 raise err
             self._forget(name)
-            if not reply:
-                raise UnknownScopeError(f"unknown scope {name!r}")
+            return bool(reply)  # False: it was not registered
 
         return Step(RegistryRemove(self._key, name), finish)
 
@@ -158,7 +161,7 @@ def _by_name(call: Callable[Concatenate[B, P], T]) -> Callable[Concatenate[Any, 
 
     @functools.wraps(call)
     def method(self: BudgetManager, scope_name: str, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return call(self.get(scope_name), *args, **kwargs)  # type: ignore[arg-type]
+        return call(self._budget(scope_name), *args, **kwargs)  # type: ignore[arg-type]
 
     return method
 
@@ -168,7 +171,7 @@ def _async_by_name(
 ) -> Callable[Concatenate[AsyncBudgetManager, str, P], Coroutine[Any, Any, T]]:
     @functools.wraps(call)
     async def method(self: AsyncBudgetManager, scope_name: str, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await call(await self.get(scope_name), *args, **kwargs)
+        return await call(await self._budget(scope_name), *args, **kwargs)
 
     return method
 
@@ -179,7 +182,7 @@ def _pending_by_name(
     @functools.wraps(call)
     def method(self: AsyncBudgetManager, scope_name: str, /, *args: P.args, **kwargs: P.kwargs) -> PendingReservation:
         async def start() -> Any:
-            return await call(await self.get(scope_name), *args, **kwargs)
+            return await call(await self._budget(scope_name), *args, **kwargs)
 
         return PendingReservation(start)
 
@@ -204,9 +207,16 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
         registered first if it is not. Cycles, missing parents and a changed parent are refused."""
         return Driver(self._engine).run(self._register(scope, rates))
 
-    def get(self, name: str) -> Budget:
-        """The budget of a scope registered by any process; ``UnknownScopeError`` (a ``KeyError``)
-        if unknown."""
+    def get(self, name: str) -> Budget | None:
+        """The budget of a scope registered by any process; ``None`` if unknown (as agent-budget's).
+        The calls by scope name (``record``, ``check`` ...) raise ``UnknownScopeError`` instead."""
+        try:
+            return self._budget(name)
+        except UnknownScopeError:
+            return None
+
+    def _budget(self, name: str) -> Budget:
+        """The budget of a scope; ``UnknownScopeError`` (a ``KeyError``) if unknown."""
         found = self._lookup(name)
         if isinstance(found, Step):
             return Driver(self._engine).run(found)
@@ -219,10 +229,10 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
                 raise
         return found
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> bool:
         """Remove a scope from the registry (its counters in the store are left as they are);
-        refused while it has children. ``UnknownScopeError`` (a ``KeyError``) if unknown."""
-        Driver(self._engine).run(self._remove(name))
+        refused while it has children. True if it was registered, False if not (as agent-budget's)."""
+        return Driver(self._engine).run(self._remove(name))
 
     def names(self) -> list[str]:
         """Every registered scope, sorted."""
@@ -231,11 +241,7 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        try:
-            self.get(name)
-        except KeyError:
-            return False
-        return True
+        return self.get(name) is not None
 
     check = _by_name(Budget.check)
     record = _by_name(Budget.record)
@@ -245,17 +251,17 @@ class BudgetManager(_ManagerBase[Budget, Engine]):
 
     def all_summaries(self) -> dict[str, dict[str, Any]]:
         """Summaries of every registered scope (from the registry: no keyspace scan)."""
-        return {name: self.get(name).summary() for name in self.names()}
+        return {name: self._budget(name).summary() for name in self.names()}
 
     def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
         """Charges counting against a scope (its own and its descendants'), from the shared ledger."""
-        budget = self.get(name)
+        budget = self._budget(name)
         budget._before()  # a journal due for replay is replayed first, as before any budget call
         return [e.as_record() for e in budget._driver.run(budget._core.ledger_pages(since, limit, charges_only=True))]
 
     def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
         """A scope's ledger as JSON lines (path or text file); returns the number of lines."""
-        return write_jsonl(self.get(name).ledger(since), target)
+        return write_jsonl(self._budget(name).ledger(since), target)
 
 
 class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
@@ -273,7 +279,14 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
     async def register(self, scope: BudgetScope, rates: Mapping[str, ModelRates] | None = None) -> AsyncBudget:
         return await AsyncDriver(self._engine).run(self._register(scope, rates))
 
-    async def get(self, name: str) -> AsyncBudget:
+    async def get(self, name: str) -> AsyncBudget | None:
+        """The budget of a scope registered by any process; ``None`` if unknown."""
+        try:
+            return await self._budget(name)
+        except UnknownScopeError:
+            return None
+
+    async def _budget(self, name: str) -> AsyncBudget:
         found = self._lookup(name)
         if isinstance(found, Step):
             return await AsyncDriver(self._engine).run(found)
@@ -286,8 +299,8 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
                 raise
         return found
 
-    async def remove(self, name: str) -> None:
-        await AsyncDriver(self._engine).run(self._remove(name))
+    async def remove(self, name: str) -> bool:
+        return await AsyncDriver(self._engine).run(self._remove(name))
 
     async def names(self) -> list[str]:
         return await AsyncDriver(self._engine).run(self._names())
@@ -299,13 +312,13 @@ class AsyncBudgetManager(_ManagerBase[AsyncBudget, AsyncEngine]):
     summary = _async_by_name(AsyncBudget.summary)
 
     async def all_summaries(self) -> dict[str, dict[str, Any]]:
-        return {name: await (await self.get(name)).summary() for name in await self.names()}
+        return {name: await (await self._budget(name)).summary() for name in await self.names()}
 
     async def records(self, name: str, since: LedgerSince = None, limit: int | None = None) -> list[UsageRecord]:
-        budget = await self.get(name)
+        budget = await self._budget(name)
         await budget._before()
         pages = budget._core.ledger_pages(since, limit, charges_only=True)
         return [e.as_record() for e in await budget._driver.run(pages)]
 
     async def export_ledger(self, name: str, target: ExportTarget, since: LedgerSince = None) -> int:
-        return write_jsonl(await (await self.get(name)).ledger(since), target)
+        return write_jsonl(await (await self._budget(name)).ledger(since), target)

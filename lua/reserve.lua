@@ -4,10 +4,12 @@
 -- KEYS: [1] holds hash, [2] leases zset, [3..] the plan's counter keys
 -- ARGV: [1] clock µs or '', [2] tokens, [3] nano-USD, [4] requests (the worst case to hold),
 --       [5] '', [6] hold id, [7] lease TTL µs, [8..] the plan (see include/scan.lua)
--- include: clock, scan, holds_read, admit
+-- include: args, clock, scan, holds_read, admit
 -- Returns: {0 admitted | 1 refused, now µs, used: "tokens cost requests ..." (3 per counter),
 --           {held, 3 per counter, before this hold}, refusing limit index (0 none),
 --           µs until a rolling window frees enough (-1: never)}
+local bad = bad_args(7)
+if bad then return redis.error_reply(bad) end
 local now = now_us()
 reap(now)
 local amt = amounts()

@@ -75,7 +75,7 @@ def test_bad_ports_are_reported_without_the_password(url: str) -> None:
 def test_an_at_sign_after_a_well_formed_host_part_is_fine() -> None:
     """An '@' in the query or a unix socket path is legal; only a host part left broken by a password
     cut short is refused."""
-    assert "a%40b" in C.parse("redis://h:6379/0?ssl_ca_certs=/etc/a@b/ca.pem").url
+    assert "a%40b" in C.parse("rediss://h:6379/0?ssl_ca_certs=/etc/a@b/ca.pem").url
     assert C.parse("redis://h:6379/0?client_name=worker@host1").kind == "standalone"
     assert C.parse("redis+sentinel://h1:26379,h2:26379/svc?sentinel_password=s3cr@t").kind == "sentinel"
     assert C.parse("unix:///run/a@b/redis.sock?db=1").kind == "standalone"

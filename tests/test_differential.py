@@ -138,3 +138,71 @@ def test_embedded_and_redis_agree(redis_server: RedisServer, ops: list[tuple[Any
     on_redis = Tracking(make_scope(), RATES, clock=clocks[1], redis=client, **options)  # type: ignore[arg-type]
     assert run(embedded, clocks[0], ops) == run(on_redis, clocks[1], ops)
     client.close()
+
+
+# ---- extremes (issue 13): both engines refuse the same inputs, before anything is written -------------
+
+HUGE = 2**53 - 1
+EXTREME_RATES = {"m": ModelRates(0.001, 0.002), "h": ModelRates(4_000_000, 0.0), "gpt-4o": ModelRates(0.0025, 0.01)}
+EXTREME_TOKENS = st.sampled_from([0, 1, 1000, 2**31, 2**40, 2**52, HUGE - 1, HUGE, HUGE + 1])
+EXTREME_TTLS = st.sampled_from([None, 0.0004, 0.001, 1.0, 600.0, 315_360_000.0, 315_360_001.0, 9.3e12, 2**63 - 1])
+EXTREME_OPS = st.one_of(
+    st.tuples(st.just("record"), st.sampled_from(["m", "h", "gpt-4o"]), EXTREME_TOKENS, EXTREME_TOKENS),
+    st.tuples(st.just("check"), st.sampled_from(["m", "h", "gpt-4o"]), EXTREME_TOKENS, EXTREME_TOKENS),
+    st.tuples(st.just("reserve"), st.sampled_from(["m", "h"]), EXTREME_TOKENS, EXTREME_TOKENS, EXTREME_TTLS),
+    st.tuples(st.just("commit"), st.integers(0, 3), EXTREME_TOKENS, EXTREME_TOKENS),
+    st.tuples(st.just("advance"), st.sampled_from([0.0005, 1, 600, 86400])),
+)
+
+
+def extreme_outcome(fn: Any) -> Any:
+    try:
+        return outcome(fn)
+    except (ValueError, TypeError) as err:  # InvalidInputError is a ValueError
+        return ("invalid", type(err).__name__)
+
+
+def run_extremes(budget: Budget, clock: Clock, ops: list[tuple[Any, ...]]) -> list[Any]:
+    out: list[Any] = []
+    holds: list[Any] = []
+    for op in ops:
+        kind = op[0]
+        if kind == "record":
+            out.append(extreme_outcome(lambda: budget.record("a", op[1], op[2], op[3])))
+        elif kind == "check":
+            out.append(extreme_outcome(lambda: budget.check(op[1], op[2], op[3])))
+        elif kind == "reserve":
+            got = extreme_outcome(lambda: budget.reserve(op[1], op[2], op[3], ttl=op[4]))
+            out.append(got)
+            if got[0] == "reserved":
+                holds.append(budget._last_reservation)  # type: ignore[attr-defined]
+        elif kind == "commit" and holds:
+            res = holds[op[1] % len(holds)]
+            if res.record is None:
+                out.append(extreme_outcome(lambda: res.commit(op[2], op[3])))
+        elif kind == "advance":
+            clock.advance(op[1])
+        out.append(budget.summary("a"))
+    out.append([(e.kind, e.tokens, e.cost_nano_usd) for e in budget.ledger()])
+    return out
+
+
+@settings(
+    max_examples=int(os.environ.get("DIFF_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(ops=st.lists(EXTREME_OPS, min_size=1, max_size=12))
+def test_embedded_and_redis_agree_at_the_extremes(redis_server: RedisServer, ops: list[tuple[Any, ...]]) -> None:
+    client = redis_server.client()
+    client.flushall()
+    scope = BudgetScope("x", max_cost_per_day_usd=1.0, max_tokens_per_session=2**52, limits=[Limit("cost", 5e6, "1h")])
+    clocks = Clock(1_800_000_000.0), Clock(1_800_000_000.0)
+    embedded = Tracking(scope, EXTREME_RATES, clock=clocks[0], request_ttl=86400)  # type: ignore[arg-type]
+    on_redis = Tracking(scope, EXTREME_RATES, clock=clocks[1], redis=client, request_ttl=86400)  # type: ignore[arg-type]
+    results = run_extremes(embedded, clocks[0], ops), run_extremes(on_redis, clocks[1], ops)
+    assert results[0] == results[1]
+    for summary in results[1]:
+        if isinstance(summary, dict):  # never a negative or inexact counter
+            assert 0 <= summary["day"]["cost_usd"] * 10**9 <= HUGE and 0 <= summary["session"]["tokens"] <= HUGE
+    client.close()

@@ -61,6 +61,7 @@ MANAGER_API = {
 RESERVATION_API = {
     "admitted",
     "commit",
+    "extend",
     "held_cost_usd",
     "held_nano_usd",
     "held_tokens",
@@ -122,10 +123,10 @@ def test_sync_and_async_methods_share_one_signature() -> None:
 
 def test_an_unknown_scope_is_a_distbudget_error_and_a_key_error() -> None:
     manager = BudgetManager()
+    assert manager.get("nope") is None and manager.remove("nope") is False  # as agent-budget's
     for call in (
-        lambda: manager.get("nope"),
-        lambda: manager.remove("nope"),
         lambda: manager.record("nope", "s", "m", 1, 1),
+        lambda: manager.summary("nope"),
     ):
         try:
             call()

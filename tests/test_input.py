@@ -124,7 +124,7 @@ def test_odd_names_are_safe(backend: Backend, odd: str) -> None:
         res.commit(1, 1)
     s = budget.summary(odd)
     assert s["session"]["tokens"] == 22
-    assert s["per_model"][odd]["tokens"] == 22
+    assert s["per_model"][odd.lower()]["tokens"] == 22  # keyed by the canonical id (names are case-blind)
     assert s["limits"][f"model_{odd}_tokens"]["used"] == 22
     assert s["limits"][f"model_{odd}_minute_requests"]["used"] == 2
     assert s["limits"][f"{odd}-root:day_tokens"]["used"] == 22

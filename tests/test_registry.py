@@ -76,15 +76,13 @@ def test_registration_rules(backend: Backend) -> None:
         mgr.register(BudgetScope("team", parent=BudgetScope("x", parent="team")))  # x not written either
     with pytest.raises(InvalidInputError, match="children"):
         mgr.remove("team")
-    with pytest.raises(KeyError):
-        mgr.get("nobody")
+    assert mgr.get("nobody") is None  # as agent-budget's get()
     with pytest.raises(KeyError):
         mgr.record("nobody", "s", "m", 1, 1)
-    with pytest.raises(KeyError):
-        mgr.remove("nobody")
+    assert mgr.remove("nobody") is False
     assert mgr.names() == ["alice", "team"]  # refusals wrote nothing
-    mgr.remove("alice")
-    mgr.remove("team")
+    assert mgr.remove("alice") is True
+    assert mgr.remove("team") is True
     assert mgr.names() == []
 
 
@@ -116,8 +114,7 @@ def test_registry_changes_reach_other_managers_within_the_ttl(backend: Backend) 
     time.sleep(0.1)
     with pytest.raises(KeyError):
         budget.record("s", "m", 1, 1)
-    with pytest.raises(KeyError):
-        worker.get("svc")
+    assert worker.get("svc") is None
 
 
 def test_reservations_settle_after_their_scope_was_removed(backend: Backend) -> None:
@@ -132,8 +129,7 @@ def test_reservations_settle_after_their_scope_was_removed(backend: Backend) -> 
             time.sleep(0.1)
             assert spent.commit(100, 50).total_tokens == 150
         # leaving the inner block released its hold without a KeyError
-    with pytest.raises(KeyError):
-        worker.get("tmp")
+    assert worker.get("tmp") is None
     admin.register(BudgetScope("tmp", max_tokens_per_session=1000), RATES)  # the counters were kept
     limit = admin.summary("tmp", "s")["limits"]["session_tokens"]
     assert (limit["used"], limit["held"]) == (150, 0)

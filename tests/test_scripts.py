@@ -32,7 +32,7 @@ def test_each_script_carries_only_helpers_it_calls(operation: str) -> None:
 
 def test_includes_compose_in_dependency_order() -> None:
     assert scripts.includes("registry") == ()  # it calls none of the shared helpers
-    assert scripts.includes("release") == ("num", "holds")
+    assert scripts.includes("release") == ("clock", "num", "holds")
     record = scripts.includes("record")
     assert "holds" not in record and "admit" not in record
     assert record.index("num") < record.index("scan") and record.index("tail") < record.index("ledger")

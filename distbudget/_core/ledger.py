@@ -48,9 +48,20 @@ class _OpIds:
 op_ids = _OpIds()
 
 
-def head(kind: str, scope: str, path: list[str], session_id: str | None, model: str | None) -> str:
-    """The constant start of an entry's JSON (no closing brace), computed once per plan."""
-    return _dumps({"kind": kind, "scope": scope, "path": path, "session_id": session_id, "model": model})[:-1]
+def head(
+    kind: str,
+    scope: str,
+    path: list[str],
+    session_id: str | None,
+    model: str | None,
+    canonical_model: str | None = None,
+) -> str:
+    """The constant start of an entry's JSON (no closing brace), computed once per plan. ``model`` is
+    the name as the caller gave it, ``canonical_model`` the id counters are keyed by (when it differs)."""
+    fields: dict[str, Any] = {"kind": kind, "scope": scope, "path": path, "session_id": session_id, "model": model}
+    if canonical_model is not None and canonical_model != model:
+        fields["canonical_model"] = canonical_model
+    return _dumps(fields)[:-1]
 
 
 def charge_entry(
@@ -61,8 +72,11 @@ def charge_entry(
     request_id: str | None,
     hold_id: str | None,
     metadata: dict[str, Any] | None,
+    uncommitted: str | None = None,
 ) -> str:
-    """The ``d`` field of a charge."""
+    """The ``d`` field of a charge. ``uncommitted``: why a hold was charged without a commit
+    (``"exit"``: its block was left uncommitted under ``on_uncommitted="charge_hold"``;
+    ``"commit_refused"``: its block was left by the exception of a refused commit)."""
     parts = [entry_head, f',"op":"{op_ids.next()}","input_tokens":{input_tokens},"output_tokens":{output_tokens}']
     if any(extra_tokens):
         cached, written, reasoning = extra_tokens
@@ -73,8 +87,18 @@ def charge_entry(
         parts.append(f',"hold_id":"{hold_id}"')
     if metadata:
         parts.append(',"metadata":' + _dumps(metadata))
+    if uncommitted is not None:
+        parts.append(f',"uncommitted":"{uncommitted}"')
     parts.append("}")
     return "".join(parts)
+
+
+def released_entry(entry_head: str, hold_id: str, request_id: str | None) -> str:
+    """The ``d`` field of a hold released without a commit (``kind="released_uncommitted"``; its
+    amounts are what the hold held; it counts against nothing). ``entry_head``: a charge's head."""
+    head_ = entry_head.replace('"kind":"charge"', '"kind":"released_uncommitted"', 1)
+    rid = "" if request_id is None else ',"request_id":' + _dumps(request_id)
+    return f'{head_},"op":"{op_ids.next()}","hold_id":"{hold_id}"{rid}}}'
 
 
 def reset_entry(what: str, scope: str, path: list[str], session_id: str | None, model: str | None) -> str:
@@ -105,6 +129,11 @@ class LedgerEntry:
     what: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     op: str | None = None
+    cached_input_tokens: int = 0
+    cache_write_tokens: int = 0
+    reasoning_tokens: int = 0
+    canonical_model: str | None = None  # the id counters are keyed by (``model`` is as given)
+    uncommitted: str | None = None  # a hold charged without a commit: "exit" or "commit_refused"
 
     @property
     def cost_usd(self) -> float:
@@ -132,6 +161,10 @@ class LedgerEntry:
             self.scope,
             self.cost_nano_usd,
             self.request_id,
+            cached_input_tokens=self.cached_input_tokens,
+            cache_write_tokens=self.cache_write_tokens,
+            reasoning_tokens=self.reasoning_tokens,
+            canonical_model=self.canonical_model or self.model or "",
         )
 
 
@@ -160,6 +193,11 @@ def parse_entry(entry_id: object, fields: dict[Any, Any]) -> LedgerEntry:
         what=d.get("what"),
         metadata=d.get("metadata") or {},
         op=d.get("op"),
+        cached_input_tokens=d.get("cached_input_tokens", 0),
+        cache_write_tokens=d.get("cache_write_tokens", 0),
+        reasoning_tokens=d.get("reasoning_tokens", 0),
+        canonical_model=d.get("canonical_model", d.get("model")),
+        uncommitted=d.get("uncommitted"),
     )
 
 

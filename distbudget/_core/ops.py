@@ -16,7 +16,7 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from distbudget._core.errors import BackendError
+from distbudget._core.errors import BackendError, InvalidInputError
 from distbudget._core.plan import Plan
 
 R = TypeVar("R")
@@ -80,9 +80,10 @@ class ResetResult:
 class BatchError(BackendError):
     """A :class:`RecordMany` whose charges did not all meet the same fate: some were charged and
     others failed. ``results`` holds, per charge in order, its result or its (classified)
-    :class:`BackendError`. The failure policy settles it charge by charge; callers never see it."""
+    :class:`BackendError` (or the InvalidInputError of a charge refused for a counter it would push
+    past 2**53 - 1). The failure policy settles it charge by charge; callers never see it."""
 
-    def __init__(self, message: str, results: list[ChargeResult | BackendError]) -> None:
+    def __init__(self, message: str, results: list[ChargeResult | BackendError | InvalidInputError]) -> None:
         super().__init__(message)
         self.results = results
 
@@ -122,9 +123,10 @@ Charge = Record | Commit
 
 
 @dataclass(slots=True)
-class RecordMany(Operation[list[ChargeResult]]):
+class RecordMany(Operation[list[ChargeResult | InvalidInputError]]):
     """Each record in order, each its own atomic step (Redis: one pipelined round trip). When only
-    some fail, the engine raises :class:`BatchError`."""
+    some fail, the engine raises :class:`BatchError`; a charge refused for a counter it would push
+    past 2**53 - 1 has its InvalidInputError in its place (nothing of it written)."""
 
     records: tuple[Record, ...]
 
@@ -151,10 +153,26 @@ class Reserve(Operation[AdmitResult]):
 
 @dataclass(slots=True)
 class Release(Operation[bool]):
-    """Free a hold; True if it was still live."""
+    """Free a hold; True if it was still live. With a ledger entry (a hold whose block was left
+    without a commit, ``kind="released_uncommitted"``), append it in the same step, with the amounts
+    held (it counts against nothing)."""
 
     plan: Plan
     hold_id: str
+    now_us: int | None = None
+    amounts: Amounts = (0, 0, 0)
+    ledger_maxlen: int = 0
+    ledger_entry: str = ""
+
+
+@dataclass(slots=True)
+class Extend(Operation[bool]):
+    """A live hold's lease now ends ``ttl_us`` from now; False (nothing changed) if it had lapsed."""
+
+    plan: Plan
+    hold_id: str
+    now_us: int | None
+    ttl_us: int
 
 
 @dataclass(slots=True)

@@ -10,6 +10,7 @@ Every counter tracks three metrics: tokens, cost (nano-USD) and requests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -111,8 +112,16 @@ def build_plan(
     model: str | None,
     keyspace: KeySpace,
     session_ttl_ms: int,
+    raw_model: str | None = None,
+    canonical: Callable[[str], str] | None = None,
 ) -> Plan:
-    """The plan for a call on ``model`` (``None``: every limit, for summaries) in ``session_id``."""
+    """The plan for a call on ``model`` (``None``: every limit, for summaries) in ``session_id``.
+    ``model`` is the canonical id; ``raw_model`` the name as the caller gave it (for the ledger);
+    ``canonical`` maps a limit's model to its canonical id (see _core/model_policy.py)."""
+
+    def limit_model(lim: Limit) -> str | None:
+        return lim.model if lim.model is None or canonical is None else canonical(lim.model)
+
     keys: list[str] = [keyspace.holds, keyspace.leases]
     key_index: dict[str, int] = {k: i + 1 for i, k in enumerate(keys)}
     counters: list[Counter] = []
@@ -142,12 +151,13 @@ def build_plan(
         return counter(hash_key, "", zset_key, seconds)
 
     def limit_counter(sc: BudgetScope, lim: Limit) -> int:
+        lim_model = limit_model(lim)
         if lim.window == "session":
-            return counter(keyspace.session(sc.name, session_id), model_prefix(lim.model), ttl_ms=session_ttl_ms)
+            return counter(keyspace.session(sc.name, session_id), model_prefix(lim_model), ttl_ms=session_ttl_ms)
         if lim.window == "total":
-            return counter(keyspace.totals(sc.name), model_prefix(lim.model))
+            return counter(keyspace.totals(sc.name), model_prefix(lim_model))
         assert isinstance(lim.window, int)
-        return window(sc.name, lim.window, lim.model)
+        return window(sc.name, lim.window, lim_model)
 
     limits: list[LimitSpec] = []
     chain = [scope, *scope.ancestors()]
@@ -165,7 +175,7 @@ def build_plan(
             }
         warn = sc.warn_threshold()
         for lim in sc.all_limits():
-            if model is not None and lim.model is not None and lim.model != model:
+            if model is not None and lim.model is not None and limit_model(lim) != model:
                 continue
             value = lim.amount
             limits.append(
@@ -212,7 +222,7 @@ def build_plan(
         day_counter=own["day"],
         totals_counter=own["totals"],
         keyspace=keyspace,
-        ledger_head=ledger.head("charge", scope.name, [s.name for s in chain], session_id, model),
+        ledger_head=ledger.head("charge", scope.name, [s.name for s in chain], session_id, raw_model or model, model),
         checks=tuple(
             (lim.counter, lim.metric, lim.value, lim.warn_at if lim.warn_at >= 0 else lim.crit_at) for lim in limits
         ),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Literal
 
+from distbudget._core.bounds import check_text
 from distbudget._core.errors import InvalidInputError
 from distbudget._core.money import MAX_AMOUNT, usd_to_nano
 
@@ -30,14 +31,15 @@ _DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
 
 
 def check_name(value: object, what: str) -> str:
-    """Names (scope, session, model, request id) are any non-empty str up to 256 chars."""
+    """Names (scope, session, model, request id) are any non-empty str up to 256 chars of valid
+    Unicode (no lone surrogates: see _core/bounds.py)."""
     if not isinstance(value, str):
         raise TypeError(f"{what} must be a str, got {type(value).__name__}")
     if not value:
         raise InvalidInputError(f"{what} must not be empty")
     if len(value) > MAX_NAME_LENGTH:
         raise InvalidInputError(f"{what} is longer than {MAX_NAME_LENGTH} characters")
-    return value
+    return check_text(value, what)
 
 
 def parse_window(window: object) -> str | int:

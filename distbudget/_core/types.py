@@ -20,7 +20,8 @@ class UsageRecord:
     ``over_hold`` is True when a reservation's actual usage exceeded what it held (it is charged
     anyway); ``duplicate`` when the ``request_id`` had already been charged (nothing was charged
     again; the fields repeat the original charge); ``journaled`` when Redis was unavailable and the
-    charge waits in the local journal (replayed when Redis answers; see ``on_backend_error``).
+    charge waits in the local journal (replayed when Redis answers; see ``on_backend_error``);
+    ``hold_expired`` when a reservation's hold had lapsed before its commit (charged all the same).
     """
 
     session_id: str
@@ -37,6 +38,11 @@ class UsageRecord:
     duplicate: bool = False
     ledger_id: str | None = None
     journaled: bool = False  # Redis was unavailable: the charge waits in the local journal for replay
+    cached_input_tokens: int = 0  # of input_tokens: read from the provider's prompt cache
+    cache_write_tokens: int = 0  # of input_tokens: written to the prompt cache
+    reasoning_tokens: int = 0  # of output_tokens
+    canonical_model: str = ""  # the model id limits and per-model totals are keyed by
+    hold_expired: bool = False  # a commit whose hold had lapsed (its lease ended) before it
 
     @property
     def total_tokens(self) -> int:

@@ -347,16 +347,19 @@ def replay(st: EngineState, force: bool = False) -> Steps[tuple[int, BackendErro
                 e.maybe_sent = True  # from here on this attempt may have run (cancellation included)
                 try:
                     answer: ChargeResult = yield e.op
-                except BackendError as err:
-                    e.maybe_sent = was or err.maybe_sent
-                    if err.outage:
+                except Exception as err:  # one entry never stalls the replay: it goes to the dead letters
+                    outage = isinstance(err, BackendError) and err.outage
+                    e.maybe_sent = was or (isinstance(err, BackendError) and err.maybe_sent)
+                    if outage:
+                        assert isinstance(err, BackendError)
                         st.fail(err)
                         stop = err
                         break
                     log.error(
-                        "distbudget: Redis refused a journaled charge of scope %r on replay (%s); it is kept "
-                        "in the engine state's `rejected` list and NOT counted: %s %s",
+                        "distbudget: a journaled charge of scope %r failed on replay (%s: %s); it is set aside "
+                        "in the dead-letter list (summary()['backend']['rejected']) and NOT counted: %s %s",
                         e.scope,
+                        type(err).__name__,
                         err,
                         type(e.op).__name__.lower(),
                         e.op.ledger_entry or e.op.amounts,

@@ -21,7 +21,9 @@ record       request TTL ms, -, alerts    ``0|now|totals|alerts|||alert ids|ledg
 commit       request TTL ms, hold, alerts the same with the hold's fate (``1``/``0``) in field 6
 check        -, -, -                      ``{status, now, totals, held, refused + 1, retry µs}``
 reserve      -, hold id, TTL µs           the same
-release      -, hold id, -                1 if the hold was live, else 0
+release      -, hold id, -                1 if the hold was live, else 0 (ARGV[2..4] the amounts held
+                                          and ARGV[8], [9] a ledger entry when it was left uncommitted)
+extend       -, hold id, TTL µs           1 if the hold was live (its lease now ends TTL from now)
 summary      totals KEYS index, -, -      ``{now, totals, held, HGETALL of the own totals hash}``
 reset        (its own ARGV, see below)    ``<tokens> <cost> <requests>|<ledger id>``
 registry     (its own ARGV, see below)    a list of strings
@@ -67,8 +69,9 @@ import redis
 import redis.exceptions as rx
 
 from distbudget._core import ops
-from distbudget._core.errors import BackendError
+from distbudget._core.errors import BackendError, InvalidInputError
 from distbudget._core.keys import alert_channels
+from distbudget._core.money import MAX_AMOUNT
 from distbudget._core.plan import US, Plan
 
 R = TypeVar("R")
@@ -225,7 +228,12 @@ class Codec:
         elif isinstance(op, ops.Reserve):
             call = ScriptCall("reserve", op.plan.keys, self._args(op, "", op.hold_id, op.ttl_us), parse_admit, True)
         elif isinstance(op, ops.Release):
-            call = ScriptCall("release", op.plan.keys[:2], ["", 0, 0, 0, "", op.hold_id, ""], bool)
+            keys = (*op.plan.keys[:2], op.plan.keyspace.ledger) if op.ledger_entry else op.plan.keys[:2]
+            held: list[str | int | bytes] = ["" if op.now_us is None else op.now_us, *op.amounts, "", op.hold_id]
+            call = ScriptCall("release", keys, [*held, "", op.ledger_maxlen, op.ledger_entry], bool)
+        elif isinstance(op, ops.Extend):
+            lease: list[str | int | bytes] = ["" if op.now_us is None else op.now_us, 0, 0, 0, "", op.hold_id]
+            call = ScriptCall("extend", op.plan.keys[:2], [*lease, op.ttl_us], bool)
         elif isinstance(op, ops.Summary):
             call = ScriptCall("summary", op.plan.keys, self._args(op, op.plan.totals_key_index, "", ""), parse_summary)
         elif isinstance(op, ops.Reset):
@@ -284,6 +292,12 @@ def parse_charge(raw: object) -> ops.ChargeResult:
     parts = _text(raw).split("|")
     parts += [""] * (8 - len(parts))
     status, now, totals, fired, original, found, ids, ledger_id = parts[:8]
+    if status == "2":  # refused before anything was written: a counter would pass 2**53 - 1
+        position = int(totals) - 1
+        raise InvalidInputError(
+            f"counter #{position // 3} ({('tokens', 'nano-USD', 'requests')[position % 3]}) would pass "
+            f"{MAX_AMOUNT} (the largest amount a counter holds exactly): nothing was charged; reset the counter"
+        )
     if status == "1":
         ts, tok, cost = original.split()
         return ops.ChargeResult(int(now), (), (), (int(ts), int(tok), int(cost)), found == "1")
@@ -326,17 +340,26 @@ def ledger_rows(raw: Any) -> list[tuple[str, dict[str, str]]]:
     return [(_text(entry_id), {_text(k): _text(v) for k, v in fields.items()}) for entry_id, fields in raw]
 
 
-def charges(results: list[Any]) -> list[ops.ChargeResult]:
+def _charged(raw: object) -> ops.ChargeResult | InvalidInputError:
+    """One charge of a batch: its result, or the InvalidInputError of a charge the script refused (a
+    counter would pass 2**53 - 1; nothing of it written) in its place: the others stand."""
+    try:
+        return parse_charge(raw)
+    except InvalidInputError as err:
+        return err
+
+
+def charges(results: list[Any]) -> list[ops.ChargeResult | InvalidInputError]:
     """A pipelined batch of charges: their results. When the round trip itself failed (every call
     has the same error) that error is raised; when only some calls failed, a :class:`ops.BatchError`
     carrying each call's result or its classified error."""
     failed = [r for r in results if isinstance(r, Exception)]
     if not failed:
-        return [parse_charge(r) for r in results]
+        return [_charged(r) for r in results]
     first = failed[0]
     if all(r is first for r in results):
         raise first
-    per_call = [backend_error("record", r) if isinstance(r, Exception) else parse_charge(r) for r in results]
+    per_call = [backend_error("record", r) if isinstance(r, Exception) else _charged(r) for r in results]
     msg = f"Redis record_many: {len(failed)} of {len(results)} charges failed (first: {first})"
     raise ops.BatchError(msg, per_call) from first
 
@@ -350,6 +373,7 @@ _DOING: dict[type[Any], str] = {
     ops.Check: "check",
     ops.Reserve: "reserve",
     ops.Release: "release",
+    ops.Extend: "extend",
     ops.Summary: "summary",
     ops.Reset: "reset",
     ops.RegistryPut: "registry",

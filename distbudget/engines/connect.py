@@ -58,7 +58,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import parse_url
 from redis.exceptions import ClusterDownError, RedisClusterException, SlotNotCoveredError
 
-from distbudget._core.errors import BackendError
+from distbudget._core.errors import BackendError, InvalidInputError
 
 TIMEOUTS: dict[str, Any] = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
 DEFAULT_WAIT_TIMEOUT_MS = 100
@@ -189,6 +189,13 @@ def parse(url: str) -> Target:
     query = parse_qsl(parts.query, keep_blank_values=True)
     ours = {k: v for k, v in query if k in _OURS}
     theirs = urlencode([(k, v) for k, v in query if k not in _OURS])
+    tls = sorted({k for k, _ in query if k.startswith("ssl")})
+    if tls and not scheme.startswith("rediss"):
+        secure = scheme.replace("redis", "rediss", 1) if scheme.startswith("redis") else "rediss"
+        raise InvalidInputError(
+            f"TLS option(s) {', '.join(tls)} on a {scheme}:// URL, which connects without TLS: use {secure}:// "
+            "for TLS, or drop them"
+        )
     wait_replicas = _int_option(ours, "wait_replicas", 0, 0)
     wait_timeout_ms = _int_option(ours, "wait_timeout_ms", DEFAULT_WAIT_TIMEOUT_MS, 0)
     if "+" not in scheme:
@@ -399,6 +406,7 @@ ACL_COMMANDS = (
     "zrange",
     "zrangebyscore",
     "zremrangebyscore",
+    "zscore",  # commit and extend: is the hold's lease still running?
     "xadd",
     "publish",
 )

@@ -16,11 +16,15 @@ from itertools import chain
 from typing import Any, TypeVar
 
 from distbudget._core import ops, registry
+from distbudget._core.bounds import check_after
+from distbudget._core.errors import InvalidInputError
 from distbudget._core.plan import Counter, Plan
 
 R = TypeVar("R")
 
 _METRIC_SUFFIX = ("t", "c", "r")
+_METRIC_NAMES = ("tokens", "nano-USD", "requests")
+_HALF = 2**52
 
 
 class _Window:
@@ -109,6 +113,7 @@ class MemoryEngine:
         self._streams: dict[str, _Stream] = {}
         self._registries: dict[str, dict[str, str]] = {}
         self._sweep_at = 0
+        self._high = False  # some counter has reached 2**52 (see _check_room)
         self._handlers: dict[type[Any], Any] = {
             ops.Record: self._record,
             ops.RecordMany: self._record_many,
@@ -116,6 +121,7 @@ class MemoryEngine:
             ops.Check: self._check,
             ops.Reserve: self._reserve,
             ops.Release: self._release,
+            ops.Extend: self._extend,
             ops.Summary: self._summary,
             ops.Reset: self._reset,
             ops.RegistryPut: self._registry_put,
@@ -290,12 +296,25 @@ class MemoryEngine:
     def _record(self, op: ops.Record) -> ops.ChargeResult:
         with self._lock:
             now = _server_now() if op.now_us is None else op.now_us
+            if self._seen(op.request_key, now) is None:
+                self._check_room(op.plan, now, op.amounts)
             return self._charge_plan(op, now, False)
 
-    def _record_many(self, op: ops.RecordMany) -> list[ops.ChargeResult]:
-        """Each record in order, under one lock hold (each its own step)."""
+    def _record_many(self, op: ops.RecordMany) -> list[ops.ChargeResult | InvalidInputError]:
+        """Each record in order, under one lock hold (each its own step). A charge refused for a
+        counter it would push past 2**53 - 1 gets its error in its place; the others stand."""
+        out: list[ops.ChargeResult | InvalidInputError] = []
         with self._lock:
-            return [self._charge_plan(r, _server_now() if r.now_us is None else r.now_us, False) for r in op.records]
+            for r in op.records:
+                now = _server_now() if r.now_us is None else r.now_us
+                if self._seen(r.request_key, now) is None:
+                    try:
+                        self._check_room(r.plan, now, r.amounts)
+                    except InvalidInputError as err:  # refused, nothing written
+                        out.append(err)
+                        continue
+                out.append(self._charge_plan(r, now, False))
+        return out
 
     def _commit(self, op: ops.Commit) -> ops.ChargeResult:
         with self._lock:
@@ -303,8 +322,23 @@ class MemoryEngine:
             tree = self._tree(op.plan)
             if self._seen(op.request_key, now) is not None:
                 self._drop_hold(tree, op.hold_id)
-            found = self._drop_hold(tree, op.hold_id)
+                return self._charge_plan(op, now, False)
+            self._check_room(op.plan, now, op.amounts)  # before anything changes (as lua/commit.lua)
+            live = tree.leases.get(op.hold_id, now) > now  # a lapsed lease not yet reaped is not found
+            found = self._drop_hold(tree, op.hold_id) and live
             return self._charge_plan(op, now, found)
+
+    def _check_room(self, plan: Plan, now: int, amt: ops.Amounts) -> None:
+        """Refuse a charge that would push a counter past what it holds exactly (2**53 - 1), before
+        anything is written (as the scripts do); counters are read as a charge sees them (expired
+        buckets aged out). Only looked at once a counter or the amount reaches 2**52: below that no
+        charge can overflow (requests grow by one per call: never near)."""
+        if not self._high and amt[0] < _HALF and amt[1] < _HALF:
+            return
+        for c in plan.counters:
+            total = self._counter(c, now)
+            for m in (0, 1, 2):
+                check_after(total[m], amt[m], f"counter {c.hash_key!r} ({_METRIC_NAMES[m]})")
 
     def _append(self, key: str, maxlen: int, entry: str, now: int, amt: ops.Amounts) -> str:
         if not entry:
@@ -376,6 +410,8 @@ class MemoryEngine:
                     bucket[0] += a0
                     bucket[1] += a1
                     bucket[2] += a2
+            if tot[0] >= _HALF or tot[1] >= _HALF:
+                self._high = True  # from now on every charge looks before it writes (_check_room)
             hashes.append(h)
             rows.append(tot)
         fired = self._alerts(plan, rows, hashes, amt)
@@ -413,9 +449,24 @@ class MemoryEngine:
             return ops.AdmitResult(now, totals, held, refused, retry)
 
     def _release(self, op: ops.Release) -> bool:
+        """Free a hold; with a ledger entry (a hold left uncommitted), append it in the same step."""
         with self._lock:
             tree = self._trees.get(op.plan.keys[0])
-            return tree is not None and self._drop_hold(tree, op.hold_id)
+            found = tree is not None and self._drop_hold(tree, op.hold_id)
+            if op.ledger_entry:
+                now = _server_now() if op.now_us is None else op.now_us
+                self._append(op.plan.keyspace.ledger, op.ledger_maxlen, op.ledger_entry, now, op.amounts)
+            return found
+
+    def _extend(self, op: ops.Extend) -> bool:
+        """``lua/extend.lua``: a live hold's lease now ends ``ttl_us`` from now; False if it lapsed."""
+        with self._lock:
+            now = _server_now() if op.now_us is None else op.now_us
+            tree = self._trees.get(op.plan.keys[0])
+            if tree is None or tree.leases.get(op.hold_id, now) <= now:
+                return False
+            tree.leases[op.hold_id] = now + op.ttl_us
+            return True
 
     def _summary(self, op: ops.Summary) -> ops.SummaryResult:
         plan = op.plan

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 
 # Every script of lua/, one per engine operation.
-OPERATIONS = ("record", "commit", "check", "reserve", "release", "summary", "reset", "registry")
+OPERATIONS = ("record", "commit", "check", "reserve", "release", "extend", "summary", "reset", "registry")
 
 _HEADER = re.compile(r"^-- (include|needs): *(.*)$", re.MULTILINE)
 

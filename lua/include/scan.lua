@@ -25,6 +25,8 @@
 -- (tokens, nano-USD, requests), ARGV[5..7] operation-specific.
 -- KEYS[1] is the tree's holds hash, KEYS[2] its leases sorted set.
 
+local MAXN = 9007199254740991  -- 2^53 - 1: the largest integer a counter holds exactly
+
 -- The slack of an idle TTL in ms (see scan): refreshes at most once a minute, or 16 times a TTL.
 local function slack(ttl)
   return math.min(math.floor(ttl / 16), 60000)
@@ -64,7 +66,15 @@ local function scan(now, amt, charging, first, nows)
   local fired, nfired = {}, 0
   local ids, lims
   if not charging then ids, lims = {}, {} end
-  local S = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}  -- pending HSET field, value, ...
+  -- pending HSET field, value, ... of every hash (sized once: growing a table rehashes it)
+  local S = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+             0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+  -- A charge's writes wait in S, W and X until every counter is known to stay exact (at most
+  -- 2^53 - 1): a script never writes and then fails (Redis would not roll earlier writes back).
+  -- W, per hash with fields to set: key, first and last index of its fields in S. X (rare: a new
+  -- bucket, a TTL due), per such hash: key, TTL to set or false, window sorted set, new bucket id or
+  -- false, its TTL or false.
+  local W, X, nw, nx, n, over = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}, nil, 0, 0, 0, nil
   local a1, a2, a3 = 0, 0, 0    -- the amounts charged (none when only reading)
   if charging then a1, a2, a3 = amt[1], amt[2], amt[3] end
   local k, x, ki = 7, 9, first or 3  -- next shape byte, next ARGV string, next KEYS index
@@ -77,7 +87,8 @@ local function scan(now, amt, charging, first, nows)
     local h = KEYS[ki]
     local lit = kind > 0 and 3 or 0   -- field names of the first counter given as literals
     local nn = 3 * nc - lit + nl      -- field names in ARGV, from A[x]
-    local n = 0                       -- S[1..n] pending
+    local n0 = n                      -- S[n0 + 1 .. n]: this hash's pending writes
+    local zadd, zttl = false, false   -- a new bucket for the window's sorted set
     -- V[j] is the value of field A[fb + j] (or of a literal field); counter totals from V[d + 1],
     -- alert states from V[ai + 1]
     local V, d, fb, ai, z, bs, w, b, bk
@@ -142,6 +153,8 @@ local function scan(now, amt, charging, first, nows)
           call('HDEL', h, 'o')
           V[7] = false
         end
+        -- written at once, whatever becomes of the charge: the ageing is true of the window already
+        if n > n0 then call('HSET', h, unpack(S, n0 + 1, n)); n = n0 end
       end
     elseif ttl then                   -- V[1] is the last TTL refresh ('x'), then as below
       ki = ki + 1
@@ -177,6 +190,9 @@ local function scan(now, amt, charging, first, nows)
         if c - d >= lit then f1, f2, f3 = A[fb + c + 1], A[fb + c + 2], A[fb + c + 3] end
         -- new totals: written (and formatted, fmt() inlined) only where the amount is not 0
         local v1, v2, v3 = (V[c + 1] or 0) + a1, (V[c + 2] or 0) + a2, (V[c + 3] or 0) + a3
+        if v1 > MAXN or v2 > MAXN or v3 > MAXN then   -- refused after the loop: nothing written
+          over = over or o + (v1 > MAXN and 0 or v2 > MAXN and 1 or 2)
+        end
         local s
         if a1 ~= 0 then s = sformat('%d', v1); S[n + 1] = f1; S[n + 2] = s; n = n + 2
         else s = V[c + 1] or '0' end
@@ -190,9 +206,9 @@ local function scan(now, amt, charging, first, nows)
         if z then                     -- the window's counter: its current bucket
           local new = not V[8]
           if new then
-            call('ZADD', z, bk, bk)
+            zadd = bk
             if ttl then                 -- once per bucket (see above)
-              call('PEXPIRE', z, ttl)
+              zttl = ttl
               refresh = ttl
             end
             local oldest = V[7]
@@ -255,8 +271,25 @@ local function scan(now, amt, charging, first, nows)
         end
       end
     end
-    if n > 0 then call('HSET', h, unpack(S, 1, n)) end
-    if refresh then call('PEXPIRE', h, refresh) end
+    if n > n0 then
+      W[nw + 1], W[nw + 2], W[nw + 3] = h, n0 + 1, n
+      nw = nw + 3
+    end
+    if refresh or zadd then
+      X = X or {}
+      X[nx + 1], X[nx + 2], X[nx + 3], X[nx + 4], X[nx + 5] = h, refresh or false, z, zadd, zttl
+      nx = nx + 5
+    end
+  end
+  if over then return nil, over end  -- the totals position of the first counter that would overflow
+  for j = 1, nw, 3 do call('HSET', W[j], unpack(S, W[j + 1], W[j + 2])) end
+  for j = 1, nx, 5 do
+    local z, bk = X[j + 2], X[j + 3]
+    if X[j + 1] then call('PEXPIRE', X[j], X[j + 1]) end
+    if bk then
+      call('ZADD', z, bk, bk)
+      if X[j + 4] then call('PEXPIRE', z, X[j + 4]) end
+    end
   end
   return out, fired, ids, lims
 end
