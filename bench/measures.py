@@ -8,10 +8,13 @@ round, so the report can take medians and round-by-round ratios.
 
 from __future__ import annotations
 
+import asyncio
 import gc
+import importlib
 import itertools
 import math
 import multiprocessing as mp
+import os
 import shutil
 import socket
 import subprocess
@@ -19,20 +22,23 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from peers import NaiveZsetBudget, SeedTracker
+from peers import NaiveZsetBudget
 
-from distbudget import Budget, BudgetScope, ModelRates
+from distbudget import AsyncBudget, Budget, BudgetScope, ModelRates
 from distbudget._core.ops import Announce, Record
 from distbudget.engines.codec import Codec
 from distbudget.engines.redis import connect
 
+HERE = Path(__file__).resolve().parent
 DAY = 86400
 RATES = {"m": ModelRates(input_per_1k=0.001, output_per_1k=0.002)}
 IN_TOKENS, OUT_TOKENS = 300, 200  # every charge in the bench: 500 tokens, $0.0007
@@ -42,6 +48,7 @@ SESSION = "s1"
 LIMITS_UNIT_TOKENS = 100
 LIMITS_LIMIT_UNITS = 10**9  # never reached: the bench measures charging, not refusals
 FLEET_SIZES = (1, 2, 4, 8)
+TASKS = 64  # row 10: asyncio tasks of one process
 MEMORY_TARGET = 64 * 1024
 
 # Row 3h, a reference: the Redis commands record.lua issues for bench_scope() (KEYS: the totals
@@ -75,15 +82,30 @@ def bench_scope() -> BudgetScope:
     )
 
 
-def seed_tracker() -> SeedTracker:
-    return SeedTracker(
+def agent_budget() -> Any:
+    """The real agent-budget package (MIT), imported from where the project keeps it
+    (``shared/peers/agent-budget`` beside the checkout, or ``$AGENT_BUDGET``), never copied."""
+    given = os.environ.get("AGENT_BUDGET")
+    places = [Path(given)] if given else [p / "shared" / "peers" / "agent-budget" for p in HERE.parents]
+    for place in places:
+        if (place / "agent_budget").is_dir():
+            if str(place) not in sys.path:
+                sys.path.append(str(place))
+            return importlib.import_module("agent_budget")
+    raise SystemExit("bench: agent-budget not found (set AGENT_BUDGET to its folder)")
+
+
+def seed_tracker() -> Any:
+    """The seed's own ``Budget`` with the bench's scope and rates (row 5 compares against it)."""
+    ab = agent_budget()
+    scope = ab.BudgetScope(
         "bench",
-        {"m": (0.001, 0.002)},
         max_tokens_per_session=10**12,
         max_cost_per_session_usd=10**6,
         max_cost_per_day_usd=10**6,
         max_tokens_per_model={"m": 10**12},
     )
+    return ab.Budget(scope, {"m": ab.ModelRates(input_per_1k=0.001, output_per_1k=0.002)})
 
 
 @dataclass(frozen=True)
@@ -517,7 +539,7 @@ class Bench:
 
     # row 5: embedded engine vs the seed's architecture ------------------------------------------------
     def embedded(self) -> None:
-        self.say("embedded record() vs a dict-and-lock tracker")
+        self.say("embedded record() vs agent-budget's own record()")
         n = self.sizes.embedded_calls
         answer = RecordCall(Budget(bench_scope(), RATES, session_id=SESSION)).execute()
 
@@ -541,6 +563,42 @@ class Bench:
                 "seed": run_seed,
                 "flow_only": run_flow,
             },
+        )
+
+    # row 10: many asyncio tasks of one process, coalesced (batch_window_us) ------------------------
+    def coalescing(self) -> None:
+        self.say(f"{TASKS} asyncio tasks recording, coalesced or not, vs a trivial EVALSHA loop")
+        n = self.sizes.calls
+
+        def tasks(window: int | None) -> dict[str, float]:
+            async def main() -> dict[str, float]:
+                b = AsyncBudget(
+                    bench_scope(),
+                    RATES,
+                    redis=self.url,
+                    prefix=f"{self.run_id}-co",
+                    session_id=SESSION,
+                    batch_window_us=window,
+                )
+                await b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS)
+                per = max(1, n // TASKS)
+
+                async def task() -> None:
+                    for _ in range(per):
+                        await b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS)
+
+                gc.collect()
+                t0 = time.perf_counter()
+                await asyncio.gather(*(task() for _ in range(TASKS)))
+                rate = per * TASKS / (time.perf_counter() - t0)
+                await b.engine.client.aclose()
+                return {"rate": rate}
+
+            return asyncio.run(main())
+
+        self.raw["coalescing"] = interleave(
+            self.sizes.rounds,
+            {"coalesced": lambda: tasks(0), "alone": lambda: tasks(None), "trivial": lambda: timed(self.trivial, n)},
         )
 
     # rows 3, 4, 6: a simulated day of traffic ------------------------------------------------------
@@ -693,7 +751,22 @@ class Bench:
     def fleet(self) -> None:
         self.say(f"fleet of {', '.join(map(str, FLEET_SIZES))} processes")
         self.raw["fleet"] = fleet(self.url, f"{self.run_id}-fleet", self.sizes)
+        self.say("redis-benchmark's EVALSHA ceiling on the same server")
+        self.raw["fleet_ceiling"] = [self.evalsha_ceiling() for _ in range(self.sizes.fleet_rounds)]
         self.say("done")
+
+    def evalsha_ceiling(self) -> float:
+        """What Redis itself does: ``redis-benchmark`` (C, 50 connections) calling the trivial script."""
+        exe = shutil.which("redis-benchmark")
+        if exe is None:
+            raise SystemExit("bench: redis-benchmark not found (it ships with redis-server)")
+        u = urllib.parse.urlsplit(self.url)
+        cmd = [exe, "-h", u.hostname or "127.0.0.1", "-p", str(u.port or 6379), "-c", "50"]
+        if u.password:
+            cmd += ["-a", urllib.parse.unquote(u.password), *(["--user", u.username] if u.username else [])]
+        cmd += ["-n", str(self.sizes.calls * 20), "--csv", "EVALSHA", self.trivial.sha, "0"]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+        return float(next(line for line in out.splitlines() if line.startswith('"EVALSHA')).split('","')[1])
 
     def cleanup(self) -> None:
         if not self.own_server:  # a server we did not start: delete our keys, nothing else

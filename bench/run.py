@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.server_time()
             bench.ledger_memory()
             bench.record_many()
+            bench.coalescing()
             bench.fleet()
         finally:
             bench.cleanup()

@@ -38,21 +38,22 @@ E = TypeVar("E", Engine, AsyncEngine)
 B = TypeVar("B", bound="Budget | AsyncBudget")
 
 
-def make_engine(redis: object, options: dict[str, Any]) -> Engine:
-    """``None`` -> embedded; a URL or a redis-py client -> Redis (``options``: for a URL's client)."""
+def make_engine(redis: object, options: dict[str, Any], batch_window_us: int | None = None) -> Engine:
+    """``None`` -> embedded; a URL or a redis-py client -> Redis (``options``: for a URL's client;
+    ``batch_window_us``: coalesce concurrent calls, see ``engines/redis.py``)."""
     if redis is None:
         return MemoryEngine()
     from distbudget.engines.connect import parse
     from distbudget.engines.redis import RedisEngine, connect
 
     if isinstance(redis, str):  # redis://, rediss://, unix://, redis+cluster://, redis+sentinel://
-        return RedisEngine(connect(redis, **options), wait=parse(redis).wait)
+        return RedisEngine(connect(redis, **options), wait=parse(redis).wait, batch_window_us=batch_window_us)
     if hasattr(redis, "register_script") and not inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
-        return RedisEngine(redis)
+        return RedisEngine(redis, batch_window_us=batch_window_us)
     raise TypeError("redis must be None, a Redis URL or a (sync) redis-py client (Redis, RedisCluster)")
 
 
-def make_async_engine(redis: object, options: dict[str, Any]) -> AsyncEngine:
+def make_async_engine(redis: object, options: dict[str, Any], batch_window_us: int | None = None) -> AsyncEngine:
     """``None`` -> embedded; a URL or a ``redis.asyncio`` client -> Redis (``options``: for a URL's client)."""
     if redis is None:
         return AsyncMemoryEngine()
@@ -60,9 +61,11 @@ def make_async_engine(redis: object, options: dict[str, Any]) -> AsyncEngine:
     from distbudget.engines.redis import AsyncRedisEngine, connect_async
 
     if isinstance(redis, str):
-        return AsyncRedisEngine(connect_async(redis, **options), wait=parse(redis).wait)
+        return AsyncRedisEngine(
+            connect_async(redis, **options), wait=parse(redis).wait, batch_window_us=batch_window_us
+        )
     if hasattr(redis, "register_script") and inspect.iscoroutinefunction(getattr(redis, "execute_command", None)):
-        return AsyncRedisEngine(redis)
+        return AsyncRedisEngine(redis, batch_window_us=batch_window_us)
     raise TypeError("redis must be None, a Redis URL or a redis.asyncio client (Redis, RedisCluster)")
 
 
@@ -90,6 +93,7 @@ class _BudgetBase(Generic[E]):
         journal_size: int = DEFAULT_JOURNAL_SIZE,
         on_uncommitted: str = "release",
         strict_models: bool = False,
+        batch_window_us: int | None = None,
         _engine: E | None = None,
         _registry: tuple[str, float, tuple[str, ...]] | None = None,
         _settings: Settings | None = None,  # a manager's: in place of the keywords above
@@ -114,11 +118,13 @@ class _BudgetBase(Generic[E]):
         self._core = core = Accounting(scope, rates, settings, _registry)
         #: The engine: ``MemoryEngine`` (embedded) or ``RedisEngine`` (``under_replicated``: charges
         #: whose ``WAIT`` returned before enough replicas acknowledged them).
-        self.engine: E = _engine if _engine is not None else self._connect(redis, connect_options(core.mode))
+        self.engine: E = (
+            _engine if _engine is not None else self._connect(redis, connect_options(core.mode), batch_window_us)
+        )
         self._guard = core.attach(self.engine)
         self._bind(settings.sleep)
 
-    def _connect(self, redis: object, options: dict[str, Any]) -> E:
+    def _connect(self, redis: object, options: dict[str, Any], batch_window_us: int | None) -> E:
         raise NotImplementedError
 
     def _bind(self, sleep: Callable[[float], Any] | None) -> None:
@@ -222,10 +228,15 @@ class Budget(_BudgetBase[Engine]):
 
     ``redis``: ``None`` (embedded, in-process), a ``redis://`` / ``rediss://`` URL, or a redis-py
     client. ``clock``: a testing hook returning seconds; ``None`` uses the server's time.
+    ``batch_window_us``: on Redis, coalesce the concurrent calls of this budget's threads (or, on an
+    ``AsyncBudget``, tasks): each batch waits that many µs for company (``0``: none; calls queue
+    behind the batch in flight anyway), then goes out as one pipelined round trip, each call still its
+    own atomic script with its own answer. ``None`` (the default): every call its own round trip.
+    A plain standalone or Sentinel client without ``wait`` only; elsewhere calls go alone.
     """
 
-    def _connect(self, redis: object, options: dict[str, Any]) -> Engine:
-        return make_engine(redis, options)
+    def _connect(self, redis: object, options: dict[str, Any], batch_window_us: int | None) -> Engine:
+        return make_engine(redis, options, batch_window_us)
 
     def _bind(self, sleep: Callable[[float], Any] | None) -> None:
         self._driver = Driver(self.engine, self._guard, sleep)
@@ -274,8 +285,8 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
     sync: it does no I/O; ``reserve`` and ``acquire`` return a :class:`PendingReservation`, to
     await or to use with ``async with``). ``redis``: ``None``, a URL, or a ``redis.asyncio`` client."""
 
-    def _connect(self, redis: object, options: dict[str, Any]) -> AsyncEngine:
-        return make_async_engine(redis, options)
+    def _connect(self, redis: object, options: dict[str, Any], batch_window_us: int | None) -> AsyncEngine:
+        return make_async_engine(redis, options, batch_window_us)
 
     def _bind(self, sleep: Callable[[float], Any] | None) -> None:
         self._driver = AsyncDriver(self.engine, self._guard, sleep)

@@ -43,6 +43,8 @@ ROWS = (
     "8b",
     "9a",
     "9b",
+    "10a",
+    "10b",
 )
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 

@@ -12,16 +12,31 @@ test injects a clock.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 import redis
 import redis.asyncio.cluster
 import redis.exceptions
 
-from distbudget._core.ops import Announce, LedgerRead, Operation, RecordMany, RegistryNames
+from distbudget._core.errors import InvalidInputError
+from distbudget._core.ops import Announce, Commit, LedgerRead, Operation, Record, RecordMany, RegistryNames
 from distbudget.engines import connect as _connect
-from distbudget.engines.codec import ERRORS, Codec, ScriptCall, backend_error, charges, doing, ledger_rows, texts
+from distbudget.engines.codec import (
+    ERRORS,
+    Codec,
+    ScriptCall,
+    backend_error,
+    charges,
+    doing,
+    ledger_rows,
+    parse_charge,
+    texts,
+)
 from distbudget.engines.scripts import OPERATIONS as SCRIPTS
 from distbudget.engines.scripts import source as script_source
 
@@ -91,10 +106,6 @@ def _noscript(replies: list[Any]) -> list[int]:
     return [i for i, r in enumerate(replies) if isinstance(r, redis.exceptions.NoScriptError)]
 
 
-def _with_sha(command: tuple[Any, ...], sha: str) -> tuple[Any, ...]:
-    return (command[0], sha, *command[2:])
-
-
 def _put(replies: list[Any], indexes: list[int], answers: list[Any]) -> None:
     for i, answer in zip(indexes, answers, strict=True):
         replies[i] = answer
@@ -144,31 +155,158 @@ def warn_if_retrying(client: Any) -> None:
         )
 
 
+def _direct_pool(client: Any, wait: tuple[int, int] | None) -> Any:
+    """The connection pool a charge is sent through by hand (``Codec.packed_charge``), or None to
+    send it through redis-py's command path: only a plain standalone (or Sentinel) client without
+    WAIT and without a single dedicated connection qualifies."""
+    plain = type(client) in (redis.Redis, redis.asyncio.Redis)
+    if not plain or wait is not None or getattr(client, "connection", None) is not None:
+        return None
+    pool = client.connection_pool
+    named = inspect.signature(pool.get_connection).parameters.get("command_name")
+    if named is not None and named.default is inspect.Parameter.empty:
+        return None  # redis-py < 5.3 wants a command name here
+    return pool
+
+
+def _packing(codec: Codec, op: Operation[R]) -> tuple[str, Callable[[str], bytes], Callable[[Any], R]]:
+    """How an operation goes out packed by hand: its script, its bytes given the script's sha, its
+    reply's parser."""
+    if isinstance(op, (Record, Commit)):
+        charge = op
+        name = "commit" if isinstance(op, Commit) else "record"
+        return name, lambda sha: codec.packed_charge(charge, sha), cast("Callable[[Any], R]", parse_charge)
+    call = codec.encode(op)
+    return call.script, lambda sha: codec.packed_call(call, sha), call.parse
+
+
+class _Slot:
+    __slots__ = ("data", "done", "reply")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.reply: Any = None
+        self.done = threading.Event()
+
+
+class Coalescer:
+    """Concurrent calls of one process's threads, sent together (``batch_window_us``): the first
+    caller of a batch waits the window, then, once the previous batch is answered, sends every call
+    queued meanwhile in one pipelined round trip (each still its own script); each caller gets its
+    own reply or error reply, and raises it as a call alone would."""
+
+    def __init__(self, send_all: Callable[[list[bytes]], list[Any]], window_us: int) -> None:
+        self._send_all = send_all
+        self._window = window_us / 1e6
+        self._lock = threading.Lock()  # guards the queue
+        self._sending = threading.Lock()  # one batch in flight at a time
+        self._queue: list[_Slot] = []
+
+    def submit(self, data: bytes) -> Any:
+        slot = _Slot(data)
+        with self._lock:
+            self._queue.append(slot)
+            lead = len(self._queue) == 1
+        if lead:
+            if self._window:
+                time.sleep(self._window)
+            with self._sending:
+                with self._lock:
+                    batch, self._queue = self._queue, []
+                try:
+                    replies = self._send_all([s.data for s in batch])
+                except BaseException as exc:  # every caller of the batch gets it
+                    replies = [exc] * len(batch)
+                for s, reply in zip(batch, replies, strict=True):
+                    s.reply = reply
+                    s.done.set()
+        else:
+            slot.done.wait()
+        if isinstance(slot.reply, BaseException):
+            raise slot.reply
+        return slot.reply
+
+
+class AsyncCoalescer:
+    """The same for the tasks of one event loop: the batch is sent by a task of its own, so that a
+    caller cancelled meanwhile cancels neither the batch nor the others' calls."""
+
+    def __init__(self, send_all: Callable[[list[bytes]], Awaitable[list[Any]]], window_us: int) -> None:
+        self._send_all = send_all
+        self._window = window_us / 1e6
+        self._sending: asyncio.Lock | None = None
+        self._queue: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def submit(self, data: bytes) -> Any:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((data, future))
+        if len(self._queue) == 1:
+            task = asyncio.ensure_future(self._flush())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return await future
+
+    async def _flush(self) -> None:
+        if self._window:
+            await asyncio.sleep(self._window)
+        if self._sending is None:
+            self._sending = asyncio.Lock()
+        async with self._sending:
+            batch, self._queue = self._queue, []
+            try:
+                replies = await self._send_all([data for data, _ in batch])
+            except BaseException as exc:  # every caller of the batch gets it
+                replies = [exc] * len(batch)
+            for (_, future), reply in zip(batch, replies, strict=True):
+                if future.done():  # its caller was cancelled
+                    continue
+                if isinstance(reply, BaseException):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+
+
 class _Base:
     """What both engines keep: the client, its scripts, the codec, the WAIT setting."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None) -> None:
+    def __init__(self, client: Any, wait: tuple[int, int] | None, batch_window_us: int | None) -> None:
+        if batch_window_us is not None and (
+            isinstance(batch_window_us, bool) or not isinstance(batch_window_us, int) or batch_window_us < 0
+        ):
+            raise InvalidInputError(
+                f"batch_window_us must be an int >= 0 (None: no coalescing), got {batch_window_us!r}"
+            )
         warn_if_retrying(client)
         self.wait = _check_wait(client, wait)
         self.under_replicated = 0  # charges WAIT returned on before enough replicas acknowledged
         self.codec = Codec()
         self.client: Any = client
         self.scripts: dict[str, Any] = {}
+        self._direct = _direct_pool(client, self.wait)
 
     def _register(self, client: Any) -> None:
         self.scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
 
-    def _encode_many(self, op: RecordMany) -> list[tuple[Any, ...]]:
-        """A batch's record scripts as raw ``EVALSHA`` commands (for a pipeline)."""
-        sha = self.scripts["record"].sha
-        return [_evalsha(sha, c.keys, c.argv) for c in map(self.codec.encode, op.records)]
+    def _encode_many(self, op: RecordMany, sha: str, indexes: list[int] | None = None) -> list[Any]:
+        """A batch's record scripts (or those at ``indexes``), packed by the codec when sent by hand,
+        else as raw ``EVALSHA`` commands for a redis-py pipeline."""
+        records = op.records if indexes is None else [op.records[i] for i in indexes]
+        if self._direct is not None:
+            return [self.codec.packed_charge(r, sha) for r in records]
+        return [_evalsha(sha, c.keys, c.argv) for c in map(self.codec.encode, records)]
 
 
 class RedisEngine(_Base):
     """Applies operations on one redis-py client (``Redis``, ``RedisCluster``)."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
-        super().__init__(client, wait)
+    def __init__(self, client: Any, wait: tuple[int, int] | None = None, batch_window_us: int | None = None) -> None:
+        super().__init__(client, wait, batch_window_us)
+        # Coalescing needs the hand-packed path (a plain standalone client without WAIT): elsewhere
+        # every call goes alone.
+        self._batch = (
+            None if batch_window_us is None or self._direct is None else Coalescer(self._send_all, batch_window_us)
+        )
         # A Cluster client that could not be built (no node answered; see connect(lazy=True)) is
         # built at the first call instead: until then ``client`` is that PendingClient.
         self._pending = client if isinstance(client, _connect.PendingClient) else None
@@ -186,10 +324,56 @@ class RedisEngine(_Base):
                 return cast("R", self._record_many(op))
             if isinstance(op, (LedgerRead, RegistryNames, Announce)):
                 return cast("R", self._command(op))
+            if self._direct is not None:
+                return self._direct_call(op)
             call = self.codec.encode(op)
             return call.parse(self._run(call))
         except ERRORS as exc:
             raise backend_error(doing(op), exc) from exc
+
+    def _direct_call(self, op: Operation[R]) -> R:
+        """The operation's ``EVALSHA`` packed by the codec and sent on a pooled connection (one
+        round trip, as redis-py would, without its per-call packing), through the coalescer when
+        there is one; after NOSCRIPT (the script did not run) the script is loaded and the call
+        sent once more, alone."""
+        name, pack, parse = _packing(self.codec, op)
+        script = self.scripts[name]
+        send = self._send_packed if self._batch is None else self._batch.submit
+        try:
+            return parse(send(pack(script.sha)))
+        except redis.exceptions.NoScriptError:
+            script.sha = self.client.script_load(script.script)
+            return parse(self._send_packed(pack(script.sha)))
+
+    def _send_packed(self, data: bytes) -> Any:
+        reply = self._send_all([data])[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def _send_all(self, commands: list[bytes]) -> list[Any]:
+        """Packed commands in one round trip on one pooled connection: their replies, an error reply
+        in place. When the connection fails, its error is the reply of every command not answered
+        (each may have run: the failure policy treats it as a lost reply, as for a call alone)."""
+        pool = self._direct
+        conn = pool.get_connection()
+        replies: list[Any] = []
+        try:
+            conn.send_packed_command([b"".join(commands)], check_health=False)
+            for _ in commands:
+                try:
+                    replies.append(conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+        except ERRORS as exc:
+            conn.disconnect()
+            replies += [exc] * (len(commands) - len(replies))
+        except BaseException:
+            conn.disconnect()  # replies may be left unread on it
+            raise
+        finally:
+            pool.release(conn)
+        return replies
 
     def _command(self, op: LedgerRead | RegistryNames | Announce) -> object:
         if isinstance(op, LedgerRead):
@@ -220,13 +404,14 @@ class RedisEngine(_Base):
         WAIT when configured. A NOSCRIPT reply (SCRIPT FLUSH, restart, failover) means that charge
         did not run: the script is loaded and those charges alone are sent again. Nothing else is
         ever sent twice. Each call's outcome is its own (see ``codec.charges``)."""
-        commands = self._encode_many(op)
-        replies = self._send_many(commands)
+        script = self.scripts["record"]
+        send = self._send_all if self._direct is not None else self._send_many
+        replies = send(self._encode_many(op, script.sha))
         again = _noscript(replies)
         if again:
             try:
-                sha = self.scripts["record"].sha = self.client.script_load(self.scripts["record"].script)
-                resent = self._send_many([_with_sha(commands[i], sha) for i in again])
+                script.sha = self.client.script_load(script.script)
+                resent = send(self._encode_many(op, script.sha, again))
             except ERRORS as exc:  # loading the script failed: those charges did not run
                 resent = [exc] * len(again)
             _put(replies, again, resent)
@@ -276,8 +461,11 @@ class RedisEngine(_Base):
 class AsyncRedisEngine(_Base):
     """The same on a ``redis.asyncio`` client: never blocks the event loop."""
 
-    def __init__(self, client: Any, wait: tuple[int, int] | None = None) -> None:
-        super().__init__(client, wait)
+    def __init__(self, client: Any, wait: tuple[int, int] | None = None, batch_window_us: int | None = None) -> None:
+        super().__init__(client, wait, batch_window_us)
+        self._batch = (
+            None if batch_window_us is None or self._direct is None else AsyncCoalescer(self._send_all, batch_window_us)
+        )
         self._register(client)
         # redis.asyncio's RedisCluster breaks connections when many tasks make its first calls at once
         # (they all wait on its slot-map initialisation, then race): initialise once, first.
@@ -296,10 +484,51 @@ class AsyncRedisEngine(_Base):
                 return cast("R", await self._record_many(op))
             if isinstance(op, (LedgerRead, RegistryNames, Announce)):
                 return cast("R", await self._command(op))
+            if self._direct is not None:
+                return await self._direct_call(op)
             call = self.codec.encode(op)
             return call.parse(await self._run(call))
         except ERRORS as exc:
             raise backend_error(doing(op), exc) from exc
+
+    async def _direct_call(self, op: Operation[R]) -> R:
+        """See :meth:`RedisEngine._direct_call`."""
+        name, pack, parse = _packing(self.codec, op)
+        script = self.scripts[name]
+        send = self._send_packed if self._batch is None else self._batch.submit
+        try:
+            return parse(await send(pack(script.sha)))
+        except redis.exceptions.NoScriptError:
+            script.sha = await self.client.script_load(script.script)
+            return parse(await self._send_packed(pack(script.sha)))
+
+    async def _send_packed(self, data: bytes) -> Any:
+        reply = (await self._send_all([data]))[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    async def _send_all(self, commands: list[bytes]) -> list[Any]:
+        """See :meth:`RedisEngine._send_all`."""
+        pool = self._direct
+        conn = await pool.get_connection()
+        replies: list[Any] = []
+        try:
+            await conn.send_packed_command([b"".join(commands)], check_health=False)
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+        except ERRORS as exc:
+            await conn.disconnect(nowait=True)
+            replies += [exc] * (len(commands) - len(replies))
+        except BaseException:
+            await conn.disconnect(nowait=True)  # cancelled mid-reply: replies left unread on it
+            raise
+        finally:
+            await pool.release(conn)
+        return replies
 
     async def _command(self, op: LedgerRead | RegistryNames | Announce) -> object:
         if isinstance(op, LedgerRead):
@@ -326,13 +555,14 @@ class AsyncRedisEngine(_Base):
 
     async def _record_many(self, op: RecordMany) -> list[Any]:
         """See :meth:`RedisEngine._record_many`."""
-        commands = self._encode_many(op)
-        replies = await self._send_many(commands)
+        script = self.scripts["record"]
+        send = self._send_all if self._direct is not None else self._send_many
+        replies = await send(self._encode_many(op, script.sha))
         again = _noscript(replies)
         if again:
             try:
-                sha = self.scripts["record"].sha = await self.client.script_load(self.scripts["record"].script)
-                resent = await self._send_many([_with_sha(commands[i], sha) for i in again])
+                script.sha = await self.client.script_load(script.script)
+                resent = await send(self._encode_many(op, script.sha, again))
             except ERRORS as exc:
                 resent = [exc] * len(again)
             _put(replies, again, resent)
