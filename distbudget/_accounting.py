@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any, Literal
 
+from distbudget import otel
 from distbudget._core import bounds as B
 from distbudget._core import ledger as L
 from distbudget._core import model_policy as MP
@@ -498,6 +499,7 @@ class Accounting:
                 canonical_model=plan.model or call.model,
             )
             self._records.append(record)
+            otel.charged(record, cached, written)
             return record
         if result.original is not None:
             ts, _tok, cost = result.original
@@ -545,6 +547,7 @@ class Accounting:
             },
         )
         self._records.append(record)
+        otel.charged(record, cached, written)
         if result.alerts:
             self._dispatch(self._make_alerts(plan, result, call.model))
         if hold_expired:
@@ -553,6 +556,7 @@ class Accounting:
         for i, (k, value) in enumerate(plan.used_at):
             if totals[k] > value:  # the first limit now over (P.exceeded()[0])
                 err = self._exceeded_error(plan, i, totals[k], record=record)
+                otel.refused(err, call.model, plan.session_id)
                 if self.scope.hard_stop:
                     raise err
                 warnings.warn(err.message, BudgetWarning, stacklevel=3)
@@ -600,6 +604,7 @@ class Accounting:
         if retry_us < 0 and result.held[k] and result.totals[k] + usage[lim.metric] <= lim.value:
             retry_us = HOLD_RETRY_US  # only in-flight holds block: they settle soon, look again then
         err = self._exceeded_error(plan, result.refused, projected, retry_us)
+        otel.refused(err, plan.model, plan.session_id)
         if self.scope.hard_stop:
             raise err
         warnings.warn(err.message, BudgetWarning, stacklevel=3)

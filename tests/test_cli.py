@@ -14,7 +14,8 @@ import pytest
 import redis
 
 import distbudget
-from distbudget import BudgetExceededError, BudgetManager, BudgetScope, ModelRates, cli
+from distbudget import BudgetExceededError, BudgetManager, BudgetScope, ModelRates
+from distbudget.cli import _common, demo, main
 from distbudget.pricing import price_table
 
 REDIS_URL = "redis://127.0.0.1:6379/15"
@@ -99,7 +100,7 @@ def assert_demo_story(out: str, workers: int, calls: int) -> dict[str, Any]:
 
 
 def test_demo_embedded_shows_warnings_refusals_and_caps_holding(capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["demo", "--workers", "3", "--calls", "30"])
+    code = main(["demo", "--workers", "3", "--calls", "30"])
     out = capsys.readouterr().out
     assert code == 0, out
     got = assert_demo_story(out, workers=3, calls=30)
@@ -107,16 +108,16 @@ def test_demo_embedded_shows_warnings_refusals_and_caps_holding(capsys: pytest.C
 
 
 def test_demo_numbers_are_the_store_summaries() -> None:
-    cfg, planned = cli.build_config(
+    cfg, planned = demo.build_config(
         redis=None, prefix="distbudget-test", workers=4, calls=25, n_scopes=3, seed=11, latency_ms=0.5
     )
-    report = cli.run_demo(cfg, planned)
-    lines, code = cli.render(report)
+    report = demo.run_demo(cfg, planned)
+    lines, code = demo.render(report)
     assert code == 0, lines
     got = parse("\n".join(lines))
     mgr = report.manager
     for spec in cfg.scopes:
-        s = mgr.summary(spec.name, cli.SESSION_ID)
+        s = mgr.summary(spec.name, demo.SESSION_ID)
         row = got["rows"][spec.name]
         # The printed table is the store's session summary ...
         assert row["committed"] == s["session"]["requests"] == s["total"]["requests"] == s["day"]["requests"]
@@ -138,14 +139,14 @@ def test_demo_numbers_are_the_store_summaries() -> None:
         if spec.capped:
             # Refused only because the cap was (almost) full: at the refusal used + holds in flight
             # + that call's worst case exceeded the cap, with at most one hold per worker in flight.
-            binding = s["limits"]["session_cost_usd" if spec.role == cli.ROLE_COST_CAP else "session_tokens"]
+            binding = s["limits"]["session_cost_usd" if spec.role == demo.ROLE_COST_CAP else "session_tokens"]
             worst = (
-                plan.max_call_worst_cost_nano / 1e9 if spec.role == cli.ROLE_COST_CAP else plan.max_call_worst_tokens
+                plan.max_call_worst_cost_nano / 1e9 if spec.role == demo.ROLE_COST_CAP else plan.max_call_worst_tokens
             )
             assert o.refused >= 1
             assert binding["used"] > binding["limit"] - cfg.workers * worst
             assert sum(o.refused_by.values()) == o.refused
-            assert set(o.refused_by) == {"session_cost_usd" if spec.role == cli.ROLE_COST_CAP else "session_tokens"}
+            assert set(o.refused_by) == {"session_cost_usd" if spec.role == demo.ROLE_COST_CAP else "session_tokens"}
         else:
             # Every planned call ran: the totals are exactly the seeded plan's.
             assert (o.committed, o.refused) == (cfg.workers * cfg.calls, 0)
@@ -157,13 +158,13 @@ def test_demo_numbers_are_the_store_summaries() -> None:
     for _w, (scope, level, lt, pct) in report.alerts:
         # (CRITICAL fires only if a commit lands exactly on the cap: possible, and still within it.)
         assert (level == "warning" and 0.8 <= pct <= 1.0) or (level == "critical" and pct == 1.0)
-        assert lt in mgr.summary(scope, cli.SESSION_ID)["limits"]
+        assert lt in mgr.summary(scope, demo.SESSION_ID)["limits"]
     assert {(scope, lt) for scope, _level, lt in seen} >= {("team-a", "session_cost_usd"), ("team-b", "session_tokens")}
 
 
 def test_demo_plan_and_caps_are_seeded() -> None:
-    def caps(seed: int) -> tuple[tuple[cli.ScopeSpec, ...], dict[str, cli.Planned]]:
-        cfg, planned = cli.build_config(
+    def caps(seed: int) -> tuple[tuple[demo.ScopeSpec, ...], dict[str, demo.Planned]]:
+        cfg, planned = demo.build_config(
             redis=None, prefix="p", workers=3, calls=10, n_scopes=5, seed=seed, latency_ms=0
         )
         return cfg.scopes, planned
@@ -173,19 +174,19 @@ def test_demo_plan_and_caps_are_seeded() -> None:
     scopes, planned = caps(5)
     assert [s.name for s in scopes] == ["team-a", "team-b", "team-c", "team-d", "team-e"]
     assert [s.role for s in scopes] == [
-        cli.ROLE_COST_CAP,
-        cli.ROLE_TOKEN_CAP,
-        cli.ROLE_UNDER_CAP,
-        cli.ROLE_COST_CAP,
-        cli.ROLE_TOKEN_CAP,
+        demo.ROLE_COST_CAP,
+        demo.ROLE_TOKEN_CAP,
+        demo.ROLE_UNDER_CAP,
+        demo.ROLE_COST_CAP,
+        demo.ROLE_TOKEN_CAP,
     ]
     for spec in scopes:
         p = planned[spec.name]
         assert p.calls == 30
-        if spec.role == cli.ROLE_COST_CAP:
+        if spec.role == demo.ROLE_COST_CAP:
             assert spec.max_cost_per_session_usd is not None
             assert spec.max_cost_per_session_usd < p.cost_nano / 1e9  # the fleet must hit it
-        elif spec.role == cli.ROLE_TOKEN_CAP:
+        elif spec.role == demo.ROLE_TOKEN_CAP:
             assert spec.max_tokens_per_session is not None and spec.max_cost_per_day_usd is not None
             assert spec.max_tokens_per_session < p.tokens
             assert spec.max_cost_per_day_usd >= p.worst_cost_nano / 1e9  # can never refuse
@@ -195,8 +196,8 @@ def test_demo_plan_and_caps_are_seeded() -> None:
     # Two runs of the same seed: the uncapped scope's totals are identical.
     totals = []
     for _ in range(2):
-        cfg, planned = cli.build_config(redis=None, prefix="p", workers=3, calls=10, n_scopes=3, seed=5, latency_ms=0)
-        report = cli.run_demo(cfg, planned)
+        cfg, planned = demo.build_config(redis=None, prefix="p", workers=3, calls=10, n_scopes=3, seed=5, latency_ms=0)
+        report = demo.run_demo(cfg, planned)
         totals.append(report.outcomes["team-c"].summary["session"])
     assert totals[0] == totals[1]
 
@@ -205,24 +206,24 @@ def _summary_over_cap() -> dict[str, Any]:
     """A real summary of a hard-stopped scope whose recorded usage went over its cap."""
     mgr = BudgetManager()
     mgr.register(BudgetScope("team-a", max_tokens_per_session=1000))
-    mgr.record("team-a", cli.SESSION_ID, "gpt-4o-mini", 600, 0)
+    mgr.record("team-a", demo.SESSION_ID, "gpt-4o-mini", 600, 0)
     with pytest.raises(BudgetExceededError):
-        mgr.record("team-a", cli.SESSION_ID, "gpt-4o-mini", 600, 0)  # persisted, then raises
-    return mgr.summary("team-a", cli.SESSION_ID)
+        mgr.record("team-a", demo.SESSION_ID, "gpt-4o-mini", 600, 0)  # persisted, then raises
+    return mgr.summary("team-a", demo.SESSION_ID)
 
 
-def _report(summary: dict[str, Any], committed: int, tokens: int) -> cli.DemoReport:
-    spec = cli.ScopeSpec("team-a", cli.ROLE_TOKEN_CAP, "gpt-4o-mini", max_tokens_per_session=1000)
-    cfg = cli.DemoConfig(None, "p-00000000", 1, 2, 0, 0.0, (spec,))
+def _report(summary: dict[str, Any], committed: int, tokens: int) -> demo.DemoReport:
+    spec = demo.ScopeSpec("team-a", demo.ROLE_TOKEN_CAP, "gpt-4o-mini", max_tokens_per_session=1000)
+    cfg = demo.DemoConfig(None, "p-00000000", 1, 2, 0, 0.0, (spec,))
     cost_nano = round(summary["session"]["cost_usd"] * 1e9)
-    outcome = cli.ScopeOutcome(committed=committed, tokens=tokens, cost_nano=cost_nano, summary=summary)
-    return cli.DemoReport(cfg, {"team-a": cli.Planned()}, {"team-a": outcome}, [], 0.0, BudgetManager())
+    outcome = demo.ScopeOutcome(committed=committed, tokens=tokens, cost_nano=cost_nano, summary=summary)
+    return demo.DemoReport(cfg, {"team-a": demo.Planned()}, {"team-a": outcome}, [], 0.0, BudgetManager())
 
 
 def test_render_reports_a_broken_cap_and_exits_1() -> None:
     summary = _summary_over_cap()
     assert summary["limits"]["session_tokens"]["used"] == 1200
-    lines, code = cli.render(_report(summary, committed=2, tokens=1200))
+    lines, code = demo.render(_report(summary, committed=2, tokens=1200))
     assert code == 1
     assert lines[-1] == "hard caps VIOLATED: team-a session_tokens: used 1,200 > cap 1,000"
     assert not any(line.startswith("hard caps held") for line in lines)
@@ -230,7 +231,7 @@ def test_render_reports_a_broken_cap_and_exits_1() -> None:
 
 def test_render_reports_a_ledger_mismatch_and_exits_1() -> None:
     summary = _summary_over_cap()
-    lines, code = cli.render(_report(summary, committed=1, tokens=600))
+    lines, code = demo.render(_report(summary, committed=1, tokens=600))
     assert code == 1
     mismatch = next(line for line in lines if line.startswith("ledger MISMATCH"))
     assert "workers committed 1 calls, store has 2" in mismatch
@@ -254,7 +255,7 @@ def test_installed_console_script() -> None:
 
 
 def test_prices_lists_the_builtin_table(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["prices"]) == 0
+    assert main(["prices"]) == 0
     out = capsys.readouterr().out
     table = price_table()
     assert f"as of {table['as_of']}" in out.splitlines()[0]
@@ -271,15 +272,15 @@ def test_prices_lists_the_builtin_table(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_usage_errors_return_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["demo", "--workers", "0"]) == 2
-    assert cli.main(["demo", "--prefix", "has space"]) == 2
-    assert cli.main([]) == 2
-    assert cli.main(["--version"]) == 0
+    assert main(["demo", "--workers", "0"]) == 2
+    assert main(["demo", "--prefix", "has space"]) == 2
+    assert main([]) == 2
+    assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"distbudget {distbudget.__version__}"
 
 
 def test_unreachable_redis_is_an_error_not_a_traceback(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["demo", "--redis", "redis://127.0.0.1:1/0", "--calls", "2"]) == 2
+    assert main(["demo", "--redis", "redis://127.0.0.1:1/0", "--calls", "2"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("distbudget demo: error: Redis") and "Traceback" not in err
 
@@ -294,7 +295,7 @@ def _redis_up() -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _redis_up(), reason=f"no Redis at {REDIS_URL}")
 def test_demo_redis_processes_share_the_caps(capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["demo", "--redis", REDIS_URL, "--workers", "2", "--calls", "20"])
+    code = main(["demo", "--redis", REDIS_URL, "--workers", "2", "--calls", "20"])
     out = capsys.readouterr().out
     assert code == 0, out
     got = assert_demo_story(out, workers=2, calls=20)
@@ -304,7 +305,7 @@ def test_demo_redis_processes_share_the_caps(capsys: pytest.CaptureFixture[str])
     # Read the run's keys back with a manager of our own: the printout is what Redis holds.
     mgr = BudgetManager(redis=REDIS_URL, prefix=prefix)
     for name in SCOPES:  # registered by the demo: found by name in the shared registry
-        s = mgr.summary(name, cli.SESSION_ID)["session"]
+        s = mgr.summary(name, demo.SESSION_ID)["session"]
         row = got["rows"][name]
         assert (row["committed"], row["tokens"], row["cost"]) == (s["requests"], s["tokens"], round(s["cost_usd"], 6))
 
@@ -337,6 +338,7 @@ def test_watch_prints_fleet_alerts_once(tmp_path: Any) -> None:
         assert len(lines) == 2
         assert "[warning]" in lines[0] and "[critical]" in lines[1]
         assert all("'watched'" in line and "session_tokens" in line for line in lines)
+        assert all(line.endswith("(session s, model m)") for line in lines)  # the call that drove it
         ids = [line.split()[0] for line in lines]
         stream = redis.Redis(port=server.port).hget("distbudget:alert-streams", "watched")
         assert ids == [i.decode() for i, _ in redis.Redis(port=server.port).xrange(stream)]
@@ -359,19 +361,19 @@ def test_scopes_and_ledger_commands(tmp_path: Any, capsys: pytest.CaptureFixture
         )
         for i in range(4):
             mgr.record("dev", f"s{i}", "m", 100, 50)
-        assert cli.main(["scopes", "--redis", server.url, "--prefix", "ops"]) == 0
+        assert main(["scopes", "--redis", server.url, "--prefix", "ops"]) == 0  # the old name of status
         out = capsys.readouterr().out.splitlines()
-        dev = next(i for i, line in enumerate(out) if line.split()[:2] == ["dev", "org"])
-        assert out[dev + 1].split() == ["session_tokens", "per", "session", "500"]
-        assert out[dev + 2].split() == ["day_tokens", "600", "0", "1000", "60.0%"]
+        dev = next(i for i, line in enumerate(out) if line.split()[:1] == ["dev"])
+        assert out[dev + 1].split() == ["day_tokens", "600", "0", "1,000", "60.0%", "-"]
+        assert out[dev + 2].split() == ["session_tokens", "(top", "session)", "150", "0", "500", "30.0%", "-"]
         path = tmp_path / "dev.jsonl"
-        assert cli.main(["ledger", "org", "--redis", server.url, "--prefix", "ops", "--out", str(path)]) == 0
+        assert main(["ledger", "org", "--redis", server.url, "--prefix", "ops", "--out", str(path)]) == 0
         assert "4 ledger entries" in capsys.readouterr().out
         rows = [json.loads(line) for line in path.read_text().splitlines()]
         assert [r["scope"] for r in rows] == ["dev"] * 4 and sum(r["tokens"] for r in rows) == 600
-        assert cli.main(["ledger", "org", "--redis", server.url, "--prefix", "ops", "--since", rows[1]["id"]]) == 0
+        assert main(["ledger", "org", "--redis", server.url, "--prefix", "ops", "--since", rows[1]["id"]]) == 0
         assert len(capsys.readouterr().out.splitlines()) == 2
-        assert cli.main(["ledger", "nobody", "--redis", server.url, "--prefix", "ops"]) == 2
+        assert main(["ledger", "nobody", "--redis", server.url, "--prefix", "ops"]) == 2
         assert "unknown scope" in capsys.readouterr().err
     finally:
         server.stop()
@@ -384,9 +386,9 @@ def test_redact_hides_credentials_however_written() -> None:
         "redis://:s3#cr?et/x@h:6379/0",
         "redis+sentinel://:s3cret@h1:26379,h2:26379/svc",
     ):
-        shown = cli.redact(url)
+        shown = _common.redact(url)
         assert "s3" not in shown and "cret" not in shown and shown.endswith(url.rsplit("@", 1)[1])
-    assert cli.redact("redis://h:6379/0") == "redis://h:6379/0"
+    assert _common.redact("redis://h:6379/0") == "redis://h:6379/0"
     for url in ("redis+sentinel://h:26379/m?sentinel_password=TOPSECRET", "unix:///tmp/r.sock?db=1&password=TOPSECRET"):
-        assert "TOPSECRET" not in cli.redact(url) and "password=***" in cli.redact(url)
-    assert cli.redact("unix:///tmp/r.sock?db=1") == "unix:///tmp/r.sock?db=1"
+        assert "TOPSECRET" not in _common.redact(url) and "password=***" in _common.redact(url)
+    assert _common.redact("unix:///tmp/r.sock?db=1") == "unix:///tmp/r.sock?db=1"

@@ -1,5 +1,4 @@
-"""The ``distbudget`` command: ``demo`` (a simulated agent fleet spending against hard caps) and
-``prices`` (the built-in price table).
+"""``distbudget demo``: a simulated agent fleet spending against hard caps.
 
 The demo is the project's main job in miniature. N workers (threads on the embedded engine, or
 processes sharing one Redis) each loop over their calls: ``reserve`` the worst case, "call the
@@ -17,7 +16,6 @@ import math
 import multiprocessing
 import queue
 import random
-import sys
 import threading
 import time
 import traceback
@@ -30,7 +28,7 @@ from typing import Any
 import distbudget
 from distbudget import BudgetExceededError, BudgetManager, BudgetScope, DistBudgetError, ModelRates
 from distbudget._core.keys import check_prefix
-from distbudget.pricing import price_table
+from distbudget.cli._common import amount, bounded, redact, table, usd
 
 SESSION_ID = "demo-session"
 ALERT_AT = 0.8
@@ -419,8 +417,8 @@ def violations(report: DemoReport) -> list[str]:
         for lt, lim in o.summary["limits"].items():
             if lim["used"] > lim["limit"]:
                 out.append(
-                    f"{name} {lt}: used {_amount(lim['metric'], lim['used'])} > "
-                    f"cap {_amount(lim['metric'], lim['limit'])}"
+                    f"{name} {lt}: used {amount(lim['metric'], lim['used'])} > "
+                    f"cap {amount(lim['metric'], lim['limit'])}"
                 )
     return out
 
@@ -445,40 +443,6 @@ def ledger_mismatches(report: DemoReport) -> list[str]:
 # ---- output -------------------------------------------------------------------------------------
 
 
-def _usd(value: float) -> str:
-    return f"${value:,.6f}"
-
-
-def _amount(metric: str, value: float) -> str:
-    return _usd(value) if metric == "cost" else f"{int(value):,}"
-
-
-def redact(url: str) -> str:
-    """A Redis URL without its credentials (everything before the last '@', however it is
-    written: an un-encoded '#', '?' or '/' in a password must not leak either)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    if "@" in rest:
-        rest = "***@" + rest.rsplit("@", 1)[1]
-    base, qmark, query = rest.partition("?")
-    if qmark:  # ?password= / ?sentinel_password= carry credentials too
-        pairs = [p.partition("=") for p in query.split("&")]
-        query = "&".join(k + eq + ("***" if "password" in k.lower() else v) for k, eq, v in pairs)
-    return f"{scheme}://{base}{qmark}{query}"
-
-
-def _table(rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        "  "
-        + "  ".join(
-            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ).rstrip()
-        for r in rows
-    ]
-
-
 def render(report: DemoReport) -> tuple[list[str], int]:
     """The demo's printout, and its exit code (1 if a cap was broken or the ledger disagrees)."""
     cfg = report.config
@@ -493,7 +457,7 @@ def render(report: DemoReport) -> tuple[list[str], int]:
     p_tokens = sum(p.tokens for p in report.planned.values())
     p_cost = sum(p.cost_nano for p in report.planned.values()) / 1e9
     lines.append(
-        f"planned (seeded): {p_calls:,} calls, {p_tokens:,} tokens, {_usd(p_cost)} if every call ran;"
+        f"planned (seeded): {p_calls:,} calls, {p_tokens:,} tokens, {usd(p_cost)} if every call ran;"
         f" each reserves input + max_output_tokens, 'calls the model' ({cfg.latency_s * 1000:g} ms),"
         " commits what it used"
     )
@@ -511,10 +475,10 @@ def render(report: DemoReport) -> tuple[list[str], int]:
                 f"{o.refused:,}",
                 f"{o.skipped:,}",
                 f"{s['tokens']:,}",
-                _usd(s["cost_usd"]),
+                usd(s["cost_usd"]),
             ]
         )
-    lines += _table(rows, {2, 3, 4, 5, 6})
+    lines += table(rows, {2, 3, 4, 5, 6})
     lines.append("")
     lines.append("limits (summary()['limits'], session " + repr(SESSION_ID) + "):")
     rows = [["scope", "limit", "used", "cap", "pct", "outcome"]]
@@ -527,13 +491,13 @@ def render(report: DemoReport) -> tuple[list[str], int]:
                 [
                     spec.name,
                     lt,
-                    _amount(lim["metric"], lim["used"]),
-                    _amount(lim["metric"], lim["limit"]),
+                    amount(lim["metric"], lim["used"]),
+                    amount(lim["metric"], lim["limit"]),
                     f"{lim['pct']:.1%}",
                     outcome,
                 ]
             )
-    lines += _table(rows, {2, 3, 4})
+    lines += table(rows, {2, 3, 4})
     lines.append("")
     lines.append(f"alerts raised ({len(report.alerts)}):")
     lines += [
@@ -563,46 +527,7 @@ def render(report: DemoReport) -> tuple[list[str], int]:
     return lines, code
 
 
-def print_prices() -> int:
-    table = price_table()
-    rows = [["model", "provider", "input", "output", "cached input"]]
-
-    def rate(v: float | None) -> str:
-        return "-" if v is None else f"{float(v):g}"
-
-    for name, entry in table["models"].items():
-        rows.append(
-            [
-                name,
-                str(entry.get("provider", "")),
-                rate(entry["input"]),
-                rate(entry["output"]),
-                rate(entry.get("cached_input")),
-            ]
-        )
-    print(
-        f"built-in prices as of {table['as_of']} ({table['unit']}); "
-        f"{len(table['models'])} models, {len(table['aliases'])} aliases"
-    )
-    for line in _table(rows, {2, 3, 4}):
-        print(line)
-    return 0
-
-
 # ---- command line -------------------------------------------------------------------------------
-
-
-def _bounded(lo: int, hi: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            n = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if not lo <= n <= hi:
-            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {n}")
-        return n
-
-    return parse
 
 
 def _prefix(text: str) -> str:
@@ -615,41 +540,33 @@ def _prefix(text: str) -> str:
     return text
 
 
-def _latency(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= v <= 1000:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1000 ms, got {text}")
-    return v
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distbudget", description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--version", action="version", version=f"distbudget {distbudget.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,prices,watch,scopes,ledger}")
+def add_parser(sub: Any) -> None:
     demo = sub.add_parser(
         "demo",
         help="a simulated agent fleet spending against hard caps",
-        description="Run a simulated agent fleet against budgets and show the caps holding.",
+        description="Run a simulated agent fleet against budgets and show the caps holding. N workers each "
+        "reserve the worst case, 'call the model', commit what they used and stop a scope at its first "
+        "refusal; the last line checks spend <= cap for every scope.",
     )
     demo.add_argument(
-        "--redis", metavar="URL", help="share one Redis (worker processes); default: embedded engine (worker threads)"
+        "--redis",
+        metavar="URL",
+        help="share one Redis (worker processes); default: the embedded engine (worker threads). "
+        "Not read from DISTBUDGET_REDIS_URL: the demo writes, so it uses a server only when told.",
     )
     demo.add_argument(
-        "--workers", type=_bounded(1, MAX_WORKERS), default=4, metavar="N", help="agent workers (default 4)"
+        "--workers", type=bounded(int, 1, MAX_WORKERS), default=4, metavar="N", help="agent workers (default 4)"
     )
     demo.add_argument(
         "--calls",
-        type=_bounded(1, 100_000),
+        type=bounded(int, 1, 100_000),
         default=50,
         metavar="N",
         help="calls per worker on each scope (default 50)",
     )
     demo.add_argument(
         "--scopes",
-        type=_bounded(1, MAX_SCOPES),
+        type=bounded(int, 1, MAX_SCOPES),
         default=3,
         metavar="N",
         help="team scopes team-a, team-b, ... (default 3)",
@@ -663,135 +580,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--exact-prefix",
         action="store_true",
-        help="use --prefix as is (it must be unused), so a listener can watch it: distbudget watch --prefix P",
+        help="use --prefix as is (it must be unused), so others can watch it: distbudget watch --prefix P",
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the simulated token counts (default 0)")
     demo.add_argument(
         "--latency-ms",
-        type=_latency,
+        type=bounded(float, 0.0, 1000.0, " ms"),
         default=1.0,
         metavar="MS",
         help="simulated model latency between reserve and commit (default 1)",
     )
-    sub.add_parser(
-        "prices",
-        help="list the built-in model price table",
-        description="List the built-in model prices (USD per 1M tokens).",
-    )
-    watch = sub.add_parser(
-        "watch",
-        help="print (or post to a webhook) every alert of the fleet, once",
-        description="Listen to the fleet's alert streams; replays what was missed since --from-ids.",
-    )
-    watch.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/0")
-    watch.add_argument("--prefix", default="distbudget")
-    watch.add_argument("--scope", action="append", dest="scopes", help="only this scope (repeatable)")
-    watch.add_argument("--webhook", metavar="URL", help="POST each alert as JSON to URL")
-    watch.add_argument("--slack", action="store_true", help="post Slack-compatible {'text': ...} bodies")
-    watch.add_argument("--from-start", action="store_true", help="replay every alert still in the streams")
-    watch.add_argument("--count", type=int, default=0, help="stop after N alerts (default: run until Ctrl-C)")
-    scopes = sub.add_parser(
-        "scopes",
-        help="list the registered scopes with their usage and limits",
-        description="List the scopes of the shared registry (BudgetManager.register) with usage per limit.",
-    )
-    scopes.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/0")
-    scopes.add_argument("--prefix", default="distbudget")
-    ledger = sub.add_parser(
-        "ledger",
-        help="export a scope's ledger (charges and resets) as JSON lines",
-        description="Write the ledger of a scope (its charges, its descendants', its resets) as JSON lines.",
-    )
-    ledger.add_argument("scope")
-    ledger.add_argument("--redis", metavar="URL", default="redis://127.0.0.1:6379/0")
-    ledger.add_argument("--prefix", default="distbudget")
-    ledger.add_argument("--since", help="a ledger id (exclusive) or seconds since the epoch")
-    ledger.add_argument("--out", metavar="FILE", help="write to FILE (default: standard output)")
-    return parser
+    demo.set_defaults(func=run)
 
 
-def list_scopes(args: argparse.Namespace) -> int:
-    """One line per registered scope, then one per limit: used / limit (pct), held."""
-    from distbudget.manager import BudgetManager
-
-    mgr = BudgetManager(redis=args.redis, prefix=args.prefix)
-    summaries = mgr.all_summaries()
-    if not summaries:
-        print(f"no scopes registered under prefix {args.prefix!r}")
-        return 0
-    rows = [["scope", "parent", "limit", "used", "held", "limit value", "pct"]]
-    for name, summary in summaries.items():
-        parent = mgr._budget(name).scope.parent
-        parent_name = "" if parent is None else parent if isinstance(parent, str) else parent.name
-        total = summary["total"]
-        rows.append([name, parent_name, "total", f"{total['tokens']} tok ${total['cost_usd']:.6g}", "", "", ""])
-        for key, lim in summary["limits"].items():
-            if lim["scope"] != name:
-                continue  # an ancestor's limit: listed under the ancestor
-            if lim["window"] == "session":  # counted per session id: no one figure for the scope
-                rows.append(["", "", key, "per session", "", f"{lim['limit']:g}", ""])
-                continue
-            rows.append(["", "", key, f"{lim['used']:g}", f"{lim['held']:g}", f"{lim['limit']:g}", f"{lim['pct']:.1%}"])
-    for line in _table(rows, {3, 4, 5, 6}):
-        print(line)
-    return 0
-
-
-def export_ledger(args: argparse.Namespace) -> int:
-    from distbudget.manager import BudgetManager
-
-    since: str | float | None = args.since
-    if args.since is not None and "-" not in args.since:
-        try:
-            since = float(args.since)
-        except ValueError:
-            print(f"distbudget ledger: error: --since must be a ledger id or seconds: {args.since!r}", file=sys.stderr)
-            return 2
-    mgr = BudgetManager(redis=args.redis, prefix=args.prefix)
-    n = mgr.export_ledger(args.scope, args.out or sys.stdout, since=since)
-    if args.out:
-        print(f"{n} ledger entries of {args.scope!r} written to {args.out}")
-    return 0
-
-
-def watch_alerts(args: argparse.Namespace) -> int:
-    """Print every alert once (and post it to --webhook); new-only unless --from-start."""
-    from distbudget.alerts import AlertListener, WebhookSink
-
-    listener = AlertListener(redis=args.redis, prefix=args.prefix, scopes=args.scopes, from_start=args.from_start)
-    sink = WebhookSink(args.webhook, slack=args.slack) if args.webhook else None
-    seen = 0
-    try:
-        for alert in listener:
-            print(f"{alert.alert_id} [{alert.level.value}] {alert.message}", flush=True)
-            if sink is not None:
-                sink(alert)
-            seen += 1
-            if args.count and seen >= args.count:
-                break
-    except KeyboardInterrupt:
-        pass
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, --version, usage errors: report the code, do not exit
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
-    tools: dict[str, Callable[[argparse.Namespace], int]] = {
-        "prices": lambda _args: print_prices(),
-        "watch": watch_alerts,
-        "scopes": list_scopes,
-        "ledger": export_ledger,
-    }
-    if args.command in tools:
-        try:
-            return tools[args.command](args)
-        except (DistBudgetError, KeyError, ValueError, TypeError) as exc:
-            print(f"distbudget {args.command}: error: {exc}", file=sys.stderr, flush=True)
-            return 2
+def run(args: argparse.Namespace) -> int:
     try:
         cfg, planned = build_config(
             redis=args.redis,
@@ -804,16 +606,8 @@ def main(argv: list[str] | None = None) -> int:
             exact_prefix=args.exact_prefix,
         )
         report = run_demo(cfg, planned)
-    except (DistBudgetError, RuntimeError, ValueError, TypeError) as exc:
-        print(f"distbudget demo: error: {exc}", file=sys.stderr, flush=True)
-        return 2
+    except RuntimeError as exc:  # a worker failed or timed out
+        raise DistBudgetError(str(exc)) from exc
     lines, code = render(report)
     print("\n".join(lines), flush=True)
     return code
-
-
-if __name__ == "__main__":
-    # Run through the importable module, so spawned worker processes find the same functions.
-    from distbudget.cli import main as _main
-
-    raise SystemExit(_main())

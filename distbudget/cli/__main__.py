@@ -1,0 +1,5 @@
+"""``python -m distbudget.cli``."""
+
+from distbudget.cli.main import main
+
+raise SystemExit(main())
