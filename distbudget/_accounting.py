@@ -152,6 +152,7 @@ class Settings:
     request_ttl: float | None
     sleep: Callable[[float], Any] | None
     ledger_maxlen: int
+    alert_stream_maxlen: int
     on_backend_error: str
     fail_open_max_cost_usd: float | None
     fail_open_max_tokens: int | None
@@ -191,6 +192,9 @@ class Accounting:
             raise TypeError("clock must be a callable returning seconds")
         if isinstance(ledger_maxlen, bool) or not isinstance(ledger_maxlen, int) or ledger_maxlen < 0:
             raise InvalidInputError(f"ledger_maxlen must be an int >= 0 (0: no ledger), got {ledger_maxlen!r}")
+        alert_maxlen = settings.alert_stream_maxlen
+        if isinstance(alert_maxlen, bool) or not isinstance(alert_maxlen, int) or alert_maxlen < 1:
+            raise InvalidInputError(f"alert_stream_maxlen must be an int >= 1, got {alert_maxlen!r}")
         self.prefix = check_prefix(settings.prefix)
         self.default_rates = settings.default_rates
         self.clock = clock
@@ -199,6 +203,7 @@ class Accounting:
         request_ttl = settings.request_ttl
         self._request_ttl = None if request_ttl is None else _seconds(request_ttl, "request_ttl")
         self.ledger_maxlen = ledger_maxlen
+        self.alert_stream_maxlen = alert_maxlen
         self._configure(scope, rates)
         # A budget of a BudgetManager follows the shared registry: (registry key, seconds a config
         # is trusted, the config chain it was built from).
@@ -327,6 +332,7 @@ class Accounting:
                 self.session_ttl_ms,
                 model,
                 self.model_id,
+                self.alert_stream_maxlen,
             )
         return plan
 

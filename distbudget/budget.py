@@ -23,6 +23,7 @@ from distbudget._core import ledger as L
 from distbudget._core.errors import BackendError, BudgetExceededError, BudgetWarning
 from distbudget._core.money import nano_to_usd
 from distbudget._core.ops import Job, Step
+from distbudget._core.plan import ALERT_STREAM_MAXLEN
 from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope
 from distbudget._core.types import BudgetAlert, UsageRecord
@@ -87,6 +88,7 @@ class _BudgetBase(Generic[E]):
         request_ttl: float | None = None,
         sleep: Callable[[float], Any] | None = None,
         ledger_maxlen: int = L.DEFAULT_MAXLEN,
+        alert_stream_maxlen: int = ALERT_STREAM_MAXLEN,
         on_backend_error: str = "raise",
         fail_open_max_cost_usd: float | None = None,
         fail_open_max_tokens: int | None = None,
@@ -108,6 +110,7 @@ class _BudgetBase(Generic[E]):
             request_ttl=request_ttl,
             sleep=sleep,
             ledger_maxlen=ledger_maxlen,
+            alert_stream_maxlen=alert_stream_maxlen,
             on_backend_error=on_backend_error,
             fail_open_max_cost_usd=fail_open_max_cost_usd,
             fail_open_max_tokens=fail_open_max_tokens,
@@ -208,19 +211,37 @@ def _reserving(
 
 
 def _pending(
-    prepare: Callable[Concatenate[Accounting, P], Job[Hold]],
+    prepare: Callable[Concatenate[Accounting, P], Job[Hold]], waits: bool = False
 ) -> Callable[Concatenate[AsyncBudget, P], PendingReservation]:
-    """``AsyncBudget.reserve`` / ``acquire``: awaitable, or ``async with``."""
+    """``AsyncBudget.reserve`` / ``acquire``: awaitable, or ``async with``. ``waits``: it may sleep
+    on rolling windows (acquire), so a cancellation interrupts it."""
     run = _async(prepare)
 
     @functools.wraps(prepare)
     def method(self: AsyncBudget, /, *args: P.args, **kwargs: P.kwargs) -> PendingReservation:
         async def start() -> AsyncReservation:
-            return AsyncReservation(self, await run(self, *args, **kwargs))
+            return await _holding(self, run(self, *args, **kwargs), waits)
 
         return PendingReservation(start)
 
     return method
+
+
+async def _holding(budget: AsyncBudget, making: Coroutine[Any, Any, Hold], waits: bool) -> AsyncReservation:
+    """Make the hold in its own task and let a cancellation of the caller through as
+    ``CancelledError``, after freeing any hold it made. Before Python 3.12, redis-py's
+    ``asyncio.wait_for`` around a send swallows a cancellation that arrives as the send ends, and a
+    reserve cancelled mid-reply has made a hold its caller never hears of: both end here."""
+    task = asyncio.ensure_future(making)
+    try:
+        return AsyncReservation(budget, await asyncio.shield(task))
+    except asyncio.CancelledError:
+        if waits:
+            task.cancel()  # an acquire sleeping on a window stops waiting
+        await asyncio.wait([task])
+        if not task.cancelled() and task.exception() is None:
+            await AsyncReservation(budget, task.result()).release()
+        raise
 
 
 class Budget(_BudgetBase[Engine]):
@@ -313,7 +334,7 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
     record = _async(Accounting.record)
     record_many = _async(Accounting.record_many)
     reserve = _pending(Accounting.reserve)
-    acquire = _pending(Accounting.acquire)
+    acquire = _pending(Accounting.acquire, waits=True)
     summary = _async(Accounting.summary)
     reset_session = _async(Accounting.reset_session)
     reset_model = _async(Accounting.reset_model)

@@ -23,6 +23,7 @@ from distbudget._core import registry as R
 from distbudget._core.errors import UnknownScopeError
 from distbudget._core.keys import registry_key
 from distbudget._core.ops import RegistryChain, RegistryNames, RegistryPut, RegistryRemove, Step
+from distbudget._core.plan import ALERT_STREAM_MAXLEN
 from distbudget._core.prices import ModelRates
 from distbudget._core.scope import BudgetScope, check_name
 from distbudget._core.types import UsageRecord
@@ -60,6 +61,7 @@ class _ManagerBase(Generic[B, E]):
         request_ttl: float | None = None,
         sleep: Callable[[float], Any] | None = None,
         ledger_maxlen: int = L.DEFAULT_MAXLEN,
+        alert_stream_maxlen: int = ALERT_STREAM_MAXLEN,
         on_backend_error: str = "raise",
         fail_open_max_cost_usd: float | None = None,
         fail_open_max_tokens: int | None = None,
@@ -82,6 +84,7 @@ class _ManagerBase(Generic[B, E]):
             request_ttl=request_ttl,
             sleep=sleep,
             ledger_maxlen=ledger_maxlen,
+            alert_stream_maxlen=alert_stream_maxlen,
             on_backend_error=on_backend_error,
             fail_open_max_cost_usd=fail_open_max_cost_usd,
             fail_open_max_tokens=fail_open_max_tokens,

@@ -35,10 +35,15 @@ def wait_for(predicate: Any, timeout: float = 20.0) -> bool:
 
 
 def stream_ids(client: Any, prefix: str) -> set[str]:
+    """Every alert the streams hold, as "scope/id" (an entry id is unique within its stream only)."""
     ids = set()
     for stream in client.hvals(f"{prefix}:alert-streams"):
-        ids |= {eid.decode() for eid, _ in client.xrange(stream)}
+        ids |= {f"{json.loads(f[b'alert'])['scope']}/{eid.decode()}" for eid, f in client.xrange(stream)}
     return ids
+
+
+def key(alert: Any) -> str:
+    return f"{alert.scope}/{alert.alert_id}"
 
 
 # ---- the atomic step fans out ------------------------------------------------------------------
@@ -74,7 +79,7 @@ def _listener_proc(url: str, out: Any, ready: Any) -> None:
     listener = AlertListener(redis=url, scopes=["shared"], block_ms=200)
     ready.set()
     for alert in listener:
-        out.put((alert.level.value, alert.limit_type, alert.alert_id))
+        out.put((alert.level.value, alert.limit_type, key(alert)))
 
 
 def _crossing_worker(url: str, go: Any) -> None:
@@ -131,7 +136,7 @@ def _recording_listener(url: str, path: str, last: dict[str, str]) -> None:
     listener = AlertListener(redis=url, last_ids=last, block_ms=200)
     with open(path, "a") as f:
         for alert in listener:
-            f.write(f"{alert.alert_id}\n")
+            f.write(f"{key(alert)}\n")
             f.flush()
 
 
@@ -161,7 +166,8 @@ def test_killed_listener_restarts_from_last_id_without_gaps_or_duplicates(
     streams = {s.decode(): s for s in client.hvals("distbudget:alert-streams")}
     last = {}
     for stream in streams:
-        ids = [eid.decode() for eid, _ in client.xrange(stream) if eid.decode() in seen]
+        entries = client.xrange(stream)
+        ids = [eid.decode() for eid, f in entries if f"{json.loads(f[b'alert'])['scope']}/{eid.decode()}" in seen]
         if ids:
             last[stream] = ids[-1]
     proc = ctx.Process(target=_recording_listener, args=(redis_server.url, str(path), last))
@@ -183,7 +189,7 @@ def test_listener_survives_a_redis_restart(tmp_path: Path) -> None:
     server = RedisServer(tmp_path, "--appendonly", "yes", "--appendfsync", "always")
     try:
         got: list[str] = []
-        listener = AlertListener(redis=server.url, block_ms=200).start(lambda a: got.append(a.alert_id))
+        listener = AlertListener(redis=server.url, block_ms=200).start(lambda a: got.append(key(a)))
         _cross(server.url, ["before"])
         assert wait_for(lambda: len(got) == 2)
         server.stop()

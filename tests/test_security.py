@@ -148,7 +148,6 @@ NOT_COMMANDS = {
     "aclose",
     "get_node_from_key",  # the cluster client's slot map
     "get_redis_connection",
-    "xread_slots",  # a listener step: XREADs routed to their nodes
 }
 METHOD_TO_COMMAND = {"script_load": "script|load"}
 # `distbudget doctor` also probes admin commands (INFO, CONFIG GET, XLEN, MEMORY USAGE, ACL WHOAMI,
@@ -169,8 +168,8 @@ def commands_in_source() -> dict[str, set[str]]:
         text = path.read_text()
         methods = re.findall(r"\b(?:client|pipe)\.([a-z_]+)\(", text)
         methods += re.findall(r'execute_command\(\s*"([A-Za-z]+)"', text)
-        if path.name == "alerts.py":
-            methods += re.findall(r'yield "([a-z_]+)"', text)
+        if path.name == "alerts.py":  # the listeners' commands: Command(key, ("XACK", ...)), "XINFO STREAM"
+            methods += [c.replace(" ", "|") for c in re.findall(r'\(\s*"([A-Z]+(?: [A-Z]+)?)",', text)]
         for method in methods:
             if method in NOT_COMMANDS or method == "sleep":
                 continue

@@ -10,8 +10,11 @@ percent-encoded so no user string can contain ``:``, ``{`` or ``}``):
     <p>:{<tag>}:holds                      hash   live reservations and held amounts per counter
     <p>:{<tag>}:leases                     zset   reservation id -> expiry (µs)
     <p>:{<tag>}:rq:<scope>:<request id>    string an idempotency marker (per scope); TTL
-    <p>:{<tag>}:alerts                     stream the tree's alerts, capped (MAXLEN ~ 10,000); owned
+    <p>:{<tag>}:alerts                     stream the tree's alerts, capped (MAXLEN ~ alert_stream_maxlen); owned
     <p>:{<tag>}:ledger                     stream the tree's charges and resets, capped (MAXLEN ~); owned
+    <p>:{<tag>}:alerts:done:<group>        zset   alert ids a listener group handled, capped; TTL 7 days
+    <p>:{<tag>}:alerts:dead:<group>        stream alerts a listener group gave up on, capped; owned
+    <p>:{<tag>}:alerts:gaps:<group>        string alerts the group is known to have missed (reported); owned
     <p>:alert-streams                      hash   scope -> its tree's alert stream (for listeners); owned
     <p>:registry                           hash   scope -> its config JSON (the shared registry); owned
 
@@ -71,6 +74,13 @@ class KeySpace:
 
 def alert_index_key(prefix: str) -> str:
     return f"{check_prefix(prefix)}:alert-streams"
+
+
+def alert_group_key(stream: str, group: str, kind: str) -> str:
+    """A listener group's key beside a tree's alert stream (same hash tag): ``done``, ``dead`` or ``gaps``."""
+    if kind not in ("done", "dead", "gaps"):
+        raise ValueError(f"unknown listener group key {kind!r}")
+    return f"{stream}:{kind}:{encode(group)}"
 
 
 def registry_key(prefix: str) -> str:

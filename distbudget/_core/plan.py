@@ -72,6 +72,11 @@ class LimitSpec:
         return self.alert_limit if self.alert_of else self.value
 
 
+# A tree's alert stream keeps about this many alerts (XADD MAXLEN ~; Budget(alert_stream_maxlen=)):
+# a listener down for longer misses the oldest, and says how many (distbudget.alerts).
+ALERT_STREAM_MAXLEN = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     scope: str
@@ -93,6 +98,7 @@ class Plan:
     checks: tuple[tuple[int, int, int, int], ...] = ()
     used_at: tuple[tuple[int, int], ...] = ()  # per limit: (its usage's index in the totals, its value)
     alert_fields: tuple[tuple[str, str, str], ...] = ()
+    alert_maxlen: int = ALERT_STREAM_MAXLEN
 
 
 def thresholds(value: int, warn_pct: Fraction | None) -> tuple[int, int, int, int]:
@@ -114,6 +120,7 @@ def build_plan(
     session_ttl_ms: int,
     raw_model: str | None = None,
     canonical: Callable[[str], str] | None = None,
+    alert_maxlen: int = ALERT_STREAM_MAXLEN,
 ) -> Plan:
     """The plan for a call on ``model`` (``None``: every limit, for summaries) in ``session_id``.
     ``model`` is the canonical id; ``raw_model`` the name as the caller gave it (for the ledger);
@@ -228,6 +235,7 @@ def build_plan(
         ),
         alert_fields=tuple(("a", counters[lim.counter].prefix, lim.limit_type) for lim in limits),
         used_at=tuple((3 * lim.counter + lim.metric, lim.value) for lim in limits),
+        alert_maxlen=alert_maxlen,
     )
 
 

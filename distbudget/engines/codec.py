@@ -181,8 +181,8 @@ def encode_plan(plan: Plan) -> PlanWire:
 def alert_meta(plan: Plan) -> str:
     """What the scripts need to publish an alert: per limit (scope, limit type, metric, value,
     position of its usage in the totals, the scope's channel, the level of its lower threshold),
-    the session, the model, the all-scopes channel. Values are strings: Lua's JSON would print big
-    integers in exponent form."""
+    the session, the model, the all-scopes channel, the alert stream's cap. Values are strings:
+    Lua's JSON would print big integers in exponent form."""
     prefix = plan.keyspace.prefix
     rows = [
         [
@@ -197,7 +197,8 @@ def alert_meta(plan: Plan) -> str:
         for lim in plan.limits
     ]
     everyone = alert_channels(prefix, "")[0]
-    return json.dumps({"l": rows, "s": plan.session_id, "m": plan.model, "all": everyone}, separators=(",", ":"))
+    meta = {"l": rows, "s": plan.session_id, "m": plan.model, "all": everyone, "n": str(plan.alert_maxlen)}
+    return json.dumps(meta, separators=(",", ":"))
 
 
 # ---- operations ---------------------------------------------------------------------------------

@@ -387,6 +387,16 @@ ACL_COMMANDS = (
     "xread",
     "ping",
     "wait",
+    # alert listeners in a consumer group (alerts.py), and any listener looking for a gap (xinfo|stream)
+    "xinfo|stream",
+    "xinfo|groups",
+    "xgroup|create",
+    "xreadgroup",
+    "xpending",
+    "xclaim",
+    "xack",
+    "zscore",  # (the scripts call it too)
+    "zremrangebyrank",
     # called inside the scripts (lua/)
     "time",
     "get",

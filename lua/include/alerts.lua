@@ -3,8 +3,8 @@
 --
 -- Alert fan-out, in the same atomic step as the crossing (and only when something fired): append
 -- each alert to the tree's capped stream and PUBLISH it on the all-scopes and the scope channel.
--- ARGV[7] is the plan's alert metadata (JSON, see distbudget/engines/codec.py alert_meta); the stream key is
--- tail_key(1). Returns the stream ids.
+-- ARGV[7] is the plan's alert metadata (JSON, see distbudget/engines/codec.py alert_meta; meta.n: the
+-- stream's cap, Budget(alert_stream_maxlen=)); the stream key is tail_key(1). Returns the stream ids.
 local function fan_out(nows, totals, fired)
   if #fired == 0 or ARGV[7] == '' then return '' end
   local meta = cjson.decode(ARGV[7])
@@ -17,7 +17,7 @@ local function fan_out(nows, totals, fired)
                    model = meta.m, ts_us = nows}
     local limit = tonumber(l[4])
     alert.pct = limit > 0 and tonumber(alert.used) / limit or 0
-    local id = redis.call('XADD', stream, 'MAXLEN', '~', '10000', '*', 'alert', cjson.encode(alert))
+    local id = redis.call('XADD', stream, 'MAXLEN', '~', meta.n, '*', 'alert', cjson.encode(alert))
     alert.id = id
     alert.stream = stream
     local msg = cjson.encode(alert)
