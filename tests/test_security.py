@@ -1,4 +1,4 @@
-"""Security: TLS (``rediss://``) with a CA the test makes, password URLs, and the README's minimal
+"""Security: TLS (``rediss://``) with a CA the test makes, password URLs, and the documented minimal
 ACL (a user confined to the key prefix and the commands distbudget uses). The behavioural suite
 itself runs as that ACL user (``redis_server`` and ``redis_cluster`` in conftest); here the list is
 checked against the source, and a workload with a custom prefix runs under it."""
@@ -186,9 +186,9 @@ def test_the_acl_lists_every_command_the_source_sends() -> None:
     found = commands_in_source()
     assert {"evalsha", "script|load", "time", "xadd", "publish", "xread"} <= set(found)  # the scan works
     missing = {cmd: sorted(where) for cmd, where in found.items() if cmd not in C.ACL_COMMANDS}
-    assert not missing, f"add to ACL_COMMANDS in distbudget/engines/connect.py (and the README): {missing}"
-    readme = (REPO / "README.md").read_text()
-    line = next(ln for ln in readme.splitlines() if ln.startswith("ACL SETUSER"))
+    assert not missing, f"add to ACL_COMMANDS in distbudget/engines/connect.py (and docs/deployment.md): {missing}"
+    deployment = (REPO / "docs" / "deployment.md").read_text()
+    line = next(ln for ln in deployment.splitlines() if ln.startswith("ACL SETUSER"))
     assert line.split() == ["ACL", "SETUSER", "distbudget-app", "on", ">PASSWORD", *C.acl_rules("<prefix>")]
 
 
