@@ -169,6 +169,13 @@ class Settings:
     prices: PriceBook | None = None  # the caller's book (prices=), else the fleet's, else the bundled one
     fleet: FleetBook | None = None  # a manager's budgets: the fleet price book they share
 
+    @classmethod
+    def pick(cls, given: Mapping[str, Any], **more: Any) -> Settings:
+        """The settings among a constructor's keywords (``locals()`` of ``Budget`` or a manager: the
+        one place where the keyword list becomes settings), plus ``more``."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return cls(**{name: given[name] for name in names if name in given}, **more)
+
 
 class Accounting:
     """Everything a budget does except talking to its engine (held by the sync and async shells).

@@ -120,27 +120,9 @@ class _BudgetBase(Generic[E]):
         _registry: tuple[str, float, tuple[str, ...]] | None = None,
         _settings: Settings | None = None,  # a manager's: in place of the keywords above
     ) -> None:
-        settings = _settings or Settings(
-            session_id=session_id,
-            prefix=prefix,
-            clock=clock,
-            default_rates=default_rates,
-            session_ttl=session_ttl,
-            hold_ttl=hold_ttl,
-            request_ttl=request_ttl,
-            sleep=sleep,
-            ledger_maxlen=ledger_maxlen,
-            alert_stream_maxlen=alert_stream_maxlen,
-            on_backend_error=on_backend_error,
-            fail_open_max_cost_usd=fail_open_max_cost_usd,
-            fail_open_max_tokens=fail_open_max_tokens,
-            journal_size=journal_size,
-            on_uncommitted=on_uncommitted,
-            strict_models=strict_models,
-            allow_eviction=allow_eviction,
-            prices=prices,
-        )
+        settings = _settings or Settings.pick(locals())
         self._core = core = Accounting(scope, rates, settings, _registry)
+        self.name: str = core.name  #: the scope's name
         #: The engine: ``MemoryEngine`` (embedded) or ``RedisEngine`` (``under_replicated``: charges
         #: whose ``WAIT`` returned before enough replicas acknowledged them).
         self.engine: E = (
@@ -159,11 +141,8 @@ class _BudgetBase(Generic[E]):
 
     @property
     def scope(self) -> BudgetScope:
+        """The scope: its name, limits and parent (as the latest registry refresh or update left it)."""
         return self._core.scope
-
-    @property
-    def name(self) -> str:
-        return self._core.name
 
     @property
     def session_id(self) -> str:
@@ -377,43 +356,33 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
 
 
 class _ReservationBase(Generic[B]):
-    """What sync and async reservations share: the hold and its read-only views."""
+    """What sync and async reservations share: the hold and its read-only views (fixed at the hold:
+    ``admitted``, ``model``, ``session_id``, ``request_id``, ``hold_id``, what it holds)."""
+
+    __slots__ = (
+        "_budget",
+        "_hold",
+        "admitted",
+        "held_cost_usd",
+        "held_nano_usd",
+        "held_tokens",
+        "hold_id",
+        "model",
+        "request_id",
+        "session_id",
+    )
 
     def __init__(self, budget: B, hold: Hold) -> None:
         self._budget: B = budget
         self._hold = hold
-
-    @property
-    def admitted(self) -> bool:
-        return self._hold.admitted
-
-    @property
-    def model(self) -> str:
-        return self._hold.model
-
-    @property
-    def session_id(self) -> str:
-        return self._hold.plan.session_id
-
-    @property
-    def request_id(self) -> str | None:
-        return self._hold.request_id
-
-    @property
-    def hold_id(self) -> str:
-        return self._hold.hold_id
-
-    @property
-    def held_tokens(self) -> int:
-        return self._hold.held[0]
-
-    @property
-    def held_nano_usd(self) -> int:
-        return self._hold.held[1]
-
-    @property
-    def held_cost_usd(self) -> float:
-        return nano_to_usd(self._hold.held[1])
+        self.admitted: bool = hold.admitted
+        self.model: str = hold.model
+        self.session_id: str = hold.plan.session_id
+        self.request_id: str | None = hold.request_id
+        self.hold_id: str = hold.hold_id
+        self.held_tokens: int = hold.held[0]
+        self.held_nano_usd: int = hold.held[1]
+        self.held_cost_usd: float = nano_to_usd(hold.held[1])
 
     @property
     def record(self) -> UsageRecord | None:
@@ -471,6 +440,8 @@ class Reservation(_ReservationBase[Budget]):
     """A hold from :meth:`Budget.reserve`. ``commit`` the actual usage or ``release``; as a context
     manager, leaving the block without a commit (an exception, a return) releases it."""
 
+    __slots__ = ()
+
     commit = _committing(Accounting.commit)
 
     def release(self) -> bool:
@@ -503,6 +474,8 @@ class Reservation(_ReservationBase[Budget]):
 
 class AsyncReservation(_ReservationBase[AsyncBudget]):
     """A hold from :meth:`AsyncBudget.reserve`; ``await r.commit(...)`` or ``await r.release()``."""
+
+    __slots__ = ()
 
     commit = _async_committing(Accounting.commit)
 

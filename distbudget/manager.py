@@ -89,27 +89,7 @@ class _ManagerBase(Generic[B, E]):
         self._engine: E = _engine if _engine is not None else self._connect(redis, options, allow_eviction)
         self._ttl = _seconds(registry_ttl, "registry_ttl")
         self._key = registry_key(prefix)
-        self._settings = Settings(
-            session_id=session_id,
-            prefix=prefix,
-            clock=clock,
-            default_rates=default_rates,
-            session_ttl=session_ttl,
-            hold_ttl=hold_ttl,
-            request_ttl=request_ttl,
-            sleep=sleep,
-            ledger_maxlen=ledger_maxlen,
-            alert_stream_maxlen=alert_stream_maxlen,
-            on_backend_error=on_backend_error,
-            fail_open_max_cost_usd=fail_open_max_cost_usd,
-            fail_open_max_tokens=fail_open_max_tokens,
-            journal_size=journal_size,
-            on_uncommitted=on_uncommitted,
-            strict_models=strict_models,
-            allow_eviction=allow_eviction,
-            prices=prices,
-            fleet=FleetBook(),
-        )
+        self._settings = Settings.pick(locals(), fleet=FleetBook())
         if prices is not None and not isinstance(prices, PriceBook):
             raise TypeError("prices must be a PriceBook")
         self._prices_key = prices_key(prefix)

@@ -100,8 +100,8 @@ def test_what_the_api_returns_is_exported() -> None:
 
 
 def test_budgets_show_exactly_their_documented_api() -> None:
-    assert public(Budget) | {"engine"} == BUDGET_API  # engine: an instance attribute
-    assert public(AsyncBudget) | {"engine"} == BUDGET_API
+    assert public(Budget) | {"engine", "name"} == BUDGET_API  # instance attributes
+    assert public(AsyncBudget) | {"engine", "name"} == BUDGET_API
     budget = Budget(distbudget.BudgetScope("s"))
     assert public(budget) == BUDGET_API
 
@@ -140,3 +140,26 @@ def test_an_unknown_scope_is_a_distbudget_error_and_a_key_error() -> None:
             assert "nope" in str(err)
         else:
             raise AssertionError("no UnknownScopeError")
+
+
+def test_every_setting_is_a_keyword_of_budgets_and_managers() -> None:
+    """``Settings.pick`` takes the settings from the constructors' keywords by name: a setting the
+    constructors lack would silently keep its default."""
+    import dataclasses
+
+    from distbudget._accounting import Settings
+
+    settings = {field.name for field in dataclasses.fields(Settings)} - {"fleet"}  # fleet: the manager's own
+    for cls in (Budget, AsyncBudget, BudgetManager, AsyncBudgetManager):
+        assert settings <= set(inspect.signature(cls).parameters), cls.__name__
+
+
+def test_constructor_keywords_reach_the_budget() -> None:
+    manager = BudgetManager(prefix="kw", session_ttl=123, hold_ttl=45, strict_models=True, ledger_maxlen=77)
+    manager.register(distbudget.BudgetScope("t", max_tokens_per_session=10))
+    budget = manager.get("t")
+    assert budget is not None
+    direct = Budget(distbudget.BudgetScope("t"), prefix="kw", session_ttl=123, hold_ttl=45, strict_models=True)
+    for core in (budget._core, direct._core):
+        got = (core.prefix, core.session_ttl_ms, core.hold_ttl_us, core.strict_models)
+        assert got == ("kw", 123_000, 45_000_000, True)

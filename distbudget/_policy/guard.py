@@ -35,25 +35,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
+from distbudget._core import ops
 from distbudget._core.errors import BackendError, BudgetExceededError, InvalidInputError
 from distbudget._core.money import check_tokens, nano_to_usd, usd_to_nano
-from distbudget._core.ops import (
-    AdmitResult,
-    Announce,
-    BatchError,
-    Charge,
-    ChargeResult,
-    Check,
-    Commit,
-    Operation,
-    PricesRead,
-    Record,
-    RecordMany,
-    RegistryChain,
-    Release,
-    Reserve,
-    Steps,
-)
 from distbudget._core.plan import US
 from distbudget._policy.journal import (
     DEFAULT_JOURNAL_SIZE,
@@ -86,14 +70,14 @@ class Kept(Exception):
 
 
 @dataclass(slots=True)
-class LocalCharge(ChargeResult):
+class LocalCharge(ops.ChargeResult):
     """The result standing in for a charge that is waiting in the journal."""
 
     timestamp: float = 0.0
 
 
 @dataclass(slots=True)
-class Refusal(AdmitResult):
+class Refusal(ops.AdmitResult):
     """The result standing in for a refusal by the failure policy (see ``finish_admit``)."""
 
     message: str = ""
@@ -113,11 +97,11 @@ def _refusal(message: str, used: float, limit: float, retry_after: float) -> Ref
     return Refusal(0, (), (), 0, -1, message=message, used=used, limit=limit, retry_after=retry_after)
 
 
-class BatchAnswers(list[ChargeResult]):
+class BatchAnswers(list[ops.ChargeResult]):
     """A ``record_many`` batch's answers under ``"raise"`` when some of its charges were journaled:
     the budget finishes every charge (records, alerts), then raises ``error``."""
 
-    def __init__(self, answers: list[ChargeResult], error: BackendError) -> None:
+    def __init__(self, answers: list[ops.ChargeResult], error: BackendError) -> None:
         super().__init__(answers)
         self.error = error
 
@@ -175,11 +159,11 @@ class Guard:
 
     # -- around one engine call --
 
-    def before(self, op: Operation[R]) -> R | Try:
+    def before(self, op: ops.Operation[R]) -> R | Try:
         """Only when ``state.busy``: a local answer, or :data:`TRY` (call the engine)."""
         st = self.state
         st.sweep()
-        if isinstance(op, Release):
+        if isinstance(op, ops.Release):
             with st.lock:
                 hold = st.local_holds.pop(op.hold_id, None)
                 if hold is not None:
@@ -192,43 +176,43 @@ class Guard:
             return TRY
         return self.policy(op, st.unavailable(), False)
 
-    def after(self, op: Operation[Any]) -> None:
+    def after(self, op: ops.Operation[Any]) -> None:
         """Only when ``state.busy``: the engine answered."""
         st = self.state
         st.ok()
-        if isinstance(op, Commit) and st.local_holds:
+        if isinstance(op, ops.Commit) and st.local_holds:
             with st.lock:
                 hold = st.local_holds.pop(op.hold_id, None)
                 if hold is not None:
                     hold.allowance.free(hold)
                     st._update()
 
-    def failed(self, op: Operation[R], err: BackendError) -> R:
+    def failed(self, op: ops.Operation[R], err: BackendError) -> R:
         """The engine raised: a local answer, or raise."""
-        if isinstance(err, BatchError):
-            assert isinstance(op, RecordMany)
+        if isinstance(err, ops.BatchError):
+            assert isinstance(op, ops.RecordMany)
             return cast("R", self._batch_failed(op, err))
         if not err.outage:
             raise err
         self.state.fail(err)
         return self.policy(op, err, err.maybe_sent)
 
-    def policy(self, op: Operation[R], err: BackendError, maybe_sent: bool) -> R:
+    def policy(self, op: ops.Operation[R], err: BackendError, maybe_sent: bool) -> R:
         """The local answer to ``op`` while Redis is unavailable (or raise)."""
-        if isinstance(op, (Record, Commit)):
+        if isinstance(op, (ops.Record, ops.Commit)):
             return cast("R", self._journal(op, err, maybe_sent))
-        if isinstance(op, RecordMany):  # the pipeline failed as a whole (maybe_sent: any charge may have run)
+        if isinstance(op, ops.RecordMany):  # the pipeline failed as a whole (maybe_sent: any charge may have run)
             n = len(op.records)
             return cast("R", self._journal_batch(op, [], [(i, maybe_sent) for i in range(n)], err))
-        if isinstance(op, (Check, Reserve)):
+        if isinstance(op, (ops.Check, ops.Reserve)):
             return cast("R", self._admit(op, err))
-        if self.lenient and isinstance(op, Release):
+        if self.lenient and isinstance(op, ops.Release):
             return cast("R", False)  # the hold expires in Redis by itself
-        if isinstance(op, (RegistryChain, PricesRead, Announce)):
+        if isinstance(op, (ops.RegistryChain, ops.PricesRead, ops.Announce)):
             raise Kept from err  # keep the cached config; the operation itself then meets the policy
         raise err
 
-    def recovery(self) -> Steps[tuple[int, BackendError | None]] | None:
+    def recovery(self) -> ops.Steps[tuple[int, BackendError | None]] | None:
         """Before an operation (only when ``state.busy``): the replay due now, if any."""
         st = self.state
         if not st.journal or st.replaying or not st.claim():
@@ -237,13 +221,13 @@ class Guard:
 
     # -- the policy --
 
-    def _journal(self, op: Charge, err: BackendError, maybe_sent: bool) -> LocalCharge:
+    def _journal(self, op: ops.Charge, err: BackendError, maybe_sent: bool) -> LocalCharge:
         now = time.time()
         pending = self._keep(Entry(op, maybe_sent, now, self.scope, ledger_op_id(op)))
         self._answer(pending, err)
         return _local_charge(now if op.now_us is None else op.now_us / US)
 
-    def _batch_failed(self, op: RecordMany, err: BatchError) -> list[ChargeResult]:
+    def _batch_failed(self, op: ops.RecordMany, err: ops.BatchError) -> list[ops.ChargeResult]:
         """Some charges of a ``record_many`` pipeline failed: those Redis answered stand; those that
         met an outage are journaled (never sent, or maybe sent when the round trip failed); an error
         Redis answered otherwise (a script error, ``NOPERM``) raises."""
@@ -274,8 +258,8 @@ class Guard:
         raise exc from (first.__cause__ or first)
 
     def _journal_batch(
-        self, op: RecordMany, results: list[Any], lost: list[tuple[int, bool]], err: BackendError
-    ) -> list[ChargeResult]:
+        self, op: ops.RecordMany, results: list[Any], lost: list[tuple[int, bool]], err: BackendError
+    ) -> list[ops.ChargeResult]:
         """Journal the charges ``lost`` of a batch, all or none (``results`` holds the others'); the
         caller's answers: local ones in their place, under "raise" with the error to raise."""
         batch = op.records
@@ -297,7 +281,7 @@ class Guard:
         exc.__cause__ = err.__cause__ or err
         return BatchAnswers(answers, exc)
 
-    def _keep_many(self, op: RecordMany, lost: list[tuple[int, bool]], refused: int) -> int:
+    def _keep_many(self, op: ops.RecordMany, lost: list[tuple[int, bool]], refused: int) -> int:
         """Journal the charges ``lost`` (call index, may have run) of a batch: all of them, or none
         when they do not fit (raises); returns how many are pending."""
         st = self.state
@@ -333,7 +317,7 @@ class Guard:
         op = entry.op
         with st.lock:
             st.append(entry)
-            if isinstance(op, Commit):
+            if isinstance(op, ops.Commit):
                 hold = st.local_holds.pop(op.hold_id, None)
                 if hold is not None:
                     hold.allowance.free(hold)
@@ -346,7 +330,7 @@ class Guard:
             st._update()
         return pending
 
-    def _admit(self, op: Check | Reserve, err: BackendError) -> AdmitResult:
+    def _admit(self, op: ops.Check | ops.Reserve, err: BackendError) -> ops.AdmitResult:
         if self.mode == "raise":
             raise err
         st = self.state
@@ -363,13 +347,13 @@ class Guard:
                 used, limit = nano_to_usd(mine.nano + usage[1]), nano_to_usd(self.max_nano)
                 unit = "USD"
             else:
-                if isinstance(op, Reserve):
+                if isinstance(op, ops.Reserve):
                     expires = time.monotonic() + op.ttl_us / US
                     st.local_holds[op.hold_id] = LocalHold(mine, usage[0], usage[1], expires, mine.epoch)
                     mine.tokens += usage[0]
                     mine.nano += usage[1]
                     st._update()
-                return AdmitResult(0 if op.now_us is None else op.now_us, (), (), -1, -1)
+                return ops.AdmitResult(0 if op.now_us is None else op.now_us, (), (), -1, -1)
         msg = f"Budget refused (on_backend_error='allow', fail-open allowance spent: {used} > {limit} {unit}): {err}"
         return _refusal(msg, used, limit, retry)
 
