@@ -309,7 +309,7 @@ class Meter:
 
     @staticmethod
     def commit(
-        hold: Reservation, charge: Charge, usage: Usage, estimated: str | None = None, response_id: str | None = None
+        hold: Reservation, charge: Charge, usage: Usage, estimated: str | None, response_id: str | None = None
     ) -> None:
         meta = commit_metadata(charge, estimated, response_id)
         try:
@@ -333,11 +333,7 @@ class Meter:
 
     @staticmethod
     async def acommit(
-        hold: AsyncReservation,
-        charge: Charge,
-        usage: Usage,
-        estimated: str | None = None,
-        response_id: str | None = None,
+        hold: AsyncReservation, charge: Charge, usage: Usage, estimated: str | None, response_id: str | None = None
     ) -> None:
         meta = commit_metadata(charge, estimated, response_id)
         try:
