@@ -128,16 +128,17 @@ class _BudgetBase(Generic[E]):
         self.engine: E = (
             _engine
             if _engine is not None
-            else self._connect(redis, connect_options(core.mode), batch_window_us, settings.allow_eviction)
+            else self._make_engine(
+                redis, connect_options(core.mode), batch_window_us, allow_eviction=settings.allow_eviction
+            )
         )
         self._guard = core.attach(self.engine)
-        self._bind(settings.sleep)
+        self._driver = self._driver_class(self.engine, self._guard, settings.sleep)
+        self._plain = self._driver_class(self.engine)  # the journal's replay: no policy around it
 
-    def _connect(self, redis: object, options: dict[str, Any], batch_window_us: int | None, allow_eviction: bool) -> E:
-        raise NotImplementedError
-
-    def _bind(self, sleep: Callable[[float], Any] | None) -> None:
-        raise NotImplementedError
+    #: ``make_engine`` or ``make_async_engine``, and the driver that runs this flavour's operations
+    _make_engine: Callable[..., E]
+    _driver_class: Callable[..., Any]
 
     @property
     def scope(self) -> BudgetScope:
@@ -259,14 +260,10 @@ class Budget(_BudgetBase[Engine]):
     A plain standalone or Sentinel client without ``wait`` only; elsewhere calls go alone.
     """
 
-    def _connect(
-        self, redis: object, options: dict[str, Any], batch_window_us: int | None, allow_eviction: bool
-    ) -> Engine:
-        return make_engine(redis, options, batch_window_us, allow_eviction=allow_eviction)
-
-    def _bind(self, sleep: Callable[[float], Any] | None) -> None:
-        self._driver = Driver(self.engine, self._guard, sleep)
-        self._plain = Driver(self.engine)  # the journal's replay: no policy around it
+    _make_engine = staticmethod(make_engine)
+    _driver_class = Driver
+    _driver: Driver
+    _plain: Driver
 
     def _before(self, settle: bool = False) -> None:
         """Before an operation: the journal's replay when due, then the registry refresh when due
@@ -312,14 +309,10 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
     sync: it does no I/O; ``reserve`` and ``acquire`` return a :class:`PendingReservation`, to
     await or to use with ``async with``). ``redis``: ``None``, a URL, or a ``redis.asyncio`` client."""
 
-    def _connect(
-        self, redis: object, options: dict[str, Any], batch_window_us: int | None, allow_eviction: bool
-    ) -> AsyncEngine:
-        return make_async_engine(redis, options, batch_window_us, allow_eviction=allow_eviction)
-
-    def _bind(self, sleep: Callable[[float], Any] | None) -> None:
-        self._driver = AsyncDriver(self.engine, self._guard, sleep)
-        self._plain = AsyncDriver(self.engine)
+    _make_engine = staticmethod(make_async_engine)
+    _driver_class = AsyncDriver
+    _driver: AsyncDriver
+    _plain: AsyncDriver
 
     async def _before(self, settle: bool = False) -> None:
         """See :meth:`Budget._before`."""
