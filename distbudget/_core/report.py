@@ -15,7 +15,7 @@ import csv
 import datetime as dt
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -231,11 +231,18 @@ def render(rows: Sequence[ReportRow], by: Sequence[Group], fmt: str, total: Repo
     if total is not None:
         t = total.to_dict(by)
         table.append([("total" if i == 0 else "") if c in by else _cell(t[c]) for i, c in enumerate(cols)])
-    widths = [max(len(line[i]) for line in table) for i in range(len(cols))]
-    return "\n".join(
-        "  ".join(
-            cell.ljust(w) if i < len(by) else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        for line in table
-    )
+    return "\n".join(aligned(table, right=range(len(by), len(cols))))
+
+
+def aligned(rows: Sequence[Sequence[str]], right: Container[int] = (), indent: str = "") -> list[str]:
+    """``rows`` (the first one a header) as text columns two spaces apart, each as wide as its widest
+    cell: left-aligned, or right-aligned where the column index is in ``right``. Every table the CLI
+    prints goes through here."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        indent
+        + "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]

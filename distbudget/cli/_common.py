@@ -1,10 +1,12 @@
-"""What every command shares: the connection options (``--redis`` from ``DISTBUDGET_REDIS_URL``,
-``--prefix``), the line saying which server and prefix a command reads, number formats, tables and
-colour."""
+"""What every command shares: how a command and its arguments are declared (:func:`command`,
+:func:`arg`, :func:`exclusive`; the table is ``main.COMMANDS``), the shared options (``--redis``
+from ``DISTBUDGET_REDIS_URL``, ``--prefix``, ...), the line saying which server and prefix a
+command reads, number formats and colour. Tables are printed by ``_core.report.aligned``."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -59,18 +61,6 @@ def redact(url: str) -> str:
     return f"{scheme}://{base}{qmark}{query}"
 
 
-def table(rows: list[list[str]], right: set[int], indent: str = "  ") -> list[str]:
-    """Rows as aligned columns (``right``: the right-aligned column indexes)."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return [
-        indent
-        + "  ".join(
-            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ).rstrip()
-        for r in rows
-    ]
-
-
 # Plain ANSI rather than rich: three colours do not justify a dependency, and the core stays `redis` only.
 RED, YELLOW, GREEN, BOLD, DIM, RESET = "\x1b[31m", "\x1b[33m", "\x1b[32m", "\x1b[1m", "\x1b[2m", "\x1b[0m"
 
@@ -107,22 +97,87 @@ def bounded(convert: Callable[[str], N], lo: N, hi: N, unit: str = "") -> Callab
     return parse
 
 
-# ---- connection ------------------------------------------------------------------------------------
+# ---- declaring commands --------------------------------------------------------------------------
+
+Run = Callable[[argparse.Namespace], int]
 
 
-def add_connection(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--redis",
-        metavar="URL",
-        default=os.environ.get(REDIS_ENV),
-        help=f"the fleet's Redis (default: ${REDIS_ENV}, else {FALLBACK_URL})",
-    )
-    parser.add_argument(
-        "--prefix",
-        type=_prefix_arg,
-        default=os.environ.get(PREFIX_ENV, "distbudget"),
-        help=f"the fleet's key prefix (default: ${PREFIX_ENV}, else distbudget)",
-    )
+@dataclass(frozen=True)
+class Arg:
+    """One ``add_argument`` call. ``env``: the environment variable whose value, when set, is the
+    default instead (read when the parser is built, so each ``main()`` sees the current one)."""
+
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+    env: str | None = None
+
+    def add_to(self, parser: Any) -> None:
+        options = dict(self.options)
+        if self.env is not None:
+            options["default"] = os.environ.get(self.env, options.get("default"))
+        parser.add_argument(*self.flags, **options)
+
+
+def arg(*flags: str, env: str | None = None, **options: Any) -> Arg:
+    """An argument, declared with ``add_argument``'s words."""
+    return Arg(flags, options, env)
+
+
+@dataclass(frozen=True)
+class Exclusive:
+    """Options of which at most one may be given; ``defaults`` are set on the command."""
+
+    args: tuple[Arg, ...]
+    defaults: dict[str, Any]
+
+    def add_to(self, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_mutually_exclusive_group()
+        for a in self.args:
+            a.add_to(group)
+        parser.set_defaults(**self.defaults)
+
+
+def exclusive(*args: Arg, **defaults: Any) -> Exclusive:
+    return Exclusive(args, defaults)
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its name, the function it runs (whose docstring is its ``--help``
+    description), its line in ``distbudget --help``, its arguments in the order ``--help`` lists
+    them, and its own subcommands (``actions``, as ``ACTION``)."""
+
+    name: str
+    run: Run
+    help: str
+    args: tuple[Arg | Exclusive, ...] = ()
+    aliases: tuple[str, ...] = ()
+    actions: tuple[Command, ...] = ()
+
+    def add_to(self, sub: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(
+            self.name, aliases=list(self.aliases), help=self.help, description=inspect.getdoc(self.run)
+        )
+        for a in self.args:
+            a.add_to(parser)
+        parser.set_defaults(func=self.run)
+        if self.actions:
+            actions = parser.add_subparsers(dest="action", metavar="ACTION")
+            for action in self.actions:
+                action.add_to(actions)
+        return parser
+
+
+def command(
+    name: str,
+    run: Run,
+    help: str,
+    *args: Arg | Exclusive,
+    aliases: tuple[str, ...] = (),
+    actions: tuple[Command, ...] = (),
+) -> Command:
+    """``distbudget NAME``: runs ``run(args)``; see :class:`Command`."""
+    return Command(name, run, help, args, aliases, actions)
 
 
 def _prefix_arg(text: str) -> str:
@@ -130,6 +185,43 @@ def _prefix_arg(text: str) -> str:
         return check_prefix(text)
     except DistBudgetError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# The options shared by several commands, declared once.
+CONNECTION = (
+    arg(
+        "--redis", metavar="URL", env=REDIS_ENV, help=f"the fleet's Redis (default: ${REDIS_ENV}, else {FALLBACK_URL})"
+    ),
+    arg(
+        "--prefix",
+        type=_prefix_arg,
+        env=PREFIX_ENV,
+        default="distbudget",
+        help=f"the fleet's key prefix (default: ${PREFIX_ENV}, else distbudget)",
+    ),
+)
+SCOPE = arg("scope", help="a registered scope")
+YES = arg("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def count_option(flag: str, lo: int, hi: int, default: int, help: str) -> Arg:
+    """A whole number ``N`` from ``lo`` to ``hi``."""
+    return arg(flag, type=bounded(int, lo, hi), default=default, metavar="N", help=help)
+
+
+def colour_option(help: str) -> Arg:
+    return arg("--color", choices=("auto", "always", "never"), default="auto", help=help)
+
+
+def listen_options(port: int) -> tuple[Arg, Arg]:
+    """``--port`` (default ``port``) and ``--host`` of a server command."""
+    return (
+        arg("--port", type=bounded(int, 0, 65535), default=port, help=f"port to listen on (default {port})"),
+        arg("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"),
+    )
+
+
+# ---- connection ------------------------------------------------------------------------------------
 
 
 @dataclass

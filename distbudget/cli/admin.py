@@ -5,27 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from distbudget._core.update import parse_assignments
 from distbudget._fleet import budget_of
-from distbudget.cli._common import CommandError, add_connection, connect
-
-
-def add_parser(sub: Any) -> None:
-    reset = sub.add_parser(
-        "reset",
-        help="zero a scope's usage (or one session's)",
-        description="Zero a scope's counters: its totals (all models), every rolling window and the given "
-        "session (with --session ID: only that session's counters). Ancestors keep their usage. The "
-        "reset is written to the ledger. Asks for confirmation unless --yes.",
-    )
-    reset.add_argument("scope", help="a registered scope")
-    add_connection(reset)
-    reset.add_argument("--session", metavar="ID", help="reset only this session's counters")
-    reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    reset.set_defaults(func=run_reset)
-    add_update_parser(sub)
+from distbudget.cli._common import CommandError, connect
 
 
 def confirm(question: str, yes: bool) -> None:
@@ -40,6 +23,9 @@ def confirm(question: str, yes: bool) -> None:
 
 
 def run_reset(args: argparse.Namespace) -> int:
+    """Zero a scope's counters: its totals (all models), every rolling window and the given session
+    (with --session ID: only that session's counters). Ancestors keep their usage. The reset is
+    written to the ledger. Asks for confirmation unless --yes."""
     conn = connect(args)
     mgr = conn.manager()
     budget = budget_of(mgr, args.scope)
@@ -54,24 +40,12 @@ def run_reset(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_update_parser(sub: Any) -> None:
-    update = sub.add_parser(
-        "update",
-        help="change some fields of a registered scope",
-        description="Change only the named fields of a registered scope (BudgetManager.update), keeping the "
-        "rest: FIELD=VALUE pairs, values as JSON (2.5, true, null, [...]); limits as a list of Limit "
-        'objects, rates as {"model": {"input": 3, "output": 15}} in USD per 1M tokens. A cap lowered '
-        "under current usage alerts at once. Workers see the change within their registry_ttl. Asks "
-        "for confirmation unless --yes.",
-    )
-    update.add_argument("scope", help="a registered scope")
-    update.add_argument("fields", nargs="+", metavar="FIELD=VALUE", help="e.g. max_cost_per_day_usd=40")
-    add_connection(update)
-    update.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    update.set_defaults(func=run_update)
-
-
 def run_update(args: argparse.Namespace) -> int:
+    """Change only the named fields of a registered scope (BudgetManager.update), keeping the rest:
+    FIELD=VALUE pairs, values as JSON (2.5, true, null, [...]); limits as a list of Limit objects,
+    rates as {"model": {"input": 3, "output": 15}} in USD per 1M tokens. A cap lowered under current
+    usage alerts at once. Workers see the change within their registry_ttl. Asks for confirmation
+    unless --yes."""
     changes = parse_assignments(args.fields)  # bad input fails before connecting
     conn = connect(args)
     mgr = conn.manager()

@@ -28,7 +28,8 @@ from typing import Any
 import distbudget
 from distbudget import BudgetExceededError, BudgetManager, BudgetScope, DistBudgetError, ModelRates
 from distbudget._core.keys import check_prefix
-from distbudget.cli._common import amount, bounded, redact, table, usd
+from distbudget._core.report import aligned
+from distbudget.cli._common import amount, redact, usd
 
 SESSION_ID = "demo-session"
 ALERT_AT = 0.8
@@ -84,27 +85,31 @@ def plan_calls(seed: int, worker: int, calls: int, models: Sequence[str]) -> lis
 
 
 @dataclass
-class Planned:
-    """What a scope's calls would use if every one of them ran (computed before anything runs)."""
+class Spend:
+    """The tokens and the cost of some calls: planned (:class:`Planned`) or made (:class:`Tally`)."""
 
-    calls: int = 0
     tokens: int = 0
     cost_nano: int = 0
-    worst_tokens: int = 0
+
+
+@dataclass
+class Planned(Spend):
+    """What a scope's calls would use if every one of them ran (computed before anything runs), what
+    they would reserve, and the largest reservation of one call."""
+
+    calls: int = 0
     worst_cost_nano: int = 0
     max_call_worst_tokens: int = 0
     max_call_worst_cost_nano: int = 0
 
     def add(self, call: Call) -> None:
         rates = ModelRates.for_model(call.model)
-        worst_tokens = call.input_tokens + call.max_output_tokens
         worst_nano = rates.worst_case_nano(call.input_tokens, call.max_output_tokens)
         self.calls += 1
         self.tokens += call.input_tokens + call.output_tokens
         self.cost_nano += rates.cost_nano(call.input_tokens, call.output_tokens)
-        self.worst_tokens += worst_tokens
         self.worst_cost_nano += worst_nano
-        self.max_call_worst_tokens = max(self.max_call_worst_tokens, worst_tokens)
+        self.max_call_worst_tokens = max(self.max_call_worst_tokens, call.input_tokens + call.max_output_tokens)
         self.max_call_worst_cost_nano = max(self.max_call_worst_cost_nano, worst_nano)
 
 
@@ -210,14 +215,20 @@ def build_config(
 
 
 @dataclass
-class Tally:
+class Tally(Spend):
     """One worker's own account of one scope (checked against the store at the end)."""
 
     committed: int = 0
     refused: int = 0
-    tokens: int = 0
-    cost_nano: int = 0
     refused_by: dict[str, int] = field(default_factory=dict)
+
+    def merge(self, other: Tally) -> None:
+        self.tokens += other.tokens
+        self.cost_nano += other.cost_nano
+        self.committed += other.committed
+        self.refused += other.refused
+        for lt, n in other.refused_by.items():
+            self.refused_by[lt] = self.refused_by.get(lt, 0) + n
 
 
 @dataclass
@@ -357,13 +368,10 @@ def run_processes(cfg: DemoConfig) -> list[WorkerResult]:
 
 
 @dataclass
-class ScopeOutcome:
-    committed: int = 0
-    refused: int = 0
+class ScopeOutcome(Tally):
+    """Every worker's tallies of one scope, summed; the calls never tried; the store's summary."""
+
     skipped: int = 0
-    tokens: int = 0
-    cost_nano: int = 0
-    refused_by: dict[str, int] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
 
 
@@ -391,13 +399,7 @@ def run_demo(cfg: DemoConfig, planned: dict[str, Planned]) -> DemoReport:
     for spec in cfg.scopes:
         o = outcomes[spec.name] = ScopeOutcome()
         for r in results:
-            t = r.tallies[spec.name]
-            o.committed += t.committed
-            o.refused += t.refused
-            o.tokens += t.tokens
-            o.cost_nano += t.cost_nano
-            for lt, n in t.refused_by.items():
-                o.refused_by[lt] = o.refused_by.get(lt, 0) + n
+            o.merge(r.tallies[spec.name])
         o.skipped = cfg.workers * cfg.calls - o.committed - o.refused
         o.summary = mgr.summary(spec.name, SESSION_ID)
     levels = {"critical": 0, "warning": 1, "info": 2}
@@ -478,7 +480,7 @@ def render(report: DemoReport) -> tuple[list[str], int]:
                 usd(s["cost_usd"]),
             ]
         )
-    lines += table(rows, {2, 3, 4, 5, 6})
+    lines += aligned(rows, right={2, 3, 4, 5, 6}, indent="  ")
     lines.append("")
     lines.append("limits (summary()['limits'], session " + repr(SESSION_ID) + "):")
     rows = [["scope", "limit", "used", "cap", "pct", "outcome"]]
@@ -497,7 +499,7 @@ def render(report: DemoReport) -> tuple[list[str], int]:
                     outcome,
                 ]
             )
-    lines += table(rows, {2, 3, 4})
+    lines += aligned(rows, right={2, 3, 4}, indent="  ")
     lines.append("")
     lines.append(f"alerts raised ({len(report.alerts)}):")
     lines += [
@@ -530,7 +532,7 @@ def render(report: DemoReport) -> tuple[list[str], int]:
 # ---- command line -------------------------------------------------------------------------------
 
 
-def _prefix(text: str) -> str:
+def parse_prefix(text: str) -> str:
     try:
         check_prefix(f"{text}-{'0' * RUN_SUFFIX_LENGTH}")  # the library's rule, with the run suffix
     except DistBudgetError:
@@ -540,60 +542,10 @@ def _prefix(text: str) -> str:
     return text
 
 
-def add_parser(sub: Any) -> None:
-    demo = sub.add_parser(
-        "demo",
-        help="a simulated agent fleet spending against hard caps",
-        description="Run a simulated agent fleet against budgets and show the caps holding. N workers each "
-        "reserve the worst case, 'call the model', commit what they used and stop a scope at its first "
-        "refusal; the last line checks spend <= cap for every scope.",
-    )
-    demo.add_argument(
-        "--redis",
-        metavar="URL",
-        help="share one Redis (worker processes); default: the embedded engine (worker threads). "
-        "Not read from DISTBUDGET_REDIS_URL: the demo writes, so it uses a server only when told.",
-    )
-    demo.add_argument(
-        "--workers", type=bounded(int, 1, MAX_WORKERS), default=4, metavar="N", help="agent workers (default 4)"
-    )
-    demo.add_argument(
-        "--calls",
-        type=bounded(int, 1, 100_000),
-        default=50,
-        metavar="N",
-        help="calls per worker on each scope (default 50)",
-    )
-    demo.add_argument(
-        "--scopes",
-        type=bounded(int, 1, MAX_SCOPES),
-        default=3,
-        metavar="N",
-        help="team scopes team-a, team-b, ... (default 3)",
-    )
-    demo.add_argument(
-        "--prefix",
-        type=_prefix,
-        default="distbudget-demo",
-        help="key prefix; a unique suffix is added per run (default distbudget-demo)",
-    )
-    demo.add_argument(
-        "--exact-prefix",
-        action="store_true",
-        help="use --prefix as is (it must be unused), so others can watch it: distbudget watch --prefix P",
-    )
-    demo.add_argument("--seed", type=int, default=0, help="seed of the simulated token counts (default 0)")
-    demo.add_argument(
-        "--latency-ms",
-        type=bounded(float, 0.0, 1000.0, " ms"),
-        default=1.0,
-        metavar="MS",
-        help="simulated model latency between reserve and commit (default 1)",
-    )
-    demo.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
+    """Run a simulated agent fleet against budgets and show the caps holding. N workers each reserve
+    the worst case, 'call the model', commit what they used and stop a scope at its first refusal;
+    the last line checks spend <= cap for every scope."""
     try:
         cfg, planned = build_config(
             redis=args.redis,

@@ -6,13 +6,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from distbudget._core.keys import KeySpace, alert_index_key
-from distbudget.cli._common import GREEN, RED, RESET, YELLOW, Connection, add_connection, connect, use_colour
+from distbudget.cli._common import GREEN, RED, RESET, YELLOW, Connection, connect, use_colour
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 MIN_VERSION = (6, 2)  # XAUTOCLAIM-era streams and the scripts' commands; Functions need 7.0
@@ -26,22 +27,10 @@ class Check:
     detail: str
 
 
-def add_parser(sub: Any) -> None:
-    doctor = sub.add_parser(
-        "doctor",
-        help="check the server: version, eviction, ACL rights, scripts, clock, sizes",
-        description="Check that the server can hold this fleet's budgets: Redis version, eviction policy, "
-        "the ACL rights workers need, the script or Functions path in use, clock skew between this "
-        "machine and the server, registry and ledger sizes. Exit status 1 if any check fails.",
-    )
-    add_connection(doctor)
-    doctor.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour (auto)")
-    doctor.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
-    import sys
-
+    """Check that the server can hold this fleet's budgets: Redis version, eviction policy, the ACL
+    rights workers need, the script or Functions path in use, clock skew between this machine and
+    the server, registry and ledger sizes. Exit status 1 if any check fails."""
     conn = connect(args, need="")
     checks = diagnose(conn)
     colour = use_colour(sys.stdout, args.color)

@@ -7,31 +7,7 @@ import argparse
 import importlib
 from typing import Any
 
-from distbudget.cli._common import CommandError, add_connection, connect
-
-
-def add_parser(sub: Any) -> None:
-    install = sub.add_parser(
-        "install",
-        help="install the Redis Functions library (admin, once per deploy)",
-        description="Load this version's Redis Functions library on the server (on every master of a "
-        "Cluster), so workers call FCALL and need no script rights. Idempotent. Needs an admin user "
-        "(FUNCTION LOAD). With --prune, also remove the other distbudget library versions (only once "
-        "every worker runs this version).",
-    )
-    add_connection(install)
-    install.add_argument("--prune", action="store_true", help="remove the other distbudget library versions")
-    install.set_defaults(func=run_install)
-    acl = sub.add_parser(
-        "acl",
-        help="print the ACL rules of a worker and an admin user for a prefix",
-        description="Print ACL SETUSER lines for a least-privilege worker (FCALL, its prefix's keys and "
-        "channels only) and an admin (who may also install the library and read the server's config). "
-        "Run them on every node of a Cluster, with a real password. Nothing is sent to Redis.",
-    )
-    acl.add_argument("--prefix", default="distbudget", help="the fleet's key prefix (default distbudget)")
-    acl.add_argument("--user", metavar="STEM", help="user names STEM-worker and STEM-admin (default: the prefix)")
-    acl.set_defaults(func=run_acl)
+from distbudget.cli._common import CommandError, connect
 
 
 def _functions() -> Any:
@@ -43,6 +19,10 @@ def _functions() -> Any:
 
 
 def run_install(args: argparse.Namespace) -> int:
+    """Load this version's Redis Functions library on the server (on every master of a Cluster), so
+    workers call FCALL and need no script rights. Idempotent. Needs an admin user (FUNCTION LOAD).
+    With --prune, also remove the other distbudget library versions (only once every worker runs
+    this version)."""
     functions = _functions()
     conn = connect(args, need="")
     name = functions.library()[0]  # the library's name carries its version (engines/scripts.py)
@@ -52,6 +32,9 @@ def run_install(args: argparse.Namespace) -> int:
 
 
 def run_acl(args: argparse.Namespace) -> int:
+    """Print ACL SETUSER lines for a least-privilege worker (FCALL, its prefix's keys and channels
+    only) and an admin (who may also install the library and read the server's config). Run them on
+    every node of a Cluster, with a real password. Nothing is sent to Redis."""
     functions = _functions()
     name = args.user or args.prefix
     for role in functions.ROLES:

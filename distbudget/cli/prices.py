@@ -5,23 +5,14 @@ from __future__ import annotations
 
 import argparse
 from decimal import Decimal
-from typing import Any
 
-from distbudget.cli._common import CommandError, add_connection, connect, table
+from distbudget._core.report import aligned
+from distbudget.cli._common import CommandError, connect
 from distbudget.pricing import ModelRates, PriceBook, price_table
 
 
-def add_parser(sub: Any) -> None:
-    prices = sub.add_parser(
-        "prices",
-        help="list the built-in model price table",
-        description="List the built-in model prices (USD per 1M tokens).",
-    )
-    prices.set_defaults(func=run)
-    add_fleet_parsers(prices)
-
-
 def run(_args: argparse.Namespace) -> int:
+    """List the built-in model prices (USD per 1M tokens)."""
     prices = price_table()
     rows = [["model", "provider", "input", "output", "cached input"]]
 
@@ -42,34 +33,14 @@ def run(_args: argparse.Namespace) -> int:
         f"built-in prices as of {prices['as_of']} ({prices['unit']}); "
         f"{len(prices['models'])} models, {len(prices['aliases'])} aliases"
     )
-    for line in table(rows, {2, 3, 4}):
+    for line in aligned(rows, right={2, 3, 4}, indent="  "):
         print(line)
     return 0
 
 
-def add_fleet_parsers(prices: argparse.ArgumentParser) -> None:
-    actions = prices.add_subparsers(dest="action", metavar="ACTION")
-    push = actions.add_parser(
-        "push",
-        help="store a LiteLLM price file as the fleet's price book",
-        description="Store FILE (LiteLLM's model_prices_and_context_window.json format) as the price book of "
-        "every worker under --prefix; workers use it from their next registry refresh.",
-    )
-    push.add_argument("file", help="a LiteLLM price file")
-    push.add_argument("--as-of", metavar="DATE", help="the prices' date (default: the file's modification date)")
-    add_connection(push)
-    push.set_defaults(func=run_push)
-    show = actions.add_parser(
-        "show",
-        help="the fleet's price of one model",
-        description="The rates the fleet prices MODEL with (its pushed book, else the bundled snapshot).",
-    )
-    show.add_argument("model")
-    add_connection(show)
-    show.set_defaults(func=run_show)
-
-
 def run_push(args: argparse.Namespace) -> int:
+    """Store FILE (LiteLLM's model_prices_and_context_window.json format) as the price book of every
+    worker under --prefix; workers use it from their next registry refresh."""
     book = PriceBook.from_litellm(args.file, as_of=args.as_of)
     revision = connect(args, need="").manager().push_prices(book)
     print(f"pushed {len(book.models())} models dated {book.as_of or 'undated'} as revision {revision}")
@@ -77,13 +48,14 @@ def run_push(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    """The rates the fleet prices MODEL with (its pushed book, else the bundled snapshot)."""
     book = connect(args, need="").manager().prices()
     hit = book.resolve(args.model)
     if hit is None:
         raise CommandError(f"no price for {args.model!r} in prices dated {book.as_of or 'undated'}")
     model_id, rates = hit
     print(f"{model_id} (prices dated {book.as_of or 'undated'}, {book.table.source}); USD per 1M tokens")
-    for line in table(rate_rows(rates), {1, 2, 3, 4, 5, 6}):
+    for line in aligned(rate_rows(rates), right={1, 2, 3, 4, 5, 6}, indent="  "):
         print(line)
     return 0
 

@@ -7,62 +7,28 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
 
+from distbudget._core.report import aligned
 from distbudget._exceptions import BackendError
 from distbudget._fleet import FleetReader, LimitRow, ScopeRow, SessionRow, Snapshot
 from distbudget.cli._common import (
     BOLD,
     DIM,
     RESET,
-    add_connection,
     amount,
-    bounded,
     connect,
     level_colour,
     pct,
-    table,
     use_colour,
 )
 
 CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear screen: --watch redraws in place
 
 
-def add_parser(sub: Any) -> None:
-    status = sub.add_parser(
-        "status",
-        aliases=["scopes"],
-        help="the scope tree with usage per limit, sorted by %%",
-        description="Show every registered scope (as a tree) with, per limit, used / held / limit / % and "
-        "refusals, highest % first. Limits counted per session show their top sessions (the busiest "
-        "among those charged recently, from the ledger).",
-    )
-    add_connection(status)
-    status.add_argument(
-        "--near",
-        type=bounded(float, 0.0, 10.0),
-        metavar="FRACTION",
-        help="only limits at or above this fraction of their value (0.8 = 80 %%)",
-    )
-    status.add_argument(
-        "--sessions", type=bounded(int, 0, 100), default=3, metavar="N", help="top sessions per session limit (3)"
-    )
-    status.add_argument("--json", action="store_true", help="one JSON document (schema: docs/operate.md)")
-    status.add_argument(
-        "--watch",
-        type=bounded(float, 0.1, 3600.0, " s"),
-        nargs="?",
-        const=2.0,
-        metavar="SECONDS",
-        help="redraw in place every SECONDS (default 2) until Ctrl-C",
-    )
-    status.add_argument(
-        "--color", choices=("auto", "always", "never"), default="auto", help="colour at the thresholds (auto)"
-    )
-    status.set_defaults(func=run)
-
-
 def run(args: argparse.Namespace) -> int:
+    """Show every registered scope (as a tree) with, per limit, used / held / limit / % and
+    refusals, highest % first. Limits counted per session show their top sessions (the busiest
+    among those charged recently, from the ledger)."""
     conn = connect(args)
     reader = FleetReader(conn.manager(), conn.prefix, top_sessions=args.sessions)
     colour = use_colour(sys.stdout, args.color) and not args.json
@@ -121,7 +87,7 @@ def render(snap: Snapshot, colour: bool = False) -> list[str]:
             for sess in lim.sessions:
                 rows.append(_limit_cells(pad + "    session " + sess.session_id, sess))
                 paint.append(level_colour(sess.pct, lim.thresholds))
-    lines = table(rows, {1, 2, 3, 4, 5}, indent="")
+    lines = aligned(rows, right={1, 2, 3, 4, 5})
     out = []
     for i, (line, row, tint) in enumerate(zip(lines, rows, paint, strict=True)):
         if i in totals:  # a scope line: its name, then its totals (not aligned with the columns)

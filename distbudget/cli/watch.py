@@ -4,37 +4,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-from typing import Any
 
 from distbudget._core.types import BudgetAlert
-from distbudget.cli._common import add_connection, connect
-
-
-def add_parser(sub: Any) -> None:
-    watch = sub.add_parser(
-        "watch",
-        help="print (or post to a webhook) every alert of the fleet, once",
-        description="Listen to the fleet's alert streams and print each alert once: first what the streams "
-        "still hold (--new-only: skip it), then live; --group resumes where a consumer group left off.",
-    )
-    add_connection(watch)
-    watch.add_argument("--scope", action="append", dest="scopes", help="only this scope (repeatable)")
-    watch.add_argument("--webhook", metavar="URL", help="POST each alert as JSON to URL")
-    watch.add_argument("--slack", action="store_true", help="post Slack-compatible {'text': ...} bodies")
-    start = watch.add_mutually_exclusive_group()  # the default is the Python API's (distbudget.alerts.FROM_START)
-    start.add_argument("--from-start", dest="from_start", action="store_true", help="replay what the streams hold")
-    start.add_argument("--new-only", dest="from_start", action="store_false", help="only alerts raised from now on")
-    watch.set_defaults(from_start=None)
-    watch.add_argument("--group", metavar="NAME", help="read as a member of consumer group NAME (see docs/alerts.md)")
-    watch.add_argument(
-        "--count", type=int, default=0, metavar="N", help="stop after N alerts (default: run until Ctrl-C)"
-    )
-    watch.set_defaults(func=run)
+from distbudget.cli._common import connect
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print every alert once (and post it to --webhook); from the start unless --new-only. In a
-    --group, an alert the webhook did not take stays pending (delivered again, then dead-lettered)."""
+    """Listen to the fleet's alert streams and print each alert once: first what the streams still
+    hold (--new-only: skip it), then live; --group resumes where a consumer group left off."""
     from distbudget.alerts import FROM_START, AlertListener, WebhookSink
 
     conn = connect(args, need="alerts")
@@ -48,6 +25,7 @@ def run(args: argparse.Namespace) -> int:
         alert, seen = next(alerts), 0
         while True:
             print(f"{alert.alert_id} [{alert.level.value}] {alert.message}{_driver(alert)}", flush=True)
+            # In a --group, an alert the webhook did not take stays pending (delivered again, then dead-lettered).
             handled = sink(alert) if sink is not None else True
             seen += 1
             if args.count and seen >= args.count:
