@@ -19,6 +19,8 @@ from distbudget import BudgetManager, BudgetScope, ModelRates
 from distbudget.cli import main
 from distbudget.cli.main import BROKEN_PIPE, build_parser
 from distbudget.cli.status import CLEAR
+from distbudget.engines.functions import acl_rules
+from distbudget.engines.scripts import library
 from tests.conftest import RedisServer
 
 PREFIX = "pfx"  # the ACL user's keys are <prefix>:* for prefix distbudget or pfx (tests/conftest.py)
@@ -281,6 +283,22 @@ def test_help_is_plain_text_and_names_only_real_options(capsys: pytest.CaptureFi
     assert "--from-start" in _subcommands()["watch"].format_help()
 
 
+def test_each_command_is_described_by_the_docstring_of_what_it_runs() -> None:
+    """``main.COMMANDS`` is the whole CLI: every subcommand (and ``prices push|show``) has a
+    description, its run function's docstring, written out where it names a constant."""
+    from distbudget._core.report import GROUPS
+    from distbudget.cli.main import COMMANDS
+    from distbudget.cli.servers import TOKEN_ENV
+
+    commands = [*COMMANDS, *(action for cmd in COMMANDS for action in cmd.actions)]
+    assert [cmd.name for cmd in COMMANDS] == [name for name in _subcommands() if name != "scopes"]
+    for cmd in commands:
+        assert cmd.run.__doc__, cmd.name
+    helps = {name: " ".join(sub.format_help().split()) for name, sub in _subcommands().items()}
+    assert f"grouped by any of {', '.join(GROUPS)}." in helps["report"]
+    assert f"(or ${TOKEN_ENV})" in helps["dashboard"]
+
+
 @pytest.mark.slow
 def test_status_on_redis_cluster_reads_every_tree(redis_cluster: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """Trees live on different shards: the summaries pipeline goes node by node, the ledger tails
@@ -336,10 +354,6 @@ def test_install_then_a_least_privilege_worker_reads_through_fcall(
 ) -> None:
     """``distbudget install`` loads the Functions library; a worker holding no script rights (the
     rules ``distbudget acl`` prints) then reads the fleet with FCALL: status, doctor."""
-    functions = pytest.importorskip("distbudget.engines.functions")  # issue 14's Functions path
-    from distbudget.engines.scripts import library
-
-    acl_rules = functions.acl_rules
     server = RedisServer(tmp_path)
     try:
         admin = server.admin_url
@@ -372,8 +386,6 @@ def test_install_then_a_least_privilege_worker_reads_through_fcall(
 
 
 def test_acl_prints_a_worker_and_an_admin(capsys: pytest.CaptureFixture[str]) -> None:
-    acl_rules = pytest.importorskip("distbudget.engines.functions").acl_rules
-
     assert main(["acl", "--prefix", "acme", "--user", "acme"]) == 0
     worker, admin = capsys.readouterr().out.splitlines()
     assert worker.split() == ["ACL", "SETUSER", "acme-worker", "reset", "on", ">PASSWORD", *acl_rules("acme")]

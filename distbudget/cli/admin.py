@@ -1,5 +1,6 @@
-"""``distbudget reset`` (and ``update`` once ``BudgetManager.update`` exists): the commands that
-change a fleet's budgets. Each asks for confirmation unless ``--yes``."""
+"""``distbudget reset`` and ``distbudget update``: the commands that change a fleet's budgets
+(``Budget.reset``, ``BudgetManager.update``; see docs/operate.md and docs/updates.md). Each asks for
+confirmation unless ``--yes``."""
 
 from __future__ import annotations
 

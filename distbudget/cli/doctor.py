@@ -4,7 +4,6 @@ check; exit status 1 when any check fails."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Any
 
 from distbudget._core.keys import KeySpace, alert_index_key
 from distbudget.cli._common import GREEN, RED, RESET, YELLOW, Connection, connect, use_colour
+from distbudget.engines import functions
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 MIN_VERSION = (6, 2)  # XAUTOCLAIM-era streams and the scripts' commands; Functions need 7.0
@@ -141,10 +141,6 @@ def _summary_probe(conn: Connection) -> None:
 def _scripts(conn: Connection) -> Check:
     """Which path workers take: the Functions library (FCALL) when this version is on every master,
     else the scripts (EVALSHA); a library on some masters only is a half-done install."""
-    try:
-        functions = importlib.import_module("distbudget.engines.functions")  # issue 14's Functions path
-    except ImportError:
-        return Check(PASS, "scripts", "workers call the scripts (EVALSHA, loaded on first use)")
     server = functions.probe(conn.client)
     partial = server.path != functions.FUNCTIONS and bool(server.installed)
     return Check(WARN if partial else PASS, "scripts", server.describe())
