@@ -246,6 +246,22 @@ def test_version_via_module_subprocess() -> None:
     assert proc.stdout.strip() == f"distbudget {distbudget.__version__}"
 
 
+def test_a_closed_pipe_exits_quietly_offline() -> None:
+    """``distbudget prices | head -1`` (no Redis): main() alone turns the broken pipe into exit
+    status 141, whichever command printed; no traceback (see also test_cli_ops, ``ledger``)."""
+    from distbudget.cli.main import BROKEN_PIPE
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distbudget.cli", "prices"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"built-in prices as of ")
+    proc.stdout.close()  # what head does after its line; the table is far larger than a pipe buffer
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == BROKEN_PIPE
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_installed_console_script() -> None:
     script = Path(sys.executable).parent / "distbudget"
     if not script.exists():
