@@ -236,8 +236,8 @@ def render(rows: Sequence[ReportRow], by: Sequence[Group], fmt: str, total: Repo
 
 def aligned(rows: Sequence[Sequence[str]], right: Container[int] = (), indent: str = "") -> list[str]:
     """``rows`` (the first one a header) as text columns two spaces apart, each as wide as its widest
-    cell: left-aligned, or right-aligned where the column index is in ``right``. Every table the CLI
-    prints goes through here."""
+    cell: left-aligned, or right-aligned where the column index is in ``right``. The tables of
+    ``distbudget report``, ``status``, ``prices`` and ``demo`` are all printed through here."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return [
         indent
