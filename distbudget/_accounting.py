@@ -509,45 +509,38 @@ class Accounting:
         ids: list[str | None] = list(result.alert_ids) or [None] * len(result.alerts)
         for (i, level), alert_id in zip(result.alerts, ids, strict=True):
             lim = plan.limits[i]
-            used = self._display(lim, P.used(plan, result.totals, i))
-            limit = self._display(lim, lim.shown_value)
             lvl = (
                 AlertLevel.CRITICAL if level == P.CRITICAL else AlertLevel.INFO if lim.alert_of else AlertLevel.WARNING
             )
-            msg = alert_message(lvl, lim.scope, lim.shown_type, used, limit)
-            out.append(
-                BudgetAlert(
-                    lim.scope,
-                    lvl,
-                    msg,
-                    used,
-                    limit,
-                    result.now_us / P.US,
-                    lim.shown_type,
-                    session_id=plan.session_id,
-                    model=model,
-                    alert_id=alert_id,
-                    requested_by=RequestedBy(self.name, plan.session_id, model or None),
-                )
-            )
+            used = P.used(plan, result.totals, i)
+            out.append(self._alert(plan, lim, lvl, used, result.now_us, model, alert_id))
         return out
 
-    def _refused_alert(self, plan: P.Plan, result: AdmitResult, projected: int, model: str) -> BudgetAlert:
-        """The REFUSED alert an engine fired for a limit's first refusal in its window."""
-        lim = plan.limits[result.refused]
-        used, limit = self._display(lim, projected), self._display(lim, lim.value)
+    def _alert(
+        self,
+        plan: P.Plan,
+        lim: P.LimitSpec,
+        level: AlertLevel,
+        used: int,
+        now: int,
+        model: str,
+        alert_id: str | None,
+    ) -> BudgetAlert:
+        """An alert the engine decided for ``lim``, as the payload of the alert stream reads
+        (``alerts.alert_from_payload``): driven by this scope's call in the plan's session on ``model``."""
+        shown_used, limit = self._display(lim, used), self._display(lim, lim.shown_value)
         return BudgetAlert(
             lim.scope,
-            AlertLevel.REFUSED,
-            alert_message(AlertLevel.REFUSED, lim.scope, lim.limit_type, used, limit),
-            used,
+            level,
+            alert_message(level, lim.scope, lim.shown_type, shown_used, limit),
+            shown_used,
             limit,
-            result.now_us / P.US,
-            lim.limit_type,
+            now / P.US,
+            lim.shown_type,
             session_id=plan.session_id,
             model=model,
-            alert_id=result.alert_id or None,
-            requested_by=RequestedBy(self.name, plan.session_id, model),
+            alert_id=alert_id,
+            requested_by=RequestedBy(self.name, plan.session_id, model or None),
         )
 
     def _dispatch(self, alerts: list[BudgetAlert]) -> None:
@@ -701,8 +694,9 @@ class Accounting:
         if retry_us < 0 and result.held[k] and result.totals[k] + usage[lim.metric] <= lim.value:
             retry_us = HOLD_RETRY_US  # only in-flight holds block: they settle soon, look again then
         err = self._exceeded_error(plan, result.refused, projected, retry_us)
-        if result.alerted:
-            self._dispatch([self._refused_alert(plan, result, projected, model)])
+        if result.alerted:  # the limit's first refusal in its window
+            alert = self._alert(plan, lim, AlertLevel.REFUSED, projected, result.now_us, model, result.alert_id or None)
+            self._dispatch([alert])
         otel.refused(err, plan.model, plan.session_id)
         if self.scope.hard_stop:
             raise err
