@@ -202,6 +202,23 @@ def test_a_rolling_window_re_arms_one_window_later(backend: Backend, clock: Cloc
     assert budget.summary()["limits"]["minute_requests"]["refusals"] == 4
 
 
+def test_a_calendar_limit_re_arms_each_period(backend: Backend, clock: Clock) -> None:
+    clock.t = 1_800_000_000.0  # 2027-01-15 08:00 UTC
+    scope = BudgetScope("c", limits=[Limit("tokens", 100, "calendar_day", tz="UTC")])
+    budget = backend.budget(scope, RATES, clock=clock, session_id="a")
+    got: list[Any] = []
+    budget.on_alert(got.append)
+    for _ in range(2):
+        with pytest.raises(BudgetExceededError):
+            budget.check("m", 150, 0)
+    clock.advance(86_400)  # the next day: a new period
+    with pytest.raises(BudgetExceededError):
+        budget.check("m", 150, 0)
+    assert len(refused_alerts(got)) == 2
+    [name] = budget.summary()["limits"]
+    assert budget.summary()["limits"][name]["refusals"] == 3
+
+
 # ---- fleet-wide: exact counts, one alert ------------------------------------------------------------
 
 

@@ -255,10 +255,9 @@ class Codec:
             wire = self.plan(op.plan)
             call = self._charge(op, wire, wire.charge_keys, op.hold_id)
         elif isinstance(op, ops.Check):
-            call = ScriptCall("check", self.plan(op.plan).charge_keys, self._admission(op, "", ""), parse_admit)
+            call = ScriptCall("check", *self._admission(op, "", ""), parse_admit)
         elif isinstance(op, ops.Reserve):
-            held_args = self._admission(op, op.hold_id, op.ttl_us)
-            call = ScriptCall("reserve", self.plan(op.plan).charge_keys, held_args, parse_admit, True)
+            call = ScriptCall("reserve", *self._admission(op, op.hold_id, op.ttl_us), parse_admit, True)
         elif isinstance(op, ops.Release):
             keys = (*op.plan.keys[:2], op.plan.keyspace.ledger) if op.ledger_entry else op.plan.keys[:2]
             held: list[str | int | bytes] = ["" if op.now_us is None else op.now_us, *op.amounts, "", op.hold_id]
@@ -328,10 +327,15 @@ class Codec:
         amounts = (0, 0, 0) if isinstance(op, ops.Summary) else op.amounts
         return ["" if op.now_us is None else op.now_us, *amounts, a5, a6, a7, *self.plan(op.plan).argv]
 
-    def _admission(self, op: ops.Check | ops.Reserve, a6: str, a7: str | int) -> list[str | int | bytes]:
-        """check / reserve: the plan's arguments, then a refusal's four (lua/include/refusal.lua)."""
-        refusal = ("1" if op.count else "", self.plan(op.plan).alert_meta, op.ledger_maxlen, op.ledger_entry)
-        return [*self._args(op, "", a6, a7), *refusal]
+    def _admission(
+        self, op: ops.Check | ops.Reserve, a6: str, a7: str | int
+    ) -> tuple[tuple[bytes, ...], list[str | int | bytes]]:
+        """check / reserve: the charge scripts' KEYS; the plan's arguments, then a refusal's four
+        (lua/include/refusal.lua)."""
+        wire = self.plan(op.plan)
+        now = "" if op.now_us is None else op.now_us
+        refusal = ("1" if op.count else "", wire.alert_meta, op.ledger_maxlen, op.ledger_entry)
+        return wire.charge_keys, [now, *op.amounts, "", a6, a7, *wire.argv, *refusal]
 
     @staticmethod
     def _charge(
