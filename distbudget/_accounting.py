@@ -904,10 +904,21 @@ class Accounting:
         session_id: str | None = None,
         request_id: str | None = None,
         ttl: float | None = None,
-        count: bool = True,
     ) -> Step[AdmitResult, Hold]:
-        """Hold the worst case against every limit atomically, or raise having held nothing (the
-        refusal counted, unless ``count`` is False: an attempt ``acquire`` will repeat)."""
+        """Hold the worst case against every limit atomically, or raise having held nothing."""
+        return self._reserve(model, input_tokens, max_output_tokens, session_id, request_id, ttl, True)
+
+    def _reserve(
+        self,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        session_id: str | None,
+        request_id: str | None,
+        ttl: float | None,
+        count: bool,
+    ) -> Step[AdmitResult, Hold]:
+        """``reserve``; a refusal is counted unless ``count`` is False (an attempt ``acquire`` repeats)."""
         usage = self.worst_case(model, input_tokens, max_output_tokens)
         ttl_us = self.hold_ttl_us if ttl is None else int(_seconds(ttl, "ttl") * P.US)
         rkey = self.request_key(request_id)  # fixed now: the tree is the hold's, whatever happens later
@@ -942,13 +953,13 @@ class Accounting:
         args = (model, input_tokens, max_output_tokens, session_id, request_id, ttl)
         while True:
             # without a hard stop a refusal raises nothing (reserve answers an unadmitted hold): it is final
-            step = self.reserve(*args, count=not self.scope.hard_stop)
+            step = self._reserve(*args, count=not self.scope.hard_stop)
             try:
                 return step.finish((yield step.op))
             except BudgetExceededError as err:
                 wait = err.retry_after
                 if wait is None or self.monotonic() + wait > deadline:
-                    last = self.reserve(*args)
+                    last = self._reserve(*args, count=True)
                     return last.finish((yield last.op))
                 yield Sleep(wait)
 

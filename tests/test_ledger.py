@@ -139,7 +139,8 @@ def test_a_refused_reservation_is_a_refusal_in_the_ledger_and_charges_nothing(ba
         "alice",
         "hour_tokens",
     )
-    assert (entry.input_tokens, entry.output_tokens, entry.tokens) == (4000, 4000, 8000)  # what it asked for
+    assert (entry.input_tokens, entry.output_tokens) == (4000, 4000)  # what it asked for
+    assert (entry.tokens, entry.cost_nano_usd, entry.requests) == (0, 0, 0)  # what it charged
     assert mgr.records("team") == []  # no charge
     assert mgr.summary("team")["total"]["tokens"] == 0
 

@@ -102,9 +102,9 @@ def released_entry(entry_head: str, hold_id: str, request_id: str | None) -> str
 
 
 def refusal_head(entry_head: str, operation: str, input_tokens: int, output_tokens: int) -> str:
-    """The start of a refusal's ``d`` field (``kind="refusal"``; its amounts are what the call asked
-    for; it counts against nothing). The engine that refuses the call ends it with the refusing limit
-    (:func:`refusal_end`). ``entry_head``: a charge's head; ``operation``: ``check`` or ``reserve``."""
+    """The start of a refusal's ``d`` field (``kind="refusal"``: the tokens the call asked for; its
+    amounts are 0, it charged nothing). The engine that refuses the call ends it with the refusing
+    limit (:func:`refusal_end`). ``entry_head``: a charge's head; ``operation``: ``check`` or ``reserve``."""
     head_ = entry_head.replace('"kind":"charge"', '"kind":"refusal"', 1)
     tokens = f'"input_tokens":{input_tokens},"output_tokens":{output_tokens}'
     return f'{head_},"op":"{op_ids.next()}","operation":"{operation}",{tokens}'
@@ -127,7 +127,8 @@ class LedgerEntry:
     """One ledger entry: a charge (``kind="charge"``), a reset (``kind="reset"``, ``what`` is
     ``"session"``, ``"model"`` or ``"scope"``, the amounts are what it zeroed) or a refusal
     (``kind="refusal"``: ``operation`` (``check`` / ``reserve``) refused by ``limit_type`` of
-    ``limit_scope``; the amounts are what the call asked for and count against nothing)."""
+    ``limit_scope``; ``input_tokens`` / ``output_tokens`` are what the call asked for, its amounts 0:
+    the ledger's amounts always sum to what was charged)."""
 
     id: str
     kind: str

@@ -443,9 +443,9 @@ class MemoryEngine:
             h[field] = now
             if c.ttl_ms and c.zset_key is None and c.hash_key not in self._expires:  # made by this field
                 self._expires[c.hash_key] = now + c.ttl_ms * 1000
-        if op.ledger_entry:  # with the amounts asked for
+        if op.ledger_entry:  # charging nothing: amounts 0 (the tokens asked for are in its JSON)
             entry = op.ledger_entry + ledger.refusal_end(lim.scope, lim.limit_type)
-            self._append(plan.keyspace.ledger, op.ledger_maxlen, entry, now, op.amounts)
+            self._append(plan.keyspace.ledger, op.ledger_maxlen, entry, now, (0, 0, 0))
         return alerted
 
     def _check(self, op: ops.Check) -> ops.AdmitResult:

@@ -1,7 +1,8 @@
 -- refusal.lua: a refusal is an event. Counted per scope and limit in the atomic step that refused
 -- the call; the first refusal of a limit in each of its windows (a rolling window's length, a
 -- session, a calendar period, until a reset) fires a REFUSED alert, once across the fleet; each
--- counted refusal is appended to the tree's ledger (kind "refusal", the amounts asked for).
+-- counted refusal is appended to the tree's ledger (kind "refusal": its amounts 0, the tokens the
+-- call asked for in its JSON).
 -- needs: num, tail, announce, ledger
 --
 -- The refusal's four arguments end the script's ARGV: '1' to count this refusal ('' not: an attempt
