@@ -71,7 +71,7 @@ from distbudget._core.ops import (
 from distbudget._core.prices import ModelRates, PriceBook, PriceTable
 from distbudget._core.report import ReportRow, Rollup
 from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, Limit, check_name, window_label
-from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
+from distbudget._core.types import AlertLevel, BudgetAlert, RequestedBy, UsageRecord, alert_message
 from distbudget._core.usage import Usage, charge_args
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
 
@@ -509,27 +509,39 @@ class Accounting:
         ids: list[str | None] = list(result.alert_ids) or [None] * len(result.alerts)
         for (i, level), alert_id in zip(result.alerts, ids, strict=True):
             lim = plan.limits[i]
-            used = self._display(lim, P.used(plan, result.totals, i))
-            limit = self._display(lim, lim.shown_value)
             lvl = (
                 AlertLevel.CRITICAL if level == P.CRITICAL else AlertLevel.INFO if lim.alert_of else AlertLevel.WARNING
             )
-            msg = alert_message(lvl, lim.scope, lim.shown_type, used, limit)
-            out.append(
-                BudgetAlert(
-                    lim.scope,
-                    lvl,
-                    msg,
-                    used,
-                    limit,
-                    result.now_us / P.US,
-                    lim.shown_type,
-                    session_id=plan.session_id,
-                    model=model,
-                    alert_id=alert_id,
-                )
-            )
+            used = P.used(plan, result.totals, i)
+            out.append(self._alert(plan, lim, lvl, used, result.now_us, model, alert_id))
         return out
+
+    def _alert(
+        self,
+        plan: P.Plan,
+        lim: P.LimitSpec,
+        level: AlertLevel,
+        used: int,
+        now: int,
+        model: str,
+        alert_id: str | None,
+    ) -> BudgetAlert:
+        """An alert the engine decided for ``lim``, as the payload of the alert stream reads
+        (``alerts.alert_from_payload``): driven by this scope's call in the plan's session on ``model``."""
+        shown_used, limit = self._display(lim, used), self._display(lim, lim.shown_value)
+        return BudgetAlert(
+            lim.scope,
+            level,
+            alert_message(level, lim.scope, lim.shown_type, shown_used, limit),
+            shown_used,
+            limit,
+            now / P.US,
+            lim.shown_type,
+            session_id=plan.session_id,
+            model=model,
+            alert_id=alert_id,
+            requested_by=RequestedBy(self.name, plan.session_id, model or None),
+        )
 
     def _dispatch(self, alerts: list[BudgetAlert]) -> None:
         for alert in alerts:
@@ -661,7 +673,7 @@ class Accounting:
         )
         self._dispatch([alert])
 
-    def _finish_admit(self, plan: P.Plan, result: AdmitResult, usage: Amounts) -> bool:
+    def _finish_admit(self, plan: P.Plan, result: AdmitResult, usage: Amounts, model: str) -> bool:
         """Raise (hard stop) or warn and return False when refused; True when admitted."""
         if isinstance(result, Refusal):  # Redis unavailable and the failure policy refuses
             refusal = result.error(self.name)
@@ -682,6 +694,9 @@ class Accounting:
         if retry_us < 0 and result.held[k] and result.totals[k] + usage[lim.metric] <= lim.value:
             retry_us = HOLD_RETRY_US  # only in-flight holds block: they settle soon, look again then
         err = self._exceeded_error(plan, result.refused, projected, retry_us)
+        if result.alerted:  # the limit's first refusal in its window
+            alert = self._alert(plan, lim, AlertLevel.REFUSED, projected, result.now_us, model, result.alert_id or None)
+            self._dispatch([alert])
         otel.refused(err, plan.model, plan.session_id)
         if self.scope.hard_stop:
             raise err
@@ -703,7 +718,7 @@ class Accounting:
             row = per_model.setdefault(model, {"tokens": 0, "cost_usd": 0.0, "requests": 0})
             row[names[metric]] = nano_to_usd(value) if metric == "c" else value
         limits: dict[str, Any] = {}
-        for lim in plan.limits:
+        for i, lim in enumerate(plan.limits):
             if lim.alert_of:
                 continue  # an extra alert threshold, not a limit
             k = 3 * lim.counter + lim.metric
@@ -719,6 +734,7 @@ class Accounting:
                 "held": self._display(lim, held),
                 "remaining": self._display(lim, max(lim.value - used - held, 0)),
                 "pct": (used / lim.value) if lim.value else (0.0 if not used else float("inf")),
+                "refusals": result.refusals[i] if result.refusals else None,
             }
         return {
             "scope": self.name,
@@ -759,10 +775,19 @@ class Accounting:
     def check(
         self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
     ) -> Step[AdmitResult, bool]:
-        """Would this call fit now? Records nothing. Advisory under concurrency: use ``reserve``."""
+        """Would this call fit now? Records no usage (a refusal is counted). Advisory under
+        concurrency: use ``reserve``."""
         usage = self.usage(model, input_tokens, output_tokens)
         plan = self.plan(self._session(session_id, False), model)
-        return Step(Check(plan, self.now_us(), usage), lambda result: self._finish_admit(plan, result, usage))
+        maxlen, entry = self._refusal_entry(plan, "check", input_tokens, output_tokens)
+        op = Check(plan, self.now_us(), usage, True, maxlen, entry)
+        return Step(op, lambda result: self._finish_admit(plan, result, usage, model))
+
+    def _refusal_entry(self, plan: P.Plan, operation: str, input_tokens: int, output_tokens: int) -> tuple[int, str]:
+        """(MAXLEN, head of the entry) of a refusal's ledger append; (0, "") when the ledger is off."""
+        if not self.ledger_maxlen:
+            return 0, ""
+        return self.ledger_maxlen, L.refusal_head(plan.ledger_head, operation, input_tokens, output_tokens)
 
     def record(
         self,
@@ -881,6 +906,19 @@ class Accounting:
         ttl: float | None = None,
     ) -> Step[AdmitResult, Hold]:
         """Hold the worst case against every limit atomically, or raise having held nothing."""
+        return self._reserve(model, input_tokens, max_output_tokens, session_id, request_id, ttl, True)
+
+    def _reserve(
+        self,
+        model: str,
+        input_tokens: int,
+        max_output_tokens: int,
+        session_id: str | None,
+        request_id: str | None,
+        ttl: float | None,
+        count: bool,
+    ) -> Step[AdmitResult, Hold]:
+        """``reserve``; a refusal is counted unless ``count`` is False (an attempt ``acquire`` repeats)."""
         usage = self.worst_case(model, input_tokens, max_output_tokens)
         ttl_us = self.hold_ttl_us if ttl is None else int(_seconds(ttl, "ttl") * P.US)
         rkey = self.request_key(request_id)  # fixed now: the tree is the hold's, whatever happens later
@@ -888,12 +926,13 @@ class Accounting:
         hold_id = uuid.uuid4().hex
 
         def finish(result: AdmitResult) -> Hold:
-            admitted = self._finish_admit(plan, result, usage)
+            admitted = self._finish_admit(plan, result, usage, model)
             hold = Hold(plan, model, usage, hold_id, request_id, admitted, rkey)
             hold.requested = (input_tokens, max_output_tokens)
             return hold
 
-        return Step(Reserve(plan, self.now_us(), usage, hold_id, ttl_us), finish)
+        maxlen, entry = self._refusal_entry(plan, "reserve", input_tokens, max_output_tokens)
+        return Step(Reserve(plan, self.now_us(), usage, hold_id, ttl_us, count, maxlen, entry), finish)
 
     def acquire(
         self,
@@ -907,16 +946,21 @@ class Accounting:
         ttl: float | None = None,
     ) -> Steps[Hold]:
         """``reserve``, waiting on rolling windows (sleeping ``retry_after``) for up to ``timeout``
-        seconds. Raises at once when no window will free room by itself (the budget is spent)."""
+        seconds. Raises at once when no window will free room by itself (the budget is spent).
+        Only the attempt it gives up on counts as a refusal: the waits are not counted, and giving
+        up is one more ``reserve`` (which may still admit), counted when refused."""
         deadline = self.monotonic() + _seconds(timeout, "timeout")
+        args = (model, input_tokens, max_output_tokens, session_id, request_id, ttl)
         while True:
-            step = self.reserve(model, input_tokens, max_output_tokens, session_id, request_id, ttl)
+            # without a hard stop a refusal raises nothing (reserve answers an unadmitted hold): it is final
+            step = self._reserve(*args, count=not self.scope.hard_stop)
             try:
                 return step.finish((yield step.op))
             except BudgetExceededError as err:
                 wait = err.retry_after
                 if wait is None or self.monotonic() + wait > deadline:
-                    raise
+                    last = self._reserve(*args, count=True)
+                    return last.finish((yield last.op))
                 yield Sleep(wait)
 
     def commit(
@@ -1115,8 +1159,10 @@ class Accounting:
         def take(page: list[LedgerRow]) -> bool:
             for entry_id, fields in page:
                 entry = L.parse_entry(entry_id, fields)
-                charge = entry.kind == "charge"
-                if (self.name in entry.path) if charge else (entry.scope == self.name and not charges_only):
+                counted = entry.kind in ("charge", "refusal")  # against the scope and its ancestors
+                if entry.kind == "refusal" and charges_only:
+                    continue
+                if (self.name in entry.path) if counted else (entry.scope == self.name and not charges_only):
                     out.append(entry)
             return limit is None or len(out) < limit
 

@@ -41,7 +41,7 @@ class SessionRow:
     held: float
     limit: float
     pct: float
-    refusals: int | None = None
+    refusals: int | None = None  # not counted per session (the limit's row has the scope's count)
 
 
 @dataclass
@@ -58,7 +58,7 @@ class LimitRow:
     held: float
     remaining: float
     pct: float
-    refusals: int | None  # None until the engines count refusals
+    refusals: int | None  # calls refused by the limit since the scope's reset (None: not counted)
     thresholds: list[float]  # alert thresholds as fractions of the limit, the last is 1.0
     per_session: bool = False
     sessions: list[SessionRow] = field(default_factory=list)

@@ -28,8 +28,12 @@ Payload (JSON; the stream entry's field ``alert`` and each pub/sub message)::
 
     {"id": "1764345600000-0", "stream": "<key>", "scope": "team-a", "level": "warning",
      "limit_type": "day_cost_usd", "metric": "cost", "used": "4000000000", "limit": "5000000000", "pct": 0.8,
-     "session_id": "user-1", "model": "gpt-4o", "ts_us": "1764345600000000"}
+     "session_id": "user-1", "model": "gpt-4o", "ts_us": "1764345600000000",
+     "requested_by": {"scope": "user-1", "session_id": "user-1", "model": "gpt-4o"}}
 
+``scope`` is the scope whose limit crossed; ``requested_by`` the call that drove it (the requesting
+scope, which may be a descendant, its session and model). ``level`` ``"refused"``: the limit's first
+refusal in its window (``used`` is then what the refused call would have brought it to).
 ``used``/``limit`` are integer strings in engine units (nano-USD for ``metric == "cost"``);
 :func:`alert_from_payload` turns a payload into a :class:`BudgetAlert` in USD / tokens / requests.
 The pub/sub messages carry ``id``; the stream entries get it from the entry id.
@@ -59,7 +63,7 @@ from redis.exceptions import ClusterError, RedisClusterException, SlotNotCovered
 
 from distbudget._core.keys import alert_group_key, alert_index_key
 from distbudget._core.money import nano_to_usd
-from distbudget._core.types import AlertLevel, BudgetAlert, alert_message
+from distbudget._core.types import AlertLevel, BudgetAlert, RequestedBy, alert_message
 from distbudget._exceptions import InvalidInputError
 from distbudget.engines.connect import is_cluster_client
 
@@ -84,6 +88,7 @@ def alert_from_payload(data: dict[str, Any], alert_id: str | None = None) -> Bud
     display_used: float = nano_to_usd(used) if data["metric"] == "cost" else used
     display_limit: float = nano_to_usd(limit) if data["metric"] == "cost" else limit
     msg = alert_message(level, data["scope"], data["limit_type"], display_used, display_limit)
+    by = data.get("requested_by")
     return BudgetAlert(
         scope=data["scope"],
         level=level,
@@ -95,6 +100,7 @@ def alert_from_payload(data: dict[str, Any], alert_id: str | None = None) -> Bud
         session_id=data.get("session_id"),
         model=data.get("model"),
         alert_id=alert_id or data.get("id"),
+        requested_by=RequestedBy(by["scope"], by.get("session_id"), by.get("model") or None) if by else None,
     )
 
 
@@ -864,6 +870,7 @@ class WebhookSink:
             "pct": alert.pct,
             "session_id": alert.session_id,
             "model": alert.model,
+            "requested_by": alert.requested_by._asdict() if alert.requested_by else None,
             "timestamp": alert.timestamp,
             "message": alert.message,
         }

@@ -11,7 +11,7 @@ registry, and this process's own client metrics.
     distbudget_used{scope,limit,metric}              used in its window (not for per-session limits)
     distbudget_held{scope,limit,metric}              held by live reservations (likewise)
     distbudget_used_ratio{scope,limit,metric}        used / limit
-    distbudget_refusals_total{scope,limit,metric}    refused calls (once the engines count them)
+    distbudget_refusals_total{scope,limit,metric}    calls refused by the limit since the scope's reset
     distbudget_spend_usd_total{scope,model}          spend since the scope's last reset
     distbudget_tokens_total{scope,model}, distbudget_requests_total{scope,model}
 

@@ -338,26 +338,42 @@ def test_every_key_has_a_ttl_or_is_owned(backend: Backend) -> None:
 
 
 def test_reads_of_sessions_never_charged_leave_no_state(backend: Backend) -> None:
-    """check(), a refused reserve() and summary() of a session never charged write nothing (Redis's
-    HMGET / HGETALL create no key; the embedded engine must not either): a stream of new session
-    ids, each read once, leaves no state behind."""
+    """check() and summary() of a session never charged write nothing (Redis's HMGET / HGETALL
+    create no key; the embedded engine must not either): a stream of new session ids, each read
+    once, leaves no state behind. A refusal is an event: it leaves its count, its ledger entry, its
+    alert and the session's armed REFUSED alert, which expires with the session."""
     scope = BudgetScope("reads", max_tokens_per_session=100, limits=[Limit("requests", 5, "1m")])
-    budget = backend.budget(scope, RATES)
+    budget = backend.budget(scope, RATES, session_ttl=3600)
     budget.record("charged", "m", 10, 0)
+
+    def keys() -> list[bytes]:
+        every = getattr(backend.store, "ALL_NODES", None)  # a Cluster: every node's
+        return sorted(backend.store.keys("*", **({"target_nodes": every} if every else {})))
 
     def state() -> object:
         if backend.store is not None:
-            return sorted(backend.store.keys("*"))
+            return keys()
         engine = backend.memory
         return {name: len(getattr(engine, name)) for name in ("_hashes", "_expires", "_trees", "_windows")}
 
     before = state()
     for i in range(200):
         assert budget.check("m", 10, session_id=f"new-{i}")
-        with pytest.raises(BudgetExceededError):
-            budget.reserve("m", 500, 0, session_id=f"new-{i}")
         assert budget.summary(f"new-{i}")["session"]["tokens"] == 0
     assert state() == before
+    for i in range(3):
+        with pytest.raises(BudgetExceededError):
+            budget.reserve("m", 500, 0, session_id=f"refused-{i}")
+    assert budget.summary()["limits"]["session_tokens"]["refusals"] == 3
+    if backend.store is None:
+        assert backend.memory is not None
+        sessions = [k for k in backend.memory._hashes if ":refused-" in k]
+        assert len(sessions) == 3 and all(k in backend.memory._expires for k in sessions)
+        return
+    new = sorted(set(keys()) - set(before))  # type: ignore[arg-type]
+    sessions = [k for k in new if b":refused-" in k]
+    assert len(sessions) == 3 and all(0 < backend.store.pttl(k) <= 3_600_000 for k in sessions)
+    assert {k.rsplit(b":", 1)[-1] for k in new if k not in sessions} <= {b"alerts", b"ledger"}
 
 
 def test_extra_alert_thresholds_fire_info_once(backend: Backend) -> None:

@@ -157,7 +157,7 @@ def test_demo_numbers_are_the_store_summaries() -> None:
     assert len(seen) == len(set(seen))
     for _w, (scope, level, lt, pct) in report.alerts:
         # (CRITICAL fires only if a commit lands exactly on the cap: possible, and still within it.)
-        assert (level == "warning" and 0.8 <= pct <= 1.0) or (level == "critical" and pct == 1.0)
+        assert (level == "warning" and 0.8 <= pct <= 1.0) or (level == "critical" and pct == 1.0) or level == "refused"
         assert lt in mgr.summary(scope, demo.SESSION_ID)["limits"]
     assert {(scope, lt) for scope, _level, lt in seen} >= {("team-a", "session_cost_usd"), ("team-b", "session_tokens")}
 
@@ -380,8 +380,8 @@ def test_scopes_and_ledger_commands(tmp_path: Any, capsys: pytest.CaptureFixture
         assert main(["scopes", "--redis", server.url, "--prefix", "ops"]) == 0  # the old name of status
         out = capsys.readouterr().out.splitlines()
         dev = next(i for i, line in enumerate(out) if line.split()[:1] == ["dev"])
-        assert out[dev + 1].split() == ["day_tokens", "600", "0", "1,000", "60.0%", "-"]
-        assert out[dev + 2].split() == ["session_tokens", "(top", "session)", "150", "0", "500", "30.0%", "-"]
+        assert out[dev + 1].split() == ["day_tokens", "600", "0", "1,000", "60.0%", "0"]
+        assert out[dev + 2].split() == ["session_tokens", "(top", "session)", "150", "0", "500", "30.0%", "0"]
         path = tmp_path / "dev.jsonl"
         assert main(["ledger", "org", "--redis", server.url, "--prefix", "ops", "--out", str(path)]) == 0
         assert "4 ledger entries" in capsys.readouterr().out

@@ -58,8 +58,8 @@ def test_status_is_the_tree_sorted_by_pct_with_top_sessions(
     assert names == ["org", "dev", "ops"]
     dev = next(i for i, line in enumerate(lines) if line.split()[:1] == ["dev"])
     assert lines[dev] == "  dev  (4 calls, 720 tokens, $0.000920)"
-    assert lines[dev + 1].split() == ["day_tokens", "720", "0", "1,000", "72.0%", "-"]
-    assert lines[dev + 2].split() == ["session_tokens", "(top", "session)", "210", "0", "500", "42.0%", "-"]
+    assert lines[dev + 1].split() == ["day_tokens", "720", "0", "1,000", "72.0%", "0"]
+    assert lines[dev + 2].split() == ["session_tokens", "(top", "session)", "210", "0", "500", "42.0%", "0"]
     # the top 3 sessions by %, each read from the store (s3: 160 + 50 tokens)
     assert [lines[dev + k].split()[:3] for k in (3, 4, 5)] == [
         ["session", "s3", "210"],
@@ -68,7 +68,7 @@ def test_status_is_the_tree_sorted_by_pct_with_top_sessions(
     ]
     ops = next(i for i, line in enumerate(lines) if line.split()[:1] == ["ops"])
     assert "soft limits" in lines[ops]
-    assert lines[ops + 1].split() == ["day_cost_usd", "$0.005000", "$0.000000", "$0.010000", "50.0%", "-"]
+    assert lines[ops + 1].split() == ["day_cost_usd", "$0.005000", "$0.000000", "$0.010000", "50.0%", "0"]
     org = lines.index(next(line for line in lines if line.startswith("org")))
     assert lines[org + 1].split()[:5] == ["day_tokens", "4,720", "0", "10,000", "47.2%"]
 
@@ -87,7 +87,7 @@ def test_status_json_is_the_documented_schema_with_the_stores_numbers(
         summary = fleet.summary(scope["name"])
         assert scope["total"] == summary["total"] and scope["per_model"] == summary["per_model"]
         for lim in scope["limits"]:
-            assert lim["refusals"] is None  # not counted by the engines yet
+            assert lim["refusals"] == summary["limits"][lim["limit_type"]]["refusals"] == 0  # none refused here
             assert lim["thresholds"] == [0.8, 1.0]
             if not lim["per_session"]:
                 want = summary["limits"][lim["limit_type"]]

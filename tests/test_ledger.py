@@ -127,11 +127,22 @@ def test_bad_ledger_arguments_raise(backend: Backend) -> None:
         mgr.get("bob").reset_model("")
 
 
-def test_a_refused_reservation_is_not_in_the_ledger(backend: Backend) -> None:
+def test_a_refused_reservation_is_a_refusal_in_the_ledger_and_charges_nothing(backend: Backend) -> None:
     mgr = _tree(backend)
     with pytest.raises(BudgetExceededError):
         mgr.reserve("alice", "m", 4000, 4000)
-    assert mgr.get("team").ledger() == []
+    [entry] = mgr.get("team").ledger()
+    assert (entry.kind, entry.operation, entry.scope, entry.limit_scope, entry.limit_type) == (
+        "refusal",
+        "reserve",
+        "alice",
+        "alice",
+        "hour_tokens",
+    )
+    assert (entry.input_tokens, entry.output_tokens) == (4000, 4000)  # what it asked for
+    assert (entry.tokens, entry.cost_nano_usd, entry.requests) == (0, 0, 0)  # what it charged
+    assert mgr.records("team") == []  # no charge
+    assert mgr.summary("team")["total"]["tokens"] == 0
 
 
 def test_the_ledger_is_capped(redis_server: RedisServer) -> None:

@@ -299,3 +299,6 @@ def test_four_users_under_one_team_twelve_processes(redis_server: RedisServer) -
     ledger = mgr.get("team").ledger()
     assert sum(e.tokens for e in ledger if e.kind == "charge") == team
     assert len({e.op for e in ledger}) == len(ledger)
+    # every refusal counted once, fleet-wide, per scope and limit (and in the ledger)
+    counted = sum(mgr.summary(s)["limits"]["total_tokens"]["refusals"] for s in ["team", *USERS])
+    assert counted == refused == sum(1 for e in ledger if e.kind == "refusal")

@@ -101,6 +101,21 @@ def released_entry(entry_head: str, hold_id: str, request_id: str | None) -> str
     return f'{head_},"op":"{op_ids.next()}","hold_id":"{hold_id}"{rid}}}'
 
 
+def refusal_head(entry_head: str, operation: str, input_tokens: int, output_tokens: int) -> str:
+    """The start of a refusal's ``d`` field (``kind="refusal"``: the tokens the call asked for; its
+    amounts are 0, it charged nothing). The engine that refuses the call ends it with the refusing
+    limit (:func:`refusal_end`). ``entry_head``: a charge's head; ``operation``: ``check`` or ``reserve``."""
+    head_ = entry_head.replace('"kind":"charge"', '"kind":"refusal"', 1)
+    tokens = f'"input_tokens":{input_tokens},"output_tokens":{output_tokens}'
+    return f'{head_},"op":"{op_ids.next()}","operation":"{operation}",{tokens}'
+
+
+def refusal_end(limit_scope: str, limit_type: str) -> str:
+    """The end of a refusal's ``d`` field: the limit that refused it (``lua/include/refusal.lua``
+    writes the same)."""
+    return f',"limit_scope":{_dumps(limit_scope)},"limit_type":{_dumps(limit_type)}}}'
+
+
 def reset_entry(what: str, scope: str, path: list[str], session_id: str | None, model: str | None) -> str:
     return _dumps(
         {"kind": "reset", "what": what, "scope": scope, "path": path, "session_id": session_id, "model": model}
@@ -109,8 +124,11 @@ def reset_entry(what: str, scope: str, path: list[str], session_id: str | None, 
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One ledger entry: a charge (``kind="charge"``) or a reset (``kind="reset"``, ``what`` is
-    ``"session"``, ``"model"`` or ``"scope"``, the amounts are what it zeroed)."""
+    """One ledger entry: a charge (``kind="charge"``), a reset (``kind="reset"``, ``what`` is
+    ``"session"``, ``"model"`` or ``"scope"``, the amounts are what it zeroed) or a refusal
+    (``kind="refusal"``: ``operation`` (``check`` / ``reserve``) refused by ``limit_type`` of
+    ``limit_scope``; ``input_tokens`` / ``output_tokens`` are what the call asked for, its amounts 0:
+    the ledger's amounts always sum to what was charged)."""
 
     id: str
     kind: str
@@ -134,6 +152,9 @@ class LedgerEntry:
     reasoning_tokens: int = 0
     canonical_model: str | None = None  # the id counters are keyed by (``model`` is as given)
     uncommitted: str | None = None  # a hold charged without a commit: "exit" or "commit_refused"
+    limit_scope: str | None = None  # a refusal's: the scope whose limit refused the call
+    limit_type: str | None = None
+    operation: str | None = None
 
     @property
     def cost_usd(self) -> float:
@@ -198,6 +219,9 @@ def parse_entry(entry_id: object, fields: dict[Any, Any]) -> LedgerEntry:
         reasoning_tokens=d.get("reasoning_tokens", 0),
         canonical_model=d.get("canonical_model", d.get("model")),
         uncommitted=d.get("uncommitted"),
+        limit_scope=d.get("limit_scope"),
+        limit_type=d.get("limit_type"),
+        operation=d.get("operation"),
     )
 
 

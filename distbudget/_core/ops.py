@@ -61,6 +61,8 @@ class AdmitResult:
     held: tuple[int, ...]
     refused: int
     retry_us: int
+    alerted: bool = False  # the refusal fired its limit's REFUSED alert (the first in its window)
+    alert_id: str = ""  # that alert's stream id (Redis only)
 
 
 @dataclass(slots=True)
@@ -69,6 +71,7 @@ class SummaryResult:
     totals: tuple[int, ...]
     held: tuple[int, ...]
     scope_totals: dict[str, int]  # the own totals hash: "t"/"c"/"r" and "m:<model>:<metric>"
+    refusals: tuple[int, ...] = ()  # per limit of the plan: the refusals counted in its scope
 
 
 @dataclass(slots=True)
@@ -133,22 +136,32 @@ class RecordMany(Operation[list[ChargeResult | InvalidInputError]]):
 
 @dataclass(slots=True)
 class Check(Operation[AdmitResult]):
-    """Would ``amounts`` fit under every limit of the plan now? Changes nothing."""
+    """Would ``amounts`` fit under every limit of the plan now? Changes no total. A refusal, when
+    ``count``, is counted for the refusing limit, fires its REFUSED alert if it is the first in the
+    limit's window, and is appended to the ledger (``ledger_entry``: the entry's head, see
+    ``_core/ledger.py``; the engine adds the limit) in the same step."""
 
     plan: Plan
     now_us: int | None
     amounts: Amounts
+    count: bool = True
+    ledger_maxlen: int = 0
+    ledger_entry: str = ""
 
 
 @dataclass(slots=True)
 class Reserve(Operation[AdmitResult]):
-    """Hold ``amounts`` against every counter of the plan if it fits, for ``ttl_us``."""
+    """Hold ``amounts`` against every counter of the plan if it fits, for ``ttl_us``; a refusal is
+    counted as :class:`Check`'s."""
 
     plan: Plan
     now_us: int | None
     amounts: Amounts
     hold_id: str
     ttl_us: int
+    count: bool = True
+    ledger_maxlen: int = 0
+    ledger_entry: str = ""
 
 
 @dataclass(slots=True)

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class AlertLevel(str, Enum):
     INFO = "info"
     WARNING = "warning"
     CRITICAL = "critical"
+    REFUSED = "refused"  # the first refusal of a limit in its window (a session, a period, ...)
+
+
+class RequestedBy(NamedTuple):
+    """The call that drove an alert: the requesting scope (the limit may be an ancestor's), its
+    session and its model (None for an alert no call drove, such as a lowered cap's)."""
+
+    scope: str
+    session_id: str | None
+    model: str | None
 
 
 @dataclass(frozen=True)
@@ -51,12 +61,16 @@ class UsageRecord:
 
 def alert_message(level: AlertLevel, scope: str, limit_type: str, used: float, limit: float) -> str:
     pct = used / limit if limit else float("inf")
+    if level is AlertLevel.REFUSED:
+        return f"Budget refused a call for scope {scope!r}: {limit_type} would reach {pct:.0%} ({used} of {limit})"
     return f"Budget {level.value} for scope {scope!r}: {limit_type} at {pct:.0%} ({used} of {limit})"
 
 
 @dataclass(frozen=True)
 class BudgetAlert:
-    """A threshold crossing. ``used`` and ``limit`` are tokens, requests, or USD for cost limits."""
+    """A threshold crossing, or a limit's first refusal in its window (``REFUSED``: ``used`` is then
+    what the call would have brought it to). ``used`` and ``limit`` are tokens, requests, or USD for
+    cost limits. ``scope`` is the scope whose limit it is; ``requested_by`` the call that drove it."""
 
     scope: str
     level: AlertLevel
@@ -68,6 +82,7 @@ class BudgetAlert:
     session_id: str | None = None
     model: str | None = None
     alert_id: str | None = None  # the alert stream entry id (fleet-wide identity)
+    requested_by: RequestedBy | None = None
 
     @property
     def pct(self) -> float:

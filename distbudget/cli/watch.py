@@ -40,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _driver(alert: BudgetAlert) -> str:
-    """Which call drove the crossing: its session and model, when the alert carries them."""
-    parts = [f"session {alert.session_id}" if alert.session_id else "", f"model {alert.model}" if alert.model else ""]
+    """Which call drove the alert: its scope (when the limit is an ancestor's), session and model."""
+    by = alert.requested_by
+    parts = [f"by {by.scope}" if by is not None and by.scope != alert.scope else ""]
+    parts += [f"session {alert.session_id}" if alert.session_id else "", f"model {alert.model}" if alert.model else ""]
     shown = ", ".join(p for p in parts if p)
     return f" ({shown})" if shown else ""

@@ -41,7 +41,8 @@ MAX_LEDGER_ROWS = 500
 
 
 def alert_json(alert: BudgetAlert) -> dict[str, Any]:
-    return {**asdict(alert), "level": alert.level.value, "pct": alert.pct}
+    by = alert.requested_by._asdict() if alert.requested_by is not None else None
+    return {**asdict(alert), "level": alert.level.value, "pct": alert.pct, "requested_by": by}
 
 
 class AlertFeed:

@@ -19,18 +19,23 @@ script       ARGV[5], [6], [7]            returns
 record       request TTL ms, -, alerts    ``0|now|totals|alerts|||alert ids|ledger id`` or
                                           ``1|now|||<µs> <tokens> <cost>`` (a duplicate request id)
 commit       request TTL ms, hold, alerts the same with the hold's fate (``1``/``0``) in field 6
-check        -, -, -                      ``{status, now, totals, held, refused + 1, retry µs}``
+check        -, -, -                      ``{status, now, totals, held, refused + 1, retry µs,
+                                          refusal alert id}``
 reserve      -, hold id, TTL µs           the same
 release      -, hold id, -                1 if the hold was live, else 0 (ARGV[2..4] the amounts held
                                           and ARGV[8], [9] a ledger entry when it was left uncommitted)
 extend       -, hold id, TTL µs           1 if the hold was live (its lease now ends TTL from now)
-summary      totals KEYS index, -, -      ``{now, totals, held, HGETALL of the own totals hash}``
+summary      totals KEYS index, -, alerts ``{now, totals, held, HGETALL of the own totals hash,
+                                          refusals per limit}``
 reset        (its own ARGV, see below)    ``<tokens> <cost> <requests>|<ledger id>``
 registry     (its own ARGV, see below)    a list of strings
 ===========  ===========================  ==========================================================
 
 ``alerts`` (``ARGV[7]``) is the plan's alert metadata (:func:`alert_meta`), decoded by the scripts
-only when an alert fires. ``reset``: ``KEYS`` = ledger stream, reported hash, deleted keys;
+only when an alert fires. ``check`` and ``reserve`` take the charge scripts' ``KEYS`` (without a
+request key) and end their ``ARGV`` with a refusal's four (``lua/include/refusal.lua``): ``1`` to
+count a refusal (``''``: not), the alert metadata, the ledger's ``MAXLEN`` and the entry's head.
+``reset``: ``KEYS`` = ledger stream, reported hash, deleted keys;
 ``ARGV`` = clock, ``session|model|scope``, the model's field prefix, ledger MAXLEN, entry JSON.
 ``registry``: ``KEYS[1]`` the registry hash; ``ARGV`` = ``put`` + (name, config, ``w|a``) triples,
 ``chain`` + name, ``remove`` + name, or ``swap`` + name, config read, config to write.
@@ -181,9 +186,12 @@ def encode_plan(plan: Plan) -> PlanWire:
 def alert_meta(plan: Plan) -> str:
     """What the scripts need to publish an alert: per limit (scope, limit type, metric, value,
     position of its usage in the totals, the scope's channel, the level of its lower threshold),
-    the session, the model, the all-scopes channel, the alert stream's cap. Values are strings:
-    Lua's JSON would print big integers in exponent form."""
+    the field of its REFUSED alert's state in its counter's hash, the KEYS index of its scope's
+    totals hash, where its refusals are counted), the requesting scope, the session, the model, the
+    all-scopes channel, the alert stream's cap. Values are strings: Lua's JSON would print big
+    integers in exponent form."""
     prefix = plan.keyspace.prefix
+    key_index = {k: i + 1 for i, k in enumerate(plan.keys)}
     rows = [
         [
             lim.scope,
@@ -193,11 +201,14 @@ def alert_meta(plan: Plan) -> str:
             3 * lim.counter + lim.metric + 1,
             alert_channels(prefix, lim.scope)[1],
             "info" if lim.alert_of else "warning",
+            plan.counters[lim.counter].prefix + "f:" + lim.limit_type,
+            key_index[plan.keyspace.totals(lim.scope)],
         ]
         for lim in plan.limits
     ]
     everyone = alert_channels(prefix, "")[0]
-    meta = {"l": rows, "s": plan.session_id, "m": plan.model, "all": everyone, "n": str(plan.alert_maxlen)}
+    meta = {"l": rows, "r": plan.scope, "s": plan.session_id, "m": plan.model, "all": everyone}
+    meta["n"] = str(plan.alert_maxlen)
     return json.dumps(meta, separators=(",", ":"))
 
 
@@ -244,9 +255,9 @@ class Codec:
             wire = self.plan(op.plan)
             call = self._charge(op, wire, wire.charge_keys, op.hold_id)
         elif isinstance(op, ops.Check):
-            call = ScriptCall("check", op.plan.keys, self._args(op, "", "", ""), parse_admit)
+            call = ScriptCall("check", *self._admission(op, "", ""), parse_admit)
         elif isinstance(op, ops.Reserve):
-            call = ScriptCall("reserve", op.plan.keys, self._args(op, "", op.hold_id, op.ttl_us), parse_admit, True)
+            call = ScriptCall("reserve", *self._admission(op, op.hold_id, op.ttl_us), parse_admit, True)
         elif isinstance(op, ops.Release):
             keys = (*op.plan.keys[:2], op.plan.keyspace.ledger) if op.ledger_entry else op.plan.keys[:2]
             held: list[str | int | bytes] = ["" if op.now_us is None else op.now_us, *op.amounts, "", op.hold_id]
@@ -255,7 +266,8 @@ class Codec:
             lease: list[str | int | bytes] = ["" if op.now_us is None else op.now_us, 0, 0, 0, "", op.hold_id]
             call = ScriptCall("extend", op.plan.keys[:2], [*lease, op.ttl_us], bool)
         elif isinstance(op, ops.Summary):
-            call = ScriptCall("summary", op.plan.keys, self._args(op, op.plan.totals_key_index, "", ""), parse_summary)
+            read_args = self._args(op, op.plan.totals_key_index, "", self.plan(op.plan).alert_meta)
+            call = ScriptCall("summary", op.plan.keys, read_args, parse_summary)
         elif isinstance(op, ops.Reset):
             now = "" if op.now_us is None else op.now_us
             argv: list[str | int | bytes] = [now, op.what, op.field_prefix, op.ledger_maxlen, op.ledger_entry]
@@ -310,10 +322,20 @@ class Codec:
         )
 
     def _args(
-        self, op: ops.Check | ops.Reserve | ops.Summary, a5: str | int, a6: str, a7: str | int
+        self, op: ops.Check | ops.Reserve | ops.Summary, a5: str | int, a6: str, a7: str | int | bytes
     ) -> list[str | int | bytes]:
         amounts = (0, 0, 0) if isinstance(op, ops.Summary) else op.amounts
         return ["" if op.now_us is None else op.now_us, *amounts, a5, a6, a7, *self.plan(op.plan).argv]
+
+    def _admission(
+        self, op: ops.Check | ops.Reserve, a6: str, a7: str | int
+    ) -> tuple[tuple[bytes, ...], list[str | int | bytes]]:
+        """check / reserve: the charge scripts' KEYS; the plan's arguments, then a refusal's four
+        (lua/include/refusal.lua)."""
+        wire = self.plan(op.plan)
+        now = "" if op.now_us is None else op.now_us
+        refusal = ("1" if op.count else "", wire.alert_meta, op.ledger_maxlen, op.ledger_entry)
+        return wire.charge_keys, [now, *op.amounts, "", a6, a7, *wire.argv, *refusal]
 
     @staticmethod
     def _charge(
@@ -378,15 +400,16 @@ def parse_charge(raw: object) -> ops.ChargeResult:
 
 
 def parse_admit(raw: list[Any]) -> ops.AdmitResult:
-    _status, now, totals, held, refused, retry = raw
-    return ops.AdmitResult(int(now), _ints(totals), _ints(held), int(refused) - 1, int(retry))
+    _status, now, totals, held, refused, retry, alert_id = raw
+    alert = _text(alert_id)
+    return ops.AdmitResult(int(now), _ints(totals), _ints(held), int(refused) - 1, int(retry), bool(alert), alert)
 
 
 def parse_summary(raw: list[Any]) -> ops.SummaryResult:
-    now, totals, held, flat = raw
+    now, totals, held, flat, refusals = raw
     items = list(flat)
     pairs = {_text(items[k]): int(items[k + 1]) for k in range(0, len(items), 2)}
-    return ops.SummaryResult(int(now), _ints(totals), _ints(held), pairs)
+    return ops.SummaryResult(int(now), _ints(totals), _ints(held), pairs, _ints(refusals))
 
 
 def parse_reset(raw: object) -> ops.ResetResult:

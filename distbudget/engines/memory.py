@@ -15,7 +15,7 @@ from collections import deque
 from itertools import chain
 from typing import Any, TypeVar
 
-from distbudget._core import ops, registry, update
+from distbudget._core import ledger, ops, registry, update
 from distbudget._core.bounds import check_after
 from distbudget._core.errors import InvalidInputError
 from distbudget._core.plan import Counter, Plan
@@ -425,12 +425,36 @@ class MemoryEngine:
         ledger_id = self._append(plan.keyspace.ledger, op.ledger_maxlen, op.ledger_entry, now, amt)
         return ops.ChargeResult(now, totals, fired, None, found, (), ledger_id)
 
+    def _refuse(self, op: ops.Check | ops.Reserve, i: int, now: int) -> bool:
+        """``lua/include/refusal.lua``: count the refusal by limit ``i`` in its scope's totals hash, fire
+        its REFUSED alert if it is the first in the limit's window (True), append it to the ledger."""
+        if not op.count:
+            return False
+        plan = op.plan
+        lim = plan.limits[i]
+        c = plan.counters[lim.counter]
+        counts = self._hash(plan.keyspace.totals(lim.scope), now)
+        counts["n", "", lim.limit_type] = counts.get(("n", "", lim.limit_type), 0) + 1
+        h = self._hash(c.hash_key, now)
+        field = ("f", c.prefix, lim.limit_type)
+        fired = h.get(field)
+        alerted = fired is None or (c.zset_key is not None and now - fired >= c.window_us)
+        if alerted:
+            h[field] = now
+            if c.ttl_ms and c.zset_key is None and c.hash_key not in self._expires:  # made by this field
+                self._expires[c.hash_key] = now + c.ttl_ms * 1000
+        if op.ledger_entry:  # charging nothing: amounts 0 (the tokens asked for are in its JSON)
+            entry = op.ledger_entry + ledger.refusal_end(lim.scope, lim.limit_type)
+            self._append(plan.keyspace.ledger, op.ledger_maxlen, entry, now, (0, 0, 0))
+        return alerted
+
     def _check(self, op: ops.Check) -> ops.AdmitResult:
         with self._lock:
             now = _server_now() if op.now_us is None else op.now_us
             totals, held = self._read(op.plan, now)
             refused, retry = self._admit(op.plan, totals, held, op.amounts, now)
-            return ops.AdmitResult(now, totals, held, refused, retry)
+            alerted = refused >= 0 and self._refuse(op, refused, now)
+            return ops.AdmitResult(now, totals, held, refused, retry, alerted)
 
     def _reserve(self, op: ops.Reserve) -> ops.AdmitResult:
         plan, amt = op.plan, op.amounts
@@ -450,7 +474,8 @@ class MemoryEngine:
                     row[2] += amt[2]
                 tree.holds[op.hold_id] = (amt, cids)
                 tree.leases[op.hold_id] = now + op.ttl_us
-            return ops.AdmitResult(now, totals, held, refused, retry)
+                return ops.AdmitResult(now, totals, held, refused, retry)
+            return ops.AdmitResult(now, totals, held, refused, retry, self._refuse(op, refused, now))
 
     def _release(self, op: ops.Release) -> bool:
         """Free a hold; with a ledger entry (a hold left uncommitted), append it in the same step."""
@@ -479,12 +504,16 @@ class MemoryEngine:
             totals, held = self._read(plan, now)
             fields: dict[str, int] = {}
             for k, v in (self._lookup(plan.keys[plan.totals_key_index - 1], now) or {}).items():
-                if isinstance(k, tuple):
-                    fields[f"{k[1]}a:{k[2]}"] = v
+                if isinstance(k, tuple):  # an alert state, a refusal count ("n"), a REFUSED alert's time
+                    fields[f"{k[1]}{k[0]}:{k[2]}"] = v
                 else:
                     for m, suffix in enumerate(_METRIC_SUFFIX):
                         fields[f"{k}{suffix}"] = v[m]
-            return ops.SummaryResult(now, totals, held, fields)
+            refusals = tuple(
+                (self._lookup(plan.keyspace.totals(lim.scope), now) or {}).get(("n", "", lim.limit_type), 0)
+                for lim in plan.limits
+            )
+            return ops.SummaryResult(now, totals, held, fields, refusals)
 
     def _reset(self, op: ops.Reset) -> ops.ResetResult:
         """``lua/reset.lua``: zero the counters, report what the first one held, append the reset."""

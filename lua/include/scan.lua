@@ -25,7 +25,7 @@ end
 -- hash (default 3, after the holds hash and leases; record, which never touches holds, passes 1)
 -- and `nows` is fmt(now) (needed when charging). Returns the totals (3 per counter, plan order, as decimal
 -- strings), the alerts fired ({limit index, level, ...}, in any order) and, when not charging, the
--- counter ids and the limits as tables (for read_held and admit).
+-- counter ids and the limits as tables (for read_held, admit and refuse).
 --
 -- A bucket b covers [b*bs, (b+1)*bs) and counts while (b+1)*bs > now - w, so the oldest live bucket
 -- is floor((now - w) / bs). Field 'o' (the oldest bucket present) makes the common case, nothing to
@@ -248,7 +248,7 @@ local function scan(now, amt, charging, first, nows)
           local i1, i2, m = sbyte(shape, k, k + 2)
           k = k + 10
           local li = i1 * 256 + i2
-          lims[li] = {p = o + m - 1, v = big(cold + 28 * li), z = z, h = h, bs = bs, w = w}
+          lims[li] = {p = o + m - 1, v = big(cold + 28 * li), z = z, h = h, bs = bs, w = w, t = ttl}
         end
       end
     end

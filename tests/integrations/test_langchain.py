@@ -90,7 +90,7 @@ def test_over_the_cap_the_model_is_not_called(llm: LLMServer, redis_url: str | N
         model.invoke("hello")
     with pytest.raises(BudgetExceededError):
         _chat(llm, BudgetCallbackHandler(budget)).invoke("hello")  # no cap: the model maximum is held
-    assert llm.requests == 0 and budget.ledger() == []
+    assert llm.requests == 0 and [e.kind for e in budget.ledger()] == ["refusal"] * 2  # nothing charged
 
 
 def test_error_releases_and_scope_per_run(llm: LLMServer, redis_url: str | None) -> None:

@@ -64,7 +64,7 @@ def test_completion_over_the_cap_sends_nothing(llm: LLMServer, redis_url: str | 
     budget = Budget(BudgetScope("team", max_tokens_per_day=300), MODEL_RATES, redis=redis_url)
     with pytest.raises(BudgetExceededError):
         completion(**_request(llm, "openai", 1, 500), budget=budget)
-    assert llm.requests == 0 and budget.ledger() == []
+    assert llm.requests == 0 and [e.kind for e in budget.ledger()] == ["refusal"]  # nothing charged
 
 
 async def _until(predicate: Any) -> None:
@@ -114,8 +114,8 @@ def test_proxy_logger_holds_commits_and_releases(llm: LLMServer, redis_url: str 
             litellm.callbacks = saved
             litellm.logging_callback_manager.remove_callback_from_all_lists(logger)
         team = await manager.get("team-a")
-        return await team.ledger(), [e.scope for e in await team.ledger()]
+        return await team.ledger(), [(e.kind, e.scope) for e in await team.ledger()]
 
     entries, scopes = asyncio.run(main())
-    assert scopes == ["alice", "team-a", "alice"]
+    assert scopes == [("charge", "alice"), ("charge", "team-a"), ("refusal", "alice"), ("charge", "alice")]
     assert_ledger_matches(entries, llm)
