@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -74,6 +75,7 @@ from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, Limit, check_na
 from distbudget._core.types import AlertLevel, BudgetAlert, UsageRecord, alert_message
 from distbudget._core.usage import Usage, charge_args
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
+from distbudget.engines.memory import FastPlan, MemoryEngine
 
 log = logging.getLogger("distbudget")
 
@@ -251,6 +253,7 @@ class Accounting:
         )
         self.mode = check_options(*self.policy)[0]
         self.guard: Guard | None = None
+        self._fast_engine: MemoryEngine | None = None
 
     def attach(self, engine: object) -> Guard:
         """The failure policy of this budget on ``engine`` (whose journal and state it shares)."""
@@ -288,6 +291,7 @@ class Accounting:
         ttl = self._request_ttl
         self.request_ttl_ms = int(ttl * 1000) if ttl else max(longest, 86400) * 1000
         self._plans: dict[tuple[str, str | None], P.Plan] = {}
+        self._fast_plans: dict[tuple[str, str], FastPlan | Literal[False]] = {}  # record()'s fast path (False: never)
 
     def _price_book(self, rates: Mapping[str, ModelRates] | None) -> PriceBook:
         """Custom rates (a manager's scope: each model's nearest override up the tree) over the
@@ -317,6 +321,7 @@ class Accounting:
         if self.fleet.rev != self._fleet_rev:
             self._fleet_rev = self.fleet.rev
             self.prices = self._price_book(self.rates)
+            self._fast_plans = {}
 
     # ---- the shared registry (budgets of a BudgetManager) ---------------------------------------
 
@@ -793,6 +798,105 @@ class Accounting:
             return self._finish_charge(plan, result, usage, call)
 
         return Step(Record(plan, self.now_us(), usage, rkey, self.request_ttl_ms, maxlen, entry), finish)
+
+    # ---- record()'s fast path on the embedded engine ----------------------------------------------
+
+    def fast_recording(self, engine: object, slow: Callable[..., UsageRecord]) -> Callable[..., UsageRecord] | None:
+        """``record()`` with a fast path when ``engine`` is the embedded one (else None): a call
+        without metadata, request id or keywords that is a plain charge (valid plain ints, a model
+        priced flat, no calendar limit, no alert to fire, no limit passed: see
+        ``MemoryEngine.fast_record``) is charged there and its record made here, exactly as
+        ``record()`` makes it; any other call, or one the fast path declines having changed
+        nothing, goes to ``slow`` (the budget's ``record()``), which raises what it raises. The
+        plan of a (session, model) is compiled once: validated, priced (``_fast_plan``)."""
+        if not isinstance(engine, MemoryEngine):
+            return None
+        charge, clock, keep = engine.fast_record, self.clock, self._records.append
+        switch, new, set_attr, us = otel._switch, _new_object, _set_attr, P.US
+        core = self
+
+        def record(
+            session_id: str | None,
+            model: str,
+            input_tokens: Any,
+            output_tokens: Any = None,
+            metadata: dict[str, Any] | None = None,
+            request_id: str | None = None,
+            **keywords: Any,
+        ) -> UsageRecord:
+            if core.preamble_due or metadata is not None or request_id is not None or keywords:
+                return slow(session_id, model, input_tokens, output_tokens, metadata, request_id, **keywords)
+            sid = core.session_id if session_id is None else session_id
+            try:
+                fp = core._fast_plans.get((sid, model))
+            except TypeError:  # unhashable: record() says what is wrong
+                fp = False
+            if fp is None:
+                fp = core._fast_plan(sid, model)
+            if fp and type(input_tokens) is int and type(output_tokens) is int and input_tokens >= 0 <= output_tokens:
+                cost = (input_tokens * fp.i_rate + output_tokens * fp.o_rate + 500_000) // 1_000_000  # money.cost_nano
+                now = None if clock is None else round(clock() * us)
+                ledger_id = charge(fp, input_tokens + output_tokens, cost, now, input_tokens, output_tokens)
+                if ledger_id is not None:
+                    if session_id is not None:
+                        core._last_session = session_id
+                    fields = fp.record_fields.copy()  # the record as _finish_charge makes it
+                    fields["input_tokens"] = input_tokens
+                    fields["output_tokens"] = output_tokens
+                    fields["cost_usd"] = cost / NANO
+                    fields["timestamp"] = fp.now / us
+                    fields["metadata"] = {}
+                    fields["cost_nano_usd"] = cost
+                    fields["ledger_id"] = ledger_id or None
+                    rec = new(UsageRecord)
+                    set_attr(rec, "__dict__", fields)
+                    keep(rec)
+                    if switch.trace is not None:
+                        otel.charged(rec, 0, 0)
+                    return rec
+            return slow(session_id, model, input_tokens, output_tokens, metadata, request_id, **keywords)
+
+        return functools.wraps(slow)(record)
+
+    def _fast_plan(self, session_id: str, model: str) -> FastPlan | Literal[False]:
+        """The fast plan of (session, model), compiled and kept (False kept when the fast path can
+        never apply to it); False when the call is invalid (``record()`` raises)."""
+        try:
+            check_name(session_id, "session_id")
+            self.usage(model, 0, 0)  # a valid, priced model
+        except Exception:
+            return False
+        if len(self._fast_plans) >= _PLAN_CACHE_SIZE:
+            self._fast_plans.clear()
+        key = (session_id, model)
+        plan = self.plan(session_id, model)
+        rates = self._rates(model)
+        if plan.valid_until_us or rates.long_context:
+            self._fast_plans[key] = False
+            return False
+        fields = {
+            **_RECORD_DEFAULTS,
+            "session_id": plan.session_id,
+            "model": model,
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cost_usd": 0.0,
+            "timestamp": 0.0,
+            "metadata": {},
+            "scope": self.scope.name,
+            "cost_nano_usd": 0,
+            "request_id": None,
+            "over_hold": False,
+            "ledger_id": None,
+            "cached_input_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
+            "canonical_model": plan.model or model,
+            "hold_expired": False,
+        }
+        inp, out = rates.flat_rates()
+        fp = self._fast_plans[key] = FastPlan(plan, self.ledger_maxlen, inp, out, fields)
+        return fp
 
     def _ledger_entry(
         self, plan: P.Plan, call: CallView, hold_id: str | None, uncommitted: str | None = None

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from distbudget._core import ops, registry, update
 from distbudget._core.bounds import check_after
 from distbudget._core.errors import InvalidInputError
+from distbudget._core.ledger import op_ids, plain_charge
 from distbudget._core.plan import Counter, Plan
 
 R = TypeVar("R")
@@ -44,7 +45,10 @@ class _Stream:
     __slots__ = ("entries", "ms", "seq")
 
     def __init__(self, maxlen: int) -> None:
-        self.entries: deque[tuple[int, int, str, int, tuple[int, int, int]]] = deque(maxlen=maxlen)
+        # a fast-path charge (MemoryEngine.fast_record) is kept as (id ms, id sequence, the plan's
+        # ledger head, clock µs, tokens, nano-USD, op id prefix, op id number, input, output tokens):
+        # its JSON is made when read (_core/ledger.plain_charge)
+        self.entries: deque[tuple[Any, ...]] = deque(maxlen=maxlen)
         self.ms = 0
         self.seq = 0
 
@@ -66,10 +70,17 @@ class _Stream:
             lo_ms, _, lo_seq = start.lstrip("(").partition("-")
             lo = (int(lo_ms), int(lo_seq) if lo_seq else 0)
         out = []
-        for ms, seq, entry, now, amt in self.entries:
+        for e in self.entries:
+            ms, seq = e[0], e[1]
             eid = (ms, seq)
             if eid > lo or (eid == lo and not exclusive):
-                fields = {"d": entry, "ts": str(now), "t": str(amt[0]), "c": str(amt[1]), "r": str(amt[2])}
+                if len(e) == 5:
+                    _, _, entry, now, amt = e
+                    fields = {"d": entry, "ts": str(now), "t": str(amt[0]), "c": str(amt[1]), "r": str(amt[2])}
+                else:
+                    _, _, head, now, tokens, cost, op_prefix, op_n, i, o = e
+                    entry = plain_charge(head, f"{op_prefix}-{op_n}", i, o)
+                    fields = {"d": entry, "ts": str(now), "t": str(tokens), "c": str(cost), "r": "1"}
                 out.append((f"{ms}-{seq}", fields))
                 if len(out) >= count:
                     break
@@ -83,6 +94,51 @@ class _Tree:
         self.holds: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {}
         self.held: dict[str, list[int]] = {}
         self.leases: dict[str, int] = {}
+
+
+class FastPlan:
+    """A plan compiled for :meth:`MemoryEngine.fast_record` (one per budget, session and model): the
+    counters it charges held as plain references while it is the engine's *active* plan, what was
+    charged since as three pending amounts, and how far the charges may go (``room``: strictly below
+    every alert threshold not yet fired, every limit and 2**52) and until when (``lo`` <= now <
+    ``hi``: no bucket, window edge, session TTL refresh or sweep due) without an alert, an error or
+    any change of the state's shape. Anything else settles the pending amounts first (``_settle``).
+    The budget's side (``_accounting.py``) fills the constant part."""
+
+    __slots__ = (
+        "buckets",
+        "hi",
+        "i_rate",
+        "ledger_head",
+        "lo",
+        "maxlen",
+        "now",
+        "o_rate",
+        "p0",
+        "p1",
+        "p2",
+        "plan",
+        "record_fields",
+        "room0",
+        "room1",
+        "room2",
+        "stream",
+        "tots",
+    )
+
+    def __init__(self, plan: Plan, maxlen: int, i_rate: int, o_rate: int, record_fields: dict[str, Any]) -> None:
+        self.plan = plan
+        self.maxlen = maxlen  # the ledger's MAXLEN (0: no ledger)
+        self.ledger_head = plan.ledger_head
+        self.i_rate, self.o_rate = i_rate, o_rate  # nano-USD per million input / output tokens
+        self.record_fields = record_fields  # a UsageRecord's constant fields (the budget's)
+        self.tots: list[list[int]] = []
+        self.buckets: list[list[int]] = []
+        self.stream: _Stream | None = None
+        self.p0 = self.p1 = self.p2 = 0
+        self.room0 = self.room1 = self.room2 = 0
+        self.lo = self.hi = 0
+        self.now = 0  # the time of the latest charge (µs)
 
 
 def _expire(w: _Window, tot: list[int], lo: int) -> None:
@@ -115,6 +171,7 @@ class MemoryEngine:
         self._prices: dict[str, tuple[int, str | None]] = {}  # the fleet price book: revision, JSON
         self._sweep_at = 0
         self._high = False  # some counter has reached 2**52 (see _check_room)
+        self._active: FastPlan | None = None  # the fast plan whose pending amounts are not settled yet
         self._handlers: dict[type[Any], Any] = {
             ops.Record: self._record,
             ops.RecordMany: self._record_many,
@@ -259,6 +316,10 @@ class MemoryEngine:
                 self._drop_hold(tree, hold_id)
 
     def _read(self, plan: Plan, now: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The plan's counters and holds as a check, a reservation or a summary reads them (under
+        the lock; fast-path amounts settled first)."""
+        if self._active is not None:
+            self._settle()
         tree = self._trees.get(plan.keys[0])  # a read creates no state (see _lookup)
         if tree is not None:
             self._reap(tree, now)
@@ -297,8 +358,133 @@ class MemoryEngine:
         """Apply one operation (see ``engines/base.py``)."""
         return self._handlers[type(op)](op)  # type: ignore[no-any-return]  # each handler matches its type
 
+    def fast_record(self, fp: FastPlan, tokens: int, cost: int, now: int | None, i: int, o: int) -> str | None:
+        """``record()``'s fast path: charge (tokens, cost, 1 request) through ``fp``'s compiled plan,
+        with ``i`` input and ``o`` output tokens in its ledger entry. Its ledger id ("" without a
+        ledger; its time in ``fp.now``), or None when the charge is not a plain one (it would fire
+        an alert, pass a limit, reach a new bucket ...: the caller then records it the usual way,
+        ``ops.Record``). Exactly what ``_record`` would do, but the counters see the amounts when
+        ``_settle`` adds them, before any other operation of this engine."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            if now is None:
+                now = time.time_ns() // 1000
+                ms = now // 1000
+            else:
+                ms = time.time_ns() // 1_000_000
+            if (self._active is not fp or not fp.lo <= now < fp.hi) and not self._activate(fp, now, tokens, cost):
+                return None
+            p0, p1, p2 = fp.p0 + tokens, fp.p1 + cost, fp.p2 + 1
+            if p0 >= fp.room0 or p1 >= fp.room1 or p2 >= fp.room2:
+                return None
+            fp.p0, fp.p1, fp.p2 = p0, p1, p2
+            fp.now = now
+            stream = fp.stream
+            if stream is None:
+                return ""
+            if ms > stream.ms:
+                stream.ms = ms
+                seq = stream.seq = 0
+            else:
+                ms = stream.ms
+                seq = stream.seq = stream.seq + 1
+            stream.entries.append((ms, seq, fp.ledger_head, now, tokens, cost, op_ids.prefix, next(op_ids.count), i, o))
+            return f"{ms}-{seq}"
+        finally:
+            lock.release()
+
+    def _activate(self, fp: FastPlan, now: int, tokens: int, cost: int) -> bool:
+        """Make ``fp`` the active plan at ``now``: settle the active one, prepare its counters as a
+        charge does (the session's hash and TTL, the windows aged, the current bucket) and work out
+        its room and its time span. False (nothing changed) when the fast path cannot apply."""
+        if self._active is not None:
+            self._settle()
+        plan = fp.plan
+        if self._high or tokens >= _HALF or cost >= _HALF or plan.valid_until_us:
+            return False
+        if now >= self._sweep_at:
+            self._sweep(now)
+        hi = self._sweep_at
+        all_hashes, windows = self._hashes, self._windows
+        tots, buckets, hashes = [], [], []
+        for c in plan.counters:
+            zkey = c.zset_key
+            h: dict[Any, Any] | None
+            if zkey is None and c.ttl_ms:
+                h = self._hash(c.hash_key, now)
+                self._refresh(h, c, now)
+                hi = min(hi, h[None] + min(c.ttl_ms // 16, 60_000) * 1000)
+            else:
+                h = all_hashes.get(c.hash_key)
+                if h is None:
+                    h = all_hashes[c.hash_key] = {}
+            tot = h.get(c.prefix)
+            if tot is None:
+                tot = h[c.prefix] = [0, 0, 0]
+            if zkey is not None:
+                w = windows.get(zkey)
+                if w is None:
+                    w = windows[zkey] = _Window()
+                if w.buckets:
+                    lo = (now - c.window_us) // c.bucket_us
+                    if w.oldest < lo:
+                        _expire(w, tot, lo)
+                b = max(now // c.bucket_us, w.newest)
+                w.newest = b
+                bucket = w.buckets.get(b)
+                if bucket is None:
+                    if not w.buckets or b < w.oldest:
+                        w.oldest = b
+                    bucket = w.buckets[b] = [0, 0, 0]
+                # until the next bucket, and until the oldest bucket leaves the window
+                hi = min(hi, (b + 1) * c.bucket_us, (w.oldest + 1) * c.bucket_us + c.window_us)
+                buckets.append(bucket)
+            tots.append(tot)
+            hashes.append(h)
+        room = [_HALF - max(t[m] for t in tots) for m in (0, 1, 2)]
+        for lim, field in zip(plan.limits, plan.alert_fields, strict=True):
+            m = lim.metric
+            now_at = tots[lim.counter][m]
+            st = hashes[lim.counter].get(field, 0)
+            r = lim.value - now_at + 1  # beyond: over the limit (an error or a warning)
+            if st & 1:
+                if now_at < lim.warn_rearm:
+                    r = 0  # it would re-arm
+            elif lim.warn_at >= 0:
+                r = min(r, lim.warn_at - now_at)
+            if st & 2:
+                if now_at < lim.crit_rearm:
+                    r = 0
+            else:
+                r = min(r, lim.crit_at - now_at)
+            room[m] = min(room[m], r)
+        fp.room0, fp.room1, fp.room2 = room
+        fp.p0 = fp.p1 = fp.p2 = 0
+        fp.tots, fp.buckets = tots, buckets
+        fp.lo, fp.hi = now, hi
+        fp.stream = self._stream(plan.keyspace.ledger, fp.maxlen) if fp.maxlen else None
+        self._active = fp
+        return True
+
+    def _settle(self) -> None:
+        """Add the active fast plan's pending amounts to its counters (every operation but the fast
+        path's own does this first, under the lock, so it sees the exact state)."""
+        fp = self._active
+        assert fp is not None
+        self._active = None
+        p0, p1, p2 = fp.p0, fp.p1, fp.p2
+        if p2:
+            for row in chain(fp.tots, fp.buckets):
+                row[0] += p0
+                row[1] += p1
+                row[2] += p2
+            fp.p0 = fp.p1 = fp.p2 = 0
+
     def _record(self, op: ops.Record) -> ops.ChargeResult:
         with self._lock:
+            if self._active is not None:
+                self._settle()
             now = _server_now() if op.now_us is None else op.now_us
             if self._seen(op.request_key, now) is None:
                 self._check_room(op.plan, now, op.amounts)
@@ -309,6 +495,8 @@ class MemoryEngine:
         counter it would push past 2**53 - 1 gets its error in its place; the others stand."""
         out: list[ops.ChargeResult | InvalidInputError] = []
         with self._lock:
+            if self._active is not None:
+                self._settle()
             for r in op.records:
                 now = _server_now() if r.now_us is None else r.now_us
                 if self._seen(r.request_key, now) is None:
@@ -322,6 +510,8 @@ class MemoryEngine:
 
     def _commit(self, op: ops.Commit) -> ops.ChargeResult:
         with self._lock:
+            if self._active is not None:
+                self._settle()
             now = _server_now() if op.now_us is None else op.now_us
             tree = self._tree(op.plan)
             if self._seen(op.request_key, now) is not None:
@@ -347,6 +537,10 @@ class MemoryEngine:
     def _append(self, key: str, maxlen: int, entry: str, now: int, amt: ops.Amounts) -> str:
         if not entry:
             return ""
+        return self._stream(key, maxlen).add(entry, now, amt)
+
+    def _stream(self, key: str, maxlen: int) -> _Stream:
+        """The stream at ``key``, made (or remade with ``maxlen``, keeping its entries) as needed."""
         stream = self._streams.get(key)
         if stream is None or stream.entries.maxlen != maxlen:
             old = stream.entries if stream is not None else ()
@@ -354,7 +548,7 @@ class MemoryEngine:
             stream.entries.extend(old)
             if old:
                 stream.ms, stream.seq = old[-1][:2]
-        return stream.add(entry, now, amt)
+        return stream
 
     def _seen(self, request_key: str | None, now: int) -> tuple[int, int, int] | None:
         if request_key is None:
@@ -455,6 +649,8 @@ class MemoryEngine:
     def _release(self, op: ops.Release) -> bool:
         """Free a hold; with a ledger entry (a hold left uncommitted), append it in the same step."""
         with self._lock:
+            if self._active is not None:
+                self._settle()  # its append may remake the stream
             tree = self._trees.get(op.plan.keys[0])
             found = tree is not None and self._drop_hold(tree, op.hold_id)
             if op.ledger_entry:
@@ -490,6 +686,8 @@ class MemoryEngine:
         """``lua/reset.lua``: zero the counters, report what the first one held, append the reset."""
         keys = op.keys
         with self._lock:
+            if self._active is not None:
+                self._settle()
             now = _server_now() if op.now_us is None else op.now_us
             h = self._lookup(keys[1], now) or {}  # nothing to zero creates nothing
             if op.what == "model":
