@@ -49,25 +49,23 @@ OPS = st.one_of(
 )
 
 
+# (limit type, amount, window, model): per-minute requests, a rolling window of one model, an hour's
+# cost, and a calendar day of model "l" (its plans are never fast: a calendar limit's period ends)
+TEAM_LIMITS = [("requests", 60, "1m", None), ("tokens", 2000, "10s", "n"), ("cost", 0.008, "1h", None)]
+TEAM_LIMITS += [("tokens", 2500, "calendar_day", "l")]
+
+
 def make_scope(hard_stop: bool) -> BudgetScope:
     org = BudgetScope("org", max_tokens_per_day=9000, limits=[Limit("requests", 100, "1m")])
+    limits = [
+        Limit(kind, amount, window, model=model, tz="Europe/Berlin" if window == "calendar_day" else None)
+        for kind, amount, window, model in TEAM_LIMITS
+    ]
+    caps = {"max_tokens_per_session": 3000, "max_cost_per_session_usd": 0.006, "max_tokens_per_day": 6000}
     return BudgetScope(
-        "team",
-        parent=org,
-        hard_stop=hard_stop,
-        alert_at_pct=0.7,
-        alert_thresholds=[0.5, 0.9],
-        max_tokens_per_session=3000,
-        max_cost_per_session_usd=0.006,
-        max_tokens_per_day=6000,
-        max_tokens_per_model={"m": 4000},
-        limits=[
-            Limit("requests", 60, "1m"),
-            Limit("tokens", 2000, "10s", model="n"),
-            Limit("cost", 0.008, "1h"),
-            Limit("tokens", 2500, "calendar_day", tz="Europe/Berlin", model="l"),
-        ],
-    )
+        "team", parent=org, hard_stop=hard_stop, alert_at_pct=0.7, alert_thresholds=[0.5, 0.9], limits=limits,
+        max_tokens_per_model={"m": 4000}, **caps,
+    )  # fmt: skip
 
 
 class Usual(Budget):
@@ -99,6 +97,9 @@ def outcome(fn: Any) -> Any:
     elif hasattr(value, "cost_nano_usd"):
         value = record_view(value)
     return value, [str(w.message) for w in caught]
+
+
+RESETS = {"reset": Budget.reset_session, "reset_model": Budget.reset_model, "reset_scope": Budget.reset}
 
 
 def run(budget: Budget, clock: Clock, ops: list[tuple[Any, ...]]) -> list[Any]:
@@ -134,18 +135,12 @@ def run(budget: Budget, clock: Clock, ops: list[tuple[Any, ...]]) -> list[Any]:
                     out.append(outcome(lambda: res.commit(op[2], op[3])))
                 else:
                     out.append(outcome(res.release))
-        elif kind == "reset":
-            budget.reset_session(op[1])
-        elif kind == "reset_model":
-            budget.reset_model(op[1])
-        elif kind == "reset_scope":
-            budget.reset(op[1])
+        elif kind in RESETS:
+            RESETS[kind](budget, op[1])
         elif kind == "advance":
             clock.advance(op[1])
-        elif kind == "summary":
-            out.append(budget.summary(op[1]))
         else:
-            out.append(ledger_view(budget))
+            out.append(budget.summary(op[1]) if kind == "summary" else ledger_view(budget))
         out.append([(a.level, a.limit_type, a.used, a.session_id, a.model, a.timestamp) for a in budget.alerts])
         out.append(budget.session_id)
     out.extend([budget.summary("a"), budget.summary("b"), ledger_view(budget)])
