@@ -241,7 +241,7 @@ class RecordCall:
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
         self.plan = budget._core.plan(SESSION, "m")
-        self.usage = budget._core.usage("m", IN_TOKENS, OUT_TOKENS)
+        self.usage = budget._core.usage("m", (IN_TOKENS, OUT_TOKENS, 0, 0, 0, 0))
         self.codec = Codec()  # one per caller, as an engine has: a plan is encoded once
 
     def op(self, now_us: int | None = None) -> Record:

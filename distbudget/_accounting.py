@@ -125,6 +125,11 @@ _RECORD_PARAMETERS = _RECORD_REQUIRED | {
 }
 
 
+# usage()'s token counts as charge_args() gives them, by the names errors give them (the 1-hour part of
+# the cache write comes from a validated Usage only)
+_TOKEN_ARGS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
 def _nothing(_answer: object) -> None:
     return None
 
@@ -418,20 +423,12 @@ class Accounting:
                 "manager default_rates=)"
             ) from None
 
-    def usage(
-        self,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        cached_input_tokens: int = 0,
-        cache_write_tokens: int = 0,
-        reasoning_tokens: int = 0,
-        cache_write_1h_tokens: int = 0,
-        service_tier: str | None = None,
-    ) -> Amounts:
-        """Validated (tokens, nano-USD, requests) of one call. ``cache_write_1h_tokens``: the part of
-        ``cache_write_tokens`` written for one hour (a :class:`~distbudget.Usage` knows it);
-        ``service_tier``: ``batch``, ``flex``, ``priority`` ... (None: the standard tier)."""
+    def usage(self, model: str, tokens: tuple[int, ...], service_tier: str | None = None) -> Amounts:
+        """Validated (tokens, nano-USD, requests) of one call. ``tokens``: (input, output, cached
+        input, cache write, reasoning, the 1-hour part of the cache write), as ``charge_args`` gives
+        them (a :class:`~distbudget.Usage` knows the last); ``service_tier``: ``batch``, ``flex``,
+        ``priority`` ... (None: the standard tier)."""
+        input_tokens, output_tokens, cached, written, reasoning, written_1h = tokens
         if (  # the common call, valid at a glance: the checks below would all pass
             type(input_tokens) is int
             and type(output_tokens) is int
@@ -439,33 +436,31 @@ class Accounting:
             and 0 <= input_tokens <= MAX_AMOUNT
             and 0 <= output_tokens <= MAX_AMOUNT
             and 0 < len(model) <= MAX_NAME_LENGTH
-            and type(cached_input_tokens) is int
-            and type(cache_write_tokens) is int
-            and type(reasoning_tokens) is int
-            and not (cached_input_tokens or cache_write_tokens or reasoning_tokens)
+            and type(cached) is int
+            and type(written) is int
+            and type(reasoning) is int
+            and not (cached or written or reasoning)
             and model.isascii()
             and service_tier is None
         ):
-            tokens = input_tokens + output_tokens
+            total = input_tokens + output_tokens
             cost = self._rates(model).cost_nano(input_tokens, output_tokens)
-            if tokens > MAX_AMOUNT or cost > MAX_AMOUNT:
-                B.check_amounts(tokens, cost)
-            return tokens, cost, 1
+            if total > MAX_AMOUNT or cost > MAX_AMOUNT:
+                B.check_amounts(total, cost)
+            return total, cost, 1
         check_name(model, "model")
-        check_tokens(input_tokens, "input_tokens")
-        check_tokens(output_tokens, "output_tokens")
-        check_tokens(cached_input_tokens, "cached_input_tokens")
-        check_tokens(cache_write_tokens, "cache_write_tokens")
-        check_tokens(reasoning_tokens, "reasoning_tokens")
-        if not 0 <= cache_write_1h_tokens <= cache_write_tokens:  # Usage validated it: never from a caller
+        for value, what in zip(tokens, _TOKEN_ARGS, strict=False):
+            check_tokens(value, what)
+        if not 0 <= written_1h <= written:  # Usage validated it: never from a caller
             raise InvalidInputError("cache_write_1h_tokens must be a part of cache_write_tokens")
-        cost = self._rates(model).cost_nano(
+        rates = self._rates(model)
+        cost = rates.cost_nano(
             input_tokens,
             output_tokens,
-            cached_input_tokens,
-            cache_write_tokens - cache_write_1h_tokens,
-            reasoning_tokens,
-            cache_write_1h_tokens=cache_write_1h_tokens,
+            cached,
+            written - written_1h,
+            reasoning,
+            cache_write_1h_tokens=written_1h,
             service_tier=service_tier,
         )
         B.check_amounts(input_tokens + output_tokens, cost)
@@ -486,7 +481,7 @@ class Accounting:
 
     def estimate(self, model: str, input_tokens: int, output_tokens: int = 0) -> float:
         """Cost in USD of a call; records nothing."""
-        return nano_to_usd(self.usage(model, input_tokens, output_tokens)[1])
+        return nano_to_usd(self.usage(model, (input_tokens, output_tokens, 0, 0, 0, 0))[1])
 
     # ---- reading results ------------------------------------------------------------------------
 
@@ -765,7 +760,7 @@ class Accounting:
         self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
     ) -> Step[AdmitResult, bool]:
         """Would this call fit now? Records nothing. Advisory under concurrency: use ``reserve``."""
-        usage = self.usage(model, input_tokens, output_tokens)
+        usage = self.usage(model, (input_tokens, output_tokens, 0, 0, 0, 0))
         plan = self.plan(self._session(session_id, False), model)
         return Step(Check(plan, self.now_us(), usage), lambda result: self._finish_admit(plan, result, usage))
 
@@ -787,7 +782,7 @@ class Accounting:
         ``input_tokens`` may be one :class:`Usage` value instead of the token counts; ``service_tier``
         prices the call in that tier (``batch``, ``flex``, ``priority`` ...)."""
         tokens = charge_args(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
-        usage = self.usage(model, *tokens, service_tier=service_tier)
+        usage = self.usage(model, tokens, service_tier)
         B.check_metadata(metadata)
         rkey = None if request_id is None else self.request_key(request_id)
         plan = self.plan(self._session(session_id, True), model)
@@ -863,7 +858,7 @@ class Accounting:
         never apply to it); False when the call is invalid (``record()`` raises)."""
         try:
             check_name(session_id, "session_id")
-            self.usage(model, 0, 0)  # a valid, priced model
+            self.usage(model, (0, 0, 0, 0, 0, 0))  # a valid, priced model
         except Exception:
             return False
         if len(self._fast_plans) >= _PLAN_CACHE_SIZE:
@@ -1042,7 +1037,7 @@ class Accounting:
         flagged)."""
         try:  # validated before the hold is touched
             tokens = charge_args(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
-            usage = self.usage(hold.model, *tokens, service_tier=service_tier)
+            usage = self.usage(hold.model, tokens, service_tier)
             B.check_metadata(metadata)
         except (InvalidInputError, TypeError):
             hold.refused = True
