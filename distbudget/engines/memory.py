@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from itertools import chain
 from typing import Any, TypeVar
 
@@ -38,29 +37,52 @@ class _Window:
 
 
 class _Stream:
-    """A capped stream, as XADD MAXLEN / XRANGE see it (ids: server milliseconds - sequence). An
-    entry is kept as one flat tuple (id ms, id sequence, JSON, clock µs, amounts) and its stream
-    fields are built when read: appending costs one small object (the garbage collector's work too)."""
+    """A capped stream, as XADD MAXLEN / XRANGE see it (ids: server milliseconds - sequence). Its
+    entries lie flat in one list, ``W`` cells each: (id ms, id sequence, clock µs, tokens, nano-USD,
+    then either the JSON, None, requests, 0, 0 (``add``) or, for a fast-path charge
+    (``MemoryEngine.fast_record``), the plan's ledger head, the op id's prefix and number, input and
+    output tokens, its JSON made only when read (``_core/ledger.plain_charge``)). Appending makes no
+    object the garbage collector tracks; the entries beyond ``maxlen`` are skipped (``start``) and
+    dropped once they are as many as the live ones."""
 
-    __slots__ = ("entries", "ms", "seq")
+    __slots__ = ("cap", "cells", "maxlen", "ms", "seq", "start")
+
+    W = 10
 
     def __init__(self, maxlen: int) -> None:
-        # a fast-path charge (MemoryEngine.fast_record) is kept as (id ms, id sequence, the plan's
-        # ledger head, clock µs, tokens, nano-USD, op id prefix, op id number, input, output tokens):
-        # its JSON is made when read (_core/ledger.plain_charge)
-        self.entries: deque[tuple[Any, ...]] = deque(maxlen=maxlen)
+        self.cells: list[Any] = []
+        self.start = 0  # the first live cell
+        self.maxlen = maxlen
+        self.cap = maxlen * self.W  # live cells at most
         self.ms = 0
         self.seq = 0
 
-    def add(self, entry: str, now: int, amt: tuple[int, int, int]) -> str:
-        ms = time.time_ns() // 1_000_000
+    def next_id(self, ms: int) -> tuple[int, int]:
         if ms > self.ms:
             self.ms, self.seq = ms, 0
         else:
-            ms = self.ms
             self.seq += 1
-        self.entries.append((ms, self.seq, entry, now, amt))
-        return f"{ms}-{self.seq}"
+        return self.ms, self.seq
+
+    def add(self, entry: str, now: int, amt: tuple[int, int, int]) -> str:
+        ms, seq = self.next_id(time.time_ns() // 1_000_000)
+        self.cells.extend((ms, seq, now, amt[0], amt[1], entry, None, amt[2], 0, 0))
+        if len(self.cells) - self.start > self.cap:
+            self.trim()
+        return f"{ms}-{seq}"
+
+    def trim(self) -> None:
+        """Skip the entries beyond ``maxlen``, oldest first; drop the skipped ones once they are as
+        many as the live ones (amortized: each cell is moved at most once per ``maxlen`` appends)."""
+        cells = self.cells
+        self.start = max(self.start, len(cells) - self.cap)
+        if self.start * 2 >= len(cells):
+            del cells[: self.start]
+            self.start = 0
+
+    def resize(self, maxlen: int) -> None:
+        self.maxlen, self.cap = maxlen, maxlen * self.W
+        self.trim()
 
     def read(self, start: str, count: int) -> list[tuple[str, dict[str, str]]]:
         if start == "-":
@@ -70,16 +92,15 @@ class _Stream:
             lo_ms, _, lo_seq = start.lstrip("(").partition("-")
             lo = (int(lo_ms), int(lo_seq) if lo_seq else 0)
         out = []
-        for e in self.entries:
-            ms, seq = e[0], e[1]
+        cells = self.cells
+        for k in range(self.start, len(cells), self.W):
+            ms, seq, now, tokens, cost, text, op_prefix, n, i, o = cells[k : k + self.W]
             eid = (ms, seq)
             if eid > lo or (eid == lo and not exclusive):
-                if len(e) == 5:
-                    _, _, entry, now, amt = e
-                    fields = {"d": entry, "ts": str(now), "t": str(amt[0]), "c": str(amt[1]), "r": str(amt[2])}
+                if op_prefix is None:
+                    fields = {"d": text, "ts": str(now), "t": str(tokens), "c": str(cost), "r": str(n)}
                 else:
-                    _, _, head, now, tokens, cost, op_prefix, op_n, i, o = e
-                    entry = plain_charge(head, f"{op_prefix}-{op_n}", i, o)
+                    entry = plain_charge(text, f"{op_prefix}-{n}", i, o)
                     fields = {"d": entry, "ts": str(now), "t": str(tokens), "c": str(cost), "r": "1"}
                 out.append((f"{ms}-{seq}", fields))
                 if len(out) >= count:
@@ -389,7 +410,10 @@ class MemoryEngine:
             else:
                 ms = stream.ms
                 seq = stream.seq = stream.seq + 1
-            stream.entries.append((ms, seq, fp.ledger_head, now, tokens, cost, op_ids.prefix, next(op_ids.count), i, o))
+            cells = stream.cells
+            cells.extend((ms, seq, now, tokens, cost, fp.ledger_head, op_ids.prefix, next(op_ids.count), i, o))
+            if len(cells) - stream.start > stream.cap:
+                stream.trim()
             return f"{ms}-{seq}"
         finally:
             lock.release()
@@ -540,14 +564,12 @@ class MemoryEngine:
         return self._stream(key, maxlen).add(entry, now, amt)
 
     def _stream(self, key: str, maxlen: int) -> _Stream:
-        """The stream at ``key``, made (or remade with ``maxlen``, keeping its entries) as needed."""
+        """The stream at ``key``, made (or its cap changed to ``maxlen``, keeping its entries) as needed."""
         stream = self._streams.get(key)
-        if stream is None or stream.entries.maxlen != maxlen:
-            old = stream.entries if stream is not None else ()
+        if stream is None:
             stream = self._streams[key] = _Stream(maxlen)
-            stream.entries.extend(old)
-            if old:
-                stream.ms, stream.seq = old[-1][:2]
+        elif stream.maxlen != maxlen:
+            stream.resize(maxlen)
         return stream
 
     def _seen(self, request_key: str | None, now: int) -> tuple[int, int, int] | None:
