@@ -807,7 +807,7 @@ class Accounting:
         if not isinstance(engine, MemoryEngine):
             return None
         charge, clock, keep = engine.fast_record, self.clock, self._records.append
-        switch, new, set_attr, us = otel._switch, _new_object, _set_attr, P.US
+        switch, new, set_attr, us, time_ns = otel._switch, _new_object, _set_attr, P.US, time.time_ns
         core = self
 
         def record(
@@ -830,8 +830,12 @@ class Accounting:
                 fp = core._fast_plan(sid, model)
             if fp and type(input_tokens) is int and type(output_tokens) is int and input_tokens >= 0 <= output_tokens:
                 cost = (input_tokens * fp.i_rate + output_tokens * fp.o_rate + 500_000) // 1_000_000  # money.cost_nano
-                now = None if clock is None else round(clock() * us)
-                ledger_id = charge(fp, input_tokens + output_tokens, cost, now, input_tokens, output_tokens)
+                if clock is None:
+                    now = time_ns() // 1000
+                    ms = now // 1000
+                else:
+                    now, ms = round(clock() * us), time_ns() // 1_000_000
+                ledger_id = charge(fp, input_tokens + output_tokens, cost, now, ms, input_tokens, output_tokens)
                 if ledger_id is not None:
                     if session_id is not None:
                         core._last_session = session_id
@@ -839,7 +843,7 @@ class Accounting:
                     fields["input_tokens"] = input_tokens
                     fields["output_tokens"] = output_tokens
                     fields["cost_usd"] = cost / NANO
-                    fields["timestamp"] = fp.now / us
+                    fields["timestamp"] = now / us
                     fields["metadata"] = {}
                     fields["cost_nano_usd"] = cost
                     fields["ledger_id"] = ledger_id or None

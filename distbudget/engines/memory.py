@@ -39,21 +39,22 @@ class _Window:
 class _Stream:
     """A capped stream, as XADD MAXLEN / XRANGE see it (ids: server milliseconds - sequence). Its
     entries lie flat in one list, ``W`` cells each: (id ms, id sequence, clock µs, tokens, nano-USD,
-    then either the JSON, None, requests, 0, 0 (``add``) or, for a fast-path charge
-    (``MemoryEngine.fast_record``), the plan's ledger head, the op id's prefix and number, input and
-    output tokens, its JSON made only when read (``_core/ledger.plain_charge``)). Appending makes no
-    object the garbage collector tracks; the entries beyond ``maxlen`` are skipped (``start``) and
-    dropped once they are as many as the live ones."""
+    then either the JSON, None and requests (``add``) or, for a fast-path charge
+    (``MemoryEngine.fast_record``), the plan's ledger head, its op id ("" until first read) and the
+    input and output tokens: its JSON is made only when read, by ``_core/ledger.plain_charge``).
+    Appending makes no object the garbage collector tracks; the entries beyond ``maxlen`` are
+    skipped (``start``) and dropped once they are as many as the live ones."""
 
-    __slots__ = ("cap", "cells", "maxlen", "ms", "seq", "start")
+    __slots__ = ("cap", "cells", "end", "maxlen", "ms", "seq", "start")
 
-    W = 10
+    W = 9
 
     def __init__(self, maxlen: int) -> None:
         self.cells: list[Any] = []
         self.start = 0  # the first live cell
         self.maxlen = maxlen
         self.cap = maxlen * self.W  # live cells at most
+        self.end = self.cap  # trim() is due once the cells pass this
         self.ms = 0
         self.seq = 0
 
@@ -66,8 +67,8 @@ class _Stream:
 
     def add(self, entry: str, now: int, amt: tuple[int, int, int]) -> str:
         ms, seq = self.next_id(time.time_ns() // 1_000_000)
-        self.cells.extend((ms, seq, now, amt[0], amt[1], entry, None, amt[2], 0, 0))
-        if len(self.cells) - self.start > self.cap:
+        self.cells.extend((ms, seq, now, amt[0], amt[1], entry, None, amt[2], 0))
+        if len(self.cells) > self.end:
             self.trim()
         return f"{ms}-{seq}"
 
@@ -79,6 +80,7 @@ class _Stream:
         if self.start * 2 >= len(cells):
             del cells[: self.start]
             self.start = 0
+        self.end = self.start + self.cap
 
     def resize(self, maxlen: int) -> None:
         self.maxlen, self.cap = maxlen, maxlen * self.W
@@ -92,15 +94,17 @@ class _Stream:
             lo_ms, _, lo_seq = start.lstrip("(").partition("-")
             lo = (int(lo_ms), int(lo_seq) if lo_seq else 0)
         out = []
-        cells = self.cells
-        for k in range(self.start, len(cells), self.W):
-            ms, seq, now, tokens, cost, text, op_prefix, n, i, o = cells[k : k + self.W]
+        cells, width = self.cells, self.W
+        for k in range(self.start, len(cells), width):
+            ms, seq, now, tokens, cost, text, op, x, y = cells[k : k + width]
             eid = (ms, seq)
             if eid > lo or (eid == lo and not exclusive):
-                if op_prefix is None:
-                    fields = {"d": text, "ts": str(now), "t": str(tokens), "c": str(cost), "r": str(n)}
+                if op is None:
+                    fields = {"d": text, "ts": str(now), "t": str(tokens), "c": str(cost), "r": str(x)}
                 else:
-                    entry = plain_charge(text, f"{op_prefix}-{n}", i, o)
+                    if not op:  # a fast-path charge read for the first time: its op id now
+                        op = cells[k + 6] = op_ids.next()
+                    entry = plain_charge(text, op, x, y)
                     fields = {"d": entry, "ts": str(now), "t": str(tokens), "c": str(cost), "r": "1"}
                 out.append((f"{ms}-{seq}", fields))
                 if len(out) >= count:
@@ -133,7 +137,6 @@ class FastPlan:
         "ledger_head",
         "lo",
         "maxlen",
-        "now",
         "o_rate",
         "p0",
         "p1",
@@ -159,7 +162,6 @@ class FastPlan:
         self.p0 = self.p1 = self.p2 = 0
         self.room0 = self.room1 = self.room2 = 0
         self.lo = self.hi = 0
-        self.now = 0  # the time of the latest charge (µs)
 
 
 def _expire(w: _Window, tot: list[int], lo: int) -> None:
@@ -379,28 +381,24 @@ class MemoryEngine:
         """Apply one operation (see ``engines/base.py``)."""
         return self._handlers[type(op)](op)  # type: ignore[no-any-return]  # each handler matches its type
 
-    def fast_record(self, fp: FastPlan, tokens: int, cost: int, now: int | None, i: int, o: int) -> str | None:
-        """``record()``'s fast path: charge (tokens, cost, 1 request) through ``fp``'s compiled plan,
-        with ``i`` input and ``o`` output tokens in its ledger entry. Its ledger id ("" without a
-        ledger; its time in ``fp.now``), or None when the charge is not a plain one (it would fire
-        an alert, pass a limit, reach a new bucket ...: the caller then records it the usual way,
-        ``ops.Record``). Exactly what ``_record`` would do, but the counters see the amounts when
-        ``_settle`` adds them, before any other operation of this engine."""
+    def fast_record(self, fp: FastPlan, tokens: int, cost: int, now: int, ms: int, i: int, o: int) -> str | None:
+        """``record()``'s fast path: charge (tokens, cost, 1 request) at ``now`` (µs: the caller's
+        clock, else the server's, as ``time.time_ns() // 1000`` read just before) through ``fp``'s
+        compiled plan, its ledger entry (``i`` input and ``o`` output tokens) at the server's ``ms``
+        milliseconds (``time.time_ns() // 1_000_000``). Its ledger id ("" without a ledger), or None
+        when the charge is not a plain one (it would fire an alert, pass a limit, reach a new bucket
+        ...: the caller then records it the usual way, ``ops.Record``). Exactly what ``_record``
+        would do, but the counters see the amounts when ``_settle`` adds them, before any other
+        operation of this engine."""
         lock = self._lock
         lock.acquire()
         try:
-            if now is None:
-                now = time.time_ns() // 1000
-                ms = now // 1000
-            else:
-                ms = time.time_ns() // 1_000_000
             if (self._active is not fp or not fp.lo <= now < fp.hi) and not self._activate(fp, now, tokens, cost):
                 return None
             p0, p1, p2 = fp.p0 + tokens, fp.p1 + cost, fp.p2 + 1
             if p0 >= fp.room0 or p1 >= fp.room1 or p2 >= fp.room2:
                 return None
             fp.p0, fp.p1, fp.p2 = p0, p1, p2
-            fp.now = now
             stream = fp.stream
             if stream is None:
                 return ""
@@ -411,8 +409,8 @@ class MemoryEngine:
                 ms = stream.ms
                 seq = stream.seq = stream.seq + 1
             cells = stream.cells
-            cells.extend((ms, seq, now, tokens, cost, fp.ledger_head, op_ids.prefix, next(op_ids.count), i, o))
-            if len(cells) - stream.start > stream.cap:
+            cells.extend((ms, seq, now, tokens, cost, fp.ledger_head, "", i, o))
+            if len(cells) > stream.end:
                 stream.trim()
             return f"{ms}-{seq}"
         finally:
