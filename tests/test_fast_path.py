@@ -175,7 +175,7 @@ def test_the_fast_path_is_taken_and_settled_before_anything_reads() -> None:
     engine = budget.engine
     assert isinstance(engine, MemoryEngine)
     active = engine._active
-    assert isinstance(active, FastPlan) and active.p2 == 10  # pending, not yet in the counters
+    assert isinstance(active, FastPlan) and active.left[2] - active.r2 == 10  # pending, not in the counters yet
     assert budget.summary()["session"] == {"tokens": 1502, "cost_usd": 0.002003, "requests": 11}
     assert engine._active is None
     assert [e.tokens for e in budget.ledger()] == [2] + [150] * 10

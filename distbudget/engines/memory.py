@@ -123,11 +123,12 @@ class _Tree:
 
 class FastPlan:
     """A plan compiled for :meth:`MemoryEngine.fast_record` (one per budget, session and model): the
-    counters it charges held as plain references while it is the engine's *active* plan, what was
-    charged since as three pending amounts, and how far the charges may go (``room``: strictly below
-    every alert threshold not yet fired, every limit and 2**52) and until when (``lo`` <= now <
-    ``hi``: no bucket, window edge, session TTL refresh or sweep due) without an alert, an error or
-    any change of the state's shape. Anything else settles the pending amounts first (``_settle``).
+    counters it charges held as plain references while it is the engine's *active* plan, how far its
+    charges may still go (``r0``, ``r1``, ``r2``: tokens, nano-USD, requests, strictly below every
+    alert threshold not yet fired, every limit and 2**52) and until when (``lo`` <= now < ``hi``: no
+    bucket, window edge, session TTL refresh or sweep due) without an alert, an error or any change
+    of the state's shape. What was charged since, not yet in the counters, is the room used (``left``
+    minus ``r``): anything else adds it first (``_settle``).
     The budget's side (``_accounting.py``) fills the constant part."""
 
     __slots__ = (
@@ -135,17 +136,15 @@ class FastPlan:
         "hi",
         "i_rate",
         "ledger_head",
+        "left",
         "lo",
         "maxlen",
         "o_rate",
-        "p0",
-        "p1",
-        "p2",
         "plan",
+        "r0",
+        "r1",
+        "r2",
         "record_fields",
-        "room0",
-        "room1",
-        "room2",
         "stream",
         "tots",
     )
@@ -159,8 +158,8 @@ class FastPlan:
         self.tots: list[list[int]] = []
         self.buckets: list[list[int]] = []
         self.stream: _Stream | None = None
-        self.p0 = self.p1 = self.p2 = 0
-        self.room0 = self.room1 = self.room2 = 0
+        self.r0 = self.r1 = self.r2 = 0  # the room left (tokens, nano-USD, requests)
+        self.left: tuple[int, int, int] = (0, 0, 0)  # the room when made active: pending = left - r
         self.lo = self.hi = 0
 
 
@@ -395,10 +394,10 @@ class MemoryEngine:
         try:
             if (self._active is not fp or not fp.lo <= now < fp.hi) and not self._activate(fp, now, tokens, cost):
                 return None
-            p0, p1, p2 = fp.p0 + tokens, fp.p1 + cost, fp.p2 + 1
-            if p0 >= fp.room0 or p1 >= fp.room1 or p2 >= fp.room2:
+            r0, r1, r2 = fp.r0 - tokens, fp.r1 - cost, fp.r2 - 1
+            if r0 <= 0 or r1 <= 0 or r2 <= 0:
                 return None
-            fp.p0, fp.p1, fp.p2 = p0, p1, p2
+            fp.r0, fp.r1, fp.r2 = r0, r1, r2
             stream = fp.stream
             if stream is None:
                 return ""
@@ -481,8 +480,7 @@ class MemoryEngine:
             else:
                 r = min(r, lim.crit_at - now_at)
             room[m] = min(room[m], r)
-        fp.room0, fp.room1, fp.room2 = room
-        fp.p0 = fp.p1 = fp.p2 = 0
+        fp.r0, fp.r1, fp.r2 = fp.left = (room[0], room[1], room[2])
         fp.tots, fp.buckets = tots, buckets
         fp.lo, fp.hi = now, hi
         fp.stream = self._stream(plan.keyspace.ledger, fp.maxlen) if fp.maxlen else None
@@ -495,13 +493,13 @@ class MemoryEngine:
         fp = self._active
         assert fp is not None
         self._active = None
-        p0, p1, p2 = fp.p0, fp.p1, fp.p2
+        p0, p1, p2 = fp.left[0] - fp.r0, fp.left[1] - fp.r1, fp.left[2] - fp.r2  # the pending amounts
         if p2:
             for row in chain(fp.tots, fp.buckets):
                 row[0] += p0
                 row[1] += p1
                 row[2] += p2
-            fp.p0 = fp.p1 = fp.p2 = 0
+            fp.left = (fp.r0, fp.r1, fp.r2)
 
     def _record(self, op: ops.Record) -> ops.ChargeResult:
         with self._lock:
