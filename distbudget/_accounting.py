@@ -130,6 +130,40 @@ _RECORD_PARAMETERS = _RECORD_REQUIRED | {
 _TOKEN_ARGS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
+def _finishing(
+    step: Step[ChargeResult, UsageRecord], result: ChargeResult | InvalidInputError
+) -> Callable[[], UsageRecord]:
+    """A charge of record_many() to finish: its record; its error if it was refused."""
+
+    def finish() -> UsageRecord:
+        if isinstance(result, InvalidInputError):
+            raise result
+        return step.finish(result)
+
+    return finish
+
+
+def _gather(
+    charges: Iterable[Callable[[], UsageRecord]],
+) -> tuple[list[UsageRecord], BudgetExceededError | None, InvalidInputError | None]:
+    """record_many()'s charges finished in order: their records (a charge left over a limit: its
+    error's record), the first charge left over a limit, the first refused (a counter would pass
+    2**53 - 1: not charged). The caller raises those after every charge was made."""
+    records: list[UsageRecord] = []
+    first: BudgetExceededError | None = None
+    refused: InvalidInputError | None = None
+    for charge in charges:
+        try:
+            records.append(charge())
+        except BudgetExceededError as err:
+            assert err.record is not None
+            records.append(err.record)
+            first = first or err
+        except InvalidInputError as err:
+            refused = refused or err
+    return records, first, refused
+
+
 def _nothing(_answer: object) -> None:
     return None
 
@@ -857,6 +891,46 @@ class Accounting:
 
         return functools.wraps(slow)(record)
 
+    def fast_recording_many(
+        self, record: Callable[..., UsageRecord], slow: Callable[..., list[UsageRecord]]
+    ) -> Callable[..., list[UsageRecord]]:
+        """``record_many()`` over ``record`` (``fast_recording``'s): a list or tuple of calls each
+        one the fast path may take (``_fast_call``: all validated before any is charged) is recorded
+        call by call with ``record``, as ``record_many()`` does (every charge made; the first left
+        over a limit raised, or the first refused, afterwards); any other batch goes to ``slow``."""
+        core = self
+
+        def record_many(calls: Iterable[RecordCall]) -> list[UsageRecord]:
+            if core.preamble_due or type(calls) not in (list, tuple) or not all(map(core._fast_call, calls)):
+                return slow(calls)
+            records, first, refused = _gather(functools.partial(record, *call) for call in calls)
+            if refused is not None:
+                raise refused
+            if first is not None:
+                raise first
+            return records
+
+        return functools.wraps(slow)(record_many)
+
+    def _fast_call(self, call: object) -> bool:
+        """Is this call of ``record_many()`` one the fast path may take (a tuple (session, model,
+        input tokens, output tokens) of a fast plan, valid plain ints whose amounts fit)? Then it is
+        valid for ``record()`` too."""
+        if type(call) is not tuple or len(call) != 4:
+            return False
+        session_id, model, i, o = call
+        if type(session_id) is not str or type(i) is not int or type(o) is not int or i < 0 or o < 0:
+            return False
+        try:
+            fp = self._fast_plans.get((session_id, model))
+        except TypeError:
+            return False
+        if fp is None:
+            fp = self._fast_plan(session_id, model)
+        if not fp:
+            return False
+        return i + o <= MAX_AMOUNT and (i * fp.i_rate + o * fp.o_rate + 500_000) // 1_000_000 <= MAX_AMOUNT
+
     def _fast_plan(self, session_id: str, model: str) -> FastPlan | Literal[False]:
         """The fast plan of (session, model), compiled and kept (False kept when the fast path can
         never apply to it); False when the call is invalid (``record()`` raises)."""
@@ -937,19 +1011,7 @@ class Accounting:
             return Done([])
 
         def finish(results: list[ChargeResult | InvalidInputError]) -> list[UsageRecord]:
-            records: list[UsageRecord] = []
-            first: BudgetExceededError | None = None
-            refused: InvalidInputError | None = None
-            for step, result in zip(steps, results, strict=True):
-                if isinstance(result, InvalidInputError):  # a counter would pass 2**53 - 1: not charged
-                    refused = refused or result
-                    continue
-                try:
-                    records.append(step.finish(result))
-                except BudgetExceededError as err:
-                    assert err.record is not None
-                    records.append(err.record)
-                    first = first or err
+            records, first, refused = _gather(map(_finishing, steps, results))
             if isinstance(results, BatchAnswers):  # some were journaled under "raise"
                 raise results.error
             if refused is not None:

@@ -276,6 +276,8 @@ class Budget(_BudgetBase[Engine]):
             fast = self._core.fast_recording(self.engine, self.record)
             if fast is not None:
                 self.record = fast  # type: ignore[method-assign]  # the same signature and docstring
+                if type(self).record_many is Budget.record_many:
+                    self.record_many = self._core.fast_recording_many(fast, self.record_many)  # type: ignore[method-assign]
 
     def _before(self, settle: bool = False) -> None:
         """Before an operation: the journal's replay when due, then the registry refresh when due
