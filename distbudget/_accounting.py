@@ -130,6 +130,35 @@ _RECORD_PARAMETERS = _RECORD_REQUIRED | {
 _TOKEN_ARGS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
+def kept_record(
+    session_id: str,
+    model: str,
+    canonical: str,
+    scope: str,
+    input_tokens: int,
+    output_tokens: int,
+    cost: int,
+    now_us: int,
+    ledger_id: str,
+) -> UsageRecord:
+    """A fast-path charge's record as ``records`` shows it: the fast path keeps only these plain
+    values (the garbage collector never looks at them) and the record is made again when read,
+    equal to the one ``record()`` returned (with a metadata dict of its own: it had none)."""
+    return UsageRecord(
+        session_id,
+        model,
+        input_tokens,
+        output_tokens,
+        cost / NANO,
+        now_us / P.US,
+        {},
+        scope,
+        cost,
+        ledger_id=ledger_id or None,
+        canonical_model=canonical,
+    )
+
+
 def _finishing(
     step: Step[ChargeResult, UsageRecord], result: ChargeResult | InvalidInputError
 ) -> Callable[[], UsageRecord]:
@@ -278,7 +307,8 @@ class Accounting:
         # holds that ended without a plain commit, through this object (summary()["holds"])
         self._hold_stats = dict.fromkeys(("released_uncommitted", "charged_uncommitted", "expired_before_commit"), 0)
         # Appended to and copied whole by deque's own C code, which no other thread interrupts: no lock.
-        self._records: deque[UsageRecord] = deque(maxlen=MAX_LOCAL_RECORDS)
+        # a fast-path charge's record is kept as a tuple of its plain values (see kept_record)
+        self._records: deque[UsageRecord | tuple[Any, ...]] = deque(maxlen=MAX_LOCAL_RECORDS)
         self._alerts: deque[BudgetAlert] = deque(maxlen=MAX_LOCAL_RECORDS)
         self.announced = False
         self.preamble_due = True  # False once announced, for a budget outside a manager's registry
@@ -883,7 +913,7 @@ class Accounting:
                     fields["ledger_id"] = ledger_id or None
                     rec = new(UsageRecord)
                     set_attr(rec, "__dict__", fields)
-                    keep(rec)
+                    keep((sid, model, fp.canonical, fp.scope, input_tokens, output_tokens, cost, now, ledger_id))
                     if switch.trace is not None:
                         otel.charged(rec, 0, 0)
                     return rec
@@ -969,6 +999,7 @@ class Accounting:
         }
         inp, out = rates.flat_rates()
         fp = self._fast_plans[key] = FastPlan(plan, self.ledger_maxlen, inp, out, fields)
+        fp.canonical, fp.scope = fields["canonical_model"], fields["scope"]
         return fp
 
     def _ledger_entry(
@@ -1332,7 +1363,7 @@ class Accounting:
     @property
     def records(self) -> list[UsageRecord]:
         """Records charged through this object (the latest 10,000)."""
-        return list(self._records)
+        return [r if isinstance(r, UsageRecord) else kept_record(*r) for r in self._records]
 
     @property
     def alerts(self) -> list[BudgetAlert]:

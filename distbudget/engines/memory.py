@@ -133,6 +133,7 @@ class FastPlan:
 
     __slots__ = (
         "buckets",
+        "canonical",
         "hi",
         "i_rate",
         "ledger_head",
@@ -145,6 +146,7 @@ class FastPlan:
         "r1",
         "r2",
         "record_fields",
+        "scope",
         "stream",
         "tots",
     )
@@ -155,6 +157,7 @@ class FastPlan:
         self.ledger_head = plan.ledger_head
         self.i_rate, self.o_rate = i_rate, o_rate  # nano-USD per million input / output tokens
         self.record_fields = record_fields  # a UsageRecord's constant fields (the budget's)
+        self.canonical = self.scope = ""  # its canonical model and scope (the budget's)
         self.tots: list[list[int]] = []
         self.buckets: list[list[int]] = []
         self.stream: _Stream | None = None
