@@ -139,7 +139,7 @@ def kept_record(
     output_tokens: int,
     cost: int,
     now_us: int,
-    ledger_id: str,
+    ledger_id: str | None,
 ) -> UsageRecord:
     """A fast-path charge's record as ``records`` shows it: the fast path keeps only these plain
     values (the garbage collector never looks at them) and the record is made again when read,
@@ -154,7 +154,7 @@ def kept_record(
         {},
         scope,
         cost,
-        ledger_id=ledger_id or None,
+        ledger_id=ledger_id,
         canonical_model=canonical,
     )
 
@@ -900,7 +900,7 @@ class Accounting:
                 else:
                     now, ms = round(clock() * us), time_ns() // 1_000_000
                 ledger_id = charge(fp, input_tokens + output_tokens, cost, now, ms, input_tokens, output_tokens)
-                if ledger_id is not None:
+                if ledger_id is not False:
                     if session_id is not None:
                         core._last_session = session_id
                     fields = fp.record_fields.copy()  # the record as _finish_charge makes it
@@ -910,7 +910,7 @@ class Accounting:
                     fields["timestamp"] = now / us
                     fields["metadata"] = {}
                     fields["cost_nano_usd"] = cost
-                    fields["ledger_id"] = ledger_id or None
+                    fields["ledger_id"] = ledger_id
                     rec = new(UsageRecord)
                     set_attr(rec, "__dict__", fields)
                     keep((sid, model, fp.canonical, fp.scope, input_tokens, output_tokens, cost, now, ledger_id))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from itertools import chain
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from distbudget._core import ops, registry, update
 from distbudget._core.bounds import check_after
@@ -383,11 +383,13 @@ class MemoryEngine:
         """Apply one operation (see ``engines/base.py``)."""
         return self._handlers[type(op)](op)  # type: ignore[no-any-return]  # each handler matches its type
 
-    def fast_record(self, fp: FastPlan, tokens: int, cost: int, now: int, ms: int, i: int, o: int) -> str | None:
+    def fast_record(
+        self, fp: FastPlan, tokens: int, cost: int, now: int, ms: int, i: int, o: int
+    ) -> str | Literal[False] | None:
         """``record()``'s fast path: charge (tokens, cost, 1 request) at ``now`` (µs: the caller's
         clock, else the server's, as ``time.time_ns() // 1000`` read just before) through ``fp``'s
         compiled plan, its ledger entry (``i`` input and ``o`` output tokens) at the server's ``ms``
-        milliseconds (``time.time_ns() // 1_000_000``). Its ledger id ("" without a ledger), or None
+        milliseconds (``time.time_ns() // 1_000_000``). Its ledger id (None without a ledger), or False
         when the charge is not a plain one (it would fire an alert, pass a limit, reach a new bucket
         ...: the caller then records it the usual way, ``ops.Record``). Exactly what ``_record``
         would do, but the counters see the amounts when ``_settle`` adds them, before any other
@@ -395,15 +397,16 @@ class MemoryEngine:
         lock = self._lock
         lock.acquire()
         try:
-            if (self._active is not fp or not fp.lo <= now < fp.hi) and not self._activate(fp, now, tokens, cost):
-                return None
+            # only the active plan has a time span (_settle closes it): a plan not active is made so
+            if not fp.lo <= now < fp.hi and not self._activate(fp, now, tokens, cost):
+                return False
             r0, r1, r2 = fp.r0 - tokens, fp.r1 - cost, fp.r2 - 1
             if r0 <= 0 or r1 <= 0 or r2 <= 0:
-                return None
+                return False
             fp.r0, fp.r1, fp.r2 = r0, r1, r2
             stream = fp.stream
             if stream is None:
-                return ""
+                return None
             if ms > stream.ms:
                 stream.ms = ms
                 seq = stream.seq = 0
@@ -411,7 +414,7 @@ class MemoryEngine:
                 ms = stream.ms
                 seq = stream.seq = stream.seq + 1
             cells = stream.cells
-            cells.extend((ms, seq, now, tokens, cost, fp.ledger_head, "", i, o))
+            cells += (ms, seq, now, tokens, cost, fp.ledger_head, "", i, o)
             if len(cells) > stream.end:
                 stream.trim()
             return f"{ms}-{seq}"
@@ -496,6 +499,7 @@ class MemoryEngine:
         fp = self._active
         assert fp is not None
         self._active = None
+        fp.hi = fp.lo  # no time span: fast_record makes it active again first
         p0, p1, p2 = fp.left[0] - fp.r0, fp.left[1] - fp.r1, fp.left[2] - fp.r2  # the pending amounts
         if p2:
             for row in chain(fp.tots, fp.buckets):
