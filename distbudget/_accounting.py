@@ -159,31 +159,25 @@ def kept_record(
     )
 
 
-def _finishing(
-    step: Step[ChargeResult, UsageRecord], result: ChargeResult | InvalidInputError
-) -> Callable[[], UsageRecord]:
-    """A charge of record_many() to finish: its record; its error if it was refused."""
-
-    def finish() -> UsageRecord:
-        if isinstance(result, InvalidInputError):
-            raise result
-        return step.finish(result)
-
-    return finish
+def _finish_one(step: Step[ChargeResult, UsageRecord], result: ChargeResult | InvalidInputError) -> UsageRecord:
+    """A charge of record_many() finished: its record; its error if it was refused."""
+    if isinstance(result, InvalidInputError):
+        raise result
+    return step.finish(result)
 
 
 def _gather(
-    charges: Iterable[Callable[[], UsageRecord]],
+    charge: Callable[..., UsageRecord], calls: Iterable[Iterable[Any]]
 ) -> tuple[list[UsageRecord], BudgetExceededError | None, InvalidInputError | None]:
-    """record_many()'s charges finished in order: their records (a charge left over a limit: its
-    error's record), the first charge left over a limit, the first refused (a counter would pass
-    2**53 - 1: not charged). The caller raises those after every charge was made."""
+    """record_many()'s charges, ``charge(*call)`` for each call in order: their records (a charge
+    left over a limit: its error's record), the first charge left over a limit, the first refused (a
+    counter would pass 2**53 - 1: not charged). The caller raises those after every charge was made."""
     records: list[UsageRecord] = []
     first: BudgetExceededError | None = None
     refused: InvalidInputError | None = None
-    for charge in charges:
+    for call in calls:
         try:
-            records.append(charge())
+            records.append(charge(*call))
         except BudgetExceededError as err:
             assert err.record is not None
             records.append(err.record)
@@ -933,7 +927,7 @@ class Accounting:
         def record_many(calls: Iterable[RecordCall]) -> list[UsageRecord]:
             if core.preamble_due or type(calls) not in (list, tuple) or not all(map(core._fast_call, calls)):
                 return slow(calls)
-            records, first, refused = _gather(functools.partial(record, *call) for call in calls)
+            records, first, refused = _gather(record, calls)
             if refused is not None:
                 raise refused
             if first is not None:
@@ -1042,7 +1036,7 @@ class Accounting:
             return Done([])
 
         def finish(results: list[ChargeResult | InvalidInputError]) -> list[UsageRecord]:
-            records, first, refused = _gather(map(_finishing, steps, results))
+            records, first, refused = _gather(_finish_one, zip(steps, results, strict=True))
             if isinstance(results, BatchAnswers):  # some were journaled under "raise"
                 raise results.error
             if refused is not None:

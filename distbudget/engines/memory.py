@@ -675,7 +675,7 @@ class MemoryEngine:
         """Free a hold; with a ledger entry (a hold left uncommitted), append it in the same step."""
         with self._lock:
             if self._active is not None:
-                self._settle()  # its append may remake the stream
+                self._settle()  # its append may change the stream's cap: the fast plan takes it up again
             tree = self._trees.get(op.plan.keys[0])
             found = tree is not None and self._drop_hold(tree, op.hold_id)
             if op.ledger_entry:
