@@ -241,7 +241,7 @@ class RecordCall:
     def __init__(self, budget: Budget) -> None:
         self.budget = budget
         self.plan = budget._core.plan(SESSION, "m")
-        self.usage = budget._core.usage("m", IN_TOKENS, OUT_TOKENS)
+        self.usage = budget._core.usage("m", (IN_TOKENS, OUT_TOKENS, 0, 0, 0, 0))
         self.codec = Codec()  # one per caller, as an engine has: a plan is encoded once
 
     def op(self, now_us: int | None = None) -> Record:
@@ -547,7 +547,15 @@ class Bench:
             b = Budget(bench_scope(), RATES, session_id=SESSION, ledger_maxlen=ledger_maxlen)
             return timed(lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n)
 
-        def run_flow() -> dict[str, float]:  # the same Budget with the engine's answer canned
+        class Usual(Budget):  # record() overridden: the usual path, never the embedded fast path
+            def record(self, *args: Any, **kwargs: Any) -> Any:
+                return Budget.record(self, *args, **kwargs)
+
+        def run_usual() -> dict[str, float]:
+            b = Usual(bench_scope(), RATES, session_id=SESSION)
+            return timed(lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n)
+
+        def run_flow() -> dict[str, float]:  # the usual path with the engine's answer canned
             b = Budget(bench_scope(), RATES, session_id=SESSION, _engine=CannedEngine(answer=answer))
             return timed(lambda: b.record(SESSION, "m", IN_TOKENS, OUT_TOKENS), n)
 
@@ -561,6 +569,7 @@ class Bench:
                 "distbudget": run_embedded,
                 "distbudget_noledger": lambda: run_embedded(0),
                 "seed": run_seed,
+                "usual": run_usual,
                 "flow_only": run_flow,
             },
         )

@@ -370,11 +370,15 @@ def build_rows(raw: dict[str, Any], sizes: Sizes) -> tuple[list[Row], list[str]]
         )
     emb_us, flow_us = 1e6 / med(emb["distbudget"], "rate"), med(emb["flow_only"], "cpu_us")
     emb_nl = 1e6 / med(emb["distbudget_noledger"], "rate")
+    usual = 1e6 / med(emb["usual"], "rate")
     notes.append(
         f"Where embedded `record()`'s time goes (rows 5a/5b, µs per call): {emb_us:.1f} in all with the "
-        f"ledger ({emb_nl:.1f} without), of which the flow alone (validation, plan, the record, alerts, "
-        f"the ledger entry's JSON; the engine's answer canned) {flow_us:.1f} and the memory engine the "
-        f"remaining {emb_us - flow_us:.1f}; agent-budget's `record()` takes "
+        f"ledger ({emb_nl:.1f} without), on the fast path a plain charge takes (`Accounting.fast_recording`, "
+        "`MemoryEngine.fast_record`: a plan compiled per session and model, the amounts pending until any "
+        "other operation settles them, the ledger entry kept as plain values, its JSON made when read). A "
+        "call it declines (metadata, a request id, an alert to fire, a limit passed ...) takes the usual "
+        f"path: {usual:.1f} µs, of which the flow alone (validation, plan, the record, alerts, the ledger "
+        f"entry's JSON; the engine's answer canned) {flow_us:.1f}; agent-budget's `record()` takes "
         f"{1e6 / med(emb['seed'], 'rate'):.1f}."
     )
     return rows, notes

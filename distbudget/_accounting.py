@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import logging
 import os
@@ -74,6 +75,7 @@ from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, Limit, check_na
 from distbudget._core.types import AlertLevel, BudgetAlert, RequestedBy, UsageRecord, alert_message
 from distbudget._core.usage import Usage, charge_args
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
+from distbudget.engines.memory import FastPlan, MemoryEngine
 
 log = logging.getLogger("distbudget")
 
@@ -121,6 +123,68 @@ _RECORD_PARAMETERS = _RECORD_REQUIRED | {
     "reasoning_tokens",
     "service_tier",
 }
+
+
+# usage()'s token counts as charge_args() gives them, by the names errors give them (the 1-hour part of
+# the cache write comes from a validated Usage only)
+_TOKEN_ARGS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
+
+
+def kept_record(
+    session_id: str,
+    model: str,
+    canonical: str,
+    scope: str,
+    input_tokens: int,
+    output_tokens: int,
+    cost: int,
+    now_us: int,
+    ledger_id: str | None,
+) -> UsageRecord:
+    """A fast-path charge's record as ``records`` shows it: the fast path keeps only these plain
+    values (the garbage collector never looks at them) and the record is made again when read,
+    equal to the one ``record()`` returned (with a metadata dict of its own: it had none)."""
+    return UsageRecord(
+        session_id,
+        model,
+        input_tokens,
+        output_tokens,
+        cost / NANO,
+        now_us / P.US,
+        {},
+        scope,
+        cost,
+        ledger_id=ledger_id,
+        canonical_model=canonical,
+    )
+
+
+def _finish_one(step: Step[ChargeResult, UsageRecord], result: ChargeResult | InvalidInputError) -> UsageRecord:
+    """A charge of record_many() finished: its record; its error if it was refused."""
+    if isinstance(result, InvalidInputError):
+        raise result
+    return step.finish(result)
+
+
+def _gather(
+    charge: Callable[..., UsageRecord], calls: Iterable[Iterable[Any]]
+) -> tuple[list[UsageRecord], BudgetExceededError | None, InvalidInputError | None]:
+    """record_many()'s charges, ``charge(*call)`` for each call in order: their records (a charge
+    left over a limit: its error's record), the first charge left over a limit, the first refused (a
+    counter would pass 2**53 - 1: not charged). The caller raises those after every charge was made."""
+    records: list[UsageRecord] = []
+    first: BudgetExceededError | None = None
+    refused: InvalidInputError | None = None
+    for call in calls:
+        try:
+            records.append(charge(*call))
+        except BudgetExceededError as err:
+            assert err.record is not None
+            records.append(err.record)
+            first = first or err
+        except InvalidInputError as err:
+            refused = refused or err
+    return records, first, refused
 
 
 def _nothing(_answer: object) -> None:
@@ -237,7 +301,8 @@ class Accounting:
         # holds that ended without a plain commit, through this object (summary()["holds"])
         self._hold_stats = dict.fromkeys(("released_uncommitted", "charged_uncommitted", "expired_before_commit"), 0)
         # Appended to and copied whole by deque's own C code, which no other thread interrupts: no lock.
-        self._records: deque[UsageRecord] = deque(maxlen=MAX_LOCAL_RECORDS)
+        # a fast-path charge's record is kept as a tuple of its plain values (see kept_record)
+        self._records: deque[UsageRecord | tuple[Any, ...]] = deque(maxlen=MAX_LOCAL_RECORDS)
         self._alerts: deque[BudgetAlert] = deque(maxlen=MAX_LOCAL_RECORDS)
         self.announced = False
         self.preamble_due = True  # False once announced, for a budget outside a manager's registry
@@ -251,6 +316,7 @@ class Accounting:
         )
         self.mode = check_options(*self.policy)[0]
         self.guard: Guard | None = None
+        self._fast_engine: MemoryEngine | None = None
 
     def attach(self, engine: object) -> Guard:
         """The failure policy of this budget on ``engine`` (whose journal and state it shares)."""
@@ -288,6 +354,7 @@ class Accounting:
         ttl = self._request_ttl
         self.request_ttl_ms = int(ttl * 1000) if ttl else max(longest, 86400) * 1000
         self._plans: dict[tuple[str, str | None], P.Plan] = {}
+        self._fast_plans: dict[tuple[str, str], FastPlan | Literal[False]] = {}  # record()'s fast path (False: never)
 
     def _price_book(self, rates: Mapping[str, ModelRates] | None) -> PriceBook:
         """Custom rates (a manager's scope: each model's nearest override up the tree) over the
@@ -317,6 +384,7 @@ class Accounting:
         if self.fleet.rev != self._fleet_rev:
             self._fleet_rev = self.fleet.rev
             self.prices = self._price_book(self.rates)
+            self._fast_plans = {}
 
     # ---- the shared registry (budgets of a BudgetManager) ---------------------------------------
 
@@ -413,20 +481,12 @@ class Accounting:
                 "manager default_rates=)"
             ) from None
 
-    def usage(
-        self,
-        model: str,
-        input_tokens: int,
-        output_tokens: int,
-        cached_input_tokens: int = 0,
-        cache_write_tokens: int = 0,
-        reasoning_tokens: int = 0,
-        cache_write_1h_tokens: int = 0,
-        service_tier: str | None = None,
-    ) -> Amounts:
-        """Validated (tokens, nano-USD, requests) of one call. ``cache_write_1h_tokens``: the part of
-        ``cache_write_tokens`` written for one hour (a :class:`~distbudget.Usage` knows it);
-        ``service_tier``: ``batch``, ``flex``, ``priority`` ... (None: the standard tier)."""
+    def usage(self, model: str, tokens: tuple[int, ...], service_tier: str | None = None) -> Amounts:
+        """Validated (tokens, nano-USD, requests) of one call. ``tokens``: (input, output, cached
+        input, cache write, reasoning, the 1-hour part of the cache write), as ``charge_args`` gives
+        them (a :class:`~distbudget.Usage` knows the last); ``service_tier``: ``batch``, ``flex``,
+        ``priority`` ... (None: the standard tier)."""
+        input_tokens, output_tokens, cached, written, reasoning, written_1h = tokens
         if (  # the common call, valid at a glance: the checks below would all pass
             type(input_tokens) is int
             and type(output_tokens) is int
@@ -434,33 +494,31 @@ class Accounting:
             and 0 <= input_tokens <= MAX_AMOUNT
             and 0 <= output_tokens <= MAX_AMOUNT
             and 0 < len(model) <= MAX_NAME_LENGTH
-            and type(cached_input_tokens) is int
-            and type(cache_write_tokens) is int
-            and type(reasoning_tokens) is int
-            and not (cached_input_tokens or cache_write_tokens or reasoning_tokens)
+            and type(cached) is int
+            and type(written) is int
+            and type(reasoning) is int
+            and not (cached or written or reasoning)
             and model.isascii()
             and service_tier is None
         ):
-            tokens = input_tokens + output_tokens
+            total = input_tokens + output_tokens
             cost = self._rates(model).cost_nano(input_tokens, output_tokens)
-            if tokens > MAX_AMOUNT or cost > MAX_AMOUNT:
-                B.check_amounts(tokens, cost)
-            return tokens, cost, 1
+            if total > MAX_AMOUNT or cost > MAX_AMOUNT:
+                B.check_amounts(total, cost)
+            return total, cost, 1
         check_name(model, "model")
-        check_tokens(input_tokens, "input_tokens")
-        check_tokens(output_tokens, "output_tokens")
-        check_tokens(cached_input_tokens, "cached_input_tokens")
-        check_tokens(cache_write_tokens, "cache_write_tokens")
-        check_tokens(reasoning_tokens, "reasoning_tokens")
-        if not 0 <= cache_write_1h_tokens <= cache_write_tokens:  # Usage validated it: never from a caller
+        for value, what in zip(tokens, _TOKEN_ARGS, strict=False):
+            check_tokens(value, what)
+        if not 0 <= written_1h <= written:  # Usage validated it: never from a caller
             raise InvalidInputError("cache_write_1h_tokens must be a part of cache_write_tokens")
-        cost = self._rates(model).cost_nano(
+        rates = self._rates(model)
+        cost = rates.cost_nano(
             input_tokens,
             output_tokens,
-            cached_input_tokens,
-            cache_write_tokens - cache_write_1h_tokens,
-            reasoning_tokens,
-            cache_write_1h_tokens=cache_write_1h_tokens,
+            cached,
+            written - written_1h,
+            reasoning,
+            cache_write_1h_tokens=written_1h,
             service_tier=service_tier,
         )
         B.check_amounts(input_tokens + output_tokens, cost)
@@ -481,7 +539,7 @@ class Accounting:
 
     def estimate(self, model: str, input_tokens: int, output_tokens: int = 0) -> float:
         """Cost in USD of a call; records nothing."""
-        return nano_to_usd(self.usage(model, input_tokens, output_tokens)[1])
+        return nano_to_usd(self.usage(model, (input_tokens, output_tokens, 0, 0, 0, 0))[1])
 
     # ---- reading results ------------------------------------------------------------------------
 
@@ -777,7 +835,7 @@ class Accounting:
     ) -> Step[AdmitResult, bool]:
         """Would this call fit now? Records no usage (a refusal is counted). Advisory under
         concurrency: use ``reserve``."""
-        usage = self.usage(model, input_tokens, output_tokens)
+        usage = self.usage(model, (input_tokens, output_tokens, 0, 0, 0, 0))
         plan = self.plan(self._session(session_id, False), model)
         maxlen, entry = self._refusal_entry(plan, "check", input_tokens, output_tokens)
         op = Check(plan, self.now_us(), usage, True, maxlen, entry)
@@ -807,7 +865,7 @@ class Accounting:
         ``input_tokens`` may be one :class:`Usage` value instead of the token counts; ``service_tier``
         prices the call in that tier (``batch``, ``flex``, ``priority`` ...)."""
         tokens = charge_args(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
-        usage = self.usage(model, *tokens, service_tier=service_tier)
+        usage = self.usage(model, tokens, service_tier)
         B.check_metadata(metadata)
         rkey = None if request_id is None else self.request_key(request_id)
         plan = self.plan(self._session(session_id, True), model)
@@ -818,6 +876,150 @@ class Accounting:
             return self._finish_charge(plan, result, usage, call)
 
         return Step(Record(plan, self.now_us(), usage, rkey, self.request_ttl_ms, maxlen, entry), finish)
+
+    # ---- record()'s fast path on the embedded engine ----------------------------------------------
+
+    def fast_recording(self, engine: object, slow: Callable[..., UsageRecord]) -> Callable[..., UsageRecord] | None:
+        """``record()`` with a fast path when ``engine`` is the embedded one (else None): a call
+        without metadata, request id or keywords that is a plain charge (valid plain ints, a model
+        priced flat, no calendar limit, no alert to fire, no limit passed: see
+        ``MemoryEngine.fast_record``) is charged there and its record made here, exactly as
+        ``record()`` makes it; any other call, or one the fast path declines having changed
+        nothing, goes to ``slow`` (the budget's ``record()``), which raises what it raises. The
+        plan of a (session, model) is compiled once: validated, priced (``_fast_plan``)."""
+        if not isinstance(engine, MemoryEngine):
+            return None
+        charge, clock, keep = engine.fast_record, self.clock, self._records.append
+        switch, new, set_attr, us, time_ns = otel._switch, _new_object, _set_attr, P.US, time.time_ns
+        core = self
+
+        def record(
+            session_id: str | None,
+            model: str,
+            input_tokens: Any,
+            output_tokens: Any = None,
+            metadata: dict[str, Any] | None = None,
+            request_id: str | None = None,
+            **keywords: Any,
+        ) -> UsageRecord:
+            if core.preamble_due or metadata is not None or request_id is not None or keywords:
+                return slow(session_id, model, input_tokens, output_tokens, metadata, request_id, **keywords)
+            sid = core.session_id if session_id is None else session_id
+            try:
+                fp = core._fast_plans.get((sid, model))
+            except TypeError:  # unhashable: record() says what is wrong
+                fp = False
+            if fp is None:
+                fp = core._fast_plan(sid, model)
+            if fp and type(input_tokens) is int and type(output_tokens) is int and input_tokens >= 0 <= output_tokens:
+                cost = (input_tokens * fp.i_rate + output_tokens * fp.o_rate + 500_000) // 1_000_000  # money.cost_nano
+                if clock is None:
+                    now = time_ns() // 1000
+                    ms = now // 1000
+                else:
+                    now, ms = round(clock() * us), time_ns() // 1_000_000
+                ledger_id = charge(fp, input_tokens + output_tokens, cost, now, ms, input_tokens, output_tokens)
+                if ledger_id is not False:
+                    if session_id is not None:
+                        core._last_session = session_id
+                    fields = fp.record_fields.copy()  # the record as _finish_charge makes it
+                    fields["input_tokens"] = input_tokens
+                    fields["output_tokens"] = output_tokens
+                    fields["cost_usd"] = cost / NANO
+                    fields["timestamp"] = now / us
+                    fields["metadata"] = {}
+                    fields["cost_nano_usd"] = cost
+                    fields["ledger_id"] = ledger_id
+                    rec = new(UsageRecord)
+                    set_attr(rec, "__dict__", fields)
+                    keep((sid, model, fp.canonical, fp.scope, input_tokens, output_tokens, cost, now, ledger_id))
+                    if switch.trace is not None:
+                        otel.charged(rec, 0, 0)
+                    return rec
+            return slow(session_id, model, input_tokens, output_tokens, metadata, request_id, **keywords)
+
+        return functools.wraps(slow)(record)
+
+    def fast_recording_many(
+        self, record: Callable[..., UsageRecord], slow: Callable[..., list[UsageRecord]]
+    ) -> Callable[..., list[UsageRecord]]:
+        """``record_many()`` over ``record`` (``fast_recording``'s): a list or tuple of calls each
+        one the fast path may take (``_fast_call``: all validated before any is charged) is recorded
+        call by call with ``record``, as ``record_many()`` does (every charge made; the first left
+        over a limit raised, or the first refused, afterwards); any other batch goes to ``slow``."""
+        core = self
+
+        def record_many(calls: Iterable[RecordCall]) -> list[UsageRecord]:
+            if core.preamble_due or type(calls) not in (list, tuple) or not all(map(core._fast_call, calls)):
+                return slow(calls)
+            records, first, refused = _gather(record, calls)
+            if refused is not None:
+                raise refused
+            if first is not None:
+                raise first
+            return records
+
+        return functools.wraps(slow)(record_many)
+
+    def _fast_call(self, call: object) -> bool:
+        """Is this call of ``record_many()`` one the fast path may take (a tuple (session, model,
+        input tokens, output tokens) of a fast plan, valid plain ints whose amounts fit)? Then it is
+        valid for ``record()`` too."""
+        if type(call) is not tuple or len(call) != 4:
+            return False
+        session_id, model, i, o = call
+        if type(session_id) is not str or type(i) is not int or type(o) is not int or i < 0 or o < 0:
+            return False
+        try:
+            fp = self._fast_plans.get((session_id, model))
+        except TypeError:
+            return False
+        if fp is None:
+            fp = self._fast_plan(session_id, model)
+        if not fp:
+            return False
+        return i + o <= MAX_AMOUNT and (i * fp.i_rate + o * fp.o_rate + 500_000) // 1_000_000 <= MAX_AMOUNT
+
+    def _fast_plan(self, session_id: str, model: str) -> FastPlan | Literal[False]:
+        """The fast plan of (session, model), compiled and kept (False kept when the fast path can
+        never apply to it); False when the call is invalid (``record()`` raises)."""
+        try:
+            check_name(session_id, "session_id")
+            self.usage(model, (0, 0, 0, 0, 0, 0))  # a valid, priced model
+        except Exception:
+            return False
+        if len(self._fast_plans) >= _PLAN_CACHE_SIZE:
+            self._fast_plans.clear()
+        key = (session_id, model)
+        plan = self.plan(session_id, model)
+        rates = self._rates(model)
+        if plan.valid_until_us or rates.long_context:
+            self._fast_plans[key] = False
+            return False
+        fields = {
+            **_RECORD_DEFAULTS,
+            "session_id": plan.session_id,
+            "model": model,
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cost_usd": 0.0,
+            "timestamp": 0.0,
+            "metadata": {},
+            "scope": self.scope.name,
+            "cost_nano_usd": 0,
+            "request_id": None,
+            "over_hold": False,
+            "ledger_id": None,
+            "cached_input_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
+            "canonical_model": plan.model or model,
+            "hold_expired": False,
+        }
+        inp, out = rates.flat_rates()
+        fp = self._fast_plans[key] = FastPlan(plan, self.ledger_maxlen, inp, out, fields)
+        fp.canonical, fp.scope = fields["canonical_model"], fields["scope"]
+        return fp
 
     def _ledger_entry(
         self, plan: P.Plan, call: CallView, hold_id: str | None, uncommitted: str | None = None
@@ -859,19 +1061,7 @@ class Accounting:
             return Done([])
 
         def finish(results: list[ChargeResult | InvalidInputError]) -> list[UsageRecord]:
-            records: list[UsageRecord] = []
-            first: BudgetExceededError | None = None
-            refused: InvalidInputError | None = None
-            for step, result in zip(steps, results, strict=True):
-                if isinstance(result, InvalidInputError):  # a counter would pass 2**53 - 1: not charged
-                    refused = refused or result
-                    continue
-                try:
-                    records.append(step.finish(result))
-                except BudgetExceededError as err:
-                    assert err.record is not None
-                    records.append(err.record)
-                    first = first or err
+            records, first, refused = _gather(_finish_one, zip(steps, results, strict=True))
             if isinstance(results, BatchAnswers):  # some were journaled under "raise"
                 raise results.error
             if refused is not None:
@@ -982,7 +1172,7 @@ class Accounting:
         flagged)."""
         try:  # validated before the hold is touched
             tokens = charge_args(input_tokens, output_tokens, cached_input_tokens, cache_write_tokens, reasoning_tokens)
-            usage = self.usage(hold.model, *tokens, service_tier=service_tier)
+            usage = self.usage(hold.model, tokens, service_tier)
             B.check_metadata(metadata)
         except (InvalidInputError, TypeError):
             hold.refused = True
@@ -1213,7 +1403,7 @@ class Accounting:
     @property
     def records(self) -> list[UsageRecord]:
         """Records charged through this object (the latest 10,000)."""
-        return list(self._records)
+        return [r if isinstance(r, UsageRecord) else kept_record(*r) for r in self._records]
 
     @property
     def alerts(self) -> list[BudgetAlert]:

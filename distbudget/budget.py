@@ -133,8 +133,12 @@ class _BudgetBase(Generic[E]):
             )
         )
         self._guard = core.attach(self.engine)
+        self._fast_path()
         self._driver = self._driver_class(self.engine, self._guard, settings.sleep)
         self._plain = self._driver_class(self.engine)  # the journal's replay: no policy around it
+
+    def _fast_path(self) -> None:
+        """Take the engine's fast paths, if any (``Budget``: ``record()`` on the embedded engine)."""
 
     #: ``make_engine`` or ``make_async_engine``, and the driver that runs this flavour's operations
     _make_engine: Callable[..., E]
@@ -265,6 +269,16 @@ class Budget(_BudgetBase[Engine]):
     _driver: Driver
     _plain: Driver
 
+    def _fast_path(self) -> None:
+        """``record()`` with the embedded engine's fast path (``Accounting.fast_recording``), unless
+        a subclass overrides ``record``."""
+        if type(self).record is Budget.record:
+            fast = self._core.fast_recording(self.engine, self.record)
+            if fast is not None:
+                self.record = fast  # type: ignore[method-assign]  # the same signature and docstring
+                if type(self).record_many is Budget.record_many:
+                    self.record_many = self._core.fast_recording_many(fast, self.record_many)  # type: ignore[method-assign]
+
     def _before(self, settle: bool = False) -> None:
         """Before an operation: the journal's replay when due, then the registry refresh when due
         (not to ``settle`` a reservation: it carries its plan) and the alert stream's announcement."""
@@ -290,6 +304,7 @@ class Budget(_BudgetBase[Engine]):
     check = _sync(Accounting.check)
     record = _sync(Accounting.record)
     record_many = _sync(Accounting.record_many)
+
     reserve = _reserving(Accounting.reserve)
     acquire = _reserving(Accounting.acquire)
     summary = _sync(Accounting.summary)

@@ -96,7 +96,7 @@ def test_8_processes_recording_on_real_redis_totals_exact(redis_server: RedisSer
 def test_a_million_charges_of_0_000123_sum_to_exactly_123() -> None:
     budget = Budget(BudgetScope("money", max_cost_per_session_usd=1000), RATES, session_id="s")
     plan = budget._core.plan("s", "m")
-    usage = budget._core.usage("m", 1, 0)
+    usage = budget._core.usage("m", (1, 0, 0, 0, 0, 0))
     assert usage[1] == 123_000  # nano-USD
     engine = budget.engine
     op = Record(plan, None, usage, None, 0, 0, "")
@@ -117,7 +117,7 @@ def test_100k_charges_on_redis_are_exact(redis_server: RedisServer) -> None:
     client.flushall()
     budget = Budget(BudgetScope("money", max_cost_per_session_usd=1000), RATES, redis=client, session_id="s")
     plan = budget._core.plan("s", "m")
-    usage = budget._core.usage("m", 1, 0)
+    usage = budget._core.usage("m", (1, 0, 0, 0, 0, 0))
     from distbudget.engines.codec import Codec
 
     call = Codec().encode(Record(plan, None, usage, None, 0, 0, ""))

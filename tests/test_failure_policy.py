@@ -121,9 +121,9 @@ def charge_kinds(budget: Budget | AsyncBudget, books: Books, key: int, call: Any
         if not err.journaled:
             raise
         assert "journaled, will be replayed" in str(err)
-        books.add(key, key + 7, budget._core.usage(MODEL, key, 7)[1], "journaled")
+        books.add(key, key + 7, budget._core.usage(MODEL, (key, 7, 0, 0, 0, 0))[1], "journaled")
         return
-    assert record.cost_nano_usd == budget._core.usage(MODEL, key, 7)[1]
+    assert record.cost_nano_usd == budget._core.usage(MODEL, (key, 7, 0, 0, 0, 0))[1]
     books.add(key, record.total_tokens, record.cost_nano_usd, "journaled" if record.journaled else "ok")
 
 
@@ -200,7 +200,7 @@ def checks_during_outage(mode: str, budget: Budget, books: Books, hold: Reservat
         with pytest.raises(BackendError) as err:
             hold.commit(key, 7)
         assert err.value.journaled
-        books.add(key, key + 7, budget._core.usage(MODEL, key, 7)[1], "journaled")
+        books.add(key, key + 7, budget._core.usage(MODEL, (key, 7, 0, 0, 0, 0))[1], "journaled")
         assert hold.release() is False  # its commit is journaled: nothing to do, nothing raised
         with pytest.raises(BackendError):
             budget.summary()

@@ -77,7 +77,7 @@ def charge_entry(
     """The ``d`` field of a charge. ``uncommitted``: why a hold was charged without a commit
     (``"exit"``: its block was left uncommitted under ``on_uncommitted="charge_hold"``;
     ``"commit_refused"``: its block was left by the exception of a refused commit)."""
-    parts = [entry_head, f',"op":"{op_ids.next()}","input_tokens":{input_tokens},"output_tokens":{output_tokens}']
+    parts = [plain_charge(entry_head, op_ids.next(), input_tokens, output_tokens)[:-1]]
     if any(extra_tokens):
         cached, written, reasoning = extra_tokens
         parts.append(f',"cached_input_tokens":{cached},"cache_write_tokens":{written},"reasoning_tokens":{reasoning}')
@@ -91,6 +91,13 @@ def charge_entry(
         parts.append(f',"uncommitted":"{uncommitted}"')
     parts.append("}")
     return "".join(parts)
+
+
+def plain_charge(entry_head: str, op: str, input_tokens: int, output_tokens: int) -> str:
+    """The ``d`` field of a plain charge (no cache or reasoning tokens, request id, hold, metadata):
+    what ``charge_entry`` makes of it. The embedded engine's fast path keeps such a charge's parts
+    and makes its JSON here only when the ledger is read."""
+    return f'{entry_head},"op":"{op}","input_tokens":{input_tokens},"output_tokens":{output_tokens}}}'
 
 
 def released_entry(entry_head: str, hold_id: str, request_id: str | None) -> str:

@@ -221,6 +221,12 @@ class ModelRates:
         )
         return cost_nano(1, per_million)
 
+    def flat_rates(self) -> tuple[int, int]:
+        """(input, output) nano-USD per million tokens of a plain call (no cache or reasoning
+        tokens) in the standard tier: ``cost_nano(i, o) == (i * input + o * output + 500_000) //
+        1_000_000`` when there are no long-context tiers (the embedded fast path prices so)."""
+        return self._nano[0], self._nano[1]
+
     def worst_case_nano(self, input_tokens: int, max_output_tokens: int, *, service_tier: str | None = None) -> int:
         """What a reservation holds: input at the input rate, output at max(output, reasoning),
         both in the long-context tier ``input_tokens`` falls in."""

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import deque
 from itertools import chain
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from distbudget._core import ledger, ops, registry, update
 from distbudget._core.bounds import check_after
 from distbudget._core.errors import InvalidInputError
+from distbudget._core.ledger import op_ids, plain_charge
 from distbudget._core.plan import Counter, Plan
 
 R = TypeVar("R")
@@ -37,26 +37,54 @@ class _Window:
 
 
 class _Stream:
-    """A capped stream, as XADD MAXLEN / XRANGE see it (ids: server milliseconds - sequence). An
-    entry is kept as one flat tuple (id ms, id sequence, JSON, clock µs, amounts) and its stream
-    fields are built when read: appending costs one small object (the garbage collector's work too)."""
+    """A capped stream, as XADD MAXLEN / XRANGE see it (ids: server milliseconds - sequence). Its
+    entries lie flat in one list, ``W`` cells each: (id ms, id sequence, clock µs, tokens, nano-USD,
+    then either the JSON, None and requests (``add``) or, for a fast-path charge
+    (``MemoryEngine.fast_record``), the plan's ledger head, its op id ("" until first read) and the
+    input and output tokens: its JSON is made only when read, by ``_core/ledger.plain_charge``).
+    Appending makes no object the garbage collector tracks; the entries beyond ``maxlen`` are
+    skipped (``start``) and dropped once they are as many as the live ones."""
 
-    __slots__ = ("entries", "ms", "seq")
+    __slots__ = ("cap", "cells", "end", "maxlen", "ms", "seq", "start")
+
+    W = 9
 
     def __init__(self, maxlen: int) -> None:
-        self.entries: deque[tuple[int, int, str, int, tuple[int, int, int]]] = deque(maxlen=maxlen)
+        self.cells: list[Any] = []
+        self.start = 0  # the first live cell
+        self.maxlen = maxlen
+        self.cap = maxlen * self.W  # live cells at most
+        self.end = self.cap  # trim() is due once the cells pass this
         self.ms = 0
         self.seq = 0
 
-    def add(self, entry: str, now: int, amt: tuple[int, int, int]) -> str:
-        ms = time.time_ns() // 1_000_000
+    def next_id(self, ms: int) -> tuple[int, int]:
         if ms > self.ms:
             self.ms, self.seq = ms, 0
         else:
-            ms = self.ms
             self.seq += 1
-        self.entries.append((ms, self.seq, entry, now, amt))
-        return f"{ms}-{self.seq}"
+        return self.ms, self.seq
+
+    def add(self, entry: str, now: int, amt: tuple[int, int, int]) -> str:
+        ms, seq = self.next_id(time.time_ns() // 1_000_000)
+        self.cells.extend((ms, seq, now, amt[0], amt[1], entry, None, amt[2], 0))
+        if len(self.cells) > self.end:
+            self.trim()
+        return f"{ms}-{seq}"
+
+    def trim(self) -> None:
+        """Skip the entries beyond ``maxlen``, oldest first; drop the skipped ones once they are as
+        many as the live ones (amortized: each cell is moved at most once per ``maxlen`` appends)."""
+        cells = self.cells
+        self.start = max(self.start, len(cells) - self.cap)
+        if self.start * 2 >= len(cells):
+            del cells[: self.start]
+            self.start = 0
+        self.end = self.start + self.cap
+
+    def resize(self, maxlen: int) -> None:
+        self.maxlen, self.cap = maxlen, maxlen * self.W
+        self.trim()
 
     def read(self, start: str, count: int) -> list[tuple[str, dict[str, str]]]:
         if start == "-":
@@ -66,10 +94,18 @@ class _Stream:
             lo_ms, _, lo_seq = start.lstrip("(").partition("-")
             lo = (int(lo_ms), int(lo_seq) if lo_seq else 0)
         out = []
-        for ms, seq, entry, now, amt in self.entries:
+        cells, width = self.cells, self.W
+        for k in range(self.start, len(cells), width):
+            ms, seq, now, tokens, cost, text, op, x, y = cells[k : k + width]
             eid = (ms, seq)
             if eid > lo or (eid == lo and not exclusive):
-                fields = {"d": entry, "ts": str(now), "t": str(amt[0]), "c": str(amt[1]), "r": str(amt[2])}
+                if op is None:
+                    fields = {"d": text, "ts": str(now), "t": str(tokens), "c": str(cost), "r": str(x)}
+                else:
+                    if not op:  # a fast-path charge read for the first time: its op id now
+                        op = cells[k + 6] = op_ids.next()
+                    entry = plain_charge(text, op, x, y)
+                    fields = {"d": entry, "ts": str(now), "t": str(tokens), "c": str(cost), "r": "1"}
                 out.append((f"{ms}-{seq}", fields))
                 if len(out) >= count:
                     break
@@ -83,6 +119,51 @@ class _Tree:
         self.holds: dict[str, tuple[tuple[int, int, int], tuple[str, ...]]] = {}
         self.held: dict[str, list[int]] = {}
         self.leases: dict[str, int] = {}
+
+
+class FastPlan:
+    """A plan compiled for :meth:`MemoryEngine.fast_record` (one per budget, session and model): the
+    counters it charges held as plain references while it is the engine's *active* plan, how far its
+    charges may still go (``r0``, ``r1``, ``r2``: tokens, nano-USD, requests, strictly below every
+    alert threshold not yet fired, every limit and 2**52) and until when (``lo`` <= now < ``hi``: no
+    bucket, window edge, session TTL refresh or sweep due) without an alert, an error or any change
+    of the state's shape. What was charged since, not yet in the counters, is the room used (``left``
+    minus ``r``): anything else adds it first (``_settle``).
+    The budget's side (``_accounting.py``) fills the constant part."""
+
+    __slots__ = (
+        "buckets",
+        "canonical",
+        "hi",
+        "i_rate",
+        "ledger_head",
+        "left",
+        "lo",
+        "maxlen",
+        "o_rate",
+        "plan",
+        "r0",
+        "r1",
+        "r2",
+        "record_fields",
+        "scope",
+        "stream",
+        "tots",
+    )
+
+    def __init__(self, plan: Plan, maxlen: int, i_rate: int, o_rate: int, record_fields: dict[str, Any]) -> None:
+        self.plan = plan
+        self.maxlen = maxlen  # the ledger's MAXLEN (0: no ledger)
+        self.ledger_head = plan.ledger_head
+        self.i_rate, self.o_rate = i_rate, o_rate  # nano-USD per million input / output tokens
+        self.record_fields = record_fields  # a UsageRecord's constant fields (the budget's)
+        self.canonical = self.scope = ""  # its canonical model and scope (the budget's)
+        self.tots: list[list[int]] = []
+        self.buckets: list[list[int]] = []
+        self.stream: _Stream | None = None
+        self.r0 = self.r1 = self.r2 = 0  # the room left (tokens, nano-USD, requests)
+        self.left: tuple[int, int, int] = (0, 0, 0)  # the room when made active: pending = left - r
+        self.lo = self.hi = 0
 
 
 def _expire(w: _Window, tot: list[int], lo: int) -> None:
@@ -115,6 +196,7 @@ class MemoryEngine:
         self._prices: dict[str, tuple[int, str | None]] = {}  # the fleet price book: revision, JSON
         self._sweep_at = 0
         self._high = False  # some counter has reached 2**52 (see _check_room)
+        self._active: FastPlan | None = None  # the fast plan whose pending amounts are not settled yet
         self._handlers: dict[type[Any], Any] = {
             ops.Record: self._record,
             ops.RecordMany: self._record_many,
@@ -259,6 +341,10 @@ class MemoryEngine:
                 self._drop_hold(tree, hold_id)
 
     def _read(self, plan: Plan, now: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The plan's counters and holds as a check, a reservation or a summary reads them (under
+        the lock; fast-path amounts settled first)."""
+        if self._active is not None:
+            self._settle()
         tree = self._trees.get(plan.keys[0])  # a read creates no state (see _lookup)
         if tree is not None:
             self._reap(tree, now)
@@ -297,8 +383,135 @@ class MemoryEngine:
         """Apply one operation (see ``engines/base.py``)."""
         return self._handlers[type(op)](op)  # type: ignore[no-any-return]  # each handler matches its type
 
+    def fast_record(
+        self, fp: FastPlan, tokens: int, cost: int, now: int, ms: int, i: int, o: int
+    ) -> str | Literal[False] | None:
+        """``record()``'s fast path: charge (tokens, cost, 1 request) at ``now`` (µs: the caller's
+        clock, else the server's, as ``time.time_ns() // 1000`` read just before) through ``fp``'s
+        compiled plan, its ledger entry (``i`` input and ``o`` output tokens) at the server's ``ms``
+        milliseconds (``time.time_ns() // 1_000_000``). Its ledger id (None without a ledger), or False
+        when the charge is not a plain one (it would fire an alert, pass a limit, reach a new bucket
+        ...: the caller then records it the usual way, ``ops.Record``). Exactly what ``_record``
+        would do, but the counters see the amounts when ``_settle`` adds them, before any other
+        operation of this engine."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            # only the active plan has a time span (_settle closes it): a plan not active is made so
+            if not fp.lo <= now < fp.hi and not self._activate(fp, now, tokens, cost):
+                return False
+            r0, r1, r2 = fp.r0 - tokens, fp.r1 - cost, fp.r2 - 1
+            if r0 <= 0 or r1 <= 0 or r2 <= 0:
+                return False
+            fp.r0, fp.r1, fp.r2 = r0, r1, r2
+            stream = fp.stream
+            if stream is None:
+                return None
+            if ms > stream.ms:
+                stream.ms = ms
+                seq = stream.seq = 0
+            else:
+                ms = stream.ms
+                seq = stream.seq = stream.seq + 1
+            cells = stream.cells
+            cells += (ms, seq, now, tokens, cost, fp.ledger_head, "", i, o)
+            if len(cells) > stream.end:
+                stream.trim()
+            return f"{ms}-{seq}"
+        finally:
+            lock.release()
+
+    def _activate(self, fp: FastPlan, now: int, tokens: int, cost: int) -> bool:
+        """Make ``fp`` the active plan at ``now``: settle the active one, prepare its counters as a
+        charge does (the session's hash and TTL, the windows aged, the current bucket) and work out
+        its room and its time span. False (nothing changed) when the fast path cannot apply."""
+        if self._active is not None:
+            self._settle()
+        plan = fp.plan
+        if self._high or tokens >= _HALF or cost >= _HALF or plan.valid_until_us:
+            return False
+        if now >= self._sweep_at:
+            self._sweep(now)
+        hi = self._sweep_at
+        all_hashes, windows = self._hashes, self._windows
+        tots, buckets, hashes = [], [], []
+        for c in plan.counters:
+            zkey = c.zset_key
+            h: dict[Any, Any] | None
+            if zkey is None and c.ttl_ms:
+                h = self._hash(c.hash_key, now)
+                self._refresh(h, c, now)
+                hi = min(hi, h[None] + min(c.ttl_ms // 16, 60_000) * 1000)
+            else:
+                h = all_hashes.get(c.hash_key)
+                if h is None:
+                    h = all_hashes[c.hash_key] = {}
+            tot = h.get(c.prefix)
+            if tot is None:
+                tot = h[c.prefix] = [0, 0, 0]
+            if zkey is not None:
+                w = windows.get(zkey)
+                if w is None:
+                    w = windows[zkey] = _Window()
+                if w.buckets:
+                    lo = (now - c.window_us) // c.bucket_us
+                    if w.oldest < lo:
+                        _expire(w, tot, lo)
+                b = max(now // c.bucket_us, w.newest)
+                w.newest = b
+                bucket = w.buckets.get(b)
+                if bucket is None:
+                    if not w.buckets or b < w.oldest:
+                        w.oldest = b
+                    bucket = w.buckets[b] = [0, 0, 0]
+                # until the next bucket, and until the oldest bucket leaves the window
+                hi = min(hi, (b + 1) * c.bucket_us, (w.oldest + 1) * c.bucket_us + c.window_us)
+                buckets.append(bucket)
+            tots.append(tot)
+            hashes.append(h)
+        room = [_HALF - max(t[m] for t in tots) for m in (0, 1, 2)]
+        for lim, field in zip(plan.limits, plan.alert_fields, strict=True):
+            m = lim.metric
+            now_at = tots[lim.counter][m]
+            st = hashes[lim.counter].get(field, 0)
+            r = lim.value - now_at + 1  # beyond: over the limit (an error or a warning)
+            if st & 1:
+                if now_at < lim.warn_rearm:
+                    r = 0  # it would re-arm
+            elif lim.warn_at >= 0:
+                r = min(r, lim.warn_at - now_at)
+            if st & 2:
+                if now_at < lim.crit_rearm:
+                    r = 0
+            else:
+                r = min(r, lim.crit_at - now_at)
+            room[m] = min(room[m], r)
+        fp.r0, fp.r1, fp.r2 = fp.left = (room[0], room[1], room[2])
+        fp.tots, fp.buckets = tots, buckets
+        fp.lo, fp.hi = now, hi
+        fp.stream = self._stream(plan.keyspace.ledger, fp.maxlen) if fp.maxlen else None
+        self._active = fp
+        return True
+
+    def _settle(self) -> None:
+        """Add the active fast plan's pending amounts to its counters (every operation but the fast
+        path's own does this first, under the lock, so it sees the exact state)."""
+        fp = self._active
+        assert fp is not None
+        self._active = None
+        fp.hi = fp.lo  # no time span: fast_record makes it active again first
+        p0, p1, p2 = fp.left[0] - fp.r0, fp.left[1] - fp.r1, fp.left[2] - fp.r2  # the pending amounts
+        if p2:
+            for row in chain(fp.tots, fp.buckets):
+                row[0] += p0
+                row[1] += p1
+                row[2] += p2
+            fp.left = (fp.r0, fp.r1, fp.r2)
+
     def _record(self, op: ops.Record) -> ops.ChargeResult:
         with self._lock:
+            if self._active is not None:
+                self._settle()
             now = _server_now() if op.now_us is None else op.now_us
             if self._seen(op.request_key, now) is None:
                 self._check_room(op.plan, now, op.amounts)
@@ -309,6 +522,8 @@ class MemoryEngine:
         counter it would push past 2**53 - 1 gets its error in its place; the others stand."""
         out: list[ops.ChargeResult | InvalidInputError] = []
         with self._lock:
+            if self._active is not None:
+                self._settle()
             for r in op.records:
                 now = _server_now() if r.now_us is None else r.now_us
                 if self._seen(r.request_key, now) is None:
@@ -322,6 +537,8 @@ class MemoryEngine:
 
     def _commit(self, op: ops.Commit) -> ops.ChargeResult:
         with self._lock:
+            if self._active is not None:
+                self._settle()
             now = _server_now() if op.now_us is None else op.now_us
             tree = self._tree(op.plan)
             if self._seen(op.request_key, now) is not None:
@@ -347,14 +564,16 @@ class MemoryEngine:
     def _append(self, key: str, maxlen: int, entry: str, now: int, amt: ops.Amounts) -> str:
         if not entry:
             return ""
+        return self._stream(key, maxlen).add(entry, now, amt)
+
+    def _stream(self, key: str, maxlen: int) -> _Stream:
+        """The stream at ``key``, made (or its cap changed to ``maxlen``, keeping its entries) as needed."""
         stream = self._streams.get(key)
-        if stream is None or stream.entries.maxlen != maxlen:
-            old = stream.entries if stream is not None else ()
+        if stream is None:
             stream = self._streams[key] = _Stream(maxlen)
-            stream.entries.extend(old)
-            if old:
-                stream.ms, stream.seq = old[-1][:2]
-        return stream.add(entry, now, amt)
+        elif stream.maxlen != maxlen:
+            stream.resize(maxlen)
+        return stream
 
     def _seen(self, request_key: str | None, now: int) -> tuple[int, int, int] | None:
         if request_key is None:
@@ -480,6 +699,8 @@ class MemoryEngine:
     def _release(self, op: ops.Release) -> bool:
         """Free a hold; with a ledger entry (a hold left uncommitted), append it in the same step."""
         with self._lock:
+            if self._active is not None:
+                self._settle()  # its append may change the stream's cap: the fast plan takes it up again
             tree = self._trees.get(op.plan.keys[0])
             found = tree is not None and self._drop_hold(tree, op.hold_id)
             if op.ledger_entry:
@@ -519,6 +740,8 @@ class MemoryEngine:
         """``lua/reset.lua``: zero the counters, report what the first one held, append the reset."""
         keys = op.keys
         with self._lock:
+            if self._active is not None:
+                self._settle()
             now = _server_now() if op.now_us is None else op.now_us
             h = self._lookup(keys[1], now) or {}  # nothing to zero creates nothing
             if op.what == "model":
