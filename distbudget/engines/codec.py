@@ -438,11 +438,15 @@ def charges(results: list[Any]) -> list[ops.ChargeResult | InvalidInputError]:
     raise ops.BatchError(msg, per_call) from first
 
 
-# ---- replies read by hand (RESP2) ---------------------------------------------------------------
+# ---- replies read by hand (RESP2 and RESP3) --------------------------------------------------------
 
 
 class Short(Exception):
     """The bytes read so far end inside a reply."""
+
+
+class Push(list[Any]):
+    """A RESP3 push frame (a server's notification, not a reply), for the connection's parser."""
 
 
 def error_reply(text: str) -> rx.RedisError:
@@ -454,46 +458,69 @@ def error_reply(text: str) -> rx.RedisError:
     return err
 
 
+def _sized(buf: bytes, after: int, size: int) -> tuple[bytes, int]:
+    if len(buf) < after + size + 2:
+        raise Short
+    return buf[after : after + size], after + size + 2
+
+
+def _items(buf: bytes, after: int, count: int) -> tuple[list[Any], int]:
+    items = []
+    for _ in range(count):
+        item, after = _reply(buf, after)
+        items.append(item)
+    return items, after
+
+
 def _reply(buf: bytes, pos: int) -> tuple[Any, int]:
-    """The RESP2 reply starting at ``buf[pos]`` and the position after it, as redis-py's RESP2 parser
-    reads it with ``decode_responses`` off (an error reply: its exception, in place); ``Short``
-    when it is not all there yet."""
+    """The RESP2 or RESP3 reply starting at ``buf[pos]`` and the position after it, as redis-py's
+    parsers read it with ``decode_responses`` off (an error reply: its exception, in place; a push
+    frame: ``Push``); ``Short`` when it is not all there yet."""
     end = buf.find(b"\r\n", pos)
     if end < 0:
         raise Short
-    kind, line, after = buf[pos], buf[pos + 1 : end], end + 2
+    kind, line, after = buf[pos : pos + 1], buf[pos + 1 : end], end + 2
     value: Any = line  # +: a simple string
-    if kind == 36:  # $: a bulk string
-        size = int(line)
-        if size >= 0:
-            if len(buf) < after + size + 2:
-                raise Short
-            value, after = buf[after : after + size], after + size + 2
-        else:
-            value = None
-    elif kind == 42:  # *: an array
-        size = int(line)
-        value = None if size < 0 else []
-        for _ in range(size):
-            item, after = _reply(buf, after)
-            value.append(item)
-    elif kind == 58:  # :
+    if kind in b"$=!" and line == b"-1":
+        value = None
+    elif kind in b"$=!":  # a bulk string, a verbatim string (its format dropped), a bulk error
+        value, after = _sized(buf, after, int(line))
+        if kind == b"=":
+            value = value[4:]
+        elif kind == b"!":
+            value = error_reply(value.decode("utf-8", errors="replace"))
+    elif kind in b"*~>%":  # an array, a set, a push, a map
+        count = int(line)
+        value, after = (None, after) if count < 0 else _items(buf, after, 2 * count if kind == b"%" else count)
+        if kind == b"%":
+            value = dict(zip(value[::2], value[1::2], strict=True))
+        elif kind == b">":
+            value = Push(value)
+    elif kind in b":(":
         value = int(line)
-    elif kind == 45:  # -
+    elif kind == b",":
+        value = float(line)
+    elif kind == b"#":
+        value = line == b"t"
+    elif kind == b"_":
+        value = None
+    elif kind == b"-":
         value = error_reply(line.decode("utf-8", errors="replace"))
-    elif kind != 43:
+    elif kind != b"+":
         raise rx.InvalidResponse(f"Protocol Error: {buf[pos:end]!r}")
     return value, after
 
 
 class Replies:
-    """The replies of ``want`` pipelined commands, from the bytes read for them (``feed``)."""
+    """The replies of ``want`` pipelined commands, from the bytes read for them (``feed``); the
+    push frames met on the way in ``pushes`` (they are not replies)."""
 
-    __slots__ = ("_buf", "got", "want")
+    __slots__ = ("_buf", "got", "pushes", "want")
 
     def __init__(self, want: int) -> None:
         self.want = want
         self.got: list[Any] = []
+        self.pushes: list[Push] = []
         self._buf = b""
 
     def feed(self, data: bytes) -> bool:
@@ -504,7 +531,7 @@ class Replies:
         try:
             while len(got) < self.want:
                 reply, pos = _reply(buf, pos)
-                got.append(reply)
+                (self.pushes if type(reply) is Push else got).append(reply)
         except Short:
             self._buf = buf[pos:]
             return False

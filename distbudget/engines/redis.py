@@ -177,8 +177,9 @@ def warn_if_retrying(client: Any) -> None:
 #
 # It relies on redis-py internals, tested with redis-py 8.1 (a test compares the replies read by hand
 # with redis-py's own reader): a connection's ``_sock`` (sync) and ``_reader`` / ``_writer`` (asyncio)
-# and ``_host_error()``, ``redis._parsers.BaseParser.parse_error`` (the error classes per code). With
-# another major version, another connection or pool class (Sentinel's), RESP3 or a client-side cache,
+# and ``_host_error()``, its parser's ``handle_push_response`` (RESP3 push frames met while reading),
+# ``redis._parsers.BaseParser.parse_error`` (the error classes per code). With
+# another major version, another connection or pool class (Sentinel's) or a client-side cache,
 # the same packed commands go through redis-py's own connection methods (``_Wire.hand`` False): a
 # connection taken from the pool per call, each reply read by ``read_response``.
 
@@ -199,13 +200,11 @@ _TESTED_MAJORS = range(8, 9)
 
 def _hand_ok(pool: Any) -> bool:
     """Whether replies on this pool's connections may be read by hand (see above)."""
-    kwargs = getattr(pool, "connection_kwargs", {})
     return (
         type(pool) in (*_SYNC_POOLS, *_ASYNC_POOLS)
         and pool.connection_class in _HAND_CONNECTIONS
         and int(redis.__version__.split(".")[0]) in _TESTED_MAJORS
         and hasattr(pool.connection_class, "_host_error")
-        and str(kwargs.get("protocol") or 2) == "2"
         and getattr(pool, "cache", None) is None
     )
 
@@ -314,6 +313,8 @@ def _exchange(wire: _Wire, io: Any, commands: list[bytes]) -> Generator[_Step, A
         if wire.hand:
             while not replies.feed(_ok((yield _Step(io.recv, (conn,))))):
                 pass
+            if replies.pushes:  # a RESP3 server's notifications: redis-py's parser acts on them
+                _ok((yield _Step(io.pushed, (conn, replies.pushes))))
         else:
             while len(replies.got) < replies.want:
                 replies.got.append(_ok((yield _Step(io.read, (conn,)))))
@@ -361,6 +362,11 @@ class _SyncIO:
             conn.disconnect()
             raise redis.exceptions.ConnectionError("Connection closed by server.")
         return cast("bytes", data)
+
+    @staticmethod
+    def pushed(conn: Any, pushes: list[Any]) -> None:
+        for push in pushes:
+            conn._parser.handle_push_response(list(push))
 
     @staticmethod
     def read(conn: Any) -> Any:
@@ -417,6 +423,11 @@ class _AsyncIO:
         except (OSError, asyncio.TimeoutError) as exc:
             await conn.disconnect(nowait=True)
             raise _io_error(exc, conn) from exc
+
+    @staticmethod
+    async def pushed(conn: Any, pushes: list[Any]) -> None:
+        for push in pushes:
+            await conn._parser.handle_push_response(list(push))
 
     @staticmethod
     async def read(conn: Any) -> Any:
