@@ -235,6 +235,7 @@ class _Wire:
         self.sync = not isinstance(pool, _ASYNC_POOLS)
         self.keep = max(0, min(KEEP, int(getattr(pool, "max_connections", 0)) - 1)) if hand else 0
         self.idle: list[tuple[Any, Any, Any]] = []  # (connection, its socket, a poll of it)
+        self.polls: dict[int, tuple[Any, Any]] = {}  # id of a sync connection: (its socket, a poll of it)
         self.pid = os.getpid()
 
     def take(self) -> tuple[Any, bool]:
@@ -249,6 +250,15 @@ class _Wire:
         reader = conn._reader
         return conn, reader is not None and not reader.at_eof() and not len(getattr(reader, "_buffer", b""))
 
+    def quick(self) -> Any:
+        """A kept connection fit to send on (the sync engine's one-command path), else None."""
+        if not self.sync or not self.idle:
+            return None
+        conn, fit = self.take()
+        if not fit:
+            conn.disconnect()  # connected anew by the send
+        return conn
+
     def kept(self, conn: Any, replies: list[Any]) -> bool:
         """Keep ``conn`` for a next call: after replies all read and none an error (an error may
         mean a failover: redis-py's pool decides what becomes of that connection)."""
@@ -256,12 +266,13 @@ class _Wire:
             return False
         if any(isinstance(r, BaseException) for r in replies):
             return False
-        sock = conn._sock if self.sync else None
-        poll = None
-        if sock is not None:
-            poll = select.poll()
-            poll.register(sock, select.POLLIN)
-        self.idle.append((conn, sock, poll))
+        sock, poll = (conn._sock, self.polls.get(id(conn))) if self.sync else (None, None)
+        if sock is not None and (poll is None or poll[0] is not sock):  # a poll per socket, made once
+            if len(self.polls) > 4 * KEEP:
+                self.polls.clear()
+            poll = self.polls[id(conn)] = (sock, select.poll())
+            poll[1].register(sock, select.POLLIN)
+        self.idle.append((conn, sock, poll and poll[1]))
         return True
 
 
@@ -706,7 +717,24 @@ class RedisEngine(_Base):
         return cast("R", _drive(self._direct_steps(op, self._send_packed, self.client.script_load)))
 
     def _send_packed(self, data: bytes) -> Any:
-        return _one(self._send_all([data]))
+        """One command: on a kept connection fit to send on, sent and read here (``_exchange``'s
+        work without its steps: a command alone raises its error), else by ``_exchange``."""
+        wire = cast("_Wire", self._direct)
+        conn = wire.quick()
+        if conn is None:
+            return _one(self._send_all([data]))
+        replies = Replies(1)
+        try:
+            conn.send_packed_command([data], check_health=False)
+            while not replies.feed(_SyncIO.recv(conn)):
+                pass
+        except BaseException:
+            conn.disconnect()  # replies may be left unread on it
+            wire.pool.release(conn)
+            raise
+        if not wire.kept(conn, replies.got):
+            wire.pool.release(conn)
+        return _one(replies.got)
 
     def _send_all(self, commands: list[bytes]) -> list[Any]:
         """See ``_exchange``."""
