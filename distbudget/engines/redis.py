@@ -364,8 +364,11 @@ class _SyncIO:
 
     @staticmethod
     def recv(conn: Any) -> bytes:
+        sock = conn._sock
+        if sock is None:  # disconnected meanwhile (the client closed by another thread)
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
         try:
-            data = conn._sock.recv(_READ)
+            data = sock.recv(_READ)
         except OSError as exc:  # a timeout too
             conn.disconnect()
             raise _io_error(exc, conn) from exc
