@@ -19,6 +19,7 @@ import select
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -183,7 +184,7 @@ def warn_if_retrying(client: Any) -> None:
 # the same packed commands go through redis-py's own connection methods (``_Wire.hand`` False): a
 # connection taken from the pool per call, each reply read by ``read_response``.
 
-KEEP = 4  # connections an engine keeps between calls (never a pool's last one)
+KEEP = 4  # connections kept between calls per pool, whatever the engines on it (never its last one)
 _READ = 65536
 _SYNC_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
 _ASYNC_POOLS = (redis.asyncio.ConnectionPool, redis.asyncio.BlockingConnectionPool)
@@ -220,7 +221,13 @@ def _direct_wire(client: Any, wait: tuple[int, int] | None) -> _Wire | None:
     named = inspect.signature(pool.get_connection).parameters.get("command_name")
     if named is not None and named.default is inspect.Parameter.empty:
         return None  # redis-py < 5.3 wants a command name here
-    return _Wire(pool, _hand_ok(pool))
+    wire = _WIRES.get(pool)
+    if wire is None:  # one per pool, shared by the engines on it: KEEP is the pool's
+        wire = _WIRES[pool] = _Wire(pool, _hand_ok(pool))
+    return wire
+
+
+_WIRES: weakref.WeakKeyDictionary[Any, _Wire] = weakref.WeakKeyDictionary()
 
 
 class _Wire:
