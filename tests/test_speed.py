@@ -46,11 +46,11 @@ def test_a_packed_charge_is_the_command_redis_py_would_send(redis_server: RedisS
     for op in ops:
         call = codec.encode(op)
         sha = budget.engine.scripts[call.script].sha
-        assert codec.packed_charge(op, sha) == redis_py_packed(client, sha, call)
+        assert codec.packed_charge(op, b"EVALSHA", sha) == redis_py_packed(client, sha, call)
     for step in (budget._core.reserve("m", 10, 10), budget._core.check("m", 1, 1), budget._core.summary("s")):
         call = codec.encode(step.op)
         sha = budget.engine.scripts[call.script].sha
-        assert codec.packed_call(call, sha) == redis_py_packed(client, sha, call)
+        assert codec.packed_call(call, b"EVALSHA", sha) == redis_py_packed(client, sha, call)
 
 
 CALLS = 40  # per thread / task

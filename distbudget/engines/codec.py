@@ -72,6 +72,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import redis
 import redis.exceptions as rx
+from redis._parsers import BaseParser  # its parse_error: redis-py's error classes per code
 
 from distbudget._core import ops
 from distbudget._core.errors import BackendError, InvalidInputError
@@ -112,6 +113,9 @@ def _bulk(value: str | int | bytes) -> bytes:
     """One RESP bulk string (a command argument as redis-py's packer writes it)."""
     b = value if isinstance(value, bytes) else str(value).encode()
     return b"$%d\r\n%b\r\n" % (len(b), b)
+
+
+_EMPTY = _bulk("")
 
 
 def _num(v: int, size: int) -> bytes:
@@ -233,6 +237,8 @@ class Codec:
 
     def __init__(self) -> None:
         self._plans: dict[int, tuple[Plan, PlanWire]] = {}
+        # a charge's packed head (count, verb, script, KEYS) per (plan, verb, script, commit, request key)
+        self._heads: dict[tuple[int, bytes, str, bool, bool], bytes] = {}
 
     def plan(self, plan: Plan) -> PlanWire:
         hit = self._plans.get(id(plan))
@@ -240,6 +246,7 @@ class Codec:
             return hit[1]
         if len(self._plans) >= _PLAN_CACHE_SIZE:
             self._plans.clear()
+            self._heads.clear()
         wire = encode_plan(plan)
         self._plans[id(plan)] = (plan, wire)  # the plan is kept alive with its id
         return wire
@@ -284,37 +291,44 @@ class Codec:
         return cast("ScriptCall[R]", call)  # each branch encodes its own operation's result
 
     @staticmethod
-    def packed_call(call: ScriptCall[Any], sha: str) -> bytes:
-        """A script call's ``EVALSHA`` (``sha``: its script's) as the bytes sent on the connection."""
-        head = b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(call.keys) + len(call.argv) + 3)
-        return b"".join((head, _bulk(sha), _bulk(len(call.keys)), *map(_bulk, call.keys), *map(_bulk, call.argv)))
+    def packed_call(call: ScriptCall[Any], verb: bytes, target: str) -> bytes:
+        """A script call as the bytes sent on the connection: ``EVALSHA`` (``target`` its script's
+        sha) or ``FCALL`` (``target`` the library's function)."""
+        head = b"*%d\r\n%b" % (len(call.keys) + len(call.argv) + 3, _bulk(verb))
+        return b"".join((head, _bulk(target), _bulk(len(call.keys)), *map(_bulk, call.keys), *map(_bulk, call.argv)))
 
-    def packed_charge(self, op: ops.Record | ops.Commit, sha: str) -> bytes:
-        """The ``EVALSHA`` of :meth:`encode`'s charge call, as the bytes sent on the connection: the
-        plan's keys and arguments were packed once (``PlanWire``), the call's own values are packed
-        here. redis-py's packer would take several times as long for the ~30 arguments (it encodes,
-        measures and joins each one on every call)."""
+    def packed_charge(self, op: ops.Record | ops.Commit, verb: bytes, target: str) -> bytes:
+        """The charge call of :meth:`encode` (``verb`` and ``target`` as for :meth:`packed_call`), as
+        the bytes sent on the connection: its head (the argument count, the verb, the script, the
+        plan's keys) is packed once per plan and script, the plan's arguments once per plan
+        (``PlanWire``); the call's own values are packed here. redis-py's packer would take several
+        times as long for the ~30 arguments (it encodes, measures and joins each one on every call)."""
         wire = self.plan(op.plan)
         commit = isinstance(op, ops.Commit)
-        keys, nkeys = (
-            (wire.charge_keys_resp, len(wire.charge_keys)) if commit else (wire.record_keys_resp, len(wire.record_keys))
-        )
-        ttl: str | int = ""
-        if op.request_key is not None:
-            keys, nkeys, ttl = keys + _bulk(op.request_key), nkeys + 1, op.request_ttl_ms
+        asked = op.request_key is not None
+        cached = self._heads.get((id(wire), verb, target, commit, asked))
+        if cached is None:
+            keys, nkeys = (
+                (wire.charge_keys_resp, len(wire.charge_keys))
+                if commit
+                else (wire.record_keys_resp, len(wire.record_keys))
+            )
+            nkeys += asked
+            cached = b"".join(
+                (b"*%d\r\n" % (nkeys + len(wire.argv) + 12), _bulk(verb), _bulk(target), _bulk(nkeys), keys)
+            )
+            self._heads[(id(wire), verb, target, commit, asked)] = cached
         a0, a1, a2 = op.amounts
         return b"".join(
             (
-                b"*%d\r\n$7\r\nEVALSHA\r\n" % (nkeys + len(wire.argv) + 12),
-                _bulk(sha),
-                _bulk(nkeys),
-                keys,
-                _bulk("" if op.now_us is None else op.now_us),
+                cached,
+                _bulk(op.request_key) if asked else b"",  # type: ignore[arg-type]  # asked: not None
+                _EMPTY if op.now_us is None else _bulk(op.now_us),
                 _bulk(a0),
                 _bulk(a1),
                 _bulk(a2),
-                _bulk(ttl),
-                _bulk(op.hold_id if commit else ""),  # type: ignore[union-attr]  # a Commit's
+                _bulk(op.request_ttl_ms) if asked else _EMPTY,
+                _bulk(op.hold_id) if commit else _EMPTY,  # type: ignore[union-attr]  # a Commit's
                 wire.tail_resp,
                 _bulk(op.ledger_maxlen),
                 _bulk(op.ledger_entry),
@@ -445,6 +459,108 @@ def charges(results: list[Any]) -> list[ops.ChargeResult | InvalidInputError]:
     per_call = [backend_error("record", r) if isinstance(r, Exception) else _charged(r) for r in results]
     msg = f"Redis record_many: {len(failed)} of {len(results)} charges failed (first: {first})"
     raise ops.BatchError(msg, per_call) from first
+
+
+# ---- replies read by hand (RESP2 and RESP3) --------------------------------------------------------
+
+
+class Short(Exception):
+    """The bytes read so far end inside a reply."""
+
+
+class Push(list[Any]):
+    """A RESP3 push frame (a server's notification, not a reply), for the connection's parser."""
+
+
+def error_reply(text: str) -> rx.RedisError:
+    """An error reply as redis-py's parsers make it (the same class per error code); one meaning the
+    connection is unusable (``max number of clients``, ...) is raised, as theirs do."""
+    err: rx.RedisError = BaseParser.parse_error(text)  # type: ignore[no-untyped-call]
+    if isinstance(err, rx.ConnectionError):
+        raise err
+    return err
+
+
+def _sized(buf: bytes, after: int, size: int) -> tuple[bytes, int]:
+    if len(buf) < after + size + 2:
+        raise Short
+    return buf[after : after + size], after + size + 2
+
+
+def _items(buf: bytes, after: int, count: int) -> tuple[list[Any], int]:
+    items = []
+    for _ in range(count):
+        item, after = _reply(buf, after)
+        items.append(item)
+    return items, after
+
+
+def _reply(buf: bytes, pos: int) -> tuple[Any, int]:
+    """The RESP2 or RESP3 reply starting at ``buf[pos]`` and the position after it, as redis-py's
+    parsers read it with ``decode_responses`` off (an error reply: its exception, in place; a push
+    frame: ``Push``); ``Short`` when it is not all there yet."""
+    end = buf.find(b"\r\n", pos)
+    if end < 0:
+        raise Short
+    kind, line, after = buf[pos : pos + 1], buf[pos + 1 : end], end + 2
+    value: Any = line  # +: a simple string
+    if kind in b"$=!" and line == b"-1":
+        value = None
+    elif kind in b"$=!":  # a bulk string, a verbatim string (its format dropped), a bulk error
+        value, after = _sized(buf, after, int(line))
+        if kind == b"=":
+            value = value[4:]
+        elif kind == b"!":
+            value = error_reply(value.decode("utf-8", errors="replace"))
+    elif kind in b"*~>%":  # an array, a set, a push, a map
+        count = int(line)
+        value, after = (None, after) if count < 0 else _items(buf, after, 2 * count if kind == b"%" else count)
+        if kind == b"%":
+            value = dict(zip(value[::2], value[1::2], strict=True))
+        elif kind == b">":
+            value = Push(value)
+    elif kind in b":(":
+        value = int(line)
+    elif kind == b",":
+        value = float(line)
+    elif kind == b"#":
+        value = line == b"t"
+    elif kind == b"_":
+        value = None
+    elif kind == b"-":
+        value = error_reply(line.decode("utf-8", errors="replace"))
+    elif kind != b"+":
+        raise rx.InvalidResponse(f"Protocol Error: {buf[pos:end]!r}")
+    return value, after
+
+
+class Replies:
+    """The replies of ``want`` pipelined commands, from the bytes read for them (``feed``); the
+    push frames met on the way in ``pushes`` (they are not replies)."""
+
+    __slots__ = ("_buf", "got", "pushes", "want")
+
+    def __init__(self, want: int) -> None:
+        self.want = want
+        self.got: list[Any] = []
+        self.pushes: list[Push] = []
+        self._buf = b""
+
+    def feed(self, data: bytes) -> bool:
+        """Take bytes read from the connection; True once every reply is complete. Bytes past the
+        last reply are a protocol error (nothing else was asked)."""
+        buf = self._buf + data if self._buf else data
+        pos, got = 0, self.got
+        try:
+            while len(got) < self.want:
+                reply, pos = _reply(buf, pos)
+                (self.pushes if type(reply) is Push else got).append(reply)
+        except Short:
+            self._buf = buf[pos:]
+            return False
+        if pos != len(buf):
+            raise rx.InvalidResponse("Protocol Error: bytes past the last reply")
+        return True
 
 
 # ---- errors -------------------------------------------------------------------------------------

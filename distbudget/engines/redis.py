@@ -14,9 +14,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
+import select
+import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Generator
+from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 import redis
@@ -41,6 +46,7 @@ from distbudget.engines import functions
 from distbudget.engines.codec import (
     ERRORS,
     Codec,
+    Replies,
     ScriptCall,
     backend_error,
     charges,
@@ -51,6 +57,11 @@ from distbudget.engines.codec import (
 )
 from distbudget.engines.scripts import OPERATIONS as SCRIPTS
 from distbudget.engines.scripts import source as script_source
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as async_timeout
+else:  # pragma: no cover  # redis-py depends on async-timeout there
+    from async_timeout import timeout as async_timeout
 
 R = TypeVar("R")
 
@@ -163,10 +174,46 @@ def warn_if_retrying(client: Any) -> None:
         )
 
 
-def _direct_pool(client: Any, wait: tuple[int, int] | None) -> Any:
-    """The connection pool a charge is sent through by hand (``Codec.packed_charge``), or None to
-    send it through redis-py's command path: only a plain standalone (or Sentinel) client without
-    WAIT and without a single dedicated connection qualifies."""
+# ---- the hand path: charges packed by the codec, sent on kept connections, replies read by hand ------
+#
+# It relies on redis-py internals, tested with redis-py 8.1 (a test compares the replies read by hand
+# with redis-py's own reader): a connection's ``_sock`` (sync) and ``_reader`` / ``_writer`` (asyncio)
+# and ``_host_error()``, its parser's ``handle_push_response`` (RESP3 push frames met while reading),
+# ``redis._parsers.BaseParser.parse_error`` (the error classes per code). With
+# another major version, another connection or pool class (Sentinel's) or a client-side cache,
+# the same packed commands go through redis-py's own connection methods (``_Wire.hand`` False): a
+# connection taken from the pool per call, each reply read by ``read_response``.
+
+KEEP = 4  # connections kept between calls per pool, whatever the engines on it (never its last one)
+_READ = 65536
+_SYNC_POOLS = (redis.ConnectionPool, redis.BlockingConnectionPool)
+_ASYNC_POOLS = (redis.asyncio.ConnectionPool, redis.asyncio.BlockingConnectionPool)
+_HAND_CONNECTIONS = (
+    redis.Connection,
+    redis.SSLConnection,
+    redis.UnixDomainSocketConnection,
+    redis.asyncio.Connection,
+    redis.asyncio.SSLConnection,
+    redis.asyncio.UnixDomainSocketConnection,
+)
+_TESTED_MAJORS = range(8, 9)
+
+
+def _hand_ok(pool: Any) -> bool:
+    """Whether replies on this pool's connections may be read by hand (see above)."""
+    return (
+        type(pool) in (*_SYNC_POOLS, *_ASYNC_POOLS)
+        and pool.connection_class in _HAND_CONNECTIONS
+        and int(redis.__version__.split(".")[0]) in _TESTED_MAJORS
+        and hasattr(pool.connection_class, "_host_error")
+        and getattr(pool, "cache", None) is None
+    )
+
+
+def _direct_wire(client: Any, wait: tuple[int, int] | None) -> _Wire | None:
+    """How a charge is sent by hand (``Codec.packed_charge``), or None to send it through redis-py's
+    command path: only a plain standalone (or Sentinel) client without WAIT and without a single
+    dedicated connection qualifies."""
     plain = type(client) in (redis.Redis, redis.asyncio.Redis)
     if not plain or wait is not None or getattr(client, "connection", None) is not None:
         return None
@@ -174,18 +221,291 @@ def _direct_pool(client: Any, wait: tuple[int, int] | None) -> Any:
     named = inspect.signature(pool.get_connection).parameters.get("command_name")
     if named is not None and named.default is inspect.Parameter.empty:
         return None  # redis-py < 5.3 wants a command name here
-    return pool
+    wire = _WIRES.get(pool)
+    if wire is None:  # one per pool, shared by the engines on it: KEEP is the pool's
+        wire = _WIRES[pool] = _Wire(pool, _hand_ok(pool))
+    return wire
 
 
-def _packing(codec: Codec, op: Operation[R]) -> tuple[str, Callable[[str], bytes], Callable[[Any], R]]:
-    """How an operation goes out packed by hand: its script, its bytes given the script's sha, its
-    reply's parser."""
+_WIRES: weakref.WeakKeyDictionary[Any, _Wire] = weakref.WeakKeyDictionary()
+
+
+class _Wire:
+    """A pool's connections as the hand path uses them: with ``hand``, up to ``KEEP`` of them kept
+    between calls (never the pool's last one), each checked before it is used again as redis-py's
+    pool checks a connection it hands out (anything readable on it, data or the server's close:
+    dropped and connected anew); replies read by hand (``Replies``)."""
+
+    def __init__(self, pool: Any, hand: bool) -> None:
+        self.pool = pool
+        self.hand = hand
+        self.sync = not isinstance(pool, _ASYNC_POOLS)
+        self.keep = max(0, min(KEEP, int(getattr(pool, "max_connections", 0)) - 1)) if hand else 0
+        self.idle: list[tuple[Any, Any, Any]] = []  # (connection, its socket, a poll of it)
+        self.polls: dict[int, tuple[Any, Any]] = {}  # id of a sync connection: (its socket, a poll of it)
+        self.pid = os.getpid()
+
+    def take(self) -> tuple[Any, bool]:
+        """A kept connection (None: take one from the pool) and whether it is fit to send on."""
+        if self.pid != os.getpid():  # forked: the parent's sockets are not this process's
+            self.idle, self.pid = [], os.getpid()
+        if not self.idle:
+            return None, True
+        conn, sock, poll = self.idle.pop()
+        if self.sync:
+            return conn, sock is conn._sock and not poll.poll(0)
+        reader = conn._reader
+        return conn, reader is not None and not reader.at_eof() and not len(getattr(reader, "_buffer", b""))
+
+    def quick(self) -> Any:
+        """A kept connection fit to send on (the sync engine's one-command path), else None."""
+        if not self.sync or not self.idle:
+            return None
+        conn, fit = self.take()
+        if not fit:
+            conn.disconnect()  # connected anew by the send
+        return conn
+
+    def kept(self, conn: Any, replies: list[Any]) -> bool:
+        """Keep ``conn`` for a next call: after replies all read and none an error (an error may
+        mean a failover: redis-py's pool decides what becomes of that connection)."""
+        if len(self.idle) >= self.keep or self.pid != os.getpid() or not conn.is_connected:
+            return False
+        if any(isinstance(r, BaseException) for r in replies):
+            return False
+        sock, poll = (conn._sock, self.polls.get(id(conn))) if self.sync else (None, None)
+        if sock is not None and (poll is None or poll[0] is not sock):  # a poll per socket, made once
+            if len(self.polls) > 4 * KEEP:
+                self.polls.clear()
+            poll = self.polls[id(conn)] = (sock, select.poll())
+            poll[1].register(sock, select.POLLIN)
+        self.idle.append((conn, sock, poll and poll[1]))
+        return True
+
+
+@dataclass(slots=True)
+class _Step:
+    """An I/O step the engines' drivers take for ``_exchange``: ``act`` a method of ``_SyncIO`` or
+    ``_AsyncIO`` (``None``: done, ``value`` is the replies)."""
+
+    act: Callable[..., Any] | None
+    args: tuple[Any, ...] = ()
+    value: Any = None
+
+
+class _Raised:
+    """An exception an I/O step raised, handed back to ``_exchange`` (which raises it there)."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _ok(got: Any) -> Any:
+    if isinstance(got, _Raised):
+        raise got.exc
+    return got
+
+
+def _io_error(exc: BaseException, conn: Any) -> redis.RedisError:
+    """A read's failure as redis-py's ``read_response`` reports it."""
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return redis.exceptions.TimeoutError(f"Timeout reading from {conn._host_error()}")
+    return redis.exceptions.ConnectionError(f"Error while reading from {conn._host_error()} : {exc.args}")
+
+
+def _exchange(wire: _Wire, io: Any, commands: list[bytes]) -> Generator[_Step, Any, None]:
+    """Packed commands in one round trip on one connection: their replies, an error reply in place
+    (the final step's ``value``). When the connection fails, its error is the reply of every command
+    not answered (each may have run: the failure policy treats it as a lost reply, as for a call
+    alone). The I/O is the driver's (the sync and asyncio engines): this is the logic, written once."""
+    conn, fit = wire.take()
+    if conn is None:
+        conn = _ok((yield _Step(io.get, (wire.pool,))))
+    elif not fit:
+        _ok((yield _Step(io.disconnect, (conn,))))  # connected anew by the send
+    replies = Replies(len(commands))
+    try:
+        _ok((yield _Step(io.send if wire.hand else io.send_plain, (conn, b"".join(commands)))))
+        if wire.hand:
+            while not replies.feed(_ok((yield _Step(io.recv, (conn,))))):
+                pass
+            if replies.pushes:  # a RESP3 server's notifications: redis-py's parser acts on them
+                _ok((yield _Step(io.pushed, (conn, replies.pushes))))
+        else:
+            while len(replies.got) < replies.want:
+                replies.got.append(_ok((yield _Step(io.read, (conn,)))))
+    except ERRORS as exc:
+        _ok((yield _Step(io.disconnect, (conn,))))
+        replies.got += [exc] * (replies.want - len(replies.got))
+    except BaseException:
+        yield _Step(io.disconnect, (conn,))  # cancelled mid-reply: replies left unread on it
+        yield _Step(io.release, (wire.pool, conn))
+        raise
+    if not wire.kept(conn, replies.got):
+        _ok((yield _Step(io.release, (wire.pool, conn))))
+    yield _Step(None, value=replies.got)
+
+
+class _SyncIO:
+    """``_exchange``'s I/O on a redis-py connection."""
+
+    @staticmethod
+    def get(pool: Any) -> Any:
+        return pool.get_connection()
+
+    @staticmethod
+    def release(pool: Any, conn: Any) -> None:
+        pool.release(conn)
+
+    @staticmethod
+    def disconnect(conn: Any) -> None:
+        conn.disconnect()
+
+    @staticmethod
+    def send_plain(conn: Any, data: bytes) -> None:
+        conn.send_packed_command([data], check_health=False)
+
+    send = send_plain
+
+    @staticmethod
+    def recv(conn: Any) -> bytes:
+        sock = conn._sock
+        if sock is None:  # disconnected meanwhile (the client closed by another thread)
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
+        try:
+            data = sock.recv(_READ)
+        except OSError as exc:  # a timeout too
+            conn.disconnect()
+            raise _io_error(exc, conn) from exc
+        if not data:
+            conn.disconnect()
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
+        return cast("bytes", data)
+
+    @staticmethod
+    def pushed(conn: Any, pushes: list[Any]) -> None:
+        for push in pushes:
+            conn._parser.handle_push_response(list(push))
+
+    @staticmethod
+    def read(conn: Any) -> Any:
+        try:
+            return conn.read_response()
+        except redis.exceptions.ResponseError as exc:
+            return exc
+
+
+class _AsyncIO:
+    """``_exchange``'s I/O on a ``redis.asyncio`` connection."""
+
+    @staticmethod
+    async def get(pool: Any) -> Any:
+        return await pool.get_connection()
+
+    @staticmethod
+    async def release(pool: Any, conn: Any) -> None:
+        await pool.release(conn)
+
+    @staticmethod
+    async def disconnect(conn: Any) -> None:
+        await conn.disconnect(nowait=True)
+
+    @staticmethod
+    async def send_plain(conn: Any, data: bytes) -> None:
+        await conn.send_packed_command([data], check_health=False)
+
+    @staticmethod
+    async def send(conn: Any, data: bytes) -> None:
+        """The bytes written on the stream (its flow control awaited only when it is full)."""
+        if not conn.is_connected:
+            await conn.connect()
+        writer = conn._writer
+        writer.write(data)
+        if writer.transport.get_write_buffer_size():
+            await _AsyncIO._bounded(conn, writer.drain())
+
+    @staticmethod
+    async def recv(conn: Any) -> bytes:
+        data = await _AsyncIO._bounded(conn, conn._reader.read(_READ))
+        if not data:
+            await conn.disconnect(nowait=True)
+            raise redis.exceptions.ConnectionError("Connection closed by server.")
+        return cast("bytes", data)
+
+    @staticmethod
+    async def _bounded(conn: Any, step: Awaitable[Any]) -> Any:
+        try:
+            if conn.socket_timeout is None:
+                return await step
+            async with async_timeout(conn.socket_timeout):
+                return await step
+        except (OSError, asyncio.TimeoutError) as exc:
+            await conn.disconnect(nowait=True)
+            raise _io_error(exc, conn) from exc
+
+    @staticmethod
+    async def pushed(conn: Any, pushes: list[Any]) -> None:
+        for push in pushes:
+            await conn._parser.handle_push_response(list(push))
+
+    @staticmethod
+    async def read(conn: Any) -> Any:
+        try:
+            return await conn.read_response()
+        except redis.exceptions.ResponseError as exc:
+            return exc
+
+
+def _drive(steps: Generator[_Step, Any, None]) -> Any:
+    """Take a generator's steps (``_exchange``, ``_direct_steps``) synchronously: its final value."""
+    step = next(steps)
+    while step.act is not None:
+        try:
+            got = step.act(*step.args)
+        except BaseException as exc:
+            got = _Raised(exc)
+        step = steps.send(got)
+    return step.value
+
+
+async def _outcome(step: _Step) -> Any:
+    """One step taken on the event loop: its result, or what it raised (for the generator)."""
+    try:
+        return await step.act(*step.args)  # type: ignore[misc]  # a step to take
+    except BaseException as exc:
+        return _Raised(exc)
+
+
+def _one(replies: list[Any]) -> Any:
+    """The reply of a command sent alone (its error reply raised)."""
+    if isinstance(replies[0], BaseException):
+        raise replies[0]
+    return replies[0]
+
+
+def _target(script: Any) -> tuple[bytes, str]:
+    """How a script is called on the hand path: ``FCALL`` of the library's function, or
+    ``EVALSHA`` of the script (the library's was not found: its fallback)."""
+    if isinstance(script, functions.Function) and not script.lost:
+        return b"FCALL", script.name
+    return b"EVALSHA", script.sha
+
+
+def _packing(codec: Codec, op: Operation[R]) -> tuple[str, Callable[[bytes, str], bytes], Callable[[Any], R]]:
+    """How an operation goes out packed by hand: its script, its bytes given how the script is
+    called (``_target``), its reply's parser."""
     if isinstance(op, (Record, Commit)):
         charge = op
         name = "commit" if isinstance(op, Commit) else "record"
-        return name, lambda sha: codec.packed_charge(charge, sha), cast("Callable[[Any], R]", parse_charge)
+        return (
+            name,
+            lambda verb, target: codec.packed_charge(charge, verb, target),
+            cast("Callable[[Any], R]", parse_charge),
+        )
     call = codec.encode(op)
-    return call.script, lambda sha: codec.packed_call(call, sha), call.parse
+    return call.script, lambda verb, target: codec.packed_call(call, verb, target), call.parse
 
 
 class _Slot:
@@ -278,8 +598,14 @@ class AsyncCoalescer:
 class _Base:
     """What both engines keep: the client, its scripts, the codec, the WAIT setting."""
 
+    COALESCER: Any = None  # the engine's coalescer class
+
     def __init__(
-        self, client: Any, wait: tuple[int, int] | None, batch_window_us: int | None, allow_eviction: bool = False
+        self,
+        client: Any,
+        wait: tuple[int, int] | None = None,
+        batch_window_us: int | None = None,
+        allow_eviction: bool = False,
     ) -> None:
         if batch_window_us is not None and (
             isinstance(batch_window_us, bool) or not isinstance(batch_window_us, int) or batch_window_us < 0
@@ -293,50 +619,81 @@ class _Base:
         self.codec = Codec()
         self.client: Any = client
         self.scripts: dict[str, Any] = {}
-        self._direct = _direct_pool(client, self.wait)
+        self._direct = _direct_wire(client, self.wait)
         self._batch: Any = None
         # "functions" (FCALL) or "scripts" (EVALSHA), decided by the checks on connect (functions.py),
         # made at the first call and again after an error (a reconnect, a failover); None until then
         self.path: str | None = None
         self.allow_eviction = allow_eviction
+        # Coalescing needs the hand-packed path (a plain standalone client without WAIT): elsewhere
+        # every call goes alone.
+        if batch_window_us is not None and self._direct is not None:
+            self._batch = self.COALESCER(self._send_all, batch_window_us)
+        self._setup(client)
+
+    def _setup(self, client: Any) -> None:
+        """What an engine sets up of its own once the settings are checked."""
+        raise NotImplementedError
+
+    def _send_all(self, commands: list[bytes]) -> Any:
+        raise NotImplementedError
 
     def _register(self, client: Any) -> None:
         self.scripts = {name: client.register_script(script_source(name)) for name in SCRIPTS}
 
     def _use(self, path: str) -> None:
-        """Call the library's functions or the scripts. The functions go through redis-py (the
-        hand-packed, coalescing path packs ``EVALSHA`` only)."""
+        """Call the library's functions or the scripts."""
         self.scripts = functions.callables(self.client, path)
         self.path = path
-        if path == functions.FUNCTIONS:
-            self._direct = self._batch = None
 
-    def _encode_many(self, op: RecordMany, sha: str, indexes: list[int] | None = None) -> list[Any]:
+    def _encode_many(self, op: RecordMany, indexes: list[int] | None = None) -> list[Any]:
         """A batch's record scripts (or those at ``indexes``), packed by the codec when sent by hand,
-        else as raw ``EVALSHA`` commands for a redis-py pipeline."""
+        else as raw commands for a redis-py pipeline."""
         records = op.records if indexes is None else [op.records[i] for i in indexes]
-        if self._direct is not None:
-            return [self.codec.packed_charge(r, sha) for r in records]
         script = self.scripts["record"]
+        if self._direct is not None:
+            return [self.codec.packed_charge(r, *_target(script)) for r in records]
         return [functions.command(script, c.keys, c.argv) for c in map(self.codec.encode, records)]
+
+    def _direct_steps(self, op: Operation[R], send: Callable[[bytes], Any], load: Callable[[str], Any]) -> Any:
+        """The steps of an operation sent by hand (``_drive``): packed by the codec, sent alone
+        (``send``) or through the coalescer. When the script did not run — ``NOSCRIPT`` (loaded with
+        ``load``, then sent again) or the library's function not found (its script called instead,
+        as :class:`functions.Function` does) — it is sent once more, alone."""
+        name, pack, parse = _packing(self.codec, op)
+        script = self.scripts[name]
+        sender = send if self._batch is None else self._batch.submit
+        for attempt in range(3):
+            try:
+                reply = _ok((yield _Step(sender, (pack(*_target(script)),))))
+            except redis.exceptions.NoPermissionError as exc:
+                if isinstance(script, functions.Function) and script.lost:
+                    raise script._refused(exc) from exc
+                raise
+            except redis.exceptions.NoScriptError:
+                if attempt == 2:
+                    raise
+                try:
+                    script.sha = _ok((yield _Step(load, (script.script,))))
+                except redis.exceptions.NoPermissionError as exc:
+                    if isinstance(script, functions.Function):
+                        raise script._refused(exc) from exc
+                    raise
+            except redis.exceptions.ResponseError as exc:
+                if attempt == 2 or not (isinstance(script, functions.Function) and script._lost(exc)):
+                    raise
+            else:
+                yield _Step(None, value=parse(reply))
+                return
+            sender = send
 
 
 class RedisEngine(_Base):
     """Applies operations on one redis-py client (``Redis``, ``RedisCluster``)."""
 
-    def __init__(
-        self,
-        client: Any,
-        wait: tuple[int, int] | None = None,
-        batch_window_us: int | None = None,
-        allow_eviction: bool = False,
-    ) -> None:
-        super().__init__(client, wait, batch_window_us, allow_eviction)
-        # Coalescing needs the hand-packed path (a plain standalone client without WAIT): elsewhere
-        # every call goes alone.
-        self._batch = (
-            None if batch_window_us is None or self._direct is None else Coalescer(self._send_all, batch_window_us)
-        )
+    COALESCER = Coalescer
+
+    def _setup(self, client: Any) -> None:
         # A Cluster client that could not be built (no node answered; see connect(lazy=True)) is
         # built at the first call instead: until then ``client`` is that PendingClient.
         self._pending = client if isinstance(client, _connect.PendingClient) else None
@@ -365,48 +722,33 @@ class RedisEngine(_Base):
             raise backend_error(doing(op), exc) from exc
 
     def _direct_call(self, op: Operation[R]) -> R:
-        """The operation's ``EVALSHA`` packed by the codec and sent on a pooled connection (one
-        round trip, as redis-py would, without its per-call packing), through the coalescer when
-        there is one; after NOSCRIPT (the script did not run) the script is loaded and the call
-        sent once more, alone."""
-        name, pack, parse = _packing(self.codec, op)
-        script = self.scripts[name]
-        send = self._send_packed if self._batch is None else self._batch.submit
-        try:
-            return parse(send(pack(script.sha)))
-        except redis.exceptions.NoScriptError:
-            script.sha = self.client.script_load(script.script)
-            return parse(self._send_packed(pack(script.sha)))
+        """The operation's script call packed by the codec and sent on a connection of the pool (one
+        round trip, as redis-py would, without its per-call packing; see ``_direct_steps``)."""
+        return cast("R", _drive(self._direct_steps(op, self._send_packed, self.client.script_load)))
 
     def _send_packed(self, data: bytes) -> Any:
-        reply = self._send_all([data])[0]
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
-
-    def _send_all(self, commands: list[bytes]) -> list[Any]:
-        """Packed commands in one round trip on one pooled connection: their replies, an error reply
-        in place. When the connection fails, its error is the reply of every command not answered
-        (each may have run: the failure policy treats it as a lost reply, as for a call alone)."""
-        pool = self._direct
-        conn = pool.get_connection()
-        replies: list[Any] = []
+        """One command: on a kept connection fit to send on, sent and read here (``_exchange``'s
+        work without its steps: a command alone raises its error), else by ``_exchange``."""
+        wire = cast("_Wire", self._direct)
+        conn = wire.quick()
+        if conn is None:
+            return _one(self._send_all([data]))
+        replies = Replies(1)
         try:
-            conn.send_packed_command([b"".join(commands)], check_health=False)
-            for _ in commands:
-                try:
-                    replies.append(conn.read_response())
-                except redis.exceptions.ResponseError as exc:
-                    replies.append(exc)
-        except ERRORS as exc:
-            conn.disconnect()
-            replies += [exc] * (len(commands) - len(replies))
+            conn.send_packed_command([data], check_health=False)
+            while not replies.feed(_SyncIO.recv(conn)):
+                pass
         except BaseException:
             conn.disconnect()  # replies may be left unread on it
+            wire.pool.release(conn)
             raise
-        finally:
-            pool.release(conn)
-        return replies
+        if not wire.kept(conn, replies.got):
+            wire.pool.release(conn)
+        return _one(replies.got)
+
+    def _send_all(self, commands: list[bytes]) -> list[Any]:
+        """See ``_exchange``."""
+        return cast("list[Any]", _drive(_exchange(cast("_Wire", self._direct), _SyncIO, commands)))
 
     def _command(self, op: LedgerRead | RegistryNames | Announce | PricesRead | PricesPush) -> object:
         if isinstance(op, LedgerRead):
@@ -449,12 +791,12 @@ class RedisEngine(_Base):
         ever sent twice. Each call's outcome is its own (see ``codec.charges``)."""
         script = self.scripts["record"]
         send = self._send_all if self._direct is not None else self._send_many
-        replies = send(self._encode_many(op, script.sha))
+        replies = send(self._encode_many(op))
         again = _noscript(replies)
         if again:
             try:
                 script.sha = self.client.script_load(script.script)
-                resent = send(self._encode_many(op, script.sha, again))
+                resent = send(self._encode_many(op, again))
             except ERRORS as exc:  # loading the script failed: those charges did not run
                 resent = [exc] * len(again)
             _put(replies, again, resent)
@@ -504,17 +846,9 @@ class RedisEngine(_Base):
 class AsyncRedisEngine(_Base):
     """The same on a ``redis.asyncio`` client: never blocks the event loop."""
 
-    def __init__(
-        self,
-        client: Any,
-        wait: tuple[int, int] | None = None,
-        batch_window_us: int | None = None,
-        allow_eviction: bool = False,
-    ) -> None:
-        super().__init__(client, wait, batch_window_us, allow_eviction)
-        self._batch = (
-            None if batch_window_us is None or self._direct is None else AsyncCoalescer(self._send_all, batch_window_us)
-        )
+    COALESCER = AsyncCoalescer
+
+    def _setup(self, client: Any) -> None:
         self._register(client)
         # redis.asyncio's RedisCluster breaks connections when many tasks make its first calls at once
         # (they all wait on its slot-map initialisation, then race): initialise once, first.
@@ -545,42 +879,22 @@ class AsyncRedisEngine(_Base):
 
     async def _direct_call(self, op: Operation[R]) -> R:
         """See :meth:`RedisEngine._direct_call`."""
-        name, pack, parse = _packing(self.codec, op)
-        script = self.scripts[name]
-        send = self._send_packed if self._batch is None else self._batch.submit
-        try:
-            return parse(await send(pack(script.sha)))
-        except redis.exceptions.NoScriptError:
-            script.sha = await self.client.script_load(script.script)
-            return parse(await self._send_packed(pack(script.sha)))
+        steps = self._direct_steps(op, self._send_packed, self.client.script_load)
+        step = next(steps)
+        while step.act is not None:
+            step = steps.send(await _outcome(step))
+        return cast("R", step.value)
 
     async def _send_packed(self, data: bytes) -> Any:
-        reply = (await self._send_all([data]))[0]
-        if isinstance(reply, BaseException):
-            raise reply
-        return reply
+        return _one(await self._send_all([data]))
 
     async def _send_all(self, commands: list[bytes]) -> list[Any]:
-        """See :meth:`RedisEngine._send_all`."""
-        pool = self._direct
-        conn = await pool.get_connection()
-        replies: list[Any] = []
-        try:
-            await conn.send_packed_command([b"".join(commands)], check_health=False)
-            for _ in commands:
-                try:
-                    replies.append(await conn.read_response())
-                except redis.exceptions.ResponseError as exc:
-                    replies.append(exc)
-        except ERRORS as exc:
-            await conn.disconnect(nowait=True)
-            replies += [exc] * (len(commands) - len(replies))
-        except BaseException:
-            await conn.disconnect(nowait=True)  # cancelled mid-reply: replies left unread on it
-            raise
-        finally:
-            await pool.release(conn)
-        return replies
+        """See ``_exchange``."""
+        steps = _exchange(cast("_Wire", self._direct), _AsyncIO, commands)
+        step = next(steps)
+        while step.act is not None:
+            step = steps.send(await _outcome(step))
+        return cast("list[Any]", step.value)
 
     async def _command(self, op: LedgerRead | RegistryNames | Announce | PricesRead | PricesPush) -> object:
         if isinstance(op, LedgerRead):
@@ -619,12 +933,12 @@ class AsyncRedisEngine(_Base):
         """See :meth:`RedisEngine._record_many`."""
         script = self.scripts["record"]
         send = self._send_all if self._direct is not None else self._send_many
-        replies = await send(self._encode_many(op, script.sha))
+        replies = await send(self._encode_many(op))
         again = _noscript(replies)
         if again:
             try:
                 script.sha = await self.client.script_load(script.script)
-                resent = await send(self._encode_many(op, script.sha, again))
+                resent = await send(self._encode_many(op, again))
             except ERRORS as exc:
                 resent = [exc] * len(again)
             _put(replies, again, resent)
