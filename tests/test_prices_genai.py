@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
@@ -29,7 +30,11 @@ def book() -> PriceBook:
 
 
 def theirs(provider: str, model: str, **usage: int) -> int:
-    price = genai_prices.calc_price(genai_prices.Usage(**usage), model, provider_id=provider).total_price
+    # today at noon UTC: the book holds list prices, not a provider's off-peak discount (DeepSeek
+    # halves its prices at night UTC, which made this test depend on the hour it ran)
+    noon = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    usage_ = genai_prices.Usage(**usage)
+    price = genai_prices.calc_price(usage_, model, provider_id=provider, genai_request_timestamp=noon).total_price
     return int((price * 10**9).to_integral_value(rounding=ROUND_HALF_UP))
 
 

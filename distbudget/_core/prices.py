@@ -474,12 +474,20 @@ def _genai_tier(when: Mapping[str, str]) -> str | None:
 
 
 def _genai_active(prices: Any, constraint: Any, today: dt.date) -> Any:
-    """The prices in force today: unconstrained or started; time-of-day prices (off-peak) are left
-    out, so a budget charges the peak price."""
+    """The prices in force today: unconstrained or started (time-of-day prices: see ``_peak``)."""
     if constraint is None:
         return prices
     start = getattr(constraint, "start_date", None)
     return prices if isinstance(start, dt.date) and start <= today else None
+
+
+def _peak(base: Any, cp: Any) -> Any:
+    """A time-of-day price (DeepSeek's day and night rates) replaces ``base`` only if it is dearer:
+    a budget charges the peak price, whichever of the two the data lists as unconstrained."""
+    if base is None or getattr(cp.constraint, "start_time", None) is None:
+        return base
+    dearer = (getattr(cp.prices, "input_mtok", None) or 0) > (getattr(base, "input_mtok", None) or 0)
+    return cp.prices if dearer else base
 
 
 def genai_grid(model: Any, today: dt.date) -> _Grid:
@@ -498,7 +506,7 @@ def genai_grid(model: Any, today: dt.date) -> _Grid:
     conditional = model.prices if isinstance(model.prices, list) else [None]
     base = None
     for cp in conditional:  # the last price in force wins
-        base = (model.prices if cp is None else _genai_active(cp.prices, cp.constraint, today)) or base
+        base = (model.prices if cp is None else _genai_active(cp.prices, cp.constraint, today)) or _peak(base, cp)
     if base is not None:
         cells("", base)
     for variant in model.price_variants or ():
