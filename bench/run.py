@@ -2,6 +2,7 @@
 
     .venv/bin/pip install -e '.[bench]'
     .venv/bin/python bench/run.py            # full run (~5 min), writes bench/results.md
+    .venv/bin/python bench/run.py --docs docs/performance.md   # the same, and puts it in the docs page
     .venv/bin/python bench/run.py --quick    # tiny sizes (~30 s), a smoke test
 
 By default it starts its own ``redis-server`` on a free loopback port (``--save "" --appendonly no``)
@@ -30,6 +31,7 @@ from measures import FULL, QUICK, Bench, own_redis
 from report import build_rows, environment, markdown
 
 HERE = Path(__file__).resolve().parent
+MARK_START, MARK_END = "<!-- bench results: start (written by bench/run.py --docs) -->", "<!-- bench results: end -->"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis", metavar="URL", help="use this server (default: start our own redis-server)")
     ap.add_argument("--out", type=Path, default=HERE / "results.md", help="the Markdown table (%(default)s)")
     ap.add_argument("--json", type=Path, metavar="PATH", help="also dump every raw number as JSON here")
+    ap.add_argument(
+        "--docs",
+        type=Path,
+        metavar="PAGE",
+        help="also put the results in this page, between its bench markers (a full run: docs/performance.md)",
+    )
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     started = time.perf_counter()
@@ -64,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(text, encoding="utf-8")
     print(text)
     print(f"(written to {args.out}; {time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    if args.docs:
+        args.docs.write_text(into_page(args.docs.read_text(encoding="utf-8"), text), encoding="utf-8")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -74,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
             encoding="utf-8",
         )
     return 0
+
+
+def into_page(page: str, results: str) -> str:
+    """``page`` with the text between its markers replaced by ``results`` (its title a level down):
+    the documentation shows the run ``bench/results.md`` holds, never a copy made by hand."""
+    start, end = page.index(MARK_START) + len(MARK_START), page.index(MARK_END)
+    body = results.replace("# distbudget benchmark results", "## The latest full run", 1)
+    return page[:start] + "\n" + body + page[end:]
 
 
 @contextmanager
