@@ -334,6 +334,14 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
     _driver: AsyncDriver
     _plain: AsyncDriver
 
+    def _fast_path(self) -> None:
+        """``record()`` with the Redis engine's fast path (``Accounting.fast_charging_async``), unless
+        a subclass overrides ``record``."""
+        if type(self).record is AsyncBudget.record:
+            fast = self._core.fast_charging_async(self.engine, self.record)
+            if fast is not None:
+                self.record = fast  # type: ignore[method-assign,assignment]  # the same signature and docstring
+
     async def _before(self, settle: bool = False) -> None:
         """See :meth:`Budget._before`."""
         if self._guard.state.busy:

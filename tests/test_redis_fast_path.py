@@ -7,6 +7,7 @@ outage) are finished by the usual code, each charge made once."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from distbudget._core.fast import FastCall
 from distbudget.engines import functions
 from distbudget.engines.codec import Codec, parse_charge, plain_charge, whole_bulk
 from tests._faults import AofRedis
-from tests.conftest import Clock, RedisServer
+from tests.conftest import Clock, LoopThread, RedisServer, SyncView
 from tests.test_fast_path import OPS, RATES, Usual, make_scope, record_view, run
 
 pytestmark = pytest.mark.redis
@@ -226,9 +227,9 @@ def test_threads_recording_at_once_lose_nothing(redis_server: RedisServer, admin
 # ---- outages: the failure policy, as on the usual path -------------------------------------------------
 
 
-def outage(srv: AofRedis, cls: type[Budget], mode: str) -> list[Any]:
+def outage(srv: AofRedis, make: Any, mode: str) -> list[Any]:
     """Records before, during (the server killed -9) and after an outage; what each call gave."""
-    budget = cls(BudgetScope("f", max_tokens_per_session=10**9), RATES, redis=srv.url, on_backend_error=mode)
+    budget = make(BudgetScope("f", max_tokens_per_session=10**9), RATES, redis=srv.url, on_backend_error=mode)
     out: list[Any] = []
 
     def call(i: int) -> None:
@@ -256,16 +257,21 @@ def outage(srv: AofRedis, cls: type[Budget], mode: str) -> list[Any]:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("api", ["sync", "async"])
 @pytest.mark.parametrize("mode", ["raise", "allow"])
-def test_an_outage_meets_the_failure_policy_as_on_the_usual_path(tmp_path: Path, mode: str) -> None:
+def test_an_outage_meets_the_failure_policy_as_on_the_usual_path(tmp_path: Path, mode: str, api: str) -> None:
     results = []
-    for cls in (Budget, Usual):
+    runner = LoopThread()
+    makers = (Budget, Usual) if api == "sync" else (AsyncBudget, AsyncUsual)
+    for cls in makers:
         (tmp_path / cls.__name__).mkdir()
         srv = AofRedis(tmp_path / cls.__name__)
         try:
-            results.append(outage(srv, cls, mode))
+            make = cls if api == "sync" else lambda *a, cls=cls, **kw: SyncView(cls(*a, **kw), runner)
+            results.append(outage(srv, make, mode))
         finally:
             srv.stop()
+    runner.close()
     assert results[0] == results[1]
     assert results[0][-2] == list(range(1, 9))  # each charge once, the journaled ones replayed
     assert results[0][6] == 3  # journaled during the outage (the first through the fast path's error)
@@ -277,3 +283,61 @@ def test_an_outage_meets_the_failure_policy_as_on_the_usual_path(tmp_path: Path,
 class AsyncUsual(AsyncBudget):
     async def record(self, *args: Any, **kwargs: Any) -> Any:
         return await AsyncBudget.record(self, *args, **kwargs)
+
+
+@pytest.fixture
+def runner() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.mark.parametrize("window", [None, 0])
+@pytest.mark.parametrize("hard_stop", [True, False])
+def test_async_alerts_limits_and_overflow_are_the_usual_paths(
+    redis_server: RedisServer, admin: redis.Redis, runner: LoopThread, hard_stop: bool, window: int | None
+) -> None:
+    scope = BudgetScope("t", max_tokens_per_session=1000, alert_thresholds=[0.5, 0.9], hard_stop=hard_stop)
+    calls = [("a", "m", 100, 100)] * 5 + [("a", "m", 1, 0), ("a", "m", 100, 100)]
+    calls += [("a", "z", 2**52, 0), ("a", "z", 2**52, 0), ("a", "m", 1, 1)]
+    results = []
+    for cls, prefix in ((AsyncBudget, "distbudget"), (AsyncUsual, "pfx")):
+        options: dict[str, Any] = {"prefix": prefix, "session_id": "a", "clock": Clock(), "batch_window_us": window}
+        budget = SyncView(cls(scope, ZERO, redis=redis_server.url, **options), runner)
+        if hard_stop:
+            results.append(outcomes(budget, calls))  # type: ignore[arg-type]
+        else:
+            with pytest.warns(Warning):
+                results.append(outcomes(budget, calls))  # type: ignore[arg-type]
+        assert ("record" in vars(budget._target)) is (cls is AsyncBudget)  # the fast path installed
+    assert results[0] == results[1]
+    assert results[0][2]["session"]["requests"] == 9
+
+
+@pytest.mark.parametrize("window", [None, 0])
+def test_async_tasks_at_once_lose_nothing_and_survive_a_flush(
+    redis_server: RedisServer, admin: redis.Redis, window: int | None
+) -> None:
+    async def main() -> tuple[list[Any], dict[str, Any], int, list[Any]]:
+        scope = BudgetScope("s", max_tokens_per_session=10**12, alert_at_pct=0.99)
+        budget = AsyncBudget(scope, RATES, redis=redis_server.url, session_id="a", batch_window_us=window)
+        await budget.record("a", "m", 1, 0)
+        sent = counting(budget)
+
+        async def task(k: int) -> None:
+            for i in range(40):
+                if k == 0 and i == 20:
+                    admin.script_flush()  # NOSCRIPT for the calls in flight: each sent again, once
+                await budget.record("a", "m", k, 1)
+
+        await asyncio.gather(*(task(k) for k in range(32)))
+        summary = await budget.summary()
+        ledger = await budget.ledger()
+        await budget.engine.client.aclose()
+        return sent, summary, len(ledger), budget.records
+
+    sent, summary, entries, records = asyncio.run(main())
+    expected = 1 + sum(40 * (k + 1) for k in range(32))
+    assert summary["session"] == {"tokens": expected, "cost_usd": summary["session"]["cost_usd"], "requests": 1281}
+    assert entries == len(records) == 1281 and sum(r.total_tokens for r in records) == expected
+    assert 1 <= len([op for op in sent if type(op).__name__ == "Record"]) < 1280  # the NOSCRIPT ones alone
