@@ -203,9 +203,12 @@ def test_noscript_and_a_lost_library_go_the_usual_way_once(redis_server: RedisSe
     assert len(budget.ledger()) == 8
 
 
-def test_threads_recording_at_once_lose_nothing(redis_server: RedisServer, admin: redis.Redis) -> None:
+@pytest.mark.parametrize("window", [None, 0])
+def test_threads_recording_at_once_lose_nothing(
+    redis_server: RedisServer, admin: redis.Redis, window: int | None
+) -> None:
     scope = BudgetScope("s", max_tokens_per_session=10**12, alert_at_pct=0.99)
-    budget = Budget(scope, RATES, redis=redis_server.url, session_id="a")
+    budget = Budget(scope, RATES, redis=redis_server.url, session_id="a", batch_window_us=window)
     budget.record("a", "m", 1, 0)
     n, threads = 300, 6
 

@@ -619,9 +619,16 @@ class Replies:
         """Take bytes read from the connection; True once every reply is complete. Bytes past the
         last reply are a protocol error (nothing else was asked)."""
         buf = self._buf + data if self._buf else data
-        pos, got = 0, self.got
+        pos, got, size = 0, self.got, len(buf)
         try:
             while len(got) < self.want:
+                if pos < size and buf[pos] == 36:  # a bulk string ($), the scripts' usual answer, read here
+                    end = buf.find(b"\r\n", pos)
+                    value_end = end + 2 + int(buf[pos + 1 : end]) if end > 0 else -1
+                    if end + 2 <= value_end <= size - 2:  # (not a null: $-1)
+                        got.append(buf[end + 2 : value_end])
+                        pos = value_end + 2
+                        continue
                 reply, pos = _reply(buf, pos)
                 (self.pushes if type(reply) is Push else got).append(reply)
         except Short:
