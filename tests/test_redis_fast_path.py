@@ -344,3 +344,25 @@ def test_async_tasks_at_once_lose_nothing_and_survive_a_flush(
     assert summary["session"] == {"tokens": expected, "cost_usd": summary["session"]["cost_usd"], "requests": 1281}
     assert entries == len(records) == 1281 and sum(r.total_tokens for r in records) == expected
     assert 1 <= len([op for op in sent if type(op).__name__ == "Record"]) < 1280  # the NOSCRIPT ones alone
+
+
+def test_an_error_redis_answers_is_raised_once_as_on_the_usual_path(
+    redis_server: RedisServer, admin: redis.Redis
+) -> None:
+    """A script that fails (here WRONGTYPE on the session's hash) is neither sent again nor
+    journaled: the fast path raises the usual path's BackendError, after one EVALSHA."""
+    errors = []
+    for cls, prefix in ((Budget, "distbudget"), (Usual, "pfx")):
+        budget = cls(BudgetScope("s", max_tokens_per_session=10**9), RATES, redis=redis_server.admin_url, prefix=prefix)
+        budget.record("a", "m", 1, 0)
+        budget.record("a", "m", 1, 0)
+        admin.delete(budget._core.keyspace.session("s", "a"))
+        admin.set(budget._core.keyspace.session("s", "a"), "not a hash")
+        admin.config_resetstat()
+        with pytest.raises(BackendError) as err:
+            budget.record("a", "m", 1, 0)
+        assert admin.info("commandstats")["cmdstat_evalsha"]["calls"] == 1
+        assert not err.value.outage and not err.value.journaled
+        assert budget.backend_status["journaled"] == 0
+        errors.append(str(err.value).replace(prefix, "<prefix>"))
+    assert errors[0] == errors[1]

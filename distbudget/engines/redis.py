@@ -685,14 +685,17 @@ class _Base:
 
     def _fast_failed(self, exc: Exception) -> BackendError | None:
         """A fast call's error: None when the script did not run and the usual path is to send it
-        (NOSCRIPT: it loads the script; NOPERM or the library's function lost: it decides what
-        follows), else the error classified, as ``execute`` raises it."""
+        (NOSCRIPT: it loads the script; the library's function not found: it calls the script),
+        else the error classified, as ``execute`` raises it (never sent again: a script refused
+        midway, NOPERM on a command it calls, may have written part of its charge)."""
         script = self.scripts["record"]
-        lost = isinstance(script, functions.Function) and isinstance(exc, redis.exceptions.ResponseError)
-        if isinstance(exc, (redis.exceptions.NoScriptError, redis.exceptions.NoPermissionError)) or (
-            lost and script._lost(exc)
+        library = isinstance(script, functions.Function)
+        if isinstance(exc, redis.exceptions.NoScriptError) or (
+            library and isinstance(exc, redis.exceptions.ResponseError) and script._lost(exc)
         ):
             return None
+        if library and script.lost and isinstance(exc, redis.exceptions.NoPermissionError):
+            exc = script._refused(exc)  # the library lost and no script allowed: as _direct_steps says
         self.path = None  # check again at the next call (a reconnect, a failover)
         return backend_error("record", exc)
 
