@@ -22,9 +22,9 @@ import time
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, cast
 
 from distbudget import otel
 from distbudget._core import bounds as B
@@ -34,12 +34,14 @@ from distbudget._core import plan as P
 from distbudget._core import registry as R
 from distbudget._core.calendar import is_calendar, period_at
 from distbudget._core.errors import (
+    BackendError,
     BudgetExceededError,
     BudgetWarning,
     InvalidInputError,
     UnknownModelError,
     UnknownScopeError,
 )
+from distbudget._core.fast import FastCall
 from distbudget._core.fleet_prices import FleetBook, inherited_rates
 from distbudget._core.keys import KeySpace, alert_index_key, check_prefix, decode_model_field, model_prefix, prices_key
 from distbudget._core.models import first_known
@@ -75,6 +77,7 @@ from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, Limit, check_na
 from distbudget._core.types import AlertLevel, BudgetAlert, RequestedBy, UsageRecord, alert_message
 from distbudget._core.usage import Usage, charge_args
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
+from distbudget._policy.journal import EngineState
 from distbudget.engines.memory import FastPlan, MemoryEngine
 
 log = logging.getLogger("distbudget")
@@ -317,6 +320,7 @@ class Accounting:
         self.mode = check_options(*self.policy)[0]
         self.guard: Guard | None = None
         self._fast_engine: MemoryEngine | None = None
+        self._fast_kind: type[FastCall] = FastPlan  # what _fast_plan compiles: the engine's fast plan
 
     def attach(self, engine: object) -> Guard:
         """The failure policy of this budget on ``engine`` (whose journal and state it shares)."""
@@ -354,7 +358,7 @@ class Accounting:
         ttl = self._request_ttl
         self.request_ttl_ms = int(ttl * 1000) if ttl else max(longest, 86400) * 1000
         self._plans: dict[tuple[str, str | None], P.Plan] = {}
-        self._fast_plans: dict[tuple[str, str], FastPlan | Literal[False]] = {}  # record()'s fast path (False: never)
+        self._fast_plans: dict[tuple[str, str], FastCall | Literal[False]] = {}  # record()'s fast path (False: never)
 
     def _price_book(self, rates: Mapping[str, ModelRates] | None) -> PriceBook:
         """Custom rates (a manager's scope: each model's nearest override up the tree) over the
@@ -889,7 +893,8 @@ class Accounting:
         plan of a (session, model) is compiled once: validated, priced (``_fast_plan``)."""
         if not isinstance(engine, MemoryEngine):
             return None
-        charge, clock, keep = engine.fast_record, self.clock, self._records.append
+        charge: Callable[..., str | Literal[False] | None] = engine.fast_record
+        clock, keep = self.clock, self._records.append
         switch, new, set_attr, us, time_ns = otel._switch, _new_object, _set_attr, P.US, time.time_ns
         core = self
 
@@ -961,6 +966,132 @@ class Accounting:
 
         return functools.wraps(slow)(record_many)
 
+    # ---- record()'s fast path on Redis -------------------------------------------------------------
+
+    def fast_charging(self, engine: object, slow: Callable[..., UsageRecord]) -> Callable[..., UsageRecord] | None:
+        """``record()`` with the Redis engine's fast path when it has one (``fast_recorder``: a plain
+        standalone client, its charges packed and sent by hand), else None. A call of four positional
+        arguments (session, model, input and output tokens: valid plain ints on a fast plan, see
+        ``_fast_plan``), outside a preamble or an outage, is packed from its compiled call
+        (``_fast_charge``), sent, and its answer read cheaply when plain (``_fast_finish``); any
+        other answer is finished as ``record()`` finishes it, an error through the failure policy.
+        Any other call, or one the engine sends back untouched (the script was not loaded:
+        NOSCRIPT), goes to ``slow`` (``record()``)."""
+        fast = self._fast_recorder(engine)
+        if fast is None:
+            return None
+        (charge, state), prepare, finish, core = fast, self._fast_charge, self._fast_finish, self
+
+        def record(*args: Any, **kw: Any) -> UsageRecord:
+            call = None if kw or len(args) != 4 or core.preamble_due or state.busy else prepare(*args)
+            if call is not None:
+                answer = charge(*call)
+                if answer is not None:
+                    return finish(call, answer, args[2], args[3])
+            return slow(*args, **kw)
+
+        return functools.wraps(slow)(record)
+
+    def fast_charging_async(
+        self, engine: object, slow: Callable[..., Awaitable[UsageRecord]]
+    ) -> Callable[..., Awaitable[UsageRecord]] | None:
+        """:meth:`fast_charging` for an asyncio engine (its ``fast_recorder`` a coroutine function)."""
+        fast = self._fast_recorder(engine)
+        if fast is None:
+            return None
+        (charge, state), prepare, finish, core = fast, self._fast_charge, self._fast_finish, self
+
+        async def record(*args: Any, **kw: Any) -> UsageRecord:
+            call = None if kw or len(args) != 4 or core.preamble_due or state.busy else prepare(*args)
+            if call is not None:
+                answer = await charge(*call)
+                if answer is not None:
+                    return finish(call, answer, args[2], args[3])
+            return await slow(*args, **kw)
+
+        return functools.wraps(slow)(record)
+
+    def _fast_recorder(self, engine: object) -> tuple[Callable[..., Any], EngineState] | None:
+        """The engine's fast charge (``fast_recorder``), if it has one, and the engine's state under
+        the failure policy (busy: the driver's policy first); the fast plans then compiled for it are
+        plain ``FastCall``s."""
+        recorder = getattr(engine, "fast_recorder", None)
+        charge: Callable[..., Any] | None = recorder() if recorder is not None else None
+        if charge is None or self.guard is None:
+            return None
+        self._fast_kind = FastCall
+        return charge, self.guard.state
+
+    def _fast_charge(
+        self, session_id: str | None, model: str, input_tokens: Any, output_tokens: Any
+    ) -> tuple[FastCall, int | None, int, int, str] | None:
+        """The charge ``record()`` would send for a plain call on a fast plan, as the engine's fast
+        path takes it: (the plan, the injected clock's µs or None, tokens, nano-USD, the ledger
+        entry); None when the call is not one (``record()`` validates it, raises or charges)."""
+        sid = self.session_id if session_id is None else session_id
+        try:
+            fp = self._fast_plans.get((sid, model))
+        except TypeError:  # unhashable: record() says what is wrong
+            return None
+        if fp is None:
+            fp = self._fast_plan(sid, model)
+        if not fp or type(input_tokens) is not int or type(output_tokens) is not int:
+            return None
+        if input_tokens < 0 or output_tokens < 0:
+            return None
+        tokens = input_tokens + output_tokens
+        cost = (input_tokens * fp.i_rate + output_tokens * fp.o_rate + 500_000) // 1_000_000  # money.cost_nano
+        if tokens > MAX_AMOUNT or cost > MAX_AMOUNT:
+            return None
+        if session_id is not None:
+            self._last_session = session_id
+        entry = L.plain_charge(fp.ledger_head, L.op_ids.next(), input_tokens, output_tokens) if fp.maxlen else ""
+        return fp, self.now_us(), tokens, cost, entry
+
+    def _fast_finish(
+        self,
+        call: tuple[FastCall, int | None, int, int, str],
+        answer: tuple[int, str] | ChargeResult | BackendError,
+        input_tokens: int,
+        output_tokens: int,
+    ) -> UsageRecord:
+        """The record of a charge the fast path sent (``_fast_charge``), from the engine's answer:
+        a plain charge's (now µs, ledger id), made here as ``_finish_charge`` makes it; any other
+        result finished by ``_finish_charge``; a ``BackendError`` through the failure policy, as
+        the driver does."""
+        fp, now, tokens, cost, entry = call
+        guard = self.guard
+        assert guard is not None
+        if type(answer) is tuple:
+            now_us, ledger_id = answer
+            if guard.state.busy:  # another call met an outage meanwhile: this one says Redis answers
+                guard.after(Record(fp.plan, now, (tokens, cost, 1), None, self.request_ttl_ms, fp.maxlen, entry))
+            fields = fp.record_fields.copy()  # the record as _finish_charge makes it
+            fields["input_tokens"] = input_tokens
+            fields["output_tokens"] = output_tokens
+            fields["cost_usd"] = cost / NANO
+            fields["timestamp"] = now_us / P.US
+            fields["metadata"] = {}
+            fields["cost_nano_usd"] = cost
+            fields["ledger_id"] = kept_id = ledger_id or None
+            rec = _new_object(UsageRecord)
+            _set_attr(rec, "__dict__", fields)
+            sid, model, canonical, scope = fp.plan.session_id, fields["model"], fp.canonical, fp.scope
+            self._records.append((sid, model, canonical, scope, input_tokens, output_tokens, cost, now_us, kept_id))
+            if otel._switch.trace is not None:
+                otel.charged(rec, 0, 0)
+            return rec
+        usage = (tokens, cost, 1)
+        op = Record(fp.plan, now, usage, None, self.request_ttl_ms, fp.maxlen, entry)
+        if isinstance(answer, BackendError):
+            result = guard.failed(op, answer)
+        else:
+            result = cast("ChargeResult", answer)  # not a plain charge's tuple
+            if guard.state.busy:
+                guard.after(op)
+        call_view = CallView(fp.record_fields["model"], input_tokens, output_tokens, (0, 0, 0), None, None)
+        return self._finish_charge(fp.plan, result, usage, call_view)
+
     def _fast_call(self, call: object) -> bool:
         """Is this call of ``record_many()`` one the fast path may take (a tuple (session, model,
         input tokens, output tokens) of a fast plan, valid plain ints whose amounts fit)? Then it is
@@ -980,7 +1111,7 @@ class Accounting:
             return False
         return i + o <= MAX_AMOUNT and (i * fp.i_rate + o * fp.o_rate + 500_000) // 1_000_000 <= MAX_AMOUNT
 
-    def _fast_plan(self, session_id: str, model: str) -> FastPlan | Literal[False]:
+    def _fast_plan(self, session_id: str, model: str) -> FastCall | Literal[False]:
         """The fast plan of (session, model), compiled and kept (False kept when the fast path can
         never apply to it); False when the call is invalid (``record()`` raises)."""
         try:
@@ -1017,7 +1148,7 @@ class Accounting:
             "hold_expired": False,
         }
         inp, out = rates.flat_rates()
-        fp = self._fast_plans[key] = FastPlan(plan, self.ledger_maxlen, inp, out, fields)
+        fp = self._fast_plans[key] = self._fast_kind(plan, self.ledger_maxlen, inp, out, fields)
         fp.canonical, fp.scope = fields["canonical_model"], fields["scope"]
         return fp
 

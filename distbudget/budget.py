@@ -270,14 +270,19 @@ class Budget(_BudgetBase[Engine]):
     _plain: Driver
 
     def _fast_path(self) -> None:
-        """``record()`` with the embedded engine's fast path (``Accounting.fast_recording``), unless
-        a subclass overrides ``record``."""
+        """``record()`` with the embedded engine's fast path (``Accounting.fast_recording``) or the
+        Redis engine's (``Accounting.fast_charging``), unless a subclass overrides ``record``. On
+        Redis ``record_many`` keeps its one pipelined round trip."""
         if type(self).record is Budget.record:
             fast = self._core.fast_recording(self.engine, self.record)
             if fast is not None:
                 self.record = fast  # type: ignore[method-assign]  # the same signature and docstring
                 if type(self).record_many is Budget.record_many:
                     self.record_many = self._core.fast_recording_many(fast, self.record_many)  # type: ignore[method-assign]
+                return
+            fast = self._core.fast_charging(self.engine, self.record)
+            if fast is not None:
+                self.record = fast  # type: ignore[method-assign]
 
     def _before(self, settle: bool = False) -> None:
         """Before an operation: the journal's replay when due, then the registry refresh when due
@@ -328,6 +333,14 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
     _driver_class = AsyncDriver
     _driver: AsyncDriver
     _plain: AsyncDriver
+
+    def _fast_path(self) -> None:
+        """``record()`` with the Redis engine's fast path (``Accounting.fast_charging_async``), unless
+        a subclass overrides ``record``."""
+        if type(self).record is AsyncBudget.record:
+            fast = self._core.fast_charging_async(self.engine, self.record)
+            if fast is not None:
+                self.record = fast  # type: ignore[method-assign,assignment]  # the same signature and docstring
 
     async def _before(self, settle: bool = False) -> None:
         """See :meth:`Budget._before`."""

@@ -306,22 +306,10 @@ class Codec:
         wire = self.plan(op.plan)
         commit = isinstance(op, ops.Commit)
         asked = op.request_key is not None
-        cached = self._heads.get((id(wire), verb, target, commit, asked))
-        if cached is None:
-            keys, nkeys = (
-                (wire.charge_keys_resp, len(wire.charge_keys))
-                if commit
-                else (wire.record_keys_resp, len(wire.record_keys))
-            )
-            nkeys += asked
-            cached = b"".join(
-                (b"*%d\r\n" % (nkeys + len(wire.argv) + 12), _bulk(verb), _bulk(target), _bulk(nkeys), keys)
-            )
-            self._heads[(id(wire), verb, target, commit, asked)] = cached
         a0, a1, a2 = op.amounts
         return b"".join(
             (
-                cached,
+                self._charge_head(wire, verb, target, commit, asked),
                 _bulk(op.request_key) if asked else b"",  # type: ignore[arg-type]  # asked: not None
                 _EMPTY if op.now_us is None else _bulk(op.now_us),
                 _bulk(a0),
@@ -334,6 +322,31 @@ class Codec:
                 _bulk(op.ledger_entry),
             )
         )
+
+    def _charge_head(self, wire: PlanWire, verb: bytes, target: str, commit: bool, asked: bool) -> bytes:
+        """A charge's packed head: the argument count, the verb, the script, the plan's keys (and
+        the request key's place), once per plan, script, commit or record, with a request id or not."""
+        cached = self._heads.get((id(wire), verb, target, commit, asked))
+        if cached is None:
+            keys, nkeys = (
+                (wire.charge_keys_resp, len(wire.charge_keys))
+                if commit
+                else (wire.record_keys_resp, len(wire.record_keys))
+            )
+            nkeys += asked
+            cached = b"".join(
+                (b"*%d\r\n" % (nkeys + len(wire.argv) + 12), _bulk(verb), _bulk(target), _bulk(nkeys), keys)
+            )
+            self._heads[(id(wire), verb, target, commit, asked)] = cached
+        return cached
+
+    def record_wire(self, plan: Plan, verb: bytes, target: str, ledger_maxlen: int) -> RecordWire:
+        """``record()``'s fast path: the plan's record call compiled once (see :class:`RecordWire`)."""
+        wire = self.plan(plan)
+        head = self._charge_head(wire, verb, target, False, False)
+        # after the amounts: one request, no request TTL, no hold, the plan's arguments, the MAXLEN
+        middle = b"".join((_bulk(1), _EMPTY, _EMPTY, wire.tail_resp, _bulk(ledger_maxlen)))
+        return RecordWire(target, head, middle)
 
     def _args(
         self, op: ops.Check | ops.Reserve | ops.Summary, a5: str | int, a6: str, a7: str | int | bytes
@@ -362,6 +375,35 @@ class Codec:
         now = "" if op.now_us is None else op.now_us
         argv = [now, *op.amounts, ttl, hold_id, wire.alert_meta, *wire.argv, op.ledger_maxlen, op.ledger_entry]
         return ScriptCall("commit" if hold_id else "record", all_keys, argv, parse_charge, True)
+
+
+class RecordWire:
+    """A plan's record call (:meth:`Codec.packed_charge` of a ``Record`` without a request id) with
+    everything but the call's own values packed once: :meth:`pack` writes those (the injected
+    clock, the tokens, the cost, the ledger entry). ``target`` is the script it calls (its sha, or
+    the library's function): compiled again when that changes."""
+
+    __slots__ = ("head", "middle", "target")
+
+    def __init__(self, target: str, head: bytes, middle: bytes) -> None:
+        self.target = target
+        self.head = head  # up to the clock
+        self.middle = middle  # from the requests (1) to the ledger's MAXLEN
+
+    def pack(self, now_us: int | None, tokens: int, cost: int, entry: str) -> bytes:
+        t, c, e = b"%d" % tokens, b"%d" % cost, entry.encode()
+        now = _EMPTY if now_us is None else _bulk(now_us)
+        return b"%b%b$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n" % (
+            self.head,
+            now,
+            len(t),
+            t,
+            len(c),
+            c,
+            self.middle,
+            len(e),
+            e,
+        )
 
 
 # ---- replies ------------------------------------------------------------------------------------
@@ -411,6 +453,21 @@ def parse_charge(raw: object) -> ops.ChargeResult:
         tuple(r[1] for r in rows if r[1]),
         ledger_id,
     )
+
+
+def plain_charge(raw: bytes, checks: tuple[tuple[int, int], ...]) -> tuple[int, str] | None:
+    """``record()``'s fast path: a record answer that is a plain charge — charged, no alert fired,
+    no usage at ``checks`` ((index in the totals, limit) pairs) above its limit — as (now µs, ledger
+    id); None for any other answer (:func:`parse_charge` reads it, ``_finish_charge`` finishes it)."""
+    parts = raw.split(b"|")
+    if parts[0] != b"0" or parts[3] or len(parts) != 8:
+        return None
+    if checks:
+        totals = parts[2].split()
+        for k, value in checks:
+            if int(totals[k]) > value:
+                return None
+    return int(parts[1]), parts[7].decode()
 
 
 def parse_admit(raw: list[Any]) -> ops.AdmitResult:
@@ -534,6 +591,18 @@ def _reply(buf: bytes, pos: int) -> tuple[Any, int]:
     return value, after
 
 
+def whole_bulk(data: bytes) -> bytes | None:
+    """The value of ``data`` when it is exactly one bulk string reply (a script's usual answer, read
+    without the general parser), else None (``Replies`` reads it: another reply, or not all there)."""
+    if data[:1] != b"$":
+        return None
+    end = data.find(b"\r\n")
+    size = data[1:end]
+    if end < 0 or not size.isdigit() or len(data) != end + int(size) + 4 or data[-2:] != b"\r\n":
+        return None
+    return data[end + 2 : -2]
+
+
 class Replies:
     """The replies of ``want`` pipelined commands, from the bytes read for them (``feed``); the
     push frames met on the way in ``pushes`` (they are not replies)."""
@@ -550,9 +619,16 @@ class Replies:
         """Take bytes read from the connection; True once every reply is complete. Bytes past the
         last reply are a protocol error (nothing else was asked)."""
         buf = self._buf + data if self._buf else data
-        pos, got = 0, self.got
+        pos, got, size = 0, self.got, len(buf)
         try:
             while len(got) < self.want:
+                if pos < size and buf[pos] == 36:  # a bulk string ($), the scripts' usual answer, read here
+                    end = buf.find(b"\r\n", pos)
+                    value_end = end + 2 + int(buf[pos + 1 : end]) if end > 0 else -1
+                    if end + 2 <= value_end <= size - 2:  # (not a null: $-1)
+                        got.append(buf[end + 2 : value_end])
+                        pos = value_end + 2
+                        continue
                 reply, pos = _reply(buf, pos)
                 (self.pushes if type(reply) is Push else got).append(reply)
         except Short:

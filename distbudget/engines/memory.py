@@ -17,6 +17,7 @@ from typing import Any, Literal, TypeVar
 from distbudget._core import ledger, ops, registry, update
 from distbudget._core.bounds import check_after
 from distbudget._core.errors import InvalidInputError
+from distbudget._core.fast import FastCall
 from distbudget._core.ledger import op_ids, plain_charge
 from distbudget._core.plan import Counter, Plan
 
@@ -121,7 +122,7 @@ class _Tree:
         self.leases: dict[str, int] = {}
 
 
-class FastPlan:
+class FastPlan(FastCall):
     """A plan compiled for :meth:`MemoryEngine.fast_record` (one per budget, session and model): the
     counters it charges held as plain references while it is the engine's *active* plan, how far its
     charges may still go (``r0``, ``r1``, ``r2``: tokens, nano-USD, requests, strictly below every
@@ -129,35 +130,12 @@ class FastPlan:
     bucket, window edge, session TTL refresh or sweep due) without an alert, an error or any change
     of the state's shape. What was charged since, not yet in the counters, is the room used (``left``
     minus ``r``): anything else adds it first (``_settle``).
-    The budget's side (``_accounting.py``) fills the constant part."""
+    The budget's side (``_accounting.py``) fills the constant part (``FastCall``)."""
 
-    __slots__ = (
-        "buckets",
-        "canonical",
-        "hi",
-        "i_rate",
-        "ledger_head",
-        "left",
-        "lo",
-        "maxlen",
-        "o_rate",
-        "plan",
-        "r0",
-        "r1",
-        "r2",
-        "record_fields",
-        "scope",
-        "stream",
-        "tots",
-    )
+    __slots__ = ("buckets", "hi", "left", "lo", "r0", "r1", "r2", "stream", "tots")
 
     def __init__(self, plan: Plan, maxlen: int, i_rate: int, o_rate: int, record_fields: dict[str, Any]) -> None:
-        self.plan = plan
-        self.maxlen = maxlen  # the ledger's MAXLEN (0: no ledger)
-        self.ledger_head = plan.ledger_head
-        self.i_rate, self.o_rate = i_rate, o_rate  # nano-USD per million input / output tokens
-        self.record_fields = record_fields  # a UsageRecord's constant fields (the budget's)
-        self.canonical = self.scope = ""  # its canonical model and scope (the budget's)
+        super().__init__(plan, maxlen, i_rate, o_rate, record_fields)
         self.tots: list[list[int]] = []
         self.buckets: list[list[int]] = []
         self.stream: _Stream | None = None

@@ -29,9 +29,11 @@ import redis.asyncio.cluster
 import redis.exceptions
 
 from distbudget._core import fleet_prices
-from distbudget._core.errors import InvalidInputError
+from distbudget._core.errors import BackendError, InvalidInputError
+from distbudget._core.fast import FastCall
 from distbudget._core.ops import (
     Announce,
+    ChargeResult,
     Commit,
     LedgerRead,
     Operation,
@@ -53,7 +55,9 @@ from distbudget.engines.codec import (
     doing,
     ledger_rows,
     parse_charge,
+    plain_charge,
     texts,
+    whole_bulk,
 )
 from distbudget.engines.scripts import OPERATIONS as SCRIPTS
 from distbudget.engines.scripts import source as script_source
@@ -271,8 +275,9 @@ class _Wire:
         mean a failover: redis-py's pool decides what becomes of that connection)."""
         if len(self.idle) >= self.keep or self.pid != os.getpid() or not conn.is_connected:
             return False
-        if any(isinstance(r, BaseException) for r in replies):
-            return False
+        for r in replies:
+            if isinstance(r, BaseException):
+                return False
         sock, poll = (conn._sock, self.polls.get(id(conn))) if self.sync else (None, None)
         if sock is not None and (poll is None or poll[0] is not sock):  # a poll per socket, made once
             if len(self.polls) > 4 * KEEP:
@@ -566,14 +571,15 @@ class AsyncCoalescer:
         self._queue: list[tuple[bytes, asyncio.Future[Any]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def submit(self, data: bytes) -> Any:
+    def submit(self, data: bytes) -> asyncio.Future[Any]:
+        """The reply of ``data``, to await (a future, not a coroutine: one frame less per call)."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append((data, future))
         if len(self._queue) == 1:
             task = asyncio.ensure_future(self._flush())
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        return await future
+        return future
 
     async def _flush(self) -> None:
         if self._window:
@@ -655,6 +661,51 @@ class _Base:
             return [self.codec.packed_charge(r, *_target(script)) for r in records]
         return [functions.command(script, c.keys, c.argv) for c in map(self.codec.encode, records)]
 
+    # record()'s fast path (``Accounting.fast_charging``): the I/O-free parts, shared by the engines
+
+    def fast_recorder(self) -> Callable[..., Any] | None:
+        """``record_fast`` when this engine packs its charges by hand (a plain standalone client
+        without WAIT), else None."""
+        return self.record_fast if self._direct is not None else None
+
+    def record_fast(self, fp: FastCall, now_us: int | None, tokens: int, cost: int, entry: str) -> Any:
+        raise NotImplementedError
+
+    def _fast_packed(self, fp: FastCall, now_us: int | None, tokens: int, cost: int, entry: str) -> bytes | None:
+        """A fast plan's record call packed (its ``RecordWire``, compiled at its first use and again
+        when the script it calls changed), or None when the call must go the usual way now (the
+        server not checked yet: the first call, or the first after an error)."""
+        if self.path is None:
+            return None
+        verb, target = _target(self.scripts["record"])
+        wire = fp.wire
+        if wire is None or wire.target != target:
+            wire = fp.wire = self.codec.record_wire(fp.plan, verb, target, fp.maxlen)
+        return cast("bytes", wire.pack(now_us, tokens, cost, entry))
+
+    def _fast_failed(self, exc: Exception) -> BackendError | None:
+        """A fast call's error: None when the script did not run and the usual path is to send it
+        (NOSCRIPT: it loads the script; the library's function not found: it calls the script),
+        else the error classified, as ``execute`` raises it (never sent again: a script refused
+        midway, NOPERM on a command it calls, may have written part of its charge)."""
+        script = self.scripts["record"]
+        library = isinstance(script, functions.Function)
+        if isinstance(exc, redis.exceptions.NoScriptError) or (
+            library and isinstance(exc, redis.exceptions.ResponseError) and script._lost(exc)
+        ):
+            return None
+        if library and script.lost and isinstance(exc, redis.exceptions.NoPermissionError):
+            exc = script._refused(exc)  # the library lost and no script allowed: as _direct_steps says
+        self.path = None  # check again at the next call (a reconnect, a failover)
+        return backend_error("record", exc)
+
+    @staticmethod
+    def _fast_answer(fp: FastCall, raw: Any) -> tuple[int, str] | ChargeResult:
+        """A fast call's answer: a plain charge's (now µs, ledger id), else its ``ChargeResult``
+        (``parse_charge``; it raises for a charge refused at 2**53 - 1, as ``execute`` does)."""
+        plain = plain_charge(raw, fp.checks) if type(raw) is bytes else None
+        return plain if plain is not None else parse_charge(raw)
+
     def _direct_steps(self, op: Operation[R], send: Callable[[bytes], Any], load: Callable[[str], Any]) -> Any:
         """The steps of an operation sent by hand (``_drive``): packed by the codec, sent alone
         (``send``) or through the coalescer. When the script did not run — ``NOSCRIPT`` (loaded with
@@ -726,6 +777,19 @@ class RedisEngine(_Base):
         round trip, as redis-py would, without its per-call packing; see ``_direct_steps``)."""
         return cast("R", _drive(self._direct_steps(op, self._send_packed, self.client.script_load)))
 
+    def record_fast(self, fp: FastCall, now_us: int | None, tokens: int, cost: int, entry: str) -> Any:
+        """record()'s fast path: a plain charge of ``fp``'s plan (see ``Accounting.fast_charging``),
+        sent alone or through the coalescer. Its answer (``_fast_answer``), its error classified
+        (a ``BackendError``, returned), or None: not sent, or not run (``_fast_failed``)."""
+        data = self._fast_packed(fp, now_us, tokens, cost, entry)
+        if data is None:
+            return None
+        try:
+            raw = self._send_packed(data) if self._batch is None else self._batch.submit(data)
+        except ERRORS as exc:
+            return self._fast_failed(exc)
+        return self._fast_answer(fp, raw)
+
     def _send_packed(self, data: bytes) -> Any:
         """One command: on a kept connection fit to send on, sent and read here (``_exchange``'s
         work without its steps: a command alone raises its error), else by ``_exchange``."""
@@ -733,18 +797,22 @@ class RedisEngine(_Base):
         conn = wire.quick()
         if conn is None:
             return _one(self._send_all([data]))
-        replies = Replies(1)
         try:
             conn.send_packed_command([data], check_health=False)
-            while not replies.feed(_SyncIO.recv(conn)):
-                pass
+            got = _SyncIO.recv(conn)
+            reply = whole_bulk(got)  # the usual answer, all in one read
+            if reply is None:
+                replies = Replies(1)
+                while not replies.feed(got):
+                    got = _SyncIO.recv(conn)
+                reply = replies.got[0]
         except BaseException:
             conn.disconnect()  # replies may be left unread on it
             wire.pool.release(conn)
             raise
-        if not wire.kept(conn, replies.got):
+        if not wire.kept(conn, [reply]):
             wire.pool.release(conn)
-        return _one(replies.got)
+        return _one([reply])
 
     def _send_all(self, commands: list[bytes]) -> list[Any]:
         """See ``_exchange``."""
@@ -887,6 +955,17 @@ class AsyncRedisEngine(_Base):
 
     async def _send_packed(self, data: bytes) -> Any:
         return _one(await self._send_all([data]))
+
+    async def record_fast(self, fp: FastCall, now_us: int | None, tokens: int, cost: int, entry: str) -> Any:
+        """See :meth:`RedisEngine.record_fast`."""
+        data = self._fast_packed(fp, now_us, tokens, cost, entry)
+        if data is None:
+            return None
+        try:
+            raw = await (self._send_packed(data) if self._batch is None else self._batch.submit(data))
+        except ERRORS as exc:
+            return self._fast_failed(exc)
+        return self._fast_answer(fp, raw)
 
     async def _send_all(self, commands: list[bytes]) -> list[Any]:
         """See ``_exchange``."""
