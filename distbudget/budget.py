@@ -319,6 +319,22 @@ class Budget(_BudgetBase[Engine]):
         return write_jsonl(self.ledger(since), target)
 
 
+def _answering(
+    fast: Callable[..., UsageRecord | Coroutine[Any, Any, UsageRecord]],
+) -> Callable[..., Coroutine[Any, Any, UsageRecord]]:
+    """``AsyncBudget.record`` over the embedded fast path: the record it made, or the usual call's
+    coroutine (a call it declined) awaited."""
+
+    @functools.wraps(fast)
+    async def record(*args: Any, **kwargs: Any) -> UsageRecord:
+        answer = fast(*args, **kwargs)
+        if isinstance(answer, UsageRecord):
+            return answer
+        return await answer
+
+    return record
+
+
 class AsyncBudget(_BudgetBase[AsyncEngine]):
     """The asyncio twin of :class:`Budget`: the same methods as coroutines (``estimate`` stays
     sync: it does no I/O; ``reserve`` and ``acquire`` return a :class:`PendingReservation`, to
@@ -328,6 +344,16 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
     _driver_class = AsyncDriver
     _driver: AsyncDriver
     _plain: AsyncDriver
+
+    def _fast_path(self) -> None:
+        """``record()`` with the embedded engine's fast path (see :meth:`Budget._fast_path`): that
+        engine answers at once, so a charge the fast path takes is returned without awaiting
+        anything, and one it declines is awaited the usual way."""
+        engine = self.engine
+        if type(self).record is AsyncBudget.record and isinstance(engine, AsyncMemoryEngine):
+            fast = self._core.fast_recording(engine.engine, self.record)
+            if fast is not None:
+                self.record = _answering(fast)  # type: ignore[method-assign]  # the same signature and docstring
 
     async def _before(self, settle: bool = False) -> None:
         """See :meth:`Budget._before`."""
