@@ -5,7 +5,6 @@ threads recording at once lose nothing."""
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +14,7 @@ from hypothesis import strategies as st
 
 from distbudget import Budget, BudgetExceededError, BudgetScope, BudgetWarning, Limit, ModelRates, Usage
 from distbudget.engines.memory import FastPlan, MemoryEngine
+from tests._threads import run_threads
 from tests.conftest import Clock
 
 RATES = {
@@ -212,11 +212,7 @@ def test_threads_recording_at_once_lose_nothing() -> None:
             if k == 0 and i % 100 == 0:
                 seen.append(budget.summary()["session"]["tokens"])
 
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    run_threads(threads, work)
     total = 1 + 5 * n * threads
     assert budget.summary()["session"]["tokens"] == total
     assert budget.summary()["day"]["requests"] == 1 + n * threads
