@@ -949,15 +949,15 @@ class Accounting:
         return functools.wraps(slow)(record)
 
     def fast_recording_many(
-        self, record: Callable[..., UsageRecord], slow: Callable[..., list[UsageRecord]]
-    ) -> Callable[..., list[UsageRecord]]:
+        self, record: Callable[..., UsageRecord], slow: Callable[..., T]
+    ) -> Callable[..., list[UsageRecord] | T]:
         """``record_many()`` over ``record`` (``fast_recording``'s): a list or tuple of calls each
         one the fast path may take (``_fast_call``: all validated before any is charged) is recorded
         call by call with ``record``, as ``record_many()`` does (every charge made; the first left
         over a limit raised, or the first refused, afterwards); any other batch goes to ``slow``."""
         core = self
 
-        def record_many(calls: Iterable[RecordCall]) -> list[UsageRecord]:
+        def record_many(calls: Iterable[RecordCall]) -> list[UsageRecord] | T:
             due = core.preamble_due and not core.quiet()
             if due or type(calls) not in (list, tuple) or not all(map(core._fast_call, calls)):
                 return slow(calls)

@@ -144,7 +144,8 @@ def test_fast_and_usual_paths_agree(runner: LoopThread, flavour: str, data: Any,
     fast, usual = (
         world(flavour, f, runner, hard_stop, clock=c, **options) for f, c in zip((True, False), clocks, strict=True)
     )
-    assert "record" in vars(target(fast.budget)) and "record" not in vars(target(usual.budget))  # installed, or not
+    for method in ("record", "record_many"):  # installed, or not
+        assert method in vars(target(fast.budget)) and method not in vars(target(usual.budget))
     assert run(fast.budget, clocks[0], ops, fast.more) == run(usual.budget, clocks[1], ops, usual.more)
 
 
@@ -155,11 +156,12 @@ def test_the_fast_path_is_taken(runner: LoopThread, flavour: str) -> None:
         w.budget.record("a", "m", 1, 1)  # the first call announces (the usual path)
         for _ in range(10):
             w.budget.record("a", "m", 20, 10)  # far from any limit or alert threshold
+        w.budget.record_many([("a", "m", 20, 10)] * 3)
         if w.manager is not None:
             for _ in range(5):
                 w.manager.record("team", "a", "m", 20, 10)
     fast, usual = worlds
-    calls = 10 if flavour == "async" else 15
+    calls = 13 if flavour == "async" else 18
     assert (pending(fast.engine), pending(usual.engine)) == (calls, 0)
     assert fast.budget.summary()["session"]["requests"] == calls + 1 == usual.budget.summary()["session"]["requests"]
     assert fast.engine._active is None  # settled before the summary read
