@@ -24,7 +24,7 @@ import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import IO, Any, Literal, cast
+from typing import IO, Any, Literal, TypeVar, cast
 
 from distbudget import otel
 from distbudget._core import bounds as B
@@ -81,6 +81,7 @@ from distbudget._policy.journal import EngineState
 from distbudget.engines.memory import FastPlan, MemoryEngine
 
 log = logging.getLogger("distbudget")
+T = TypeVar("T")
 
 DEFAULT_SESSION = "default"
 MAX_LOCAL_RECORDS = 10_000
@@ -834,6 +835,11 @@ class Accounting:
         self.announced = True
         self.preamble_due = self._registry is not None
 
+    def quiet(self) -> bool:
+        """No step of the preamble is due now (a manager's budget between its registry and price
+        book reads: ``preamble_due`` stays True for it), so an operation may skip it."""
+        return self.announced and self.refresh() is None and self.prices_refresh() is None
+
     def check(
         self, model: str, input_tokens: int, output_tokens: int = 0, session_id: str | None = None
     ) -> Step[AdmitResult, bool]:
@@ -883,14 +889,16 @@ class Accounting:
 
     # ---- record()'s fast path on the embedded engine ----------------------------------------------
 
-    def fast_recording(self, engine: object, slow: Callable[..., UsageRecord]) -> Callable[..., UsageRecord] | None:
+    def fast_recording(self, engine: object, slow: Callable[..., T]) -> Callable[..., UsageRecord | T] | None:
         """``record()`` with a fast path when ``engine`` is the embedded one (else None): a call
         without metadata, request id or keywords that is a plain charge (valid plain ints, a model
         priced flat, no calendar limit, no alert to fire, no limit passed: see
         ``MemoryEngine.fast_record``) is charged there and its record made here, exactly as
         ``record()`` makes it; any other call, or one the fast path declines having changed
-        nothing, goes to ``slow`` (the budget's ``record()``), which raises what it raises. The
-        plan of a (session, model) is compiled once: validated, priced (``_fast_plan``)."""
+        nothing, goes to ``slow`` (the budget's ``record()``), which raises what it raises, and its
+        answer is returned (``AsyncBudget``: the coroutine, which its shell awaits). The plan of a
+        (session, model) is compiled once: validated, priced (``_fast_plan``); a manager's budget
+        takes the fast path between its registry reads (``quiet``)."""
         if not isinstance(engine, MemoryEngine):
             return None
         charge: Callable[..., str | Literal[False] | None] = engine.fast_record
@@ -906,8 +914,8 @@ class Accounting:
             metadata: dict[str, Any] | None = None,
             request_id: str | None = None,
             **keywords: Any,
-        ) -> UsageRecord:
-            if core.preamble_due or metadata is not None or request_id is not None or keywords:
+        ) -> UsageRecord | T:
+            if metadata is not None or request_id is not None or keywords or (core.preamble_due and not core.quiet()):
                 return slow(session_id, model, input_tokens, output_tokens, metadata, request_id, **keywords)
             sid = core.session_id if session_id is None else session_id
             try:
@@ -946,16 +954,17 @@ class Accounting:
         return functools.wraps(slow)(record)
 
     def fast_recording_many(
-        self, record: Callable[..., UsageRecord], slow: Callable[..., list[UsageRecord]]
-    ) -> Callable[..., list[UsageRecord]]:
+        self, record: Callable[..., UsageRecord], slow: Callable[..., T]
+    ) -> Callable[..., list[UsageRecord] | T]:
         """``record_many()`` over ``record`` (``fast_recording``'s): a list or tuple of calls each
         one the fast path may take (``_fast_call``: all validated before any is charged) is recorded
         call by call with ``record``, as ``record_many()`` does (every charge made; the first left
         over a limit raised, or the first refused, afterwards); any other batch goes to ``slow``."""
         core = self
 
-        def record_many(calls: Iterable[RecordCall]) -> list[UsageRecord]:
-            if core.preamble_due or type(calls) not in (list, tuple) or not all(map(core._fast_call, calls)):
+        def record_many(calls: Iterable[RecordCall]) -> list[UsageRecord] | T:
+            due = core.preamble_due and not core.quiet()
+            if due or type(calls) not in (list, tuple) or not all(map(core._fast_call, calls)):
                 return slow(calls)
             records, first, refused = _gather(record, calls)
             if refused is not None:

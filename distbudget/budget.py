@@ -16,6 +16,7 @@ import functools
 import inspect
 import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from types import CoroutineType
 from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 
 from distbudget._accounting import Accounting, ExportTarget, Hold, LedgerSince, Settings, write_jsonl
@@ -324,6 +325,20 @@ class Budget(_BudgetBase[Engine]):
         return write_jsonl(self.ledger(since), target)
 
 
+def _answering(fast: Callable[..., T | Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:
+    """An ``AsyncBudget`` method over an embedded fast path: what the fast path made, or the usual
+    call's coroutine (a call it declined) awaited."""
+
+    @functools.wraps(fast)
+    async def method(*args: Any, **kwargs: Any) -> T:
+        answer = fast(*args, **kwargs)
+        if isinstance(answer, CoroutineType):
+            return await answer  # type: ignore[no-any-return]
+        return answer  # type: ignore[return-value]  # not a coroutine: a T
+
+    return method
+
+
 class AsyncBudget(_BudgetBase[AsyncEngine]):
     """The asyncio twin of :class:`Budget`: the same methods as coroutines (``estimate`` stays
     sync: it does no I/O; ``reserve`` and ``acquire`` return a :class:`PendingReservation`, to
@@ -335,12 +350,30 @@ class AsyncBudget(_BudgetBase[AsyncEngine]):
     _plain: AsyncDriver
 
     def _fast_path(self) -> None:
-        """``record()`` with the Redis engine's fast path (``Accounting.fast_charging_async``), unless
-        a subclass overrides ``record``."""
-        if type(self).record is AsyncBudget.record:
-            fast = self._core.fast_charging_async(self.engine, self.record)
+        """``record()`` and ``record_many()`` with the embedded engine's fast path (see
+        :meth:`Budget._fast_path`): that engine answers at once, so what the fast path takes is
+        returned without awaiting anything, and what it declines is awaited the usual way; or
+        ``record()`` with the Redis engine's (``Accounting.fast_charging_async``). Unless a subclass
+        overrides ``record``."""
+        if type(self).record is not AsyncBudget.record:
+            return
+        engine = self.engine
+        if isinstance(engine, AsyncMemoryEngine):
+            core, memory = self._core, engine.engine
+            fast = core.fast_recording(memory, self.record)
             if fast is not None:
-                self.record = fast  # type: ignore[method-assign,assignment]  # the same signature and docstring
+                self.record = _answering(fast)  # type: ignore[method-assign]  # the same signature and docstring
+                if type(self).record_many is AsyncBudget.record_many:
+                    # a call of the batch the fast path declines: record()'s job, run at once as the
+                    # embedded engine answers (the batch's preamble was run or not due, as record_many's)
+                    plain = Driver(memory, self._guard)
+                    one = core.fast_recording(memory, lambda *args, **kw: plain.run(core.record(*args, **kw)))
+                    assert one is not None
+                    self.record_many = _answering(core.fast_recording_many(one, self.record_many))  # type: ignore[method-assign]
+            return
+        charging = self._core.fast_charging_async(engine, self.record)
+        if charging is not None:
+            self.record = charging  # type: ignore[method-assign,assignment]  # the same signature and docstring
 
     async def _before(self, settle: bool = False) -> None:
         """See :meth:`Budget._before`."""

@@ -201,11 +201,13 @@ class _ManagerBase(Generic[B, E]):
 
 
 def _by_name(call: Callable[Concatenate[B, P], T]) -> Callable[Concatenate[Any, str, P], T]:
-    """A manager's call on a scope by name: the call of that scope's budget (``get``, then it)."""
+    """A manager's call on a scope by name: the call of that scope's budget (``get``, then it), as
+    the budget itself has it (``record``: its embedded fast path, when it took one)."""
+    name = call.__name__
 
     @functools.wraps(call)
     def method(self: BudgetManager, scope_name: str, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return call(self._budget(scope_name), *args, **kwargs)  # type: ignore[arg-type]
+        return getattr(self._budget(scope_name), name)(*args, **kwargs)  # type: ignore[no-any-return]
 
     return method
 
@@ -213,9 +215,11 @@ def _by_name(call: Callable[Concatenate[B, P], T]) -> Callable[Concatenate[Any, 
 def _async_by_name(
     call: Callable[Concatenate[AsyncBudget, P], Coroutine[Any, Any, T]],
 ) -> Callable[Concatenate[AsyncBudgetManager, str, P], Coroutine[Any, Any, T]]:
+    name = call.__name__
+
     @functools.wraps(call)
     async def method(self: AsyncBudgetManager, scope_name: str, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await call(await self._budget(scope_name), *args, **kwargs)
+        return await getattr(await self._budget(scope_name), name)(*args, **kwargs)  # type: ignore[no-any-return]
 
     return method
 
@@ -223,10 +227,12 @@ def _async_by_name(
 def _pending_by_name(
     call: Callable[Concatenate[AsyncBudget, P], PendingReservation],
 ) -> Callable[Concatenate[AsyncBudgetManager, str, P], PendingReservation]:
+    name = call.__name__
+
     @functools.wraps(call)
     def method(self: AsyncBudgetManager, scope_name: str, /, *args: P.args, **kwargs: P.kwargs) -> PendingReservation:
         async def start() -> Any:
-            return await call(await self._budget(scope_name), *args, **kwargs)
+            return await getattr(await self._budget(scope_name), name)(*args, **kwargs)
 
         return PendingReservation(start)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import random
-import threading
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from distbudget import Budget, BudgetScope, ModelRates
 from distbudget._core.money import NANO
 from distbudget._core.ops import Record
+from tests._threads import run_threads
 from tests.conftest import Backend, RedisServer
 
 # 123,000 nano-USD per input token: one token costs exactly $0.000123
@@ -35,23 +35,12 @@ def test_100_threads_recording_at_once_totals_exact(backend: Backend) -> None:
     scope = BudgetScope("fleet", max_tokens_per_day=10**12, max_tokens_per_model={"m": 10**12})
     budgets = [backend.budget(scope, RATES, session_id="shared") for _ in range(4)]
     work = [plan_for_worker(seed, 40) for seed in range(100)]
-    barrier = threading.Barrier(100)
-    errors: list[BaseException] = []
 
     def worker(i: int) -> None:
-        try:
-            barrier.wait()
-            for model, inp, out in work[i]:
-                budgets[i % 4].record(None, model, inp, out)
-        except BaseException as exc:  # surfaced below
-            errors.append(exc)
+        for model, inp, out in work[i]:
+            budgets[i % 4].record(None, model, inp, out)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(100)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    run_threads(100, worker)
     calls = [c for w in work for c in w]
     tokens, cost = expected_totals(calls)
     s = budgets[0].summary()

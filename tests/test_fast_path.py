@@ -5,15 +5,16 @@ threads recording at once lose nothing."""
 
 from __future__ import annotations
 
-import threading
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from distbudget import Budget, BudgetExceededError, BudgetScope, BudgetWarning, Limit, ModelRates, Reservation, Usage
+from distbudget import Budget, BudgetExceededError, BudgetScope, BudgetWarning, Limit, ModelRates, Usage
 from distbudget.engines.memory import FastPlan, MemoryEngine
+from tests._threads import run_threads
 from tests.conftest import Clock
 
 RATES = {
@@ -90,7 +91,7 @@ def outcome(fn: Any) -> Any:
             value = ("exceeded", str(err), None if err.record is None else record_view(err.record))
         except (ValueError, TypeError, KeyError) as err:
             value = ("invalid", type(err).__name__, str(err))
-    if isinstance(value, Reservation):
+    if hasattr(value, "held_nano_usd"):  # a reservation (of either flavour)
         value = ("reserved", value.admitted, value.held_tokens, value.held_nano_usd)
     elif isinstance(value, list):
         value = [record_view(r) if hasattr(r, "cost_nano_usd") else r for r in value]
@@ -100,12 +101,17 @@ def outcome(fn: Any) -> Any:
     return value, [str(w.message) for w in caught if issubclass(w.category, BudgetWarning)]
 
 
-RESETS = {"reset": Budget.reset_session, "reset_model": Budget.reset_model, "reset_scope": Budget.reset}
+RESETS = {"reset": "reset_session", "reset_model": "reset_model", "reset_scope": "reset"}
 
 
-def run(budget: Budget, clock: Clock, ops: list[tuple[Any, ...]]) -> list[Any]:
+def run(
+    budget: Any, clock: Clock, ops: list[tuple[Any, ...]], more: Callable[[tuple[Any, ...]], Any] | None = None
+) -> list[Any]:
+    """Each operation's outcome, then the alerts and the current session after it, and at the end
+    the summaries, the ledger and ``records``. ``budget``: a ``Budget`` or an async one behind a
+    ``SyncView``; ``more``: the outcome of the kinds of operation this loop does not know."""
     out: list[Any] = []
-    holds: list[Reservation] = []
+    holds: list[Any] = []
     for op in ops:
         kind = op[0]
         if kind == "record":
@@ -122,7 +128,7 @@ def run(budget: Budget, clock: Clock, ops: list[tuple[Any, ...]]) -> list[Any]:
             out.append(outcome(lambda: budget.check("m", op[2], op[3], session_id=op[1])))
         elif kind == "reserve":
 
-            def reserve() -> Reservation:
+            def reserve() -> Any:
                 res = budget.reserve("m", op[2], op[3], session_id=op[1])
                 if res.admitted:
                     holds.append(res)
@@ -137,11 +143,14 @@ def run(budget: Budget, clock: Clock, ops: list[tuple[Any, ...]]) -> list[Any]:
                 else:
                     out.append(outcome(res.release))
         elif kind in RESETS:
-            RESETS[kind](budget, op[1])
+            getattr(budget, RESETS[kind])(op[1])
         elif kind == "advance":
             clock.advance(op[1])
-        else:
+        elif kind in ("summary", "ledger"):
             out.append(budget.summary(op[1]) if kind == "summary" else ledger_view(budget))
+        else:
+            assert more is not None, kind
+            out.append(more(op))
         out.append([(a.level, a.limit_type, a.used, a.session_id, a.model, a.timestamp) for a in budget.alerts])
         out.append(budget.session_id)
     out.extend([budget.summary("a"), budget.summary("b"), ledger_view(budget)])
@@ -149,7 +158,7 @@ def run(budget: Budget, clock: Clock, ops: list[tuple[Any, ...]]) -> list[Any]:
     return out
 
 
-def ledger_view(budget: Budget) -> list[Any]:
+def ledger_view(budget: Any) -> list[Any]:
     entries = budget.ledger()
     assert len({e.op for e in entries if e.op}) == len([e for e in entries if e.op])  # op ids unique
     assert [e.id for e in entries] == sorted({e.id for e in entries}, key=lambda i: tuple(map(int, i.split("-"))))
@@ -203,11 +212,7 @@ def test_threads_recording_at_once_lose_nothing() -> None:
             if k == 0 and i % 100 == 0:
                 seen.append(budget.summary()["session"]["tokens"])
 
-    pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    run_threads(threads, work)
     total = 1 + 5 * n * threads
     assert budget.summary()["session"]["tokens"] == total
     assert budget.summary()["day"]["requests"] == 1 + n * threads

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import threading
 from typing import Any
 
 import pytest
 
 from distbudget import BudgetExceededError, BudgetManager, BudgetScope, InvalidInputError, Limit, ModelRates
+from tests._threads import run_threads
 from tests.conftest import Backend, Clock, RedisServer
 
 RATES = {"m": ModelRates(input_per_1k=0.001, output_per_1k=0.002), "n": ModelRates(0.004, 0.004)}
@@ -165,22 +165,13 @@ def test_ledger_is_complete_under_concurrency(redis_server: RedisServer) -> None
     mgr.register(BudgetScope("org"), RATES)
     for u in ("x", "y"):
         mgr.register(BudgetScope(u, parent="org"), RATES)
-    errors: list[BaseException] = []
 
     def work(k: int) -> None:
         m = BudgetManager(redis=redis_server.url)
-        try:
-            for i in range(250):
-                m.record("x" if i % 2 else "y", f"s{k}", "m", 10 + k, i)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        for i in range(250):
+            m.record("x" if i % 2 else "y", f"s{k}", "m", 10 + k, i)
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(8, work)
     entries = mgr.get("org").ledger()
     assert len(entries) == 2000 and len({e.op for e in entries}) == 2000
     total = mgr.summary("org")["total"]

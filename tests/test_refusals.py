@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import threading
 from typing import Any
 
 import pytest
@@ -20,6 +19,7 @@ from distbudget._core.types import RequestedBy
 from distbudget.alerts import alert_from_payload
 from distbudget.cli import main
 from distbudget.exporter import BudgetCollector, registry_for
+from tests._threads import run_threads
 from tests.conftest import Backend, Clock, RedisServer
 
 RATES = {"m": ModelRates(0.001, 0.002)}
@@ -240,11 +240,7 @@ def test_threads_refusing_at_once_count_exactly_and_alert_once(backend: Backend)
             except BudgetExceededError:
                 raised.append(n)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(8, worker)
     assert len(raised) == 200
     assert refusals(mgr, "team") == {"day_tokens": 200}
     assert len(refused_alerts(got)) == 1  # the first refusal of the day's window, once across the fleet

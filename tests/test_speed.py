@@ -14,6 +14,7 @@ import pytest
 
 from distbudget import AsyncBudget, Budget, BudgetExceededError, BudgetScope, InvalidInputError, ModelRates
 from tests._faults import AofRedis
+from tests._threads import run_threads
 from tests.conftest import RedisServer
 from tests.test_failure_policy import MODEL, Books, big_scope
 
@@ -95,11 +96,7 @@ def test_coalesced_threads_each_get_their_own_answer(redis_server: RedisServer) 
             with lock:
                 outcomes.append((key, kind, answer))
 
-    threads = [threading.Thread(target=worker, args=(1000 + i,)) for i in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(16, lambda i: worker(1000 + i))
     assert len(outcomes) == 16 * CALLS
     assert {kind for _, kind, _ in outcomes} == {"ok", "over"}  # the cap was crossed part way
     check_books(budget.summary("s"), outcomes, cap)
