@@ -981,7 +981,8 @@ class Accounting:
         """``record()`` with the Redis engine's fast path when it has one (``fast_recorder``: a plain
         standalone client, its charges packed and sent by hand), else None. A call of four positional
         arguments (session, model, input and output tokens: valid plain ints on a fast plan, see
-        ``_fast_plan``), outside a preamble or an outage, is packed from its compiled call
+        ``_fast_plan``), outside a preamble (a manager's budget: between its registry reads,
+        ``quiet``) or an outage, is packed from its compiled call
         (``_fast_charge``), sent, and its answer read cheaply when plain (``_fast_finish``); any
         other answer is finished as ``record()`` finishes it, an error through the failure policy.
         Any other call, or one the engine sends back untouched (the script was not loaded:
@@ -992,7 +993,8 @@ class Accounting:
         (charge, state), prepare, finish, core = fast, self._fast_charge, self._fast_finish, self
 
         def record(*args: Any, **kw: Any) -> UsageRecord:
-            call = None if kw or len(args) != 4 or core.preamble_due or state.busy else prepare(*args)
+            plain = not kw and len(args) == 4 and not state.busy and (not core.preamble_due or core.quiet())
+            call = prepare(*args) if plain else None
             if call is not None:
                 answer = charge(*call)
                 if answer is not None:
@@ -1011,7 +1013,8 @@ class Accounting:
         (charge, state), prepare, finish, core = fast, self._fast_charge, self._fast_finish, self
 
         async def record(*args: Any, **kw: Any) -> UsageRecord:
-            call = None if kw or len(args) != 4 or core.preamble_due or state.busy else prepare(*args)
+            plain = not kw and len(args) == 4 and not state.busy and (not core.preamble_due or core.quiet())
+            call = prepare(*args) if plain else None
             if call is not None:
                 answer = await charge(*call)
                 if answer is not None:

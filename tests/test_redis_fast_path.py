@@ -23,6 +23,7 @@ from distbudget import (
     BackendError,
     Budget,
     BudgetExceededError,
+    BudgetManager,
     BudgetScope,
     InvalidInputError,
     ModelRates,
@@ -366,3 +367,37 @@ def test_an_error_redis_answers_is_raised_once_as_on_the_usual_path(
         assert budget.backend_status["journaled"] == 0
         errors.append(str(err.value).replace(prefix, "<prefix>"))
     assert errors[0] == errors[1]
+
+
+# ---- a manager's budgets: the fast path between registry reads, a registry change seen at the next --
+
+
+def test_a_managers_budget_takes_the_fast_path_and_sees_registry_changes(
+    redis_server: RedisServer, admin: redis.Redis
+) -> None:
+    url = redis_server.url
+    worker = BudgetManager(redis=url, registry_ttl=3600)  # its registry read: at its first call only
+    budget = worker.register(BudgetScope("team", max_tokens_per_session=3000, hard_stop=True), RATES)
+    sent = counting(budget)
+    for _ in range(5):
+        worker.record("team", "a", "m", 20, 10)  # by name: the budget's own (fast) record
+    budget.record("a", "m", 20, 10)
+    # its first call the usual way (the fleet price book, the alert stream), then the fast path 5 times
+    assert [type(op).__name__ for op in sent] == ["PricesRead", "Announce", "Record"]
+    assert fast_plan(budget, "a", "m").wire is not None
+    # another worker lowers the limit: this one trusts its config (fast path) until its next registry read
+    BudgetManager(redis=url).update("team", max_tokens_per_session=400)
+    budget.record("a", "m", 1, 0)  # 181 tokens: under either limit
+    assert len(sent) == 3
+    budget._core._fresh_until = 0.0  # its registry read is due now
+    budget.record("a", "m", 1, 0)  # the usual path: reads the registry, then charges (182)
+    assert [type(op).__name__ for op in sent[3:]] == ["RegistryChain", "Record"]
+    assert budget.scope.max_tokens_per_session == 400
+    budget.record("a", "m", 200, 0)  # 382 of 400: the fast path again, its plan compiled anew
+    assert len(sent) == 5  # an alert fired (80 % of 400): read by the usual finish, sent once
+    assert [(a.level.name, a.limit) for a in budget.alerts] == [("WARNING", 400)]
+    with pytest.raises(BudgetExceededError, match="session_tokens"):
+        worker.record("team", "a", "m", 60, 0)  # 442 > 400, on the new plan
+    assert [(a.level.name, a.limit) for a in budget.alerts][1:] == [("CRITICAL", 400)]
+    assert budget.summary()["session"]["tokens"] == 442
+    assert [e.id for e in budget.ledger()][-1] == budget.records[-1].ledger_id
