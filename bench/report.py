@@ -384,7 +384,7 @@ def build_rows(raw: dict[str, Any], sizes: Sizes) -> tuple[list[Row], list[str]]
     return rows, notes
 
 
-def environment(client: Any, url: str, own_server: bool) -> dict[str, str]:
+def environment(client: Any, url: str, own_server: bool, awake: bool = False) -> dict[str, str]:
     cpu = platform.processor() or "unknown"
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -408,11 +408,15 @@ def environment(client: Any, url: str, own_server: bool) -> dict[str, str]:
         "redis-py": version("redis"),
         "limits": version("limits"),
         "distbudget": version("distbudget"),
+        "flags": " --keep-awake" if awake else "",
+        "vcpus": "kept awake by a nice-19 busy loop per core (`--keep-awake`)"
+        if awake
+        else "left to halt when idle (no `--keep-awake`): one call at a time also measures their wake-up",
     }
 
 
 def markdown(rows: list[Row], notes: list[str], env: dict[str, str], sizes: Sizes, quick: bool) -> str:
-    cmd = "python bench/run.py" + (" --quick" if quick else "")
+    cmd = "python bench/run.py" + (" --quick" if quick else "") + env["flags"]
     out = [
         "# distbudget benchmark results",
         "",
@@ -421,7 +425,7 @@ def markdown(rows: list[Row], notes: list[str], env: dict[str, str], sizes: Size
         "round by round.",
         "",
         f"- platform: {env['platform']}, Python {env['python']}",
-        f"- CPU: {env['cpu']}",
+        f"- CPU: {env['cpu']}; vCPUs {env['vcpus']}",
         f"- Redis {env['redis']}: {env['server']}; redis-py {env['redis-py']}, limits {env['limits']}, "
         f"distbudget {env['distbudget']}",
         f"- every charge: 500 tokens on model `m` against a scope with session tokens, session cost, day cost "

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from measures import FULL, QUICK, Bench, own_redis
+from measures import FULL, QUICK, Bench, awake, own_redis
 from report import build_rows, environment, markdown
 
 HERE = Path(__file__).resolve().parent
@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=HERE / "results.md", help="the Markdown table (%(default)s)")
     ap.add_argument("--json", type=Path, metavar="PATH", help="also dump every raw number as JSON here")
     ap.add_argument(
+        "--keep-awake",
+        action="store_true",
+        help="a nice-19 busy loop per core for the run, so no vCPU halts between calls (see measures.awake)",
+    )
+    ap.add_argument(
         "--docs",
         type=Path,
         metavar="PAGE",
@@ -50,10 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     started = time.perf_counter()
 
-    with own_redis() if args.redis is None else _given(args.redis) as url:
+    with awake(args.keep_awake), own_redis() if args.redis is None else _given(args.redis) as url:
         bench = Bench(url, sizes, own_server=args.redis is None)
         try:
-            env = environment(bench.client, url, bench.own_server)
+            env = environment(bench.client, url, bench.own_server, args.keep_awake)
             bench.round_trips()
             bench.latency()
             bench.embedded()
