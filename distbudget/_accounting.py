@@ -901,7 +901,9 @@ class Accounting:
         takes the fast path between its registry reads (``quiet``)."""
         if not isinstance(engine, MemoryEngine):
             return None
-        charge: Callable[..., str | Literal[False] | None] = engine.fast_record
+        # memory.fast_record is looked up at each call: exporter.instrument() may wrap it (a FastPlan's
+        # charge: its plans are FastPlans, _fast_kind)
+        memory: Any = engine
         clock, keep = self.clock, self._records.append
         switch, new, set_attr, us, time_ns = otel._switch, _new_object, _set_attr, P.US, time.time_ns
         core = self
@@ -931,7 +933,9 @@ class Accounting:
                     ms = now // 1000
                 else:
                     now, ms = round(clock() * us), time_ns() // 1_000_000
-                ledger_id = charge(fp, input_tokens + output_tokens, cost, now, ms, input_tokens, output_tokens)
+                ledger_id = memory.fast_record(
+                    fp, input_tokens + output_tokens, cost, now, ms, input_tokens, output_tokens
+                )
                 if ledger_id is not False:
                     if session_id is not None:
                         core._last_session = session_id
@@ -990,13 +994,13 @@ class Accounting:
         fast = self._fast_recorder(engine)
         if fast is None:
             return None
-        (charge, state), prepare, finish, core = fast, self._fast_charge, self._fast_finish, self
+        (fast_engine, state), prepare, finish, core = fast, self._fast_charge, self._fast_finish, self
 
         def record(*args: Any, **kw: Any) -> UsageRecord:
             plain = not kw and len(args) == 4 and not state.busy and (not core.preamble_due or core.quiet())
             call = prepare(*args) if plain else None
             if call is not None:
-                answer = charge(*call)
+                answer = fast_engine.record_fast(*call)  # looked up per call: instrument() wraps it
                 if answer is not None:
                     return finish(call, answer, args[2], args[3])
             return slow(*args, **kw)
@@ -1010,29 +1014,29 @@ class Accounting:
         fast = self._fast_recorder(engine)
         if fast is None:
             return None
-        (charge, state), prepare, finish, core = fast, self._fast_charge, self._fast_finish, self
+        (fast_engine, state), prepare, finish, core = fast, self._fast_charge, self._fast_finish, self
 
         async def record(*args: Any, **kw: Any) -> UsageRecord:
             plain = not kw and len(args) == 4 and not state.busy and (not core.preamble_due or core.quiet())
             call = prepare(*args) if plain else None
             if call is not None:
-                answer = await charge(*call)
+                answer = await fast_engine.record_fast(*call)
                 if answer is not None:
                     return finish(call, answer, args[2], args[3])
             return await slow(*args, **kw)
 
         return functools.wraps(slow)(record)
 
-    def _fast_recorder(self, engine: object) -> tuple[Callable[..., Any], EngineState] | None:
-        """The engine's fast charge (``fast_recorder``), if it has one, and the engine's state under
-        the failure policy (busy: the driver's policy first); the fast plans then compiled for it are
+    def _fast_recorder(self, engine: object) -> tuple[Any, EngineState] | None:
+        """The engine, when it has a fast charge (``fast_recorder``: its ``record_fast``, looked up
+        at each call so that ``exporter.instrument`` counts it), and the engine's state under the
+        failure policy (busy: the driver's policy first); the fast plans then compiled for it are
         plain ``FastCall``s."""
         recorder = getattr(engine, "fast_recorder", None)
-        charge: Callable[..., Any] | None = recorder() if recorder is not None else None
-        if charge is None or self.guard is None:
+        if recorder is None or recorder() is None or self.guard is None:
             return None
         self._fast_kind = FastCall
-        return charge, self.guard.state
+        return engine, self.guard.state
 
     def _fast_charge(
         self, session_id: str | None, model: str, input_tokens: Any, output_tokens: Any

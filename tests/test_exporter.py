@@ -15,7 +15,7 @@ import redis
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from distbudget import BudgetManager, BudgetScope, Limit, ModelRates
+from distbudget import BackendError, Budget, BudgetManager, BudgetScope, Limit, ModelRates
 from distbudget.exporter import BudgetCollector, instrument, registry_for
 from tests.conftest import RedisServer
 
@@ -191,3 +191,31 @@ def test_a_scrape_of_1000_scopes_is_one_registry_read_and_one_pipeline(
         f"\nscrape of 1,001 scopes: best {min(took) * 1000:.0f} ms, worst {max(took) * 1000:.0f} ms "
         f"(scrape_duration_seconds {value(got, 'distbudget_scrape_duration_seconds') * 1000:.0f} ms)"
     )
+
+
+@pytest.mark.parametrize("backend", ["embedded", "redis"])
+def test_client_metrics_count_the_fast_paths_charges(backend: str, tmp_path: Any) -> None:
+    server = RedisServer(tmp_path) if backend == "redis" else None
+    try:
+        options: dict[str, Any] = {"redis": server.url} if server else {}
+        budget = Budget(BudgetScope("solo", max_tokens_per_session=10**9), RATES, session_id="s", **options)
+        budget.record("s", "m", 10, 5)  # the usual path (the first call announces, compiles the plan)
+        metrics = instrument(budget)
+        before = budget.engine.execute
+        for _ in range(9):
+            budget.record("s", "m", 10, 5)  # the fast path: no engine.execute
+        assert budget.engine.execute is before and budget.summary()["session"]["requests"] == 10
+        got = samples(generate_latest(registry_for([BudgetCollector(client=metrics)])).decode())
+        assert value(got, "distbudget_client_calls_total", operation="record") == 9
+        assert value(got, "distbudget_client_latency_seconds_count", operation="record") == 9
+        assert value(got, "distbudget_client_errors_total", operation="record") == 0
+        if server is not None:  # a charge the fast path sends to a lost server: one call, failed
+            server.stop()
+            with pytest.raises(BackendError):
+                budget.record("s", "m", 10, 5)
+            got = samples(generate_latest(registry_for([BudgetCollector(client=metrics)])).decode())
+            assert value(got, "distbudget_client_calls_total", operation="record") == 10
+            assert value(got, "distbudget_client_errors_total", operation="record") == 1
+    finally:
+        if server is not None:
+            server.stop()
