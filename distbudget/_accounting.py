@@ -77,7 +77,6 @@ from distbudget._core.scope import MAX_NAME_LENGTH, BudgetScope, Limit, check_na
 from distbudget._core.types import AlertLevel, BudgetAlert, RequestedBy, UsageRecord, alert_message
 from distbudget._core.usage import Usage, charge_args
 from distbudget._policy.guard import BatchAnswers, Guard, LocalCharge, Refusal, check_options
-from distbudget._policy.journal import EngineState
 from distbudget.engines.memory import FastPlan, MemoryEngine
 
 log = logging.getLogger("distbudget")
@@ -983,27 +982,34 @@ class Accounting:
 
     def fast_charging(self, engine: object, slow: Callable[..., UsageRecord]) -> Callable[..., UsageRecord] | None:
         """``record()`` with the Redis engine's fast path when it has one (``fast_recorder``: a plain
-        standalone client, its charges packed and sent by hand), else None. A call of four positional
-        arguments (session, model, input and output tokens: valid plain ints on a fast plan, see
-        ``_fast_plan``), outside a preamble (a manager's budget: between its registry reads,
-        ``quiet``) or an outage, is packed from its compiled call
-        (``_fast_charge``), sent, and its answer read cheaply when plain (``_fast_finish``); any
+        standalone client, its charges packed and sent by hand), else None. A plain call (session,
+        model, input and output tokens, positional or by name: valid plain ints on a fast plan, see
+        ``_fast_plan``; no metadata, request id or other keyword), outside a preamble (a manager's
+        budget: between its registry reads, ``quiet``) or an outage, is packed from its compiled
+        call (``_fast_charge``), sent, and its answer read cheaply when plain (``_fast_finish``); any
         other answer is finished as ``record()`` finishes it, an error through the failure policy.
         Any other call, or one the engine sends back untouched (the script was not loaded:
         NOSCRIPT), goes to ``slow`` (``record()``)."""
         fast = self._fast_recorder(engine)
         if fast is None:
             return None
-        (fast_engine, state), prepare, finish, core = fast, self._fast_charge, self._fast_finish, self
+        fast_engine, prepare, finish = fast, self._fast_charge, self._fast_finish
 
-        def record(*args: Any, **kw: Any) -> UsageRecord:
-            plain = not kw and len(args) == 4 and not state.busy and (not core.preamble_due or core.quiet())
-            call = prepare(*args) if plain else None
+        def record(
+            session_id: str | None,
+            model: str,
+            input_tokens: Any,
+            output_tokens: Any = None,
+            metadata: dict[str, Any] | None = None,
+            request_id: str | None = None,
+            **keywords: Any,
+        ) -> UsageRecord:
+            call = prepare(session_id, model, input_tokens, output_tokens, metadata, request_id, keywords)
             if call is not None:
-                answer = fast_engine.record_fast(*call)  # looked up per call: instrument() wraps it
+                answer = fast_engine.record_fast(*call[:5])  # looked up per call: instrument() wraps it
                 if answer is not None:
-                    return finish(call, answer, args[2], args[3])
-            return slow(*args, **kw)
+                    return finish(call, answer, input_tokens, output_tokens)
+            return slow(session_id, model, input_tokens, output_tokens, metadata, request_id, **keywords)
 
         return functools.wraps(slow)(record)
 
@@ -1014,36 +1020,57 @@ class Accounting:
         fast = self._fast_recorder(engine)
         if fast is None:
             return None
-        (fast_engine, state), prepare, finish, core = fast, self._fast_charge, self._fast_finish, self
+        fast_engine, prepare, finish = fast, self._fast_charge, self._fast_finish
 
-        async def record(*args: Any, **kw: Any) -> UsageRecord:
-            plain = not kw and len(args) == 4 and not state.busy and (not core.preamble_due or core.quiet())
-            call = prepare(*args) if plain else None
+        async def record(
+            session_id: str | None,
+            model: str,
+            input_tokens: Any,
+            output_tokens: Any = None,
+            metadata: dict[str, Any] | None = None,
+            request_id: str | None = None,
+            **keywords: Any,
+        ) -> UsageRecord:
+            call = prepare(session_id, model, input_tokens, output_tokens, metadata, request_id, keywords)
             if call is not None:
-                answer = await fast_engine.record_fast(*call)
+                answer = await fast_engine.record_fast(*call[:5])
                 if answer is not None:
-                    return finish(call, answer, args[2], args[3])
-            return await slow(*args, **kw)
+                    return finish(call, answer, input_tokens, output_tokens)
+            return await slow(session_id, model, input_tokens, output_tokens, metadata, request_id, **keywords)
 
         return functools.wraps(slow)(record)
 
-    def _fast_recorder(self, engine: object) -> tuple[Any, EngineState] | None:
+    def _fast_recorder(self, engine: object) -> Any:
         """The engine, when it has a fast charge (``fast_recorder``: its ``record_fast``, looked up
-        at each call so that ``exporter.instrument`` counts it), and the engine's state under the
-        failure policy (busy: the driver's policy first); the fast plans then compiled for it are
+        at each call so that ``exporter.instrument`` counts it) and a failure policy (its state is
+        read at each call: ``_fast_charge``), else None; the fast plans then compiled for it are
         plain ``FastCall``s."""
         recorder = getattr(engine, "fast_recorder", None)
         if recorder is None or recorder() is None or self.guard is None:
             return None
         self._fast_kind = FastCall
-        return engine, self.guard.state
+        return engine
 
     def _fast_charge(
-        self, session_id: str | None, model: str, input_tokens: Any, output_tokens: Any
+        self,
+        session_id: str | None,
+        model: str,
+        input_tokens: Any,
+        output_tokens: Any,
+        metadata: object,
+        request_id: object,
+        keywords: dict[str, Any],
     ) -> tuple[FastCall, int | None, int, int, str] | None:
         """The charge ``record()`` would send for a plain call on a fast plan, as the engine's fast
         path takes it: (the plan, the injected clock's µs or None, tokens, nano-USD, the ledger
-        entry); None when the call is not one (``record()`` validates it, raises or charges)."""
+        entry); None when the call is not one — metadata, a request id or another keyword, a
+        preamble due (a manager's budget: its registry read, see ``quiet``), an outage pending
+        (the failure policy first) — and ``record()`` validates it, raises or charges it."""
+        guard = self.guard
+        if metadata is not None or request_id is not None or keywords or guard is None or guard.state.busy:
+            return None
+        if self.preamble_due and not self.quiet():
+            return None
         sid = self.session_id if session_id is None else session_id
         try:
             fp = self._fast_plans.get((sid, model))
@@ -1051,9 +1078,7 @@ class Accounting:
             return None
         if fp is None:
             fp = self._fast_plan(sid, model)
-        if not fp or type(input_tokens) is not int or type(output_tokens) is not int:
-            return None
-        if input_tokens < 0 or output_tokens < 0:
+        if not (fp and type(input_tokens) is int and type(output_tokens) is int and input_tokens >= 0 <= output_tokens):
             return None
         tokens = input_tokens + output_tokens
         cost = (input_tokens * fp.i_rate + output_tokens * fp.o_rate + 500_000) // 1_000_000  # money.cost_nano

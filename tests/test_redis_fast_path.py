@@ -401,3 +401,30 @@ def test_a_managers_budget_takes_the_fast_path_and_sees_registry_changes(
     assert [(a.level.name, a.limit) for a in budget.alerts][1:] == [("CRITICAL", 400)]
     assert budget.summary()["session"]["tokens"] == 442
     assert [e.id for e in budget.ledger()][-1] == budget.records[-1].ledger_id
+
+
+# ---- calls by keyword (agent-budget's documented style) take it; metadata or a request id do not ----
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_calls_by_keyword_take_the_fast_path(
+    redis_server: RedisServer, admin: redis.Redis, runner: LoopThread, flavour: str
+) -> None:
+    cls = Budget if flavour == "sync" else AsyncBudget
+    made = cls(BudgetScope("kw", max_tokens_per_session=10**9), RATES, redis=redis_server.url, session_id="a")
+    budget: Any = made if flavour == "sync" else SyncView(made, runner)
+    budget.record("a", "m", 1, 1)  # the first call: the usual path
+    sent = counting(made)
+    records = [
+        budget.record(session_id="a", model="m", input_tokens=800, output_tokens=200),
+        budget.record("a", "m", input_tokens=800, output_tokens=200),
+        budget.record("a", model="m", input_tokens=800, output_tokens=200, metadata=None, request_id=None),
+    ]
+    assert sent == []  # none through engine.execute: the fast path sent all three
+    budget.record(session_id="a", model="m", input_tokens=1, output_tokens=0, metadata={"k": 1})
+    budget.record(session_id="a", model="m", input_tokens=1, output_tokens=0, request_id="r-1")
+    budget.record(session_id="a", model="m", input_tokens=1, output_tokens=0, reasoning_tokens=0)
+    assert [type(op).__name__ for op in sent] == ["Record", "Record", "Record"]  # the usual path
+    assert [(r.input_tokens, r.output_tokens, r.metadata) for r in records] == [(800, 200, {})] * 3
+    assert budget.summary()["session"]["tokens"] == 2 + 3 * 1000 + 3
+    assert [e.metadata for e in budget.ledger()][-3] == {"k": 1}
