@@ -133,6 +133,46 @@ _RECORD_PARAMETERS = _RECORD_REQUIRED | {
 _TOKEN_ARGS = ("input_tokens", "output_tokens", "cached_input_tokens", "cache_write_tokens", "reasoning_tokens")
 
 
+def fast_made(
+    keep: Callable[[tuple[Any, ...]], None],
+    fp: FastCall,
+    input_tokens: int,
+    output_tokens: int,
+    cost: int,
+    now_us: int,
+    ledger_id: str | None,
+) -> UsageRecord:
+    """The record of a plain charge a fast path made, exactly as ``_finish_charge`` makes it (with
+    ``__dict__`` set at once: twice as fast as ``UsageRecord(...)``), kept with ``keep`` as the plain
+    values ``kept_record`` makes it again from when ``records`` is read."""
+    fields = fp.record_fields.copy()
+    fields["input_tokens"] = input_tokens
+    fields["output_tokens"] = output_tokens
+    fields["cost_usd"] = cost / NANO
+    fields["timestamp"] = now_us / P.US
+    fields["metadata"] = {}
+    fields["cost_nano_usd"] = cost
+    fields["ledger_id"] = ledger_id
+    rec = _new_object(UsageRecord)
+    _set_attr(rec, "__dict__", fields)
+    keep(
+        (
+            fp.plan.session_id,
+            fields["model"],
+            fp.canonical,
+            fp.scope,
+            input_tokens,
+            output_tokens,
+            cost,
+            now_us,
+            ledger_id,
+        )
+    )
+    if otel._switch.trace is not None:
+        otel.charged(rec, 0, 0)
+    return rec
+
+
 def kept_record(
     session_id: str,
     model: str,
@@ -938,7 +978,8 @@ class Accounting:
                 if ledger_id is not False:
                     if session_id is not None:
                         core._last_session = session_id
-                    fields = fp.record_fields.copy()  # the record as _finish_charge makes it
+                    # fast_made(keep, fp, ...), inlined: a call more costs ~5 % of this path (row 5a)
+                    fields = fp.record_fields.copy()
                     fields["input_tokens"] = input_tokens
                     fields["output_tokens"] = output_tokens
                     fields["cost_usd"] = cost / NANO
@@ -1107,21 +1148,7 @@ class Accounting:
             now_us, ledger_id = answer
             if guard.state.busy:  # another call met an outage meanwhile: this one says Redis answers
                 guard.after(Record(fp.plan, now, (tokens, cost, 1), None, self.request_ttl_ms, fp.maxlen, entry))
-            fields = fp.record_fields.copy()  # the record as _finish_charge makes it
-            fields["input_tokens"] = input_tokens
-            fields["output_tokens"] = output_tokens
-            fields["cost_usd"] = cost / NANO
-            fields["timestamp"] = now_us / P.US
-            fields["metadata"] = {}
-            fields["cost_nano_usd"] = cost
-            fields["ledger_id"] = kept_id = ledger_id or None
-            rec = _new_object(UsageRecord)
-            _set_attr(rec, "__dict__", fields)
-            sid, model, canonical, scope = fp.plan.session_id, fields["model"], fp.canonical, fp.scope
-            self._records.append((sid, model, canonical, scope, input_tokens, output_tokens, cost, now_us, kept_id))
-            if otel._switch.trace is not None:
-                otel.charged(rec, 0, 0)
-            return rec
+            return fast_made(self._records.append, fp, input_tokens, output_tokens, cost, now_us, ledger_id or None)
         usage = (tokens, cost, 1)
         op = Record(fp.plan, now, usage, None, self.request_ttl_ms, fp.maxlen, entry)
         if isinstance(answer, BackendError):
