@@ -134,13 +134,13 @@ FULL = Sizes(
     ledger_fill=100_000,
     many=100,
 )
-QUICK = Sizes(
-    rounds=3,
+QUICK = Sizes(  # a smoke test (CI): every row measured, nothing to read into the figures
+    rounds=2,
     calls=300,
     embedded_calls=2000,
     fill=20_000,
     batch=5000,
-    fleet_rounds=2,
+    fleet_rounds=1,
     fleet_seconds=0.25,
     fleet_lead=0.1,
     ledger_fill=10_000,

@@ -165,7 +165,7 @@ def ledger_view(budget: Any) -> list[Any]:
     return [(vars(e) | {"id": None, "op": None, "hold_id": e.hold_id is not None}) for e in entries]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(OPS, min_size=20, max_size=80), hard_stop=st.booleans(), ledger=st.sampled_from([0, 5, 1000]))
 def test_fast_and_usual_paths_agree(ops: list[tuple[Any, ...]], hard_stop: bool, ledger: int) -> None:
     clocks = Clock(1_800_000_123.25), Clock(1_800_000_123.25)

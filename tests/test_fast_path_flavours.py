@@ -135,7 +135,7 @@ def runner() -> Iterator[LoopThread]:
 
 
 @pytest.mark.parametrize("flavour", FLAVOURS)
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), hard_stop=st.booleans(), ledger=st.sampled_from([0, 5, 1000]))
 def test_fast_and_usual_paths_agree(runner: LoopThread, flavour: str, data: Any, hard_stop: bool, ledger: int) -> None:
     ops = data.draw(st.lists(OPS if flavour == "async" else MANAGER_OPS, min_size=20, max_size=80))
