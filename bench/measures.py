@@ -163,6 +163,8 @@ def timed(fn: Callable[[], Any], n: int) -> dict[str, float]:
 
 # Commands of the bench's own around the measured ones: not a script's inner commands. (A budget's
 # first call also registers its alert stream with one HSET: once in thousands of calls.)
+PIPELINED = 100  # charges per round trip where rows 3a/3h also give the server time pipelined
+
 NOT_INNER = frozenset({"evalsha", "info", "config|resetstat", "ping", "script|load", "script|exists"})
 
 
@@ -193,6 +195,11 @@ def timed_server(client: Any, fn: Callable[[], Any], n: int, ops_per_call: int =
     out["inner_calls"] = sum(out["inner"].values())
     out["inner_us"] = sum(v["usec"] for v in inner.values()) / n
     return out
+
+
+def per_charge(out: dict[str, Any], k: int) -> dict[str, Any]:
+    """``timed_server``'s figures of calls that each send ``k`` charges, made per charge."""
+    return {**out, "rate": out["rate"] * k, "cpu_us": out["cpu_us"] / k, "server_us": out["server_us"] / k}
 
 
 def interleave(rounds: int, contenders: dict[str, Callable[[], dict[str, float]]]) -> dict[str, list[dict[str, float]]]:
@@ -717,6 +724,21 @@ class Bench:
         fb = self.budget("floor")
         _script, fkeys, fargv = (call := RecordCall(fb)).script_call(call.full_op())
         floor(keys=fkeys, args=fargv)
+        k = PIPELINED
+        charges = [(SESSION, "m", IN_TOKENS, OUT_TOKENS)] * k
+
+        def pipelined() -> dict[str, float]:  # back to back: no idle vCPU to wake between calls
+            b = self.budget(f"empty{next(rnd)}")
+            return per_charge(timed_server(self.client, lambda: b.record_many(charges), max(1, n // k), k), k)
+
+        def floor_pipelined() -> dict[str, float]:
+            def batch() -> None:
+                pipe = self.client.pipeline(transaction=False)
+                for _ in range(k):
+                    floor(keys=fkeys, args=fargv, client=pipe)
+                pipe.execute()
+
+            return per_charge(timed_server(self.client, batch, max(1, n // k), k), k)
 
         self.raw["server_time"] = interleave(
             self.sizes.rounds,
@@ -726,6 +748,8 @@ class Bench:
                 "empty_noledger": lambda: empty(ledger_maxlen=0),
                 "full_noledger": lambda: filled(full_nl),
                 "floor": lambda: timed_server(self.client, lambda: floor(keys=fkeys, args=fargv), n),
+                "empty_pipelined": pipelined,
+                "floor_pipelined": floor_pipelined,
             },
         )
 
