@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
-import multiprocessing as mp
 import os
 import queue
 import signal
@@ -19,6 +18,7 @@ import pytest
 
 from distbudget import AlertLevel, Budget, BudgetExceededError, BudgetScope, ModelRates
 from distbudget.alerts import AlertListener, AsyncAlertListener, WebhookSink
+from tests._procs import context
 from tests.conftest import RedisServer
 
 RATES = {"m": ModelRates(0.001, 0.002)}
@@ -97,7 +97,7 @@ def _crossing_worker(url: str, go: Any) -> None:
 def test_eight_workers_cross_together_two_listeners_hear_each_crossing_once(redis_server: RedisServer) -> None:
     redis_server.client().flushall()
     Budget(BudgetScope("shared", max_tokens_per_session=8000), RATES, redis=redis_server.url)  # registers the stream
-    ctx = mp.get_context("spawn")
+    ctx = context()
     outs = [ctx.Queue(), ctx.Queue()]
     readies = [ctx.Event(), ctx.Event()]
     listeners = [ctx.Process(target=_listener_proc, args=(redis_server.url, outs[i], readies[i])) for i in range(2)]
@@ -154,7 +154,7 @@ def test_killed_listener_restarts_from_last_id_without_gaps_or_duplicates(
     client = redis_server.client()
     client.flushall()
     path = tmp_path / "ids.txt"
-    ctx = mp.get_context("spawn")
+    ctx = context()
     proc = ctx.Process(target=_recording_listener, args=(redis_server.url, str(path), {}))
     proc.start()
     _cross(redis_server.url, [f"a{i}" for i in range(10)])

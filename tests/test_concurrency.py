@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import random
 from typing import Any
 
@@ -11,6 +10,7 @@ import pytest
 from distbudget import Budget, BudgetScope, ModelRates
 from distbudget._core.money import NANO
 from distbudget._core.ops import Record
+from tests._procs import context
 from tests._threads import run_threads
 from tests.conftest import Backend, RedisServer
 
@@ -64,7 +64,7 @@ def _process_worker(url: str, seed: int, n: int, queue: Any) -> None:
 
 def test_8_processes_recording_on_real_redis_totals_exact(redis_server: RedisServer) -> None:
     redis_server.client().flushall()
-    ctx = mp.get_context("spawn")
+    ctx = context()
     queue = ctx.Queue()
     procs = [ctx.Process(target=_process_worker, args=(redis_server.url, seed, 300, queue)) for seed in range(8)]
     for p in procs:

@@ -5,7 +5,6 @@ callback exactly once: fired, delivered, duplicated and lost are counted."""
 from __future__ import annotations
 
 import contextlib
-import multiprocessing as mp
 import os
 import signal
 import time
@@ -14,6 +13,7 @@ from typing import Any
 
 from distbudget import Budget, BudgetExceededError, BudgetScope, ModelRates
 from distbudget.alerts import AlertListener
+from tests._procs import context
 from tests.conftest import RedisServer
 from tests.test_alerts import wait_for
 from tests.test_listener_groups import fired
@@ -65,7 +65,7 @@ def test_group_member_killed_mid_stream_every_alert_once(redis_server: RedisServ
     client.flushall()
     for name in SCOPES:  # register the trees' streams, so the group exists on each before the first alert
         Budget(BudgetScope(name, max_tokens_per_session=800), RATES, redis=redis_server.url)
-    ctx = mp.get_context("spawn")
+    ctx = context()
     paths = [tmp_path / f"member-{i}.txt" for i in range(3)]
     members = [
         ctx.Process(target=_member, args=(redis_server.url, str(paths[0]), 15), daemon=True),  # the one killed

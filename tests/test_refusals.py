@@ -6,7 +6,6 @@ counts reach ``summary()``, the ledger, ``distbudget status --json`` and the Pro
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ from distbudget._core.types import RequestedBy
 from distbudget.alerts import alert_from_payload
 from distbudget.cli import main
 from distbudget.exporter import BudgetCollector, registry_for
+from tests._procs import context
 from tests._threads import run_threads
 from tests.conftest import Backend, Clock, RedisServer
 
@@ -269,7 +269,7 @@ def test_processes_refusing_at_once_count_exactly_and_alert_once(redis_server: R
     mgr = BudgetManager(redis=redis_server.url)
     mgr.register(BudgetScope("team", max_tokens_per_day=1000), RATES)
     mgr.record("team", "bob", "m", 1000, 0)
-    ctx = mp.get_context("spawn")
+    ctx = context()
     out = ctx.Queue()
     procs = [ctx.Process(target=_refuse, args=(redis_server.url, n, out)) for n in range(6)]
     for p in procs:

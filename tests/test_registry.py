@@ -5,7 +5,6 @@ reach every worker within ``registry_ttl``; hierarchies hold under 12 processes.
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
 import time
 from decimal import Decimal
 from typing import Any
@@ -21,6 +20,7 @@ from distbudget import (
     Limit,
     ModelRates,
 )
+from tests._procs import context
 from tests.conftest import Backend, RedisServer
 
 RATES = {"m": ModelRates(input_per_1k=0.001, output_per_1k=0.002)}
@@ -200,7 +200,7 @@ def _use_registered(url: str, n: int, out: Any) -> None:
 def test_a_scope_registered_in_one_process_is_used_by_12_others(redis_server: RedisServer) -> None:
     redis_server.client().flushall()
     BudgetManager(redis=redis_server.url).register(BudgetScope("shared", max_cost_per_day_usd=10_000), CUSTOM)
-    ctx = mp.get_context("spawn")
+    ctx = context()
     out = ctx.Queue()
     procs = [ctx.Process(target=_use_registered, args=(redis_server.url, 20, out)) for _ in range(WORKERS)]
     for p in procs:
@@ -230,7 +230,7 @@ def test_a_registry_change_reaches_other_processes_within_a_second(redis_server:
     redis_server.client().flushall()
     admin = BudgetManager(redis=redis_server.url)
     admin.register(BudgetScope("knob", max_tokens_per_session=1000, hard_stop=False), RATES)
-    ctx = mp.get_context("spawn")
+    ctx = context()
     ready, out = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_watch_limit, args=(redis_server.url, ready, out)) for _ in range(3)]
     for p in procs:
@@ -278,7 +278,7 @@ def test_four_users_under_one_team_twelve_processes(redis_server: RedisServer) -
     mgr.register(BudgetScope("team", limits=[Limit("tokens", TEAM_CAP, "total")]), RATES)
     for user in USERS:
         mgr.register(BudgetScope(user, parent="team", limits=[Limit("tokens", USER_CAP, "total")]), RATES)
-    ctx = mp.get_context("spawn")
+    ctx = context()
     out = ctx.Queue()
     procs = [ctx.Process(target=_spend, args=(redis_server.url, seed, out)) for seed in range(WORKERS)]
     for p in procs:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import random
 import signal
@@ -13,6 +12,7 @@ import pytest
 
 from distbudget import Budget, BudgetExceededError, BudgetScope, Limit, ModelRates
 from distbudget._core.money import NANO
+from tests._procs import context
 from tests.conftest import Backend, Clock, RedisServer
 
 RATES = {"m": ModelRates(input_per_1k=0.001, output_per_1k=0.002), "r": ModelRates(0.001, 0.002, reasoning_per_1k=0.01)}
@@ -149,7 +149,7 @@ def _reserving_worker(url: str, seed: int, out: Any) -> None:
 
 def test_16_processes_reserving_never_exceed_the_cap(redis_server: RedisServer) -> None:
     redis_server.client().flushall()
-    ctx = mp.get_context("spawn")
+    ctx = context()
     out = ctx.Queue()
     procs = [ctx.Process(target=_reserving_worker, args=(redis_server.url, seed, out)) for seed in range(16)]
     for p in procs:
@@ -178,7 +178,7 @@ def _holding_worker(url: str, start: float, ready: Any) -> None:
 
 def test_sigkilled_worker_loses_its_hold_after_ttl(redis_server: RedisServer) -> None:
     redis_server.client().flushall()
-    ctx = mp.get_context("spawn")
+    ctx = context()
     ready = ctx.Event()
     start = 1_800_000_000.0
     proc = ctx.Process(target=_holding_worker, args=(redis_server.url, start, ready))
@@ -210,7 +210,7 @@ def _duplicate_worker(url: str, go: Any, out: Any, via_commit: bool) -> None:
 @pytest.mark.parametrize("via_commit", [True, False])
 def test_same_request_id_from_two_processes_is_charged_once(redis_server: RedisServer, via_commit: bool) -> None:
     redis_server.client().flushall()
-    ctx = mp.get_context("spawn")
+    ctx = context()
     go, out = ctx.Event(), ctx.Queue()
     procs = [ctx.Process(target=_duplicate_worker, args=(redis_server.url, go, out, via_commit)) for _ in range(2)]
     for p in procs:

@@ -4,7 +4,6 @@ in one process reaches workers in other processes within the registry refresh in
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import time
 from typing import Any
 
@@ -12,6 +11,7 @@ import pytest
 
 from distbudget import BudgetExceededError, BudgetManager, BudgetScope, Limit, ModelRates
 from distbudget._exceptions import InvalidInputError
+from tests._procs import context
 from tests.conftest import Backend, Clock
 
 RATES = {"house-model": ModelRates.per_million(1_000, 1_000)}  # 1,000 tokens = $1
@@ -62,7 +62,7 @@ def _worker(url: str, ttl: float, seen: Any, ready: Any) -> None:
 def test_an_update_reaches_three_other_processes(redis_server: Any, redis_client: Any, ttl: float) -> None:
     url = redis_server.url
     BudgetManager(redis=url).register(BudgetScope("team", max_tokens_per_day=1_000))
-    ctx = mp.get_context("spawn")
+    ctx = context()
     seen, ready = ctx.Queue(), ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(url, ttl, seen, ready)) for _ in range(3)]
     for p in procs:

@@ -8,13 +8,13 @@ cost cap in the second."""
 
 from __future__ import annotations
 
-import multiprocessing
 from collections import Counter
 from typing import Any
 
 import pytest
 
 from distbudget import BudgetExceededError, BudgetManager, BudgetScope, Limit
+from tests._procs import context
 from tests.integrations._llm_server import LLMServer
 from tests.integrations.conftest import MODEL_RATES, OPENAI_MODEL, assert_ledger_matches, served_cost
 
@@ -61,7 +61,7 @@ def test_fleet_caps_hold_and_ledger_equals_served(llm: LLMServer, redis_server: 
         cap = USER_TOKENS.get(f"u{i}", OTHER_USER_TOKENS)
         manager.register(BudgetScope(f"u{i}", max_tokens_per_day=cap, parent="team"), MODEL_RATES)
 
-    ctx = multiprocessing.get_context("spawn")
+    ctx = context()
     barrier = ctx.Manager().Barrier(WORKERS)
     with ctx.Pool(WORKERS) as pool:
         results = pool.starmap(worker, [(i, redis_server.url, llm.base_url, barrier) for i in range(WORKERS)])
