@@ -50,6 +50,8 @@ LIMITS_LIMIT_UNITS = 10**9  # never reached: the bench measures charging, not re
 FLEET_SIZES = (1, 2, 4, 8)
 TASKS = 64  # row 10: asyncio tasks of one process
 MEMORY_TARGET = 64 * 1024
+SERVER_TARGET_US = 25  # rows 3a/3b/3e/3f: server µs per charge
+PIPELINED = 100  # charges per round trip where rows 3a/3h also give the server time pipelined
 
 # Row 3h, a reference: the Redis commands record.lua issues for bench_scope() (KEYS: the totals
 # hash, the day window's hash and sorted set, the session hash, the alert and ledger streams), with
@@ -163,8 +165,6 @@ def timed(fn: Callable[[], Any], n: int) -> dict[str, float]:
 
 # Commands of the bench's own around the measured ones: not a script's inner commands. (A budget's
 # first call also registers its alert stream with one HSET: once in thousands of calls.)
-PIPELINED = 100  # charges per round trip where rows 3a/3h also give the server time pipelined
-
 NOT_INNER = frozenset({"evalsha", "info", "config|resetstat", "ping", "script|load", "script|exists"})
 
 
